@@ -1,0 +1,65 @@
+//! Typed attention hooks.
+//!
+//! The UNet hands every attention call to an optional `&mut dyn AttentionController`, together
+//! with an [`AttnSite`] that says where the call is. A controller that does not
+//! [`want`](AttentionController::wants) a site costs nothing: that call takes the fused
+//! `scaled_dot_product_attention` path and the output is bit-identical to running with no
+//! controller. For a wanted site the probabilities softmax(QKᵀ/√d) are materialised, handed to
+//! [`on_probs`](AttentionController::on_probs), and what it returns is multiplied with V.
+//! Paper uses: DAAM-style subject maps (§3.4, reference guidance), prompt-to-prompt attention
+//! replacement (Algorithm 3).
+
+use tch::Tensor;
+
+/// Which part of the UNet an attention call is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Place {
+    Down,
+    Mid,
+    Up,
+}
+
+/// Self-attention (keys from the image) or cross-attention (keys from the text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttnKind {
+    SelfAttn,
+    Cross,
+}
+
+/// Where an attention call is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AttnSite {
+    pub place: Place,
+    /// Index of the block in `down_blocks` / `up_blocks` (0 for mid).
+    pub block: usize,
+    /// Index of the `Transformer2DModel` within the block (`attentions.{i}`).
+    pub attention: usize,
+    /// Index of the `BasicTransformerBlock` within it (`transformer_blocks.{j}`).
+    pub layer: usize,
+    pub kind: AttnKind,
+    /// Spatial size of the queries (latent resolution at this level).
+    pub height: i64,
+    pub width: i64,
+}
+
+/// Receives the attention calls of one UNet forward.
+pub trait AttentionController {
+    /// Whether this site's probabilities should be materialised and passed to `on_probs`.
+    fn wants(&self, site: &AttnSite) -> bool;
+    /// Called with the probabilities (B, heads, HW, N_keys) of a wanted site; returns the
+    /// probabilities to use (return `probs` unchanged to only observe).
+    fn on_probs(&mut self, site: &AttnSite, probs: Tensor) -> Tensor;
+}
+
+/// A controller that asks for nothing: the UNet output is bit-identical to having none.
+#[derive(Debug, Default)]
+pub struct NoOp;
+
+impl AttentionController for NoOp {
+    fn wants(&self, _site: &AttnSite) -> bool {
+        false
+    }
+    fn on_probs(&mut self, _site: &AttnSite, probs: Tensor) -> Tensor {
+        probs
+    }
+}

@@ -1,0 +1,172 @@
+//! The diffusers folder layout, typed configs and strict weight loading.
+//!
+//! Every parameter path is the one diffusers / transformers use, so a component's safetensors
+//! file loads without renaming. Loading is strict: a key of the file that the model lacks, a
+//! parameter the file lacks, or a shape that differs is an error naming the file and the key
+//! (tch's own `VarStore::load` silently ignores extra keys).
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::DeserializeOwned;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use tch::{nn, Kind, Tensor};
+
+/// Reads and parses a JSON file into a typed config, naming the file on error.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a valid config", path.display()))
+}
+
+/// The safetensors weight file of a diffusers component folder (`unet/`, `vae/`, …).
+///
+/// Prefers the full-precision file; falls back to the `fp16` variant. Pickled `.bin` weights
+/// are refused: they can run arbitrary code and we never load them.
+pub fn weight_file(component_dir: &Path) -> Result<PathBuf> {
+    const NAMES: [&str; 4] = [
+        "diffusion_pytorch_model.safetensors",
+        "model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "model.fp16.safetensors",
+    ];
+    for name in NAMES {
+        let p = component_dir.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    let bins: Vec<String> = std::fs::read_dir(component_dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".bin") || n.ends_with(".ckpt") || n.ends_with(".pt"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if bins.is_empty() {
+        bail!(
+            "no weights in {}: expected one of {}",
+            component_dir.display(),
+            NAMES.join(", ")
+        )
+    }
+    bail!(
+        "{} has only pickled weights ({}); hifi-tuner reads safetensors only — convert them first",
+        component_dir.display(),
+        bins.join(", ")
+    )
+}
+
+/// Reads every tensor of a safetensors file, with an error that names the file.
+pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    Tensor::read_safetensors(path).map_err(|e| {
+        anyhow!("cannot read {} as safetensors (truncated or not a safetensors file?): {e}", path.display())
+    })
+}
+
+/// What to do with one key of a weight file before it is matched against the model.
+pub enum KeyAction {
+    /// Load it under this (possibly renamed) name.
+    Load(String),
+    /// A known key the model does not use (e.g. the `position_ids` buffer older
+    /// transformers checkpoints carry). It is skipped, not reported as unused.
+    Skip,
+}
+
+/// Loads `path` into `vs`, strictly: every variable of `vs` must be in the file with the same
+/// shape, and every key of the file must be used (after `map_key`). Values are converted to the
+/// dtype and device of the variables (fp16 files load into an fp32 model).
+pub fn load_strict(
+    vs: &nn::VarStore,
+    path: &Path,
+    map_key: &dyn Fn(&str) -> KeyAction,
+) -> Result<()> {
+    let file = read_safetensors(path)?;
+    let mut vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    let mut seen: HashMap<String, ()> = HashMap::new();
+    let mut unused = Vec::new();
+    let mut misshaped = Vec::new();
+    for (key, value) in file {
+        let name = match map_key(&key) {
+            KeyAction::Skip => continue,
+            KeyAction::Load(name) => name,
+        };
+        let Some(var) = vars.get_mut(&name) else {
+            unused.push(key);
+            continue;
+        };
+        if var.size() != value.size() {
+            misshaped.push(format!("{key}: file {:?}, model {:?}", value.size(), var.size()));
+            continue;
+        }
+        if !matches!(value.kind(), Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
+            bail!("{}: tensor {key} has dtype {:?}, expected a float type", path.display(), value.kind());
+        }
+        tch::no_grad(|| var.f_copy_(&value))
+            .with_context(|| format!("{}: cannot copy tensor {key}", path.display()))?;
+        seen.insert(name, ());
+    }
+    let missing: Vec<&String> = vars.keys().filter(|k| !seen.contains_key(*k)).collect();
+    let mut problems = Vec::new();
+    if !missing.is_empty() {
+        problems.push(format!("{} missing key(s): {}", missing.len(), preview(&missing)));
+    }
+    if !unused.is_empty() {
+        problems.push(format!("{} unused key(s): {}", unused.len(), preview(&unused)));
+    }
+    if !misshaped.is_empty() {
+        problems.push(format!("{} mis-shaped key(s): {}", misshaped.len(), preview(&misshaped)));
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{} does not match the model built from its config.json: {}",
+            path.display(),
+            problems.join("; ")
+        );
+    }
+    Ok(())
+}
+
+fn preview<T: std::fmt::Display>(items: &[T]) -> String {
+    const SHOWN: usize = 8;
+    let mut s: Vec<String> = items.iter().take(SHOWN).map(|k| k.to_string()).collect();
+    if items.len() > SHOWN {
+        s.push(format!("… and {} more", items.len() - SHOWN));
+    }
+    s.join(", ")
+}
+
+/// A diffusers Stable Diffusion folder: `model_index.json` and the component subfolders.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    pub root: PathBuf,
+}
+
+impl ModelDir {
+    /// The components a Stable Diffusion pipeline needs.
+    pub const COMPONENTS: [&'static str; 5] = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"];
+
+    /// Checks the layout: `model_index.json` and every component folder.
+    pub fn open(root: &Path) -> Result<Self> {
+        if !root.is_dir() {
+            bail!("model folder {} does not exist", root.display());
+        }
+        if !root.join("model_index.json").is_file() {
+            bail!(
+                "{} is not a diffusers Stable Diffusion folder: model_index.json not found \
+                 (expected model_index.json with unet/, vae/, text_encoder/, tokenizer/, scheduler/)",
+                root.display()
+            );
+        }
+        for c in Self::COMPONENTS {
+            if !root.join(c).is_dir() {
+                bail!("{}: missing component folder {c}/", root.display());
+            }
+        }
+        Ok(Self { root: root.to_path_buf() })
+    }
+
+    pub fn component(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+}

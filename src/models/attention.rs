@@ -1,0 +1,84 @@
+//! diffusers' `Attention` (multi-head attention with `to_q`, `to_k`, `to_v`, `to_out.0`), shared
+//! by the UNet's transformer blocks and the VAE's mid-block, with the typed hook of
+//! [`crate::attention`].
+
+use crate::attention::{AttentionController, AttnSite};
+use tch::{nn, nn::Module, Tensor};
+
+/// Multi-head attention as diffusers' `Attention` with `AttnProcessor2_0`.
+#[derive(Debug)]
+pub struct Attention {
+    pub to_q: nn::Linear,
+    pub to_k: nn::Linear,
+    pub to_v: nn::Linear,
+    pub to_out: nn::Linear,
+    pub heads: i64,
+    pub dim_head: i64,
+}
+
+impl Attention {
+    /// `vs` is the path of the attention module (e.g. `…transformer_blocks.0.attn2`);
+    /// `context_dim` is the key/value input width (None = self-attention on `query_dim`).
+    pub fn new(
+        vs: nn::Path,
+        query_dim: i64,
+        context_dim: Option<i64>,
+        heads: i64,
+        dim_head: i64,
+        qkv_bias: bool,
+    ) -> Self {
+        let inner = heads * dim_head;
+        let kv_dim = context_dim.unwrap_or(query_dim);
+        let nb = nn::LinearConfig { bias: qkv_bias, ..Default::default() };
+        Self {
+            to_q: nn::linear(&vs / "to_q", query_dim, inner, nb),
+            to_k: nn::linear(&vs / "to_k", kv_dim, inner, nb),
+            to_v: nn::linear(&vs / "to_v", kv_dim, inner, nb),
+            to_out: nn::linear(&vs / "to_out" / 0, inner, query_dim, Default::default()),
+            heads,
+            dim_head,
+        }
+    }
+
+    /// `x`: (B, N, query_dim); `context`: (B, M, context_dim) or None for self-attention.
+    /// With a controller that wants `site`, the probabilities are materialised and passed to it.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        site: &AttnSite,
+        ctrl: Option<&mut dyn AttentionController>,
+    ) -> Tensor {
+        let ctx = context.unwrap_or(x);
+        let q = self.split_heads(&self.to_q.forward(x)); // (B, heads, N, dh)
+        let k = self.split_heads(&self.to_k.forward(ctx)); // (B, heads, M, dh)
+        let v = self.split_heads(&self.to_v.forward(ctx)); // (B, heads, M, dh)
+        let out = match ctrl {
+            Some(c) if c.wants(site) => {
+                let scale = (self.dim_head as f64).powf(-0.5);
+                let probs = (q.matmul(&k.transpose(-1, -2)) * scale).softmax(-1, q.kind()); // (B, heads, N, M)
+                let probs = c.on_probs(site, probs);
+                probs.matmul(&v) // (B, heads, N, dh)
+            }
+            _ => sdpa(&q, &k, &v),
+        };
+        self.to_out.forward(&self.merge_heads(&out))
+    }
+
+    /// (B, N, heads·dh) -> (B, heads, N, dh)
+    pub fn split_heads(&self, t: &Tensor) -> Tensor {
+        let (b, n, _) = t.size3().expect("attention input must be (B, N, C)");
+        t.view([b, n, self.heads, self.dim_head]).transpose(1, 2)
+    }
+
+    /// (B, heads, N, dh) -> (B, N, heads·dh)
+    pub fn merge_heads(&self, t: &Tensor) -> Tensor {
+        let (b, _, n, _) = t.size4().expect("attention output must be (B, heads, N, dh)");
+        t.transpose(1, 2).reshape([b, n, self.heads * self.dim_head])
+    }
+}
+
+/// Fused attention with the default scale 1/√dh, as `F.scaled_dot_product_attention`.
+pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+    Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, false, None, false)
+}

@@ -1,0 +1,7 @@
+//! The Stable Diffusion v1.x networks, each configured from its diffusers `config.json` and
+//! named exactly as diffusers / transformers name their parameters.
+
+pub mod attention;
+pub mod clip_text;
+pub mod unet;
+pub mod vae;
