@@ -1,1 +1,123 @@
-//! (in progress)
+//! Images, PNG metadata and atomic writes: outputs and checkpoints are written to a temporary
+//! file next to the destination and renamed, so an interrupted run never leaves half a file.
+
+use anyhow::{bail, Context, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+/// Writes `path` atomically: `write` fills a temporary file in the same folder, which is then
+/// synced and renamed over `path`.
+pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::fs::File) -> Result<()>) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
+    let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
+    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        write(&mut f)?;
+        f.flush()?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Writes bytes atomically.
+pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, |f| Ok(f.write_all(bytes)?))
+}
+
+/// Saves named tensors as safetensors, atomically.
+pub fn write_safetensors_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        std::process::id()
+    ));
+    Tensor::write_safetensors(tensors, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+}
+
+/// An 8-bit RGB image, rows top to bottom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: u32,
+    pub height: u32,
+    pub pixels: Vec<u8>,
+}
+
+impl RgbImage {
+    /// From a (H, W, 3) uint8 tensor.
+    pub fn from_hwc_u8(t: &Tensor) -> Result<Self> {
+        let (h, w, c) = t.size3().context("image tensor must be (H, W, 3)")?;
+        if c != 3 || t.kind() != Kind::Uint8 {
+            bail!("image tensor must be (H, W, 3) uint8, got {:?} {:?}", t.size(), t.kind());
+        }
+        let flat = t.contiguous().view([-1]);
+        let n = (h * w * 3) as usize;
+        let mut pixels = vec![0u8; n];
+        flat.copy_data(&mut pixels, n);
+        Ok(Self { width: w as u32, height: h as u32, pixels })
+    }
+
+    /// PNG bytes, with `text` chunks (keyword, value).
+    pub fn to_png(&self, text: &[(&str, &str)]) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut out, self.width, self.height);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            for (k, v) in text {
+                if v.is_ascii() {
+                    enc.add_text_chunk(k.to_string(), v.to_string())?;
+                } else {
+                    enc.add_itxt_chunk(k.to_string(), v.to_string())?;
+                }
+            }
+            let mut w = enc.write_header()?;
+            w.write_image_data(&self.pixels)?;
+        }
+        Ok(out)
+    }
+
+    /// Writes a PNG atomically.
+    pub fn save_png(&self, path: &Path, text: &[(&str, &str)]) -> Result<()> {
+        write_bytes_atomic(path, &self.to_png(text)?)
+    }
+}
+
+/// Reads the text chunks (tEXt, zTXt, iTXt) of a PNG file.
+pub fn png_text(path: &Path) -> Result<Vec<(String, String)>> {
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let reader = png::Decoder::new(std::io::BufReader::new(f))
+        .read_info()
+        .with_context(|| format!("{} is not a PNG", path.display()))?;
+    let info = reader.info();
+    let mut out: Vec<(String, String)> =
+        info.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
+    for t in &info.utf8_text {
+        out.push((t.keyword.clone(), t.get_text().unwrap_or_default()));
+    }
+    for t in &info.compressed_latin1_text {
+        out.push((t.keyword.clone(), t.get_text().unwrap_or_default()));
+    }
+    Ok(out)
+}
+
+/// Decoder output (B, 3, H, W) in about [-1, 1] -> (B, H, W, 3) uint8, as diffusers'
+/// `VaeImageProcessor.postprocess(output_type="np")` then `numpy_to_pil`:
+/// (x·0.5 + 0.5).clamp(0, 1), ×255, round half to even.
+pub fn decoded_to_u8(images: &Tensor) -> Tensor {
+    let x = (images.to_kind(Kind::Float) * 0.5 + 0.5).clamp(0.0, 1.0);
+    let x = x.to_device(tch::Device::Cpu).permute([0, 2, 3, 1]); // (B, H, W, 3)
+    (x * 255.0).round().to_kind(Kind::Uint8)
+}

@@ -20,6 +20,7 @@ pub mod io;
 pub mod load;
 pub mod models;
 pub mod pipeline;
+pub mod progress;
 pub mod scheduler;
 pub mod tokenizer;
 

@@ -1,1 +1,205 @@
-//! (in progress)
+//! Classifier-free guided DDIM sampling: one loop for every conditioning the paper uses.
+//!
+//! The loop asks a [`StepConditioning`] for each step's `(c, φ)` pair — a fixed prompt, Eq. 7's
+//! step-wise `[c, c_s^t]`, Algorithm 2's φ_h — and may hand each step's result to a
+//! [`StepHook`] (Algorithm 2's masked substitution). Numerically it is diffusers'
+//! `StableDiffusionPipeline.__call__` with a `DDIMScheduler` and η = 0.
+
+use crate::attention::AttentionController;
+use crate::load::ModelDir;
+use crate::models::{clip_text::ClipTextModel, unet::UNet2DConditionModel, vae::AutoencoderKL};
+use crate::scheduler::{DdimScheduler, SchedulerConfig};
+use crate::tokenizer::ClipTokenizer;
+use anyhow::{bail, Result};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// The encoder hidden states of one step: `cond` = c (or [c, c_s^t]), `uncond` = φ; each
+/// (B, 77, d).
+pub struct StepCond {
+    pub cond: Tensor,
+    pub uncond: Tensor,
+}
+
+/// What conditions DDIM step `index` (timestep `t`).
+pub trait StepConditioning {
+    fn at(&mut self, index: usize, t: i64) -> Result<StepCond>;
+}
+
+/// The same (c, φ) at every step: plain text-to-image.
+pub struct Fixed(pub StepCond);
+
+impl StepConditioning for Fixed {
+    fn at(&mut self, _index: usize, _t: i64) -> Result<StepCond> {
+        Ok(StepCond { cond: self.0.cond.shallow_clone(), uncond: self.0.uncond.shallow_clone() })
+    }
+}
+
+/// Sees x_{t-1} after each step and may replace it.
+pub trait StepHook {
+    fn after_step(&mut self, index: usize, t: i64, x_prev: Tensor) -> Result<Tensor>;
+}
+
+/// One text-to-image request, with diffusers' argument meanings.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    /// `None` = the empty prompt as the unconditional branch.
+    pub negative_prompt: Option<String>,
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance: f64,
+    pub height: i64,
+    pub width: i64,
+    pub num_images: i64,
+}
+
+/// A loaded Stable Diffusion v1.x model (diffusers layout).
+pub struct StableDiffusion {
+    pub dir: ModelDir,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub scheduler_config: SchedulerConfig,
+    pub device: Device,
+}
+
+impl StableDiffusion {
+    /// Loads every component of a diffusers folder onto `device` (fp32).
+    pub fn load(root: &Path, device: Device) -> Result<Self> {
+        let dir = ModelDir::open(root)?;
+        let scheduler_config = SchedulerConfig::from_file(&dir.component("scheduler").join("scheduler_config.json"))?;
+        Ok(Self {
+            tokenizer: ClipTokenizer::from_dir(&dir.component("tokenizer"))?,
+            text_encoder: ClipTextModel::load(&dir.component("text_encoder"), device)?,
+            unet: UNet2DConditionModel::load(&dir.component("unet"), device)?,
+            vae: AutoencoderKL::load(&dir.component("vae"), device)?,
+            scheduler_config,
+            dir,
+            device,
+        })
+    }
+
+    /// Pixels per latent cell (2^(VAE levels − 1)).
+    pub fn vae_scale_factor(&self) -> i64 {
+        self.vae.downscale_factor()
+    }
+
+    /// diffusers' default size: the UNet's `sample_size` × the VAE factor.
+    pub fn default_size(&self) -> i64 {
+        self.unet.config.sample_size * self.vae_scale_factor()
+    }
+
+    /// Refuses sizes the VAE cannot map to whole latent cells.
+    pub fn check_size(&self, height: i64, width: i64) -> Result<()> {
+        let f = self.vae_scale_factor();
+        if height <= 0 || width <= 0 || height % f != 0 || width % f != 0 {
+            bail!("height and width must be positive multiples of {f} for this model, got {height}x{width}");
+        }
+        Ok(())
+    }
+
+    pub fn scheduler(&self, steps: usize) -> Result<DdimScheduler> {
+        DdimScheduler::new(self.scheduler_config.clone(), steps)
+    }
+
+    /// Token ids (1, 77) of a prompt, padded; a prompt longer than the encoder's window is
+    /// truncated with a warning, as diffusers does.
+    pub fn tokenize(&self, text: &str) -> Tensor {
+        let enc = self.tokenizer.encode_padded(text);
+        if enc.truncated {
+            eprintln!(
+                "warning: the prompt is {} tokens long; CLIP can only handle {} — the rest was truncated",
+                enc.n_tokens,
+                self.tokenizer.model_max_length()
+            );
+        }
+        Tensor::from_slice(&enc.ids).view([1, -1]).to_device(self.device)
+    }
+
+    /// The text encoder's last hidden state (1, 77, d) for a prompt.
+    pub fn encode_prompt(&self, text: &str) -> Tensor {
+        self.text_encoder.forward(&self.tokenize(text))
+    }
+
+    /// x_T exactly as diffusers draws it with `generator=torch.Generator("cpu").manual_seed(seed)`:
+    /// one CPU `randn` of shape (n, C, H/f, W/f), moved to the device (DDIM's σ_init is 1).
+    pub fn initial_latents(&self, seed: u64, n: i64, height: i64, width: i64) -> Tensor {
+        let f = self.vae_scale_factor();
+        tch::manual_seed(seed as i64);
+        let c = self.unet.config.in_channels;
+        Tensor::randn([n, c, height / f, width / f], (Kind::Float, Device::Cpu)).to_device(self.device)
+    }
+
+    /// ε̃ = ε_θ(x_t, t, φ) + w·(ε_θ(x_t, t, c) − ε_θ(x_t, t, φ)), one UNet call on the batch
+    /// [φ; c] as diffusers does (w ≤ 1 evaluates the conditional branch only).
+    pub fn guided_eps(
+        &self,
+        x: &Tensor,
+        t: i64,
+        c: &StepCond,
+        guidance: f64,
+        ctrl: Option<&mut dyn AttentionController>,
+    ) -> Tensor {
+        let ts = Tensor::from(t).to_device(self.device);
+        if guidance <= 1.0 {
+            return self.unet.forward(x, &ts, &c.cond, ctrl);
+        }
+        let xx = Tensor::cat(&[x, x], 0); // (2B, C, h, w)
+        let ctx = Tensor::cat(&[&c.uncond, &c.cond], 0); // (2B, 77, d)
+        let eps = self.unet.forward(&xx, &ts, &ctx, ctrl).chunk(2, 0);
+        let (eps_u, eps_c) = (&eps[0], &eps[1]);
+        eps_u + guidance * (eps_c - eps_u)
+    }
+
+    /// The DDIM loop x_T → x_0 (Eq. 1 at every step; Eq. 7 when `cond` is step-wise).
+    pub fn denoise(
+        &self,
+        x_t: Tensor,
+        sched: &DdimScheduler,
+        cond: &mut dyn StepConditioning,
+        guidance: f64,
+        mut ctrl: Option<&mut dyn AttentionController>,
+        mut hook: Option<&mut dyn StepHook>,
+    ) -> Result<Tensor> {
+        let bar = crate::progress::bar(sched.timesteps.len() as u64, "denoising");
+        let mut x = x_t;
+        for (i, &t) in sched.timesteps.iter().enumerate() {
+            let c = cond.at(i, t)?;
+            let eps = self.guided_eps(&x, t, &c, guidance, ctrl.as_deref_mut());
+            x = sched.step(&eps, t, &x);
+            if let Some(h) = hook.as_deref_mut() {
+                x = h.after_step(i, t, x)?;
+            }
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        Ok(x)
+    }
+
+    /// Latents → raw decoder output (B, 3, H, W) in about [-1, 1] (latents / scaling_factor).
+    pub fn decode(&self, latents: &Tensor) -> Tensor {
+        self.vae.decode(&(latents / self.vae.scaling_factor()))
+    }
+
+    /// Text-to-image as `StableDiffusionPipeline(prompt, negative_prompt, num_inference_steps,
+    /// guidance_scale, height, width, num_images_per_prompt, generator)`; returns (B, H, W, 3)
+    /// uint8 images.
+    pub fn generate(&self, req: &GenerateRequest) -> Result<Tensor> {
+        self.check_size(req.height, req.width)?;
+        if req.num_images < 1 {
+            bail!("the number of images must be at least 1");
+        }
+        tch::no_grad(|| {
+            let sched = self.scheduler(req.steps)?;
+            let n = req.num_images;
+            let cond = self.encode_prompt(&req.prompt).repeat([n, 1, 1]);
+            let uncond = self.encode_prompt(req.negative_prompt.as_deref().unwrap_or("")).repeat([n, 1, 1]);
+            let x_t = self.initial_latents(req.seed, n, req.height, req.width);
+            let mut fixed = Fixed(StepCond { cond, uncond });
+            let x0 = self.denoise(x_t, &sched, &mut fixed, req.guidance, None, None)?;
+            Ok(crate::io::decoded_to_u8(&self.decode(&x0)))
+        })
+    }
+}

@@ -1,0 +1,49 @@
+//! Subcommands. No maths here: each parses its flags and calls the library.
+
+mod generate;
+mod init_random;
+mod tokenize;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use tch::Device;
+
+#[derive(Parser, Debug)]
+#[command(name = "hifi-tuner", version, about = "HiFi Tuner: subject-driven Stable Diffusion on libtorch")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Text-to-image with a Stable Diffusion 1.x model (DDIM, classifier-free guidance).
+    Generate(generate::Args),
+    /// Print the 77 input ids of a prompt as a JSON array.
+    Tokenize(tokenize::Args),
+    /// Write a random-weight model in diffusers layout (tests, demos, speed runs).
+    InitRandom(init_random::Args),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Tokenize(a) => tokenize::run(a),
+        Command::InitRandom(a) => init_random::run(a),
+    }
+}
+
+/// `--device cpu|cuda|auto` (auto = CUDA when present).
+pub fn parse_device(s: &str) -> Result<Device> {
+    Ok(match s {
+        "cpu" => Device::Cpu,
+        "cuda" => {
+            if !tch::Cuda::is_available() {
+                bail!("--device cuda: no CUDA device is available");
+            }
+            Device::Cuda(0)
+        }
+        "auto" => Device::cuda_if_available(),
+        other => bail!("--device must be cpu, cuda or auto, got {other:?}"),
+    })
+}
