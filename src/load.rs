@@ -170,3 +170,29 @@ impl ModelDir {
         self.root.join(name)
     }
 }
+
+/// The string metadata (`__metadata__`) of a safetensors file's header.
+pub fn safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).with_context(|| format!("{} is too short to be safetensors", path.display()))?;
+    let len = u64::from_le_bytes(len);
+    let file_len = f.metadata()?.len();
+    if len > 100_000_000 || len + 8 > file_len {
+        bail!("{}: corrupt safetensors header (length {len})", path.display());
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header)?;
+    let v: serde_json::Value = serde_json::from_slice(&header)
+        .with_context(|| format!("{}: safetensors header is not JSON", path.display()))?;
+    let mut out = HashMap::new();
+    if let Some(m) = v.get("__metadata__").and_then(|m| m.as_object()) {
+        for (k, v) in m {
+            if let Some(s) = v.as_str() {
+                out.insert(k.clone(), s.to_string());
+            }
+        }
+    }
+    Ok(out)
+}

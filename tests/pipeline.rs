@@ -1,0 +1,118 @@
+//! End-to-end parity with diffusers' `StableDiffusionPipeline` on the two tiny fixture models
+//! (one fp16 square model, one fp32 non-square model with two images per prompt), plus the
+//! scheduler steps diffusers recorded and the batch invariance of guided ε.
+
+mod common;
+
+use common::*;
+use hifi_tuner::pipeline::{GenerateRequest, StableDiffusion, StepCond};
+use tch::{Device, Kind, Tensor};
+
+fn load(name: &str) -> StableDiffusion {
+    StableDiffusion::load(&model_dir(name), Device::Cpu).unwrap()
+}
+
+fn request(name: &str) -> GenerateRequest {
+    let m = reference_meta(name);
+    GenerateRequest {
+        prompt: m["prompt"].clone(),
+        negative_prompt: m.get("negative_prompt").cloned(),
+        seed: m["seed"].parse().unwrap(),
+        steps: m["steps"].parse().unwrap(),
+        guidance: m["guidance"].parse().unwrap(),
+        height: m["height"].parse().unwrap(),
+        width: m["width"].parse().unwrap(),
+        num_images: m["num_images"].parse().unwrap(),
+    }
+}
+
+#[test]
+fn prompt_ids_and_embeddings_match_diffusers() {
+    for name in MODELS {
+        let (sd, r, req) = (load(name), reference(name), request(name));
+        let ids = sd.tokenize(&req.prompt);
+        assert!(ids.equal(&r["gen.cond_ids"]), "{name}: prompt ids differ");
+        let neg = req.negative_prompt.as_deref().unwrap_or("");
+        assert!(sd.tokenize(neg).equal(&r["gen.uncond_ids"]), "{name}: negative ids differ");
+        tch::no_grad(|| {
+            assert_close(&sd.encode_prompt(&req.prompt), &r["gen.cond_embeds"], 1e-4, name);
+            assert_close(&sd.encode_prompt(neg), &r["gen.uncond_embeds"], 1e-4, name);
+        });
+    }
+}
+
+#[test]
+fn initial_latents_are_torch_cpu_randn_of_the_seed() {
+    for name in MODELS {
+        let (sd, r, req) = (load(name), reference(name), request(name));
+        let x = sd.initial_latents(req.seed, req.num_images, req.height, req.width);
+        assert!(x.equal(&r["gen.latents_init"]), "{name}: x_T differs from diffusers' generator draw");
+        assert_eq!(sd.scheduler(req.steps).unwrap().timesteps, Vec::<i64>::try_from(&r["gen.timesteps"]).unwrap());
+    }
+}
+
+#[test]
+fn scheduler_steps_match_diffusers() {
+    for name in MODELS {
+        let (sd, r, m) = (load(name), reference(name), reference_meta(name));
+        let s = sd.scheduler(m["sched.num_inference_steps"].parse().unwrap()).unwrap();
+        assert_eq!(s.timesteps, Vec::<i64>::try_from(&r["sched.timesteps"]).unwrap(), "{name}");
+        assert_eq!(s.inverse_timesteps(), Vec::<i64>::try_from(&r["sched_inv.timesteps"]).unwrap(), "{name}");
+        let (x, eps) = (&r["sched.sample"], &r["sched.model_output"]);
+        let t = |k: &str| r[k].int64_value(&[0]);
+        assert_close(&s.step(eps, t("sched.t"), x), &r["sched.prev_sample"], 1e-6, "step");
+        assert_close(&s.step(eps, t("sched.t_last"), x), &r["sched.prev_sample_last"], 1e-6, "last step");
+        assert_close(&s.inverse_step(eps, t("sched_inv.t"), x), &r["sched_inv.next_sample"], 1e-6, "inverse");
+        assert_close(&s.inverse_step(eps, t("sched_inv.t_first"), x), &r["sched_inv.next_sample_first"], 1e-6, "first inverse");
+    }
+}
+
+#[test]
+fn generate_matches_stable_diffusion_pipeline() {
+    for name in MODELS {
+        let (sd, r, req) = (load(name), reference(name), request(name));
+        let images = sd.generate(&req).unwrap();
+        let expect = &r["gen.image_u8"];
+        assert_eq!(images.size(), expect.size(), "{name}");
+        let diff = (images.to_kind(Kind::Float) - expect.to_kind(Kind::Float)).abs();
+        // In 8-bit levels: the bar is a mean within 1 level (1/255); we hold 0.1 and a
+        // maximum of one level (a rounding flip at .5).
+        let mean = diff.mean(Kind::Double).double_value(&[]);
+        let max = diff.max().double_value(&[]);
+        assert!(mean <= 0.1 && max <= 1.0, "{name}: mean |diff| {mean} max {max} (8-bit levels)");
+    }
+}
+
+#[test]
+fn final_latents_match_diffusers() {
+    for name in MODELS {
+        let (sd, r, req) = (load(name), reference(name), request(name));
+        let x0 = tch::no_grad(|| {
+            let sched = sd.scheduler(req.steps).unwrap();
+            let n = req.num_images;
+            let cond = StepCond {
+                cond: r["gen.cond_embeds"].repeat([n, 1, 1]),
+                uncond: r["gen.uncond_embeds"].repeat([n, 1, 1]),
+            };
+            let mut fixed = hifi_tuner::pipeline::Fixed(cond);
+            sd.denoise(r["gen.latents_init"].shallow_clone(), &sched, &mut fixed, req.guidance, None, None).unwrap()
+        });
+        assert_close(&x0, &r["gen.latents_final"], 1e-4, name);
+    }
+}
+
+/// Guided ε for a batch of two latents equals two single-latent calls.
+#[test]
+fn batch_of_two_equals_two_singles() {
+    let sd = load("tiny-b");
+    let r = reference("tiny-b");
+    let x = &r["gen.latents_init"]; // (2, 4, h, w)
+    let c = StepCond { cond: r["gen.cond_embeds"].repeat([2, 1, 1]), uncond: r["gen.uncond_embeds"].repeat([2, 1, 1]) };
+    let one = StepCond { cond: r["gen.cond_embeds"].shallow_clone(), uncond: r["gen.uncond_embeds"].shallow_clone() };
+    tch::no_grad(|| {
+        let both = sd.guided_eps(x, 501, &c, 5.0, None);
+        let singles = Tensor::cat(&[sd.guided_eps(&x.narrow(0, 0, 1), 501, &one, 5.0, None), sd.guided_eps(&x.narrow(0, 1, 1), 501, &one, 5.0, None)], 0);
+        let d = max_abs_diff(&both, &singles);
+        assert!(d <= 1e-5, "batch of 2 differs from two singles by {d}");
+    });
+}
