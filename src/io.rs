@@ -2,6 +2,7 @@
 //! file next to the destination and renamed, so an interrupted run never leaves half a file.
 
 use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -34,17 +35,54 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, |f| Ok(f.write_all(bytes)?))
 }
 
-/// Saves named tensors as safetensors, atomically.
-pub fn write_safetensors_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-        std::process::id()
-    ));
-    Tensor::write_safetensors(tensors, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+/// Saves named tensors as safetensors with string metadata in the header, atomically.
+///
+/// The bytes are a function of the inputs only (keys sorted, no timestamps), so two equal
+/// states give byte-identical files.
+pub fn write_safetensors_atomic(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::to_value(metadata)?);
+    }
+    let mut data: Vec<u8> = Vec::new();
+    for (name, t) in sorted {
+        let t = t.to_device(tch::Device::Cpu).contiguous();
+        let dtype = match t.kind() {
+            Kind::Float => "F32",
+            Kind::Half => "F16",
+            Kind::BFloat16 => "BF16",
+            Kind::Double => "F64",
+            Kind::Int64 => "I64",
+            Kind::Int => "I32",
+            Kind::Uint8 => "U8",
+            k => bail!("cannot write tensor {name} of dtype {k:?} to {}", path.display()),
+        };
+        let numel = t.numel();
+        let start = data.len();
+        data.resize(start + numel * t.kind().elt_size_in_bytes(), 0);
+        t.f_copy_data_u8(&mut data[start..], numel)?;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": t.size(), "data_offsets": [start, data.len()]}),
+        );
+    }
+    // serde_json's Map is a BTreeMap here: keys come out sorted.
+    let mut head = serde_json::to_vec(&header)?;
+    while head.len() % 8 != 0 {
+        head.push(b' ');
+    }
+    write_atomic(path, |f| {
+        f.write_all(&(head.len() as u64).to_le_bytes())?;
+        f.write_all(&head)?;
+        f.write_all(&data)?;
+        Ok(())
+    })
 }
 
 /// An 8-bit RGB image, rows top to bottom.

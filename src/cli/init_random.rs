@@ -81,7 +81,7 @@ fn save(vs: &nn::VarStore, path: &Path, fp16: bool) -> Result<()> {
             *t = t.to_kind(Kind::Half);
         }
     }
-    write_safetensors_atomic(path, &vars)
+    write_safetensors_atomic(path, &vars, &Default::default())
 }
 
 fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {
