@@ -58,7 +58,10 @@ fn forward_equals_forward_embeds_of_token_embedding() {
     let ids = reference("tiny-b", "text.input_ids");
     let a = tch::no_grad(|| model.forward(&ids));
     let b = tch::no_grad(|| model.forward_embeds(&model.token_embedding(&ids)));
-    assert!(a.equal(&b), "forward(ids) and forward_embeds(token_embedding(ids)) differ");
+    assert!(
+        a.equal(&b),
+        "forward(ids) and forward_embeds(token_embedding(ids)) differ"
+    );
 }
 
 #[test]
@@ -77,7 +80,10 @@ fn causal_later_tokens_do_not_change_earlier_rows() {
             "changing token {k} changed an earlier row"
         );
         // The change is visible at row k itself, so the check above can fail.
-        let at_k = (out.narrow(1, k, 1) - base.narrow(1, k, 1)).abs().max().double_value(&[]);
+        let at_k = (out.narrow(1, k, 1) - base.narrow(1, k, 1))
+            .abs()
+            .max()
+            .double_value(&[]);
         assert!(at_k > 0.0, "changing token {k} did not change row {k}");
     }
 }
@@ -91,7 +97,10 @@ fn gradients_flow_to_input_embeddings() {
     out.square().sum(Kind::Float).backward();
     let grad = embeds.grad();
     assert!(grad.defined(), "no gradient on input embeddings");
-    assert!(grad.abs().max().double_value(&[]) > 0.0, "zero gradient on input embeddings");
+    assert!(
+        grad.abs().max().double_value(&[]) > 0.0,
+        "zero gradient on input embeddings"
+    );
 }
 
 #[test]
@@ -126,7 +135,10 @@ fn appended_embeddings_are_used_for_new_ids() {
     let with_new = ids.copy();
     let _ = with_new.narrow(1, 5, 1).fill_(old_vocab + 1);
     let emb = tch::no_grad(|| model.token_embedding(&with_new));
-    assert!(emb.get(0).get(5).equal(&rows.get(1)), "new id does not use the appended row");
+    assert!(
+        emb.get(0).get(5).equal(&rows.get(1)),
+        "new id does not use the appended row"
+    );
     let expected = tch::no_grad(|| model.forward_embeds(&emb));
     let got = tch::no_grad(|| model.forward(&with_new));
     assert!(got.equal(&expected));
@@ -160,17 +172,26 @@ fn missing_key_is_named() {
     let dir = edited_copy(|t| t.retain(|(k, _)| strip(k) != "encoder.layers.1.mlp.fc2.bias"));
     let err = ClipTextModel::load(dir.path(), Device::Cpu).expect_err("missing key accepted");
     let msg = format!("{err:#}");
-    assert!(msg.contains("missing") && msg.contains("encoder.layers.1.mlp.fc2.bias"), "{msg}");
+    assert!(
+        msg.contains("missing") && msg.contains("encoder.layers.1.mlp.fc2.bias"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn unused_key_is_named() {
     let dir = edited_copy(|t| {
-        t.push(("text_model.encoder.layers.0.extra.weight".into(), Tensor::zeros([3], (Kind::Float, Device::Cpu))))
+        t.push((
+            "text_model.encoder.layers.0.extra.weight".into(),
+            Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+        ))
     });
     let err = ClipTextModel::load(dir.path(), Device::Cpu).expect_err("unused key accepted");
     let msg = format!("{err:#}");
-    assert!(msg.contains("unused") && msg.contains("encoder.layers.0.extra.weight"), "{msg}");
+    assert!(
+        msg.contains("unused") && msg.contains("encoder.layers.0.extra.weight"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -182,7 +203,10 @@ fn prefixed_keys_and_position_ids_buffer_are_accepted() {
             }
         }
         t.retain(|(k, _)| k != POSITION_IDS_KEY);
-        t.push((POSITION_IDS_KEY.into(), Tensor::arange(77, (Kind::Int64, Device::Cpu)).unsqueeze(0)));
+        t.push((
+            POSITION_IDS_KEY.into(),
+            Tensor::arange(77, (Kind::Int64, Device::Cpu)).unsqueeze(0),
+        ));
     });
     let model = ClipTextModel::load(dir.path(), Device::Cpu).unwrap_or_else(|e| panic!("{e:#}"));
     let reference_model = load("tiny-b");
@@ -200,8 +224,15 @@ fn unsupported_activation_names_the_key() {
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     cfg["hidden_act"] = "relu".into();
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
-    std::fs::copy(hifi_tuner::load::weight_file(&src).unwrap(), dir.path().join("model.safetensors")).unwrap();
+    std::fs::copy(
+        hifi_tuner::load::weight_file(&src).unwrap(),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
     let err = ClipTextModel::load(dir.path(), Device::Cpu).expect_err("relu accepted");
     let msg = format!("{err:#}");
-    assert!(msg.contains("hidden_act") && msg.contains("config.json"), "{msg}");
+    assert!(
+        msg.contains("hidden_act") && msg.contains("config.json"),
+        "{msg}"
+    );
 }

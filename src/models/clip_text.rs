@@ -147,7 +147,10 @@ impl ClipTextConfig {
             }
         }
         if self.num_hidden_layers < 0 {
-            bail!("{origin}: num_hidden_layers must be ≥ 0, got {}", self.num_hidden_layers);
+            bail!(
+                "{origin}: num_hidden_layers must be ≥ 0, got {}",
+                self.num_hidden_layers
+            );
         }
         if self.hidden_size % self.num_attention_heads != 0 {
             bail!(
@@ -162,8 +165,11 @@ impl ClipTextConfig {
                 self.attention_dropout
             );
         }
-        if !(self.layer_norm_eps > 0.0) {
-            bail!("{origin}: layer_norm_eps must be positive, got {}", self.layer_norm_eps);
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
+            bail!(
+                "{origin}: layer_norm_eps must be positive, got {}",
+                self.layer_norm_eps
+            );
         }
         Ok(act)
     }
@@ -218,7 +224,10 @@ impl ClipAttention {
             Some(self.scale),
             false,
         ); // (B, heads, L, dh)
-        let out = out.transpose(1, 2).contiguous().reshape([b, l, self.heads * self.head_dim]); // (B, L, d)
+        let out = out
+            .transpose(1, 2)
+            .contiguous()
+            .reshape([b, l, self.heads * self.head_dim]); // (B, L, d)
         self.out_proj.forward(&out)
     }
 }
@@ -236,13 +245,26 @@ struct ClipEncoderLayer {
 
 impl ClipEncoderLayer {
     fn new(vs: nn::Path, cfg: &ClipTextConfig, act: Activation) -> Self {
-        let ln = nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
+        let ln = nn::LayerNormConfig {
+            eps: cfg.layer_norm_eps,
+            ..Default::default()
+        };
         let d = cfg.hidden_size;
         Self {
             self_attn: ClipAttention::new(&vs / "self_attn", cfg),
             layer_norm1: nn::layer_norm(&vs / "layer_norm1", vec![d], ln),
-            fc1: nn::linear(&vs / "mlp" / "fc1", d, cfg.intermediate_size, Default::default()),
-            fc2: nn::linear(&vs / "mlp" / "fc2", cfg.intermediate_size, d, Default::default()),
+            fc1: nn::linear(
+                &vs / "mlp" / "fc1",
+                d,
+                cfg.intermediate_size,
+                Default::default(),
+            ),
+            fc2: nn::linear(
+                &vs / "mlp" / "fc2",
+                cfg.intermediate_size,
+                d,
+                Default::default(),
+            ),
             layer_norm2: nn::layer_norm(&vs / "layer_norm2", vec![d], ln),
             act,
         }
@@ -250,7 +272,11 @@ impl ClipEncoderLayer {
 
     fn forward(&self, x: &Tensor) -> Tensor {
         let h = x + self.self_attn.forward(&self.layer_norm1.forward(x));
-        let m = self.fc2.forward(&self.act.apply(&self.fc1.forward(&self.layer_norm2.forward(&h))));
+        let m = self.fc2.forward(
+            &self
+                .act
+                .apply(&self.fc1.forward(&self.layer_norm2.forward(&h))),
+        );
         h + m
     }
 }
@@ -281,23 +307,33 @@ impl ClipTextModel {
         let root = vs.root() / "text_model";
         let d = config.hidden_size;
         let emb = &root / "embeddings";
-        let init = nn::Init::Randn { mean: 0.0, stdev: 0.02 };
+        let init = nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
         let token_embedding =
             (&emb / "token_embedding").var("weight", &[config.vocab_size, d], init);
-        let position_embedding = (&emb / "position_embedding").var(
-            "weight",
-            &[config.max_position_embeddings, d],
-            init,
-        );
+        let position_embedding =
+            (&emb / "position_embedding").var("weight", &[config.max_position_embeddings, d], init);
         let layers = (0..config.num_hidden_layers)
             .map(|i| ClipEncoderLayer::new(&root / "encoder" / "layers" / i, &config, act))
             .collect();
         let final_layer_norm = nn::layer_norm(
             &root / "final_layer_norm",
             vec![d],
-            nn::LayerNormConfig { eps: config.layer_norm_eps, ..Default::default() },
+            nn::LayerNormConfig {
+                eps: config.layer_norm_eps,
+                ..Default::default()
+            },
         );
-        Ok(Self { vs, config, token_embedding, position_embedding, layers, final_layer_norm })
+        Ok(Self {
+            vs,
+            config,
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+        })
     }
 
     /// Loads `dir/config.json` and the weights of `dir` (strict). Keys may carry the
@@ -343,7 +379,8 @@ impl ClipTextModel {
 
     /// `ids` (B, L) int64 -> input token embeddings (B, L, d), without positions.
     pub fn token_embedding(&self, ids: &Tensor) -> Tensor {
-        self.f_token_embedding(ids).unwrap_or_else(|e| panic!("{e:#}"))
+        self.f_token_embedding(ids)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// Fallible [`Self::token_embedding`]: checks dtype and id range.
@@ -365,7 +402,13 @@ impl ClipTextModel {
             }
         }
         // nn.Embedding(padding_idx=None) -> padding_idx -1, no scale_grad_by_freq, dense grad.
-        Ok(Tensor::embedding(&self.token_embedding, &ids.to_device(self.vs.device()), -1, false, false))
+        Ok(Tensor::embedding(
+            &self.token_embedding,
+            &ids.to_device(self.vs.device()),
+            -1,
+            false,
+            false,
+        ))
     }
 
     /// `ids` (B, L) int64 -> last hidden state (B, L, d) after `final_layer_norm`.
@@ -383,15 +426,22 @@ impl ClipTextModel {
     /// embeddings of positions 0..L, runs the causal encoder and `final_layer_norm`.
     /// Differentiable with respect to `input_embeds`.
     pub fn forward_embeds(&self, input_embeds: &Tensor) -> Tensor {
-        self.f_forward_embeds(input_embeds).unwrap_or_else(|e| panic!("{e:#}"))
+        self.f_forward_embeds(input_embeds)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     pub fn f_forward_embeds(&self, input_embeds: &Tensor) -> Result<Tensor> {
-        let (_, l, d) = input_embeds
-            .size3()
-            .with_context(|| format!("input embeddings must be (B, L, d), got {:?}", input_embeds.size()))?;
+        let (_, l, d) = input_embeds.size3().with_context(|| {
+            format!(
+                "input embeddings must be (B, L, d), got {:?}",
+                input_embeds.size()
+            )
+        })?;
         if d != self.config.hidden_size {
-            bail!("input embeddings have width {d}, the text encoder {}", self.config.hidden_size);
+            bail!(
+                "input embeddings have width {d}, the text encoder {}",
+                self.config.hidden_size
+            );
         }
         if l > self.config.max_position_embeddings {
             bail!(
@@ -424,7 +474,13 @@ impl ClipTextModel {
         let old_vocab = self.config.vocab_size;
         let old = self.token_embedding.shallow_clone();
         let grown = tch::no_grad(|| {
-            Tensor::cat(&[old.detach(), rows.detach().to_kind(old.kind()).to_device(old.device())], 0)
+            Tensor::cat(
+                &[
+                    old.detach(),
+                    rows.detach().to_kind(old.kind()).to_device(old.device()),
+                ],
+                0,
+            )
         }); // (old_vocab + n, d)
         let grown = grown.set_requires_grad(old.requires_grad());
         {
