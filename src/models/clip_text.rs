@@ -1,1 +1,507 @@
-//! (in progress)
+//! transformers' `CLIPTextModel`: the Stable Diffusion text encoder.
+//!
+//! Parameter paths are the classic ones SD checkpoints carry (`text_model.embeddings.…`,
+//! `text_model.encoder.layers.{i}.…`, `text_model.final_layer_norm`). transformers 5 saves a
+//! bare `CLIPTextModel` without the `text_model.` prefix; [`ClipTextModel::load`] accepts both
+//! spellings (and skips the `position_ids` buffer older checkpoints carry).
+//!
+//! Numerics follow transformers 5.24 with its default attention implementation (`sdpa`): no
+//! attention mask is built (`create_causal_mask` returns `None` for sdpa without padding mask),
+//! and every layer calls `scaled_dot_product_attention(q, k, v, attn_mask=None,
+//! is_causal=True, scale=head_dim**-0.5)` — so does this module, with the same explicit scale.
+//!
+//! For subject learning (textual inversion, HiFi Tuner §3) the encoder is split into
+//! [`ClipTextModel::token_embedding`] (ids → input embeddings) and
+//! [`ClipTextModel::forward_embeds`] (input embeddings → last hidden state), so gradients can
+//! flow into the input embeddings; [`ClipTextModel::append_token_embeddings`] grows the
+//! vocabulary for new placeholder tokens as diffusers' `load_textual_inversion` does.
+
+use crate::load::{load_strict, read_json, weight_file, KeyAction};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tch::{nn, nn::Module, Device, Kind, Tensor};
+
+/// The VarStore path of the token embedding matrix.
+pub const TOKEN_EMBEDDING_KEY: &str = "text_model.embeddings.token_embedding.weight";
+/// The (non-persistent in transformers ≥ 4.31, but present in older files) position-id buffer.
+pub const POSITION_IDS_KEY: &str = "text_model.embeddings.position_ids";
+
+/// `text_encoder/config.json` (transformers `CLIPTextConfig`). Defaults are those of
+/// transformers' `CLIPTextConfig` class, used only where a key is absent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClipTextConfig {
+    #[serde(default = "d_vocab")]
+    pub vocab_size: i64,
+    #[serde(default = "d_hidden")]
+    pub hidden_size: i64,
+    #[serde(default = "d_intermediate")]
+    pub intermediate_size: i64,
+    #[serde(default = "d_layers")]
+    pub num_hidden_layers: i64,
+    #[serde(default = "d_heads")]
+    pub num_attention_heads: i64,
+    #[serde(default = "d_max_pos")]
+    pub max_position_embeddings: i64,
+    /// `quick_gelu`, `gelu` (exact, erf), `gelu_new` (tanh formula, as transformers'
+    /// `NewGELUActivation`) or `gelu_pytorch_tanh`.
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    #[serde(default = "d_eps")]
+    pub layer_norm_eps: f64,
+    /// Must be 0 (dropout is not implemented).
+    #[serde(default)]
+    pub attention_dropout: f64,
+    /// Unused here (the tokenizer owns the special tokens).
+    #[serde(default)]
+    pub pad_token_id: Option<i64>,
+    #[serde(default)]
+    pub bos_token_id: Option<i64>,
+    #[serde(default)]
+    pub eos_token_id: Option<i64>,
+    /// Ignored: only `CLIPTextModelWithProjection` uses it.
+    #[serde(default)]
+    pub projection_dim: Option<i64>,
+}
+
+fn d_vocab() -> i64 {
+    49408
+}
+fn d_hidden() -> i64 {
+    512
+}
+fn d_intermediate() -> i64 {
+    2048
+}
+fn d_layers() -> i64 {
+    12
+}
+fn d_heads() -> i64 {
+    8
+}
+fn d_max_pos() -> i64 {
+    77
+}
+fn d_act() -> String {
+    "quick_gelu".to_string()
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+
+/// The MLP activation (transformers' `ACT2FN[hidden_act]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `x * sigmoid(1.702 x)`
+    QuickGelu,
+    /// exact GELU, `torch.nn.functional.gelu`
+    Gelu,
+    /// `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))` written out as transformers does
+    GeluNew,
+    /// `torch.nn.functional.gelu(x, approximate="tanh")`
+    GeluPytorchTanh,
+}
+
+impl Activation {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "quick_gelu" => Some(Self::QuickGelu),
+            "gelu" => Some(Self::Gelu),
+            "gelu_new" => Some(Self::GeluNew),
+            "gelu_pytorch_tanh" => Some(Self::GeluPytorchTanh),
+            _ => None,
+        }
+    }
+
+    pub fn apply(self, x: &Tensor) -> Tensor {
+        match self {
+            Self::QuickGelu => x * (x * 1.702).sigmoid(),
+            Self::Gelu => x.gelu("none"),
+            Self::GeluNew => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                (x * 0.5) * (((x + x.pow_tensor_scalar(3.0) * 0.044715) * c).tanh() + 1.0)
+            }
+            Self::GeluPytorchTanh => x.gelu("tanh"),
+        }
+    }
+}
+
+impl ClipTextConfig {
+    /// Checks the values this implementation supports; `origin` names the file for errors.
+    pub fn validate(&self, origin: &str) -> Result<Activation> {
+        let Some(act) = Activation::parse(&self.hidden_act) else {
+            bail!(
+                "{origin}: hidden_act {:?} is not supported (supported: quick_gelu, gelu, gelu_new, gelu_pytorch_tanh)",
+                self.hidden_act
+            )
+        };
+        for (key, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v <= 0 {
+                bail!("{origin}: {key} must be positive, got {v}");
+            }
+        }
+        if self.num_hidden_layers < 0 {
+            bail!(
+                "{origin}: num_hidden_layers must be ≥ 0, got {}",
+                self.num_hidden_layers
+            );
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            bail!(
+                "{origin}: hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size,
+                self.num_attention_heads
+            );
+        }
+        if self.attention_dropout != 0.0 {
+            bail!(
+                "{origin}: attention_dropout {} is not supported (only 0.0)",
+                self.attention_dropout
+            );
+        }
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
+            bail!(
+                "{origin}: layer_norm_eps must be positive, got {}",
+                self.layer_norm_eps
+            );
+        }
+        Ok(act)
+    }
+
+    pub fn head_dim(&self) -> i64 {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+/// `CLIPAttention`: causal multi-head self-attention with biased q/k/v/out projections.
+#[derive(Debug)]
+struct ClipAttention {
+    q_proj: nn::Linear,
+    k_proj: nn::Linear,
+    v_proj: nn::Linear,
+    out_proj: nn::Linear,
+    heads: i64,
+    head_dim: i64,
+    scale: f64,
+}
+
+impl ClipAttention {
+    fn new(vs: nn::Path, cfg: &ClipTextConfig) -> Self {
+        let d = cfg.hidden_size;
+        let head_dim = cfg.head_dim();
+        Self {
+            q_proj: nn::linear(&vs / "q_proj", d, d, Default::default()),
+            k_proj: nn::linear(&vs / "k_proj", d, d, Default::default()),
+            v_proj: nn::linear(&vs / "v_proj", d, d, Default::default()),
+            out_proj: nn::linear(&vs / "out_proj", d, d, Default::default()),
+            heads: cfg.num_attention_heads,
+            head_dim,
+            // transformers: `self.scale = self.head_dim**-0.5`, passed to sdpa explicitly.
+            scale: (head_dim as f64).powf(-0.5),
+        }
+    }
+
+    /// `x`: (B, L, d) -> (B, L, d)
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, l, _) = x.size3().expect("CLIP attention input must be (B, L, d)");
+        let split = |t: Tensor| t.view([b, l, self.heads, self.head_dim]).transpose(1, 2); // (B, heads, L, dh)
+        let q = split(self.q_proj.forward(x));
+        let k = split(self.k_proj.forward(x));
+        let v = split(self.v_proj.forward(x));
+        let out = Tensor::scaled_dot_product_attention::<Tensor>(
+            &q,
+            &k,
+            &v,
+            None,
+            0.0,
+            true,
+            Some(self.scale),
+            false,
+        ); // (B, heads, L, dh)
+        let out = out
+            .transpose(1, 2)
+            .contiguous()
+            .reshape([b, l, self.heads * self.head_dim]); // (B, L, d)
+        self.out_proj.forward(&out)
+    }
+}
+
+/// `CLIPEncoderLayer`: pre-norm attention and MLP, each with a residual.
+#[derive(Debug)]
+struct ClipEncoderLayer {
+    self_attn: ClipAttention,
+    layer_norm1: nn::LayerNorm,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+    layer_norm2: nn::LayerNorm,
+    act: Activation,
+}
+
+impl ClipEncoderLayer {
+    fn new(vs: nn::Path, cfg: &ClipTextConfig, act: Activation) -> Self {
+        let ln = nn::LayerNormConfig {
+            eps: cfg.layer_norm_eps,
+            ..Default::default()
+        };
+        let d = cfg.hidden_size;
+        Self {
+            self_attn: ClipAttention::new(&vs / "self_attn", cfg),
+            layer_norm1: nn::layer_norm(&vs / "layer_norm1", vec![d], ln),
+            fc1: nn::linear(
+                &vs / "mlp" / "fc1",
+                d,
+                cfg.intermediate_size,
+                Default::default(),
+            ),
+            fc2: nn::linear(
+                &vs / "mlp" / "fc2",
+                cfg.intermediate_size,
+                d,
+                Default::default(),
+            ),
+            layer_norm2: nn::layer_norm(&vs / "layer_norm2", vec![d], ln),
+            act,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let h = x + self.self_attn.forward(&self.layer_norm1.forward(x));
+        let m = self.fc2.forward(
+            &self
+                .act
+                .apply(&self.fc1.forward(&self.layer_norm2.forward(&h))),
+        );
+        h + m
+    }
+}
+
+/// transformers' `CLIPTextModel` (last hidden state only; no pooling, no projection).
+#[derive(Debug)]
+pub struct ClipTextModel {
+    pub vs: nn::VarStore,
+    pub config: ClipTextConfig,
+    /// (vocab, d), the variable [`TOKEN_EMBEDDING_KEY`] of `vs`.
+    token_embedding: Tensor,
+    /// (max_position_embeddings, d)
+    position_embedding: Tensor,
+    layers: Vec<ClipEncoderLayer>,
+    final_layer_norm: nn::LayerNorm,
+}
+
+impl ClipTextModel {
+    /// A randomly initialised model (embeddings ~ N(0, 0.02²) as transformers; tch defaults
+    /// elsewhere).
+    pub fn new(config: ClipTextConfig, device: Device) -> Result<Self> {
+        Self::build(config, device, "text_encoder config")
+    }
+
+    fn build(config: ClipTextConfig, device: Device, origin: &str) -> Result<Self> {
+        let act = config.validate(origin)?;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root() / "text_model";
+        let d = config.hidden_size;
+        let emb = &root / "embeddings";
+        let init = nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let token_embedding =
+            (&emb / "token_embedding").var("weight", &[config.vocab_size, d], init);
+        let position_embedding =
+            (&emb / "position_embedding").var("weight", &[config.max_position_embeddings, d], init);
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| ClipEncoderLayer::new(&root / "encoder" / "layers" / i, &config, act))
+            .collect();
+        let final_layer_norm = nn::layer_norm(
+            &root / "final_layer_norm",
+            vec![d],
+            nn::LayerNormConfig {
+                eps: config.layer_norm_eps,
+                ..Default::default()
+            },
+        );
+        Ok(Self {
+            vs,
+            config,
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+        })
+    }
+
+    /// Loads `dir/config.json` and the weights of `dir` (strict). Keys may carry the
+    /// `text_model.` prefix (SD checkpoints) or not (transformers 5 `save_pretrained`); the
+    /// `position_ids` buffer of old checkpoints is skipped.
+    pub fn load(dir: &Path, device: Device) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let config: ClipTextConfig = read_json(&cfg_path)?;
+        let model = Self::build(config, device, &cfg_path.display().to_string())?;
+        let weights = weight_file(dir)?;
+        load_strict(&model.vs, &weights, &|key| {
+            let name = if key.starts_with("text_model.") {
+                key.to_string()
+            } else {
+                format!("text_model.{key}")
+            };
+            if name == POSITION_IDS_KEY {
+                KeyAction::Skip
+            } else {
+                KeyAction::Load(name)
+            }
+        })?;
+        Ok(model)
+    }
+
+    pub fn hidden_size(&self) -> i64 {
+        self.config.hidden_size
+    }
+
+    /// The current vocabulary size (grows with [`Self::append_token_embeddings`]).
+    pub fn vocab_size(&self) -> i64 {
+        self.config.vocab_size
+    }
+
+    pub fn max_position_embeddings(&self) -> i64 {
+        self.config.max_position_embeddings
+    }
+
+    /// The token embedding matrix (vocab, d) — the VarStore variable itself (shallow clone).
+    pub fn token_embedding_weight(&self) -> Tensor {
+        self.token_embedding.shallow_clone()
+    }
+
+    /// `ids` (B, L) int64 -> input token embeddings (B, L, d), without positions.
+    pub fn token_embedding(&self, ids: &Tensor) -> Tensor {
+        self.f_token_embedding(ids)
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Fallible [`Self::token_embedding`]: checks dtype and id range.
+    pub fn f_token_embedding(&self, ids: &Tensor) -> Result<Tensor> {
+        if ids.kind() != Kind::Int64 {
+            bail!("token ids must be int64, got {:?}", ids.kind());
+        }
+        if ids.dim() != 2 {
+            bail!("token ids must be (B, L), got {:?}", ids.size());
+        }
+        if ids.numel() > 0 {
+            let lo = ids.min().int64_value(&[]);
+            let hi = ids.max().int64_value(&[]);
+            if lo < 0 || hi >= self.config.vocab_size {
+                bail!(
+                    "token id out of range [0, {}): min {lo}, max {hi}",
+                    self.config.vocab_size
+                );
+            }
+        }
+        // nn.Embedding(padding_idx=None) -> padding_idx -1, no scale_grad_by_freq, dense grad.
+        Ok(Tensor::embedding(
+            &self.token_embedding,
+            &ids.to_device(self.vs.device()),
+            -1,
+            false,
+            false,
+        ))
+    }
+
+    /// `ids` (B, L) int64 -> last hidden state (B, L, d) after `final_layer_norm`.
+    /// Identical to `forward_embeds(&token_embedding(ids))`.
+    pub fn forward(&self, ids: &Tensor) -> Tensor {
+        self.f_forward(ids).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    pub fn f_forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let embeds = self.f_token_embedding(ids)?;
+        self.f_forward_embeds(&embeds)
+    }
+
+    /// Input embeddings (B, L, d) -> last hidden state (B, L, d): adds the position
+    /// embeddings of positions 0..L, runs the causal encoder and `final_layer_norm`.
+    /// Differentiable with respect to `input_embeds`.
+    pub fn forward_embeds(&self, input_embeds: &Tensor) -> Tensor {
+        self.f_forward_embeds(input_embeds)
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    pub fn f_forward_embeds(&self, input_embeds: &Tensor) -> Result<Tensor> {
+        let (_, l, d) = input_embeds.size3().with_context(|| {
+            format!(
+                "input embeddings must be (B, L, d), got {:?}",
+                input_embeds.size()
+            )
+        })?;
+        if d != self.config.hidden_size {
+            bail!(
+                "input embeddings have width {d}, the text encoder {}",
+                self.config.hidden_size
+            );
+        }
+        if l > self.config.max_position_embeddings {
+            bail!(
+                "sequence length {l} exceeds max_position_embeddings {}",
+                self.config.max_position_embeddings
+            );
+        }
+        let positions = self.position_embedding.narrow(0, 0, l).unsqueeze(0); // (1, L, d)
+        let mut h = input_embeds + positions;
+        for layer in &self.layers {
+            h = layer.forward(&h);
+        }
+        Ok(self.final_layer_norm.forward(&h))
+    }
+
+    /// Appends `rows` (n, d) to the token embedding matrix and returns their new ids
+    /// (`old_vocab..old_vocab+n`), as `tokenizer.add_tokens` + `resize_token_embeddings` + row
+    /// copy in diffusers' `load_textual_inversion`. The VarStore variable
+    /// [`TOKEN_EMBEDDING_KEY`] is replaced by the grown matrix (same trainability and
+    /// optimizer group), so saving, freezing and optimisers created afterwards see it;
+    /// `config.vocab_size` is updated.
+    pub fn append_token_embeddings(&mut self, rows: &Tensor) -> Result<Vec<i64>> {
+        let d = self.config.hidden_size;
+        let (n, rd) = rows
+            .size2()
+            .with_context(|| format!("embedding rows must be (n, d), got {:?}", rows.size()))?;
+        if rd != d {
+            bail!("embedding rows have width {rd}, the text encoder {d}");
+        }
+        let old_vocab = self.config.vocab_size;
+        let old = self.token_embedding.shallow_clone();
+        let grown = tch::no_grad(|| {
+            Tensor::cat(
+                &[
+                    old.detach(),
+                    rows.detach().to_kind(old.kind()).to_device(old.device()),
+                ],
+                0,
+            )
+        }); // (old_vocab + n, d)
+        let grown = grown.set_requires_grad(old.requires_grad());
+        {
+            let mut vars = self
+                .vs
+                .variables_
+                .lock()
+                .map_err(|_| anyhow::anyhow!("text encoder VarStore lock poisoned"))?;
+            let Some(slot) = vars.named_variables.get_mut(TOKEN_EMBEDDING_KEY) else {
+                bail!("internal: {TOKEN_EMBEDDING_KEY} is not in the text encoder's VarStore");
+            };
+            *slot = grown.shallow_clone();
+            let old_ptr = old.data_ptr();
+            for var in vars.trainable_variables.iter_mut() {
+                if var.tensor.data_ptr() == old_ptr {
+                    var.tensor = grown.shallow_clone();
+                }
+            }
+        }
+        self.token_embedding = grown;
+        self.config.vocab_size = old_vocab + n;
+        Ok((old_vocab..old_vocab + n).collect())
+    }
+}
