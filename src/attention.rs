@@ -63,3 +63,12 @@ impl AttentionController for NoOp {
         probs
     }
 }
+
+/// Reborrows an optional controller for one call, so the same controller can be handed to
+/// successive calls (`Option::as_deref_mut` would keep it borrowed for its whole lifetime).
+pub fn reborrow<'s>(ctrl: &'s mut Option<&mut dyn AttentionController>) -> Option<&'s mut dyn AttentionController> {
+    match ctrl {
+        Some(c) => Some(&mut **c),
+        None => None,
+    }
+}

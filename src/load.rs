@@ -68,33 +68,41 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
 pub enum KeyAction {
     /// Load it under this (possibly renamed) name.
     Load(String),
+    /// Load this converted value under this name (e.g. a legacy (C, C, 1, 1) projection loaded
+    /// into a (C, C) linear weight).
+    LoadValue(String, Tensor),
     /// A known key the model does not use (e.g. the `position_ids` buffer older
     /// transformers checkpoints carry). It is skipped, not reported as unused.
     Skip,
 }
 
 /// Loads `path` into `vs`, strictly: every variable of `vs` must be in the file with the same
-/// shape, and every key of the file must be used (after `map_key`). Values are converted to the
-/// dtype and device of the variables (fp16 files load into an fp32 model).
+/// shape, and every key of the file must be used (after `map_key`, which sees each key and its
+/// value). Two keys of the file that land on the same variable are an error. Values are
+/// converted to the dtype and device of the variables (fp16 files load into an fp32 model).
 pub fn load_strict(
     vs: &nn::VarStore,
     path: &Path,
-    map_key: &dyn Fn(&str) -> KeyAction,
+    map_key: &dyn Fn(&str, &Tensor) -> KeyAction,
 ) -> Result<()> {
     let file = read_safetensors(path)?;
     let mut vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
-    let mut seen: HashMap<String, ()> = HashMap::new();
+    let mut seen: HashMap<String, String> = HashMap::new();
     let mut unused = Vec::new();
     let mut misshaped = Vec::new();
     for (key, value) in file {
-        let name = match map_key(&key) {
+        let (name, value) = match map_key(&key, &value) {
             KeyAction::Skip => continue,
-            KeyAction::Load(name) => name,
+            KeyAction::Load(name) => (name, value),
+            KeyAction::LoadValue(name, v) => (name, v),
         };
         let Some(var) = vars.get_mut(&name) else {
             unused.push(key);
             continue;
         };
+        if let Some(first) = seen.get(&name) {
+            bail!("{}: keys {first} and {key} both load into {name}", path.display());
+        }
         if var.size() != value.size() {
             misshaped.push(format!("{key}: file {:?}, model {:?}", value.size(), var.size()));
             continue;
@@ -104,8 +112,9 @@ pub fn load_strict(
         }
         tch::no_grad(|| var.f_copy_(&value))
             .with_context(|| format!("{}: cannot copy tensor {key}", path.display()))?;
-        seen.insert(name, ());
+        seen.insert(name, key);
     }
+    unused.sort();
     let missing: Vec<&String> = vars.keys().filter(|k| !seen.contains_key(*k)).collect();
     let mut problems = Vec::new();
     if !missing.is_empty() {

@@ -167,7 +167,7 @@ impl StableDiffusion {
         let mut x = x_t;
         for (i, &t) in sched.timesteps.iter().enumerate() {
             let c = cond.at(i, t)?;
-            let eps = self.guided_eps(&x, t, &c, guidance, ctrl.as_deref_mut());
+            let eps = self.guided_eps(&x, t, &c, guidance, crate::attention::reborrow(&mut ctrl));
             x = sched.step(&eps, t, &x);
             if let Some(h) = hook.as_deref_mut() {
                 x = h.after_step(i, t, x)?;

@@ -344,7 +344,7 @@ impl ClipTextModel {
         let config: ClipTextConfig = read_json(&cfg_path)?;
         let model = Self::build(config, device, &cfg_path.display().to_string())?;
         let weights = weight_file(dir)?;
-        load_strict(&model.vs, &weights, &|key| {
+        load_strict(&model.vs, &weights, &|key, _| {
             let name = if key.starts_with("text_model.") {
                 key.to_string()
             } else {

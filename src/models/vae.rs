@@ -12,13 +12,13 @@
 //! VAE, so the divisions by them are omitted (x / 1.0 is exact).
 
 use crate::attention::{AttnKind, AttnSite, Place};
-use crate::load::{read_json, read_safetensors, weight_file};
+use crate::load::{load_strict, read_json, weight_file, KeyAction};
 use crate::models::attention::Attention;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+
 use std::path::Path;
-use tch::{nn, nn::Module, Device, Kind, Tensor};
+use tch::{nn, nn::Module, Device, Tensor};
 
 /// `vae/config.json` (diffusers `AutoencoderKL`). Defaults are those of diffusers'
 /// `AutoencoderKL.__init__`, used only where a key is absent.
@@ -548,7 +548,7 @@ impl AutoencoderKL {
         let cfg_path = dir.join("config.json");
         let config: VaeConfig = read_json(&cfg_path)?;
         let model = Self::build(config, device, &cfg_path.display().to_string())?;
-        load_vae_weights(&model.vs, &weight_file(dir)?)?;
+        load_strict(&model.vs, &weight_file(dir)?, &vae_key)?;
         Ok(model)
     }
 
@@ -644,102 +644,17 @@ pub fn map_legacy_key(key: &str) -> String {
     key.to_string()
 }
 
-/// Strict loading for the VAE (same contract and messages as [`crate::load::load_strict`]),
-/// plus two conversions `load_strict` cannot express: legacy attention names are renamed
-/// ([`map_legacy_key`]) and a 1×1-conv projection weight (C, C, 1, 1) is loaded into the
-/// linear weight (C, C). Two file keys mapping to the same parameter is an error.
-fn load_vae_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
-    let file = read_safetensors(path)?;
-    let mut vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
-    let mut seen: BTreeMap<String, String> = BTreeMap::new();
-    let mut unused = Vec::new();
-    let mut misshaped = Vec::new();
-    for (key, value) in file {
-        let name = map_legacy_key(&key);
-        let Some(var) = vars.get_mut(&name) else {
-            unused.push(key);
-            continue;
-        };
-        if let Some(first) = seen.get(&name) {
-            bail!(
-                "{}: keys {first} and {key} both load into {name}",
-                path.display()
-            );
-        }
-        let is_attn_proj = name.contains(".mid_block.attentions.")
-            && name.ends_with(".weight")
-            && !name.contains(".group_norm.");
-        let value = if is_attn_proj
-            && var.dim() == 2
-            && value.size().len() == 4
-            && value.size()[2..] == [1, 1]
-        {
-            value.flatten(1, 3) // (C, C, 1, 1) -> (C, C)
-        } else {
-            value
-        };
-        if var.size() != value.size() {
-            misshaped.push(format!(
-                "{key}: file {:?}, model {:?}",
-                value.size(),
-                var.size()
-            ));
-            continue;
-        }
-        if !matches!(
-            value.kind(),
-            Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double
-        ) {
-            bail!(
-                "{}: tensor {key} has dtype {:?}, expected a float type",
-                path.display(),
-                value.kind()
-            );
-        }
-        tch::no_grad(|| var.f_copy_(&value))
-            .with_context(|| format!("{}: cannot copy tensor {key}", path.display()))?;
-        seen.insert(name, key);
+/// The VAE's key mapping for [`load_strict`]: legacy attention names are renamed
+/// ([`map_legacy_key`]) and a 1×1-conv projection weight (C, C, 1, 1) of the mid-block
+/// attention is loaded into the linear weight (C, C).
+fn vae_key(key: &str, value: &Tensor) -> KeyAction {
+    let name = map_legacy_key(key);
+    let is_attn_proj = name.contains(".mid_block.attentions.")
+        && name.ends_with(".weight")
+        && !name.contains(".group_norm.");
+    let size = value.size();
+    if is_attn_proj && size.len() == 4 && size[2..] == [1, 1] {
+        return KeyAction::LoadValue(name, value.flatten(1, 3)); // (C, C, 1, 1) -> (C, C)
     }
-    let missing: Vec<&String> = vars.keys().filter(|k| !seen.contains_key(*k)).collect();
-    let mut problems = Vec::new();
-    if !missing.is_empty() {
-        problems.push(format!(
-            "{} missing key(s): {}",
-            missing.len(),
-            preview(&missing)
-        ));
-    }
-    if !unused.is_empty() {
-        let unused: BTreeSet<String> = unused.into_iter().collect();
-        let unused: Vec<String> = unused.into_iter().collect();
-        problems.push(format!(
-            "{} unused key(s): {}",
-            unused.len(),
-            preview(&unused)
-        ));
-    }
-    if !misshaped.is_empty() {
-        problems.push(format!(
-            "{} mis-shaped key(s): {}",
-            misshaped.len(),
-            preview(&misshaped)
-        ));
-    }
-    if !problems.is_empty() {
-        return Err(anyhow!(
-            "{} does not match the model built from its config.json: {}",
-            path.display(),
-            problems.join("; ")
-        ));
-    }
-    Ok(())
-}
-
-fn preview<T: std::fmt::Display>(items: &[T]) -> String {
-    const SHOWN: usize = 8;
-    let mut s: Vec<String> = items.iter().take(SHOWN).map(|k| k.to_string()).collect();
-    if items.len() > SHOWN {
-        s.push(format!("… and {} more", items.len() - SHOWN));
-    }
-    s.join(", ")
+    KeyAction::Load(name)
 }
