@@ -22,6 +22,7 @@ pub mod models;
 pub mod pipeline;
 pub mod progress;
 pub mod scheduler;
+pub mod subject;
 pub mod tokenizer;
 
 pub use anyhow::{Error, Result};

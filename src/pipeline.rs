@@ -9,6 +9,8 @@ use crate::attention::AttentionController;
 use crate::load::ModelDir;
 use crate::models::{clip_text::ClipTextModel, unet::UNet2DConditionModel, vae::AutoencoderKL};
 use crate::scheduler::{DdimScheduler, SchedulerConfig};
+use crate::subject::conditioning::{check_room, SubjectSteps};
+use crate::subject::file::Subject;
 use crate::tokenizer::ClipTokenizer;
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -70,7 +72,7 @@ impl StableDiffusion {
     pub fn load(root: &Path, device: Device) -> Result<Self> {
         let dir = ModelDir::open(root)?;
         let scheduler_config = SchedulerConfig::from_file(&dir.component("scheduler").join("scheduler_config.json"))?;
-        Ok(Self {
+        let mut sd = Self {
             tokenizer: ClipTokenizer::from_dir(&dir.component("tokenizer"))?,
             text_encoder: ClipTextModel::load(&dir.component("text_encoder"), device)?,
             unet: UNet2DConditionModel::load(&dir.component("unet"), device)?,
@@ -78,7 +80,12 @@ impl StableDiffusion {
             scheduler_config,
             dir,
             device,
-        })
+        };
+        // The networks are never trained here: only embeddings are (subject learning, TI).
+        sd.text_encoder.vs.freeze();
+        sd.unet.vs.freeze();
+        sd.vae.vs.freeze();
+        Ok(sd)
     }
 
     /// Pixels per latent cell (2^(VAE levels − 1)).
@@ -187,6 +194,12 @@ impl StableDiffusion {
     /// guidance_scale, height, width, num_images_per_prompt, generator)`; returns (B, H, W, 3)
     /// uint8 images.
     pub fn generate(&self, req: &GenerateRequest) -> Result<Tensor> {
+        self.generate_with(req, None)
+    }
+
+    /// [`generate`](Self::generate), with a learned subject conditioning each step by Eq. 7:
+    /// x_{t−1} = F^(t)(x_t, [c, c_s^t], φ).
+    pub fn generate_with(&self, req: &GenerateRequest, subject: Option<&Subject>) -> Result<Tensor> {
         self.check_size(req.height, req.width)?;
         if req.num_images < 1 {
             bail!("the number of images must be at least 1");
@@ -194,12 +207,40 @@ impl StableDiffusion {
         tch::no_grad(|| {
             let sched = self.scheduler(req.steps)?;
             let n = req.num_images;
-            let cond = self.encode_prompt(&req.prompt).repeat([n, 1, 1]);
-            let uncond = self.encode_prompt(req.negative_prompt.as_deref().unwrap_or("")).repeat([n, 1, 1]);
+            let uncond = self.encode_prompt(req.negative_prompt.as_deref().unwrap_or(""));
             let x_t = self.initial_latents(req.seed, n, req.height, req.width);
-            let mut fixed = Fixed(StepCond { cond, uncond });
-            let x0 = self.denoise(x_t, &sched, &mut fixed, req.guidance, None, None)?;
+            let x0 = match subject {
+                None => {
+                    let cond = self.encode_prompt(&req.prompt).repeat([n, 1, 1]);
+                    let mut fixed = Fixed(StepCond { cond, uncond: uncond.repeat([n, 1, 1]) });
+                    self.denoise(x_t, &sched, &mut fixed, req.guidance, None, None)?
+                }
+                Some(s) => {
+                    let mut steps = self.subject_steps(&req.prompt, s, &sched, uncond, n)?;
+                    self.denoise(x_t, &sched, &mut steps, req.guidance, None, None)?
+                }
+            };
             Ok(crate::io::decoded_to_u8(&self.decode(&x0)))
         })
+    }
+
+    /// Eq. 7's per-step conditioning for a prompt and a learned subject.
+    pub fn subject_steps(
+        &self,
+        prompt: &str,
+        subject: &Subject,
+        sched: &DdimScheduler,
+        uncond: Tensor,
+        batch: i64,
+    ) -> Result<SubjectSteps<'_>> {
+        let d = self.text_encoder.hidden_size();
+        if subject.c_s.size()[1] != d {
+            bail!("the subject's embeddings have width {}, but this model's text encoder has {d}", subject.c_s.size()[1]);
+        }
+        let ids = self.tokenize(prompt);
+        let n_tokens = self.tokenizer.encode_padded(prompt).n_tokens;
+        check_room(n_tokens, subject.n_tokens(), self.tokenizer.model_max_length() as i64, prompt)?;
+        let per_step = subject.per_step(&sched.timesteps).into_iter().map(|t| t.to_device(self.device)).collect();
+        Ok(SubjectSteps { te: &self.text_encoder, ids, per_step, space: subject.space, uncond, batch })
     }
 }

@@ -1,6 +1,8 @@
 use anyhow::{bail, Context, Result};
 use hifi_tuner::io::RgbImage;
 use hifi_tuner::pipeline::{GenerateRequest, StableDiffusion};
+use hifi_tuner::subject::file::Subject;
+use hifi_tuner::subject::ti;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -33,16 +35,35 @@ pub struct Args {
     out: PathBuf,
     #[arg(long, default_value = "auto")]
     device: String,
+    /// A learned subject (the folder from `learn` or its subject.safetensors): each step uses
+    /// [c, c_s^t] (Eq. 7). The prompt describes the scene, e.g. "a teapot in the snow".
+    #[arg(long)]
+    subject: Option<PathBuf>,
+    /// A textual-inversion file ({token: (n, d)}), as diffusers' load_textual_inversion reads.
+    /// May be given several times.
+    #[arg(long)]
+    embedding: Vec<PathBuf>,
+    /// Override the token of a single --embedding.
+    #[arg(long)]
+    token: Option<String>,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let device = super::parse_device(&a.device)?;
     let started = Instant::now();
-    let sd = StableDiffusion::load(&a.model, device)?;
+    let mut sd = StableDiffusion::load(&a.model, device)?;
+    if a.token.is_some() && a.embedding.len() != 1 {
+        bail!("--token goes with exactly one --embedding");
+    }
+    let mut loaded = Vec::new();
+    for e in &a.embedding {
+        loaded.push(ti::load_embedding(&mut sd, e, a.token.as_deref())?);
+    }
+    let subject = a.subject.as_deref().map(Subject::load).transpose()?;
     let size = sd.default_size();
     let req = GenerateRequest {
-        prompt: a.prompt.clone(),
-        negative_prompt: a.negative_prompt.clone(),
+        prompt: ti::convert_prompt(&sd, &a.prompt, &loaded),
+        negative_prompt: a.negative_prompt.as_deref().map(|n| ti::convert_prompt(&sd, n, &loaded)),
         seed: a.seed,
         steps: a.steps,
         guidance: a.guidance,
@@ -51,8 +72,14 @@ pub fn run(a: Args) -> Result<()> {
         num_images: a.num_images,
     };
     let outs = output_paths(&a.out, a.seed, a.num_images)?;
-    let images = sd.generate(&req)?;
-    let params = parameters_text(&req, &a.model);
+    let images = sd.generate_with(&req, subject.as_ref())?;
+    let mut params = parameters_text(&a.prompt, &req, &a.model);
+    if let Some(s) = &a.subject {
+        params.push_str(&format!(", Subject: {}", s.display()));
+    }
+    for e in &a.embedding {
+        params.push_str(&format!(", Embedding: {}", e.display()));
+    }
     for (i, path) in outs.iter().enumerate() {
         let img = RgbImage::from_hwc_u8(&images.get(i as i64))?;
         img.save_png(path, &[("parameters", &params)])?;
@@ -83,7 +110,7 @@ fn output_paths(out: &Path, seed: u64, n: i64) -> Result<Vec<PathBuf>> {
 }
 
 /// The PNG `parameters` text chunk, in AUTOMATIC1111's layout.
-fn parameters_text(req: &GenerateRequest, model: &Path) -> String {
+fn parameters_text(prompt: &str, req: &GenerateRequest, model: &Path) -> String {
     let model_name = model
         .canonicalize()
         .ok()
@@ -92,7 +119,7 @@ fn parameters_text(req: &GenerateRequest, model: &Path) -> String {
         .unwrap_or_else(|_| model.display().to_string());
     format!(
         "{}\nNegative prompt: {}\nSteps: {}, Sampler: DDIM, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
-        req.prompt,
+        prompt,
         req.negative_prompt.as_deref().unwrap_or(""),
         req.steps,
         req.guidance,

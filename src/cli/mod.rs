@@ -2,6 +2,7 @@
 
 mod generate;
 mod init_random;
+mod learn;
 mod tokenize;
 
 use anyhow::{bail, Result};
@@ -21,6 +22,8 @@ pub enum Command {
     Generate(generate::Args),
     /// Print the 77 input ids of a prompt as a JSON array.
     Tokenize(tokenize::Args),
+    /// Learn a subject from its photos (HiFi Tuner §3.2, Algorithm 1) or a textual inversion.
+    Learn(learn::Args),
     /// Write a random-weight model in diffusers layout (tests, demos, speed runs).
     InitRandom(init_random::Args),
 }
@@ -30,6 +33,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Tokenize(a) => tokenize::run(a),
         Command::InitRandom(a) => init_random::run(a),
+        Command::Learn(a) => learn::run(a),
     }
 }
 

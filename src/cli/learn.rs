@@ -1,0 +1,100 @@
+use anyhow::Result;
+use hifi_tuner::subject::job::{captions, learn, LearnJob};
+use hifi_tuner::subject::learn::LearnArgs;
+use hifi_tuner::subject::{Mode, Space};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A diffusers Stable Diffusion 1.x folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Folder of the subject's photos (.jpg, .jpeg, .png).
+    #[arg(long)]
+    images: PathBuf,
+    /// Folder of subject masks paired with the photos by file stem (white = subject).
+    #[arg(long)]
+    masks: Option<PathBuf>,
+    /// The subject's class noun, e.g. "dog" or "backpack".
+    #[arg(long)]
+    class_noun: String,
+    /// The subject folder to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// hifi (the paper's method) or ti (classic textual inversion).
+    #[arg(long, default_value = "hifi")]
+    mode: String,
+    /// Where c_s is spliced in (hifi): input (token embeddings) or output (encoder output).
+    #[arg(long, default_value = "input")]
+    space: String,
+    /// n, the number of subject tokens.
+    #[arg(long, default_value_t = 5)]
+    tokens: i64,
+    /// The new token (ti mode).
+    #[arg(long, default_value = "<subject>")]
+    token: String,
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    #[arg(long, default_value_t = 5e-3)]
+    lr: f64,
+    /// w_s, the weight of ‖c_s − φ_s‖² (Eq. 6).
+    #[arg(long, default_value_t = 1e-3)]
+    reg_weight: f64,
+    /// I, Adam steps per DDIM step in Algorithm 1 (0 skips it).
+    #[arg(long, default_value_t = 10)]
+    stepwise_steps: usize,
+    /// T, the DDIM steps the step-wise embeddings are learned for.
+    #[arg(long, default_value_t = 50)]
+    ddim_steps: usize,
+    #[arg(long, default_value_t = 1)]
+    batch_size: i64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write a checkpoint every this many steps (0 = only at the end).
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: usize,
+    /// Continue the run whose checkpoint is in --out.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let mode = Mode::parse(&a.mode)?;
+    let space = Space::parse(&a.space)?;
+    let job = LearnJob {
+        args: LearnArgs {
+            mode,
+            space,
+            n_tokens: a.tokens,
+            token: a.token.clone(),
+            class_noun: a.class_noun.clone(),
+            captions: captions(mode, &a.class_noun, &a.token, a.tokens),
+            steps: a.steps,
+            lr: a.lr,
+            reg_weight: a.reg_weight,
+            stepwise_steps: if mode == Mode::Hifi { a.stepwise_steps } else { 0 },
+            ddim_steps: a.ddim_steps,
+            batch_size: a.batch_size,
+            seed: a.seed,
+            masked: a.masks.is_some(),
+        },
+        model: a.model,
+        images: a.images,
+        masks: a.masks,
+        out: a.out,
+        checkpoint_every: a.checkpoint_every,
+        resume: a.resume,
+        device: super::parse_device(&a.device)?,
+    };
+    if mode == Mode::Hifi && job.masks.is_none() {
+        eprintln!("warning: no --masks: the loss is not masked, so c_s may also learn the backgrounds");
+    }
+    let started = Instant::now();
+    let path = learn(&job)?;
+    eprintln!("learned in {:.1}s", started.elapsed().as_secs_f64());
+    println!("{}", path.display());
+    Ok(())
+}

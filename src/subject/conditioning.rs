@@ -1,0 +1,77 @@
+//! [c, c_s]: splicing the subject embedding into the prompt's last n positions (§3.2), φ_s, and
+//! the step-wise conditioning of Eq. 7.
+//!
+//! In the **input** space (default) c_s ∈ R^{n×d} replaces the last n *input token embeddings*
+//! of the caption, then the text encoder runs: those positions are padding for any short
+//! caption, identical to the empty prompt's, so c_s = φ_s gives exactly the caption's own
+//! conditioning ("[c, c_s] = c if c_s is not optimized"). With causal attention c_s shapes only
+//! the last n outputs, which also see the caption. In the **output** space c_s replaces the last
+//! n rows of the encoder's output directly (no gradient through the encoder).
+
+use super::Space;
+use crate::models::clip_text::ClipTextModel;
+use crate::pipeline::{StepCond, StepConditioning};
+use anyhow::{bail, Result};
+use tch::Tensor;
+
+/// Replaces the last n rows of `x` (B, L, d) with `c_s` (n, d) → (B, L, d).
+pub fn replace_last(x: &Tensor, c_s: &Tensor) -> Tensor {
+    let (b, l, d) = x.size3().expect("(B, L, d)");
+    let n = c_s.size()[0];
+    let head = x.narrow(1, 0, l - n); // (B, L−n, d)
+    Tensor::cat(&[head, c_s.unsqueeze(0).expand([b, n, d], false).to_kind(x.kind())], 1)
+}
+
+/// [c, c_s] for caption ids (B, 77): the UNet's encoder hidden states (B, 77, d).
+pub fn splice(te: &ClipTextModel, ids: &Tensor, c_s: &Tensor, space: Space) -> Tensor {
+    match space {
+        Space::Input => te.forward_embeds(&replace_last(&te.token_embedding(ids), c_s)),
+        Space::Output => replace_last(&te.forward(ids), c_s),
+    }
+}
+
+/// φ_s: the last n rows of the empty prompt `empty_ids` (1, 77) in the given space (n, d).
+pub fn phi_s(te: &ClipTextModel, empty_ids: &Tensor, n: i64, space: Space) -> Tensor {
+    let x = match space {
+        Space::Input => te.token_embedding(empty_ids),
+        Space::Output => te.forward(empty_ids),
+    }; // (1, 77, d)
+    let l = x.size()[1];
+    x.narrow(1, l - n, n).squeeze_dim(0).detach()
+}
+
+/// Checks that a caption leaves its last n positions to c_s (they must be padding).
+pub fn check_room(n_tokens: usize, n: i64, max_len: i64, caption: &str) -> Result<()> {
+    if n_tokens as i64 + n > max_len {
+        bail!(
+            "the caption {caption:?} is {n_tokens} tokens long: with {n} subject tokens it must be at most {} tokens",
+            max_len - n
+        );
+    }
+    Ok(())
+}
+
+/// Eq. 7's conditioning: step t uses [c, c_s^t] in the conditional branch and φ in the
+/// unconditional one. `per_step[i]` is c_s^t for DDIM step i (all equal to c_s when the file
+/// has no step-wise embeddings).
+pub struct SubjectSteps<'a> {
+    pub te: &'a ClipTextModel,
+    /// The prompt's ids (1, 77).
+    pub ids: Tensor,
+    pub per_step: Vec<Tensor>,
+    pub space: Space,
+    /// φ (or the negative prompt), (1, 77, d).
+    pub uncond: Tensor,
+    /// Images per prompt.
+    pub batch: i64,
+}
+
+impl StepConditioning for SubjectSteps<'_> {
+    fn at(&mut self, index: usize, _t: i64) -> Result<StepCond> {
+        let Some(c_s) = self.per_step.get(index) else {
+            bail!("no subject embedding for DDIM step {index}");
+        };
+        let cond = splice(self.te, &self.ids, c_s, self.space).repeat([self.batch, 1, 1]);
+        Ok(StepCond { cond, uncond: self.uncond.repeat([self.batch, 1, 1]) })
+    }
+}

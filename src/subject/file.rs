@@ -1,0 +1,144 @@
+//! `subject.safetensors` (hifi mode) and `learned_embeds.safetensors` (textual inversion).
+//!
+//! A subject file holds `c_s` (n, d), the step-wise `c_s_t` (T, n, d) with their DDIM
+//! `timesteps` (T,) (absent when Algorithm 1 was skipped), and string metadata in the
+//! safetensors header: format, mode, space, n_tokens, class_noun, captions (JSON), model,
+//! ddim_steps, hidden_size.
+
+use super::Space;
+use crate::io::write_safetensors_atomic;
+use crate::load::{read_safetensors, safetensors_metadata};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+pub const FORMAT: &str = "hifi-tuner-subject/1";
+pub const SUBJECT_FILE: &str = "subject.safetensors";
+
+/// A learned subject: c_s and the step-wise c_s^t of Algorithm 1.
+#[derive(Debug)]
+pub struct Subject {
+    /// c_s (n, d).
+    pub c_s: Tensor,
+    /// c_s^t for each DDIM timestep of `timesteps` (same order, T down to 1); empty when
+    /// Algorithm 1 was skipped.
+    pub stepwise: Vec<Tensor>,
+    pub timesteps: Vec<i64>,
+    pub space: Space,
+    pub class_noun: String,
+    pub captions: Vec<String>,
+    pub model: String,
+    pub ddim_steps: usize,
+}
+
+impl Subject {
+    pub fn n_tokens(&self) -> i64 {
+        self.c_s.size()[0]
+    }
+
+    /// Writes the file atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors = vec![("c_s".to_string(), self.c_s.to_kind(Kind::Float).detach())];
+        if !self.stepwise.is_empty() {
+            tensors.push(("c_s_t".into(), Tensor::stack(&self.stepwise, 0).to_kind(Kind::Float).detach()));
+            tensors.push(("timesteps".into(), Tensor::from_slice(&self.timesteps)));
+        }
+        let mut meta = BTreeMap::new();
+        meta.insert("format".into(), FORMAT.into());
+        meta.insert("mode".into(), "hifi".into());
+        meta.insert("space".into(), self.space.as_str().into());
+        meta.insert("n_tokens".into(), self.n_tokens().to_string());
+        meta.insert("hidden_size".into(), self.c_s.size()[1].to_string());
+        meta.insert("class_noun".into(), self.class_noun.clone());
+        meta.insert("captions".into(), serde_json::to_string(&self.captions)?);
+        meta.insert("model".into(), self.model.clone());
+        meta.insert("ddim_steps".into(), self.ddim_steps.to_string());
+        write_safetensors_atomic(path, &tensors, &meta)
+    }
+
+    /// Reads a subject file, or the `subject.safetensors` inside a subject folder.
+    pub fn load(path: &Path) -> Result<Self> {
+        let path = resolve(path);
+        let meta = safetensors_metadata(&path)?;
+        if meta.get("format").map(String::as_str) != Some(FORMAT) {
+            bail!("{} is not a hifi-tuner subject file (format {FORMAT} expected)", path.display());
+        }
+        let get = |k: &str| meta.get(k).with_context(|| format!("{}: metadata lacks {k}", path.display()));
+        let tensors: BTreeMap<String, Tensor> = read_safetensors(&path)?.into_iter().collect();
+        let c_s = tensors.get("c_s").with_context(|| format!("{}: no c_s tensor", path.display()))?;
+        let (stepwise, timesteps) = match (tensors.get("c_s_t"), tensors.get("timesteps")) {
+            (Some(s), Some(t)) => (
+                (0..s.size()[0]).map(|i| s.get(i)).collect(),
+                Vec::<i64>::try_from(t).with_context(|| format!("{}: bad timesteps", path.display()))?,
+            ),
+            (None, None) => (vec![], vec![]),
+            _ => bail!("{}: c_s_t and timesteps must come together", path.display()),
+        };
+        Ok(Self {
+            c_s: c_s.shallow_clone(),
+            stepwise,
+            timesteps,
+            space: Space::parse(get("space")?)?,
+            class_noun: get("class_noun")?.clone(),
+            captions: serde_json::from_str(get("captions")?)?,
+            model: get("model")?.clone(),
+            ddim_steps: get("ddim_steps")?.parse()?,
+        })
+    }
+
+    /// c_s^t for each timestep of a sampling schedule: the learned one for the same timestep,
+    /// else the learned one nearest in t (with a warning), else c_s.
+    pub fn per_step(&self, schedule: &[i64]) -> Vec<Tensor> {
+        if self.stepwise.is_empty() {
+            return schedule.iter().map(|_| self.c_s.shallow_clone()).collect();
+        }
+        if schedule != self.timesteps.as_slice() {
+            eprintln!(
+                "warning: the subject was learned for {} DDIM steps; using the step-wise embedding of the nearest learned timestep",
+                self.ddim_steps
+            );
+        }
+        schedule
+            .iter()
+            .map(|&t| {
+                let i = (0..self.timesteps.len()).min_by_key(|&i| (self.timesteps[i] - t).abs()).unwrap_or(0);
+                self.stepwise[i].shallow_clone()
+            })
+            .collect()
+    }
+}
+
+/// A folder means the subject file inside it.
+pub fn resolve(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join(SUBJECT_FILE)
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// Writes `{token: (n, d)}`, the textual-inversion file diffusers' `load_textual_inversion`,
+/// AUTOMATIC1111 and ComfyUI read.
+pub fn save_learned_embeds(path: &Path, token: &str, rows: &Tensor) -> Result<()> {
+    write_safetensors_atomic(path, &[(token.to_string(), rows.to_kind(Kind::Float).detach())], &BTreeMap::new())
+}
+
+/// Reads a textual-inversion file as diffusers does: a single `{token: (n, d)}` entry (the
+/// token may be overridden), or AUTOMATIC1111's `emb_params` (the token is then required or
+/// taken from the key, as diffusers does).
+pub fn read_learned_embeds(path: &Path, token: Option<&str>) -> Result<(String, Tensor)> {
+    let mut tensors = read_safetensors(path)?;
+    if tensors.len() != 1 {
+        let keys: Vec<&str> = tensors.iter().map(|(k, _)| k.as_str()).collect();
+        bail!("{}: a textual-inversion file holds one embedding {{token: (n, d)}}, found keys {keys:?}", path.display());
+    }
+    let (key, mut rows) = tensors.remove(0);
+    if rows.dim() == 1 {
+        rows = rows.unsqueeze(0);
+    }
+    if rows.dim() != 2 {
+        bail!("{}: embedding {key} has shape {:?}, expected (n, d)", path.display(), rows.size());
+    }
+    Ok((token.map(str::to_string).unwrap_or(key), rows.to_kind(Kind::Float)))
+}

@@ -1,0 +1,321 @@
+//! The `learn` job: photos → cached VAE latents → [`learn`](super::learn) with checkpoints,
+//! a JSONL log and a progress bar → the subject folder.
+//!
+//! The subject folder holds `subject.safetensors` (HiFi) or `learned_embeds.safetensors` (TI),
+//! `train_log.jsonl`, `checkpoint.safetensors`, and the resized photos and masks it learned
+//! from (`photos/`, `masks/`), so it is self-contained.
+
+use super::data::{latent_masks, load_photos};
+use super::file::{save_learned_embeds, Subject, SUBJECT_FILE};
+use super::learn::{LearnArgs, Objective, State, StepReport, TrainSet};
+use super::{conditioning, ti, Mode};
+use crate::io::{write_atomic, write_safetensors_atomic, RgbImage};
+use crate::load::{read_safetensors, safetensors_metadata};
+use crate::pipeline::StableDiffusion;
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// Caption templates (from textual inversion's `imagenet_templates_small`); `{}` is the class
+/// noun (HiFi) or the TI tokens.
+pub const TEMPLATES: [&str; 6] = [
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+];
+
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+pub const LOG_FILE: &str = "train_log.jsonl";
+const CHECKPOINT_FORMAT: &str = "hifi-tuner-checkpoint/1";
+
+/// A `learn` invocation.
+#[derive(Debug, Clone)]
+pub struct LearnJob {
+    pub model: PathBuf,
+    pub images: PathBuf,
+    pub masks: Option<PathBuf>,
+    pub out: PathBuf,
+    pub args: LearnArgs,
+    /// Checkpoint every this many steps (0 = never).
+    pub checkpoint_every: usize,
+    pub resume: bool,
+    pub device: Device,
+}
+
+/// The captions for a run.
+pub fn captions(mode: Mode, class_noun: &str, token: &str, n: i64) -> Vec<String> {
+    let fill = match mode {
+        Mode::Hifi => class_noun.to_string(),
+        Mode::Ti => ti::expanded_tokens(token, n).join(" "),
+    };
+    TEMPLATES.iter().map(|t| t.replace("{}", &fill)).collect()
+}
+
+/// Runs a `learn` job to the end; returns the path of the written subject or embedding file.
+pub fn learn(job: &LearnJob) -> Result<PathBuf> {
+    validate(job)?;
+    let ckpt_path = job.out.join(CHECKPOINT_FILE);
+    let identity = identity(job)?;
+    if !job.resume && ckpt_path.exists() {
+        bail!("{} already holds a run ({CHECKPOINT_FILE}); pass --resume to continue it or choose another --out", job.out.display());
+    }
+    if job.resume && !ckpt_path.exists() {
+        bail!("--resume: no {CHECKPOINT_FILE} in {}", job.out.display());
+    }
+    let mut sd = StableDiffusion::load(&job.model, job.device)?;
+    let photos = load_photos(&job.images, job.masks.as_deref(), sd.default_size() as u32)?;
+    let args = &job.args;
+    let (ti_base, init_ti) = if args.mode == Mode::Ti { setup_ti(&mut sd, args)? } else { (0, None) };
+    let caption_ids = caption_ids(&sd, args)?;
+    let data = tch::no_grad(|| encode(&sd, &photos));
+    std::fs::create_dir_all(&job.out).with_context(|| format!("cannot create {}", job.out.display()))?;
+    save_photos(&job.out, &photos)?;
+    let obj = Objective::new(&sd, args.clone(), data, caption_ids, ti_base)?;
+    let mut state = if job.resume {
+        read_checkpoint(&ckpt_path, &identity, args.lr, job.device)?
+    } else {
+        State::new(init_ti.as_ref().unwrap_or(&obj.phi_s), args.lr)
+    };
+    let log_path = job.out.join(LOG_FILE);
+    let mut log = open_log(&log_path, obj.global_step(state.phase, state.step))?;
+    let bar = crate::progress::bar(obj.total_steps() as u64, "learning");
+    bar.set_position(obj.global_step(state.phase, state.step) as u64);
+    let delay = std::env::var("HIFI_TUNER_STEP_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok());
+    let started = Instant::now();
+    let result = super::learn::run(&obj, &mut state, |state, r| {
+        let g = obj.global_step(state.phase, state.step);
+        write_log(&mut log, &obj, r, g - 1, started.elapsed().as_secs_f64())?;
+        bar.set_position(g as u64);
+        bar.set_message(format!("loss {:.4}", r.loss));
+        if job.checkpoint_every > 0 && g % job.checkpoint_every == 0 {
+            write_checkpoint(&ckpt_path, state, &identity)?;
+        }
+        if let Some(ms) = delay {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+        Ok(())
+    });
+    bar.finish_and_clear();
+    if let Err(e) = result {
+        let kept = if ckpt_path.exists() { format!("the last good checkpoint {} is kept", ckpt_path.display()) } else { "no checkpoint was written yet".into() };
+        return Err(e.context(format!("learning stopped; {kept}")));
+    }
+    write_checkpoint(&ckpt_path, &state, &identity)?;
+    write_result(job, &obj, &state)
+}
+
+fn validate(job: &LearnJob) -> Result<()> {
+    let a = &job.args;
+    if a.n_tokens < 1 {
+        bail!("--tokens must be at least 1");
+    }
+    if !(a.lr > 0.0 && a.lr.is_finite()) {
+        bail!("--lr must be a positive number");
+    }
+    if a.batch_size < 1 {
+        bail!("--batch-size must be at least 1");
+    }
+    if a.reg_weight < 0.0 || !a.reg_weight.is_finite() {
+        bail!("--reg-weight must be ≥ 0");
+    }
+    if a.class_noun.trim().is_empty() {
+        bail!("--class-noun must not be empty");
+    }
+    Ok(())
+}
+
+/// Adds the TI tokens; returns their first id and the initial rows (the class noun's mean
+/// token embedding, repeated n times).
+pub fn setup_ti(sd: &mut StableDiffusion, args: &LearnArgs) -> Result<(i64, Option<Tensor>)> {
+    let noun_ids: Vec<i64> = sd.tokenizer.encode(&args.class_noun);
+    let inner = &noun_ids[1..noun_ids.len() - 1]; // without bos / eos
+    if inner.is_empty() {
+        bail!("--class-noun {:?} has no tokens", args.class_noun);
+    }
+    let rows = tch::no_grad(|| {
+        let ids = Tensor::from_slice(inner).view([1, -1]).to_device(sd.device);
+        sd.text_encoder.token_embedding(&ids).squeeze_dim(0).mean_dim(0, true, Kind::Float) // (1, d)
+    });
+    let names = ti::expanded_tokens(&args.token, args.n_tokens);
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let base = sd.text_encoder.vocab_size();
+    let ids = sd.tokenizer.add_tokens(&refs)?;
+    if ids.first() != Some(&base) {
+        bail!("the tokenizer's new ids {ids:?} do not follow the text encoder's vocabulary ({base})");
+    }
+    Ok((base, Some(rows.repeat([args.n_tokens, 1]))))
+}
+
+/// The captions' ids (K, 77); HiFi captions must leave the last n positions as padding.
+pub fn caption_ids(sd: &StableDiffusion, args: &LearnArgs) -> Result<Tensor> {
+    let mut rows = Vec::new();
+    for c in &args.captions {
+        let enc = sd.tokenizer.encode_padded(c);
+        if args.mode == Mode::Hifi {
+            conditioning::check_room(enc.n_tokens, args.n_tokens, sd.tokenizer.model_max_length() as i64, c)?;
+        } else if enc.truncated {
+            bail!("the caption {c:?} is too long");
+        }
+        rows.push(Tensor::from_slice(&enc.ids));
+    }
+    Ok(Tensor::stack(&rows, 0).to_device(sd.device))
+}
+
+/// VAE latents (mean of the posterior × scaling factor, encoded once) and latent masks.
+pub fn encode(sd: &StableDiffusion, photos: &[super::data::Photo]) -> TrainSet {
+    let imgs: Vec<Tensor> = photos.iter().map(|p| p.image.shallow_clone()).collect();
+    let x = Tensor::stack(&imgs, 0).to_device(sd.device); // (N, 3, S, S)
+    let latents = sd.vae.encode(&x).mean * sd.vae.scaling_factor(); // (N, C, h, w)
+    let (h, w) = (latents.size()[2], latents.size()[3]);
+    let masks = if photos.iter().all(|p| p.mask.is_some()) {
+        let m: Vec<Tensor> = photos.iter().map(|p| p.mask.as_ref().unwrap().shallow_clone()).collect();
+        Some(latent_masks(&Tensor::stack(&m, 0), h, w).to_device(sd.device))
+    } else {
+        None
+    };
+    TrainSet { latents, masks }
+}
+
+/// Keeps the resized photos and masks next to the result.
+fn save_photos(out: &Path, photos: &[super::data::Photo]) -> Result<()> {
+    for p in photos {
+        let stem = p.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let img = ((&p.image + 1.0) * 127.5).round().clamp(0.0, 255.0).to_kind(Kind::Uint8).permute([1, 2, 0]);
+        RgbImage::from_hwc_u8(&img)?.save_png(&out.join("photos").join(format!("{stem}.png")), &[])?;
+        if let Some(m) = &p.mask {
+            let m = (m * 255.0).round().to_kind(Kind::Uint8).repeat([3, 1, 1]).permute([1, 2, 0]);
+            RgbImage::from_hwc_u8(&m)?.save_png(&out.join("masks").join(format!("{stem}.png")), &[])?;
+        }
+    }
+    Ok(())
+}
+
+/// What a checkpoint must agree with to be resumed: the arguments and the inputs' paths.
+fn identity(job: &LearnJob) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(&job.args)?;
+    let o = v.as_object_mut().context("args")?;
+    o.insert("model".into(), job.model.display().to_string().into());
+    o.insert("images".into(), job.images.display().to_string().into());
+    o.insert("masks".into(), job.masks.as_ref().map(|m| m.display().to_string()).into());
+    Ok(v)
+}
+
+fn write_checkpoint(path: &Path, s: &State, identity: &serde_json::Value) -> Result<()> {
+    let mut t = vec![
+        ("param".to_string(), s.param.detach()),
+        ("adam.m".into(), s.adam.m.shallow_clone()),
+        ("adam.v".into(), s.adam.v.shallow_clone()),
+    ];
+    if let Some(c) = &s.c_s {
+        t.push(("c_s".into(), c.shallow_clone()));
+    }
+    if !s.stepwise.is_empty() {
+        t.push(("c_s_t".into(), Tensor::stack(&s.stepwise, 0)));
+    }
+    let mut meta = BTreeMap::new();
+    meta.insert("format".into(), CHECKPOINT_FORMAT.into());
+    meta.insert("phase".into(), s.phase.to_string());
+    meta.insert("step".into(), s.step.to_string());
+    meta.insert("adam.step".into(), s.adam.step.to_string());
+    meta.insert("args".into(), serde_json::to_string(identity)?);
+    write_safetensors_atomic(path, &t, &meta)
+}
+
+fn read_checkpoint(path: &Path, identity: &serde_json::Value, lr: f64, device: Device) -> Result<State> {
+    let meta = safetensors_metadata(path)?;
+    if meta.get("format").map(String::as_str) != Some(CHECKPOINT_FORMAT) {
+        bail!("{} is not a hifi-tuner checkpoint", path.display());
+    }
+    let saved: serde_json::Value = serde_json::from_str(meta.get("args").map(String::as_str).unwrap_or("null"))?;
+    let now = identity;
+    if &saved != now {
+        let changed: Vec<String> = now
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| saved.get(k.as_str()) != Some(v))
+            .map(|(k, v)| format!("{k}: {} → {v}", saved.get(k.as_str()).unwrap_or(&serde_json::Value::Null)))
+            .collect();
+        bail!("--resume with changed arguments ({}); {} was made with other settings", changed.join(", "), path.display());
+    }
+    let t: BTreeMap<String, Tensor> = read_safetensors(path)?.into_iter().map(|(k, v)| (k, v.to_device(device))).collect();
+    let get = |k: &str| t.get(k).map(|x| x.shallow_clone()).with_context(|| format!("{}: no {k}", path.display()));
+    let num = |k: &str| -> Result<i64> { Ok(meta.get(k).with_context(|| format!("{}: no {k}", path.display()))?.parse()?) };
+    let param = get("param")?;
+    let mut adam = super::adam::Adam::new(&param, lr);
+    adam.m = get("adam.m")?;
+    adam.v = get("adam.v")?;
+    adam.step = num("adam.step")?;
+    let stepwise = match t.get("c_s_t") {
+        Some(s) => (0..s.size()[0]).map(|i| s.get(i)).collect(),
+        None => vec![],
+    };
+    Ok(State { phase: num("phase")? as usize, step: num("step")? as usize, param, adam, c_s: t.get("c_s").map(|c| c.shallow_clone()), stepwise })
+}
+
+/// Opens the log for appending, keeping only entries before `from_step` (a resumed run
+/// rewrites what the interrupted run logged after its checkpoint).
+fn open_log(path: &Path, from_step: usize) -> Result<std::fs::File> {
+    let kept: Vec<String> = match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("global_step").and_then(|g| g.as_u64()))
+                    .is_some_and(|g| (g as usize) < from_step)
+            })
+            .map(str::to_string)
+            .collect(),
+        Err(_) => vec![],
+    };
+    write_atomic(path, |f| {
+        for l in &kept {
+            writeln!(f, "{l}")?;
+        }
+        Ok(())
+    })?;
+    std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("cannot open {}", path.display()))
+}
+
+fn write_log(f: &mut std::fs::File, obj: &Objective, r: &StepReport, global: usize, seconds: f64) -> Result<()> {
+    let line = serde_json::json!({
+        "global_step": global, "phase": r.phase, "step": r.step, "loss": r.loss,
+        "loss_denoise": r.denoise, "loss_reg": r.reg, "lr": obj.args.lr, "seconds": seconds,
+    });
+    writeln!(f, "{line}")?;
+    Ok(())
+}
+
+fn write_result(job: &LearnJob, obj: &Objective, state: &State) -> Result<PathBuf> {
+    let args = &job.args;
+    match args.mode {
+        Mode::Ti => {
+            let path = job.out.join("learned_embeds.safetensors");
+            save_learned_embeds(&path, &args.token, &state.param)?;
+            Ok(path)
+        }
+        Mode::Hifi => {
+            let c_s = state.c_s.as_ref().context("phase 0 did not finish")?;
+            let subject = Subject {
+                c_s: c_s.to_device(Device::Cpu),
+                stepwise: state.stepwise.iter().map(|t| t.to_device(Device::Cpu)).collect(),
+                timesteps: if state.stepwise.is_empty() { vec![] } else { obj.sched.timesteps.clone() },
+                space: args.space,
+                class_noun: args.class_noun.clone(),
+                captions: args.captions.clone(),
+                model: job.model.display().to_string(),
+                ddim_steps: args.ddim_steps,
+            };
+            let path = job.out.join(SUBJECT_FILE);
+            subject.save(&path)?;
+            Ok(path)
+        }
+    }
+}
