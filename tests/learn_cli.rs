@@ -1,0 +1,185 @@
+//! `learn` from the command line: both modes end to end, kill -9 and --resume equal to an
+//! unbroken run, and each bad input refused with its file named and nothing half-written.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn learn_cmd(out: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hifi-tuner"));
+    c.env_remove("RUST_BACKTRACE").args(["learn", "--model"]).arg(model_dir("tiny-a"));
+    c.arg("--images").arg(fixtures().join("photos/dog"));
+    c.args(["--class-noun", "dog", "--device", "cpu", "--seed", "3"]).arg("--out").arg(out);
+    c.args(extra);
+    c
+}
+
+fn with_masks(masks: &Path) -> Vec<String> {
+    vec!["--masks".into(), masks.display().to_string()]
+}
+
+fn run(mut c: Command) -> Output {
+    c.output().expect("the binary runs")
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_fails(o: &Output, needle: &str) {
+    let e = err(o);
+    assert_eq!(o.status.code(), Some(1), "expected failure: {e}");
+    assert!(e.contains(needle), "error should mention {needle:?}: {e}");
+    assert!(!e.contains("panicked"), "{e}");
+}
+
+const SMALL: [&str; 8] = ["--steps", "4", "--stepwise-steps", "1", "--ddim-steps", "3", "--tokens", "3"];
+
+fn masks() -> PathBuf {
+    fixtures().join("photos/dog-masks")
+}
+
+#[test]
+fn hifi_learn_then_generate_with_subject() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("subj");
+    let mut c = learn_cmd(&out, &SMALL);
+    c.args(with_masks(&masks()));
+    let o = run(c);
+    assert!(o.status.success(), "{}", err(&o));
+    for f in ["subject.safetensors", "train_log.jsonl", "checkpoint.safetensors", "photos/00.png", "masks/02.png"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 4 + 3, "4 steps of c_s + 3 DDIM steps × 1");
+    let s = hifi_tuner::subject::file::Subject::load(&out).unwrap();
+    assert_eq!((s.n_tokens(), s.stepwise.len(), s.timesteps.len()), (3, 3, 3));
+    let img = tmp.path().join("g.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_hifi-tuner"))
+        .args(["generate", "--model"]).arg(model_dir("tiny-a"))
+        .args(["--prompt", "a dog on the beach", "--steps", "3", "--device", "cpu", "--subject"]).arg(&out)
+        .arg("--out").arg(&img).output().unwrap();
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(img.is_file());
+}
+
+#[test]
+fn ti_learn_exports_learned_embeds_that_generate_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ti");
+    let o = run(learn_cmd(&out, &["--mode", "ti", "--token", "<dog-x>", "--tokens", "2", "--steps", "3"]));
+    assert!(o.status.success(), "{}", err(&o));
+    let file = out.join("learned_embeds.safetensors");
+    let t = tch::Tensor::read_safetensors(&file).unwrap();
+    assert_eq!(t.len(), 1);
+    assert_eq!((t[0].0.as_str(), t[0].1.size()), ("<dog-x>", vec![2, 32]));
+    let img = tmp.path().join("g.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_hifi-tuner"))
+        .args(["generate", "--model"]).arg(model_dir("tiny-a"))
+        .args(["--prompt", "a photo of <dog-x> on the beach", "--steps", "2", "--device", "cpu", "--embedding"]).arg(&file)
+        .arg("--out").arg(&img).output().unwrap();
+    assert!(o.status.success(), "{}", err(&o));
+}
+
+/// A run killed with SIGKILL and resumed ends bit-identical to an unbroken one.
+#[test]
+fn killed_and_resumed_run_equals_unbroken_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = ["--steps", "6", "--stepwise-steps", "2", "--ddim-steps", "3", "--tokens", "3", "--checkpoint-every", "1"];
+    let a = tmp.path().join("a");
+    let mut c = learn_cmd(&a, &args);
+    c.args(with_masks(&masks()));
+    let o = run(c);
+    assert!(o.status.success(), "{}", err(&o));
+
+    let b = tmp.path().join("b");
+    let mut c = learn_cmd(&b, &args);
+    c.args(with_masks(&masks())).env("HIFI_TUNER_STEP_DELAY_MS", "300");
+    let mut child = c.stderr(std::process::Stdio::null()).spawn().unwrap();
+    let started = Instant::now();
+    loop {
+        let lines = std::fs::read_to_string(b.join("train_log.jsonl")).map(|s| s.lines().count()).unwrap_or(0);
+        if lines >= 4 && b.join("checkpoint.safetensors").exists() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "the run never reached step 4");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!b.join("subject.safetensors").exists(), "killed before the end");
+    let mut c = learn_cmd(&b, &args);
+    c.args(with_masks(&masks())).arg("--resume");
+    let o = run(c);
+    assert!(o.status.success(), "{}", err(&o));
+    let read = |d: &Path| std::fs::read(d.join("subject.safetensors")).unwrap();
+    // The file names the photos' folder, equal for both runs.
+    assert_eq!(read(&a), read(&b), "resumed result differs from the unbroken run");
+    let log = std::fs::read_to_string(b.join("train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 6 + 3 * 2, "the resumed log has each step once");
+
+    // --resume with changed arguments is refused.
+    let mut c = learn_cmd(&b, &["--steps", "6", "--stepwise-steps", "2", "--ddim-steps", "3", "--tokens", "3", "--lr", "0.1", "--resume"]);
+    c.args(with_masks(&masks()));
+    assert_fails(&run(c), "changed arguments");
+}
+
+#[test]
+fn bad_inputs_are_refused_with_the_file_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let photos = fixtures().join("photos/dog");
+    let go = |images: &Path, masks: Option<&Path>, out: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_hifi-tuner"));
+        c.args(["learn", "--model"]).arg(model_dir("tiny-a")).arg("--images").arg(images);
+        if let Some(m) = masks {
+            c.arg("--masks").arg(m);
+        }
+        c.args(["--class-noun", "dog", "--steps", "1", "--stepwise-steps", "0", "--device", "cpu", "--out"]).arg(t.join(out));
+        c.output().unwrap()
+    };
+    let empty = t.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert_fails(&go(&empty, None, "o1"), "no images");
+
+    let broken = t.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("00.jpg"), b"not a jpeg").unwrap();
+    assert_fails(&go(&broken, None, "o2"), "00.jpg");
+
+    // A mask without its image, and an image without its mask.
+    let m = t.join("m1");
+    std::fs::create_dir_all(&m).unwrap();
+    for s in ["00", "01", "02", "07"] {
+        std::fs::copy(masks().join("00.png"), m.join(format!("{s}.png"))).unwrap();
+    }
+    assert_fails(&go(&photos, Some(&m), "o3"), "07.png");
+    std::fs::remove_file(m.join("02.png")).unwrap();
+    std::fs::remove_file(m.join("07.png")).unwrap();
+    assert_fails(&go(&photos, Some(&m), "o4"), "02.jpg");
+
+    // An all-black mask, and one of another aspect ratio.
+    let black = image::GrayImage::new(64, 64);
+    black.save(m.join("02.png")).unwrap();
+    assert_fails(&go(&photos, Some(&m), "o5"), "02.png");
+    image::GrayImage::from_pixel(64, 32, image::Luma([255])).save(m.join("02.png")).unwrap();
+    assert_fails(&go(&photos, Some(&m), "o6"), "aspect");
+    for o in ["o1", "o2", "o3", "o4", "o5", "o6"] {
+        assert!(!t.join(o).join("subject.safetensors").exists());
+    }
+}
+
+#[test]
+fn a_diverging_loss_stops_and_keeps_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("nan");
+    let o = run(learn_cmd(&out, &["--steps", "20", "--stepwise-steps", "0", "--lr", "1e30", "--checkpoint-every", "1"]));
+    assert_fails(&o, "checkpoint");
+    assert!(err(&o).contains("loss became"), "{}", err(&o));
+    assert!(out.join("checkpoint.safetensors").exists());
+    assert!(!out.join("subject.safetensors").exists());
+}
