@@ -1,1 +1,183 @@
-//! (in progress)
+//! diffusers' `UNet2DConditionModel` for the Stable Diffusion 1.x family (the noise predictor
+//! ε_θ(x_t, t, c)), built from `unet/config.json` with diffusers' parameter names, so the
+//! diffusers safetensors file loads strictly without renaming.
+//!
+//! Every attention call reports an [`AttnSite`](crate::attention::AttnSite) to the optional
+//! [`AttentionController`]: `place` Down/Mid/Up, `block` (index in `down_blocks` / `up_blocks`,
+//! 0 for mid), `attention` (index in the block's `attentions`), `layer` (index in
+//! `transformer_blocks`), `kind` (SelfAttn for `attn1`, Cross for `attn2`) and the latent size.
+//!
+//! Any latent size is accepted: when it is not divisible by [`UNet2DConditionModel::downsample_factor`],
+//! each upsampler interpolates to the size of the matching skip tensor, as diffusers does
+//! (`forward_upsample_size`).
+
+pub mod blocks;
+pub mod config;
+pub mod embeddings;
+pub mod resnet;
+pub mod transformer;
+
+pub use config::{PerLevel, UNetConfig};
+
+use crate::attention::AttentionController;
+use crate::load::{load_strict, read_json, weight_file, KeyAction};
+use anyhow::{Context, Result};
+use blocks::{Cond, DownBlock, MidBlock, UpBlock, UpChannels};
+use config::Level;
+use embeddings::{timestep_embedding, TimestepEmbedding};
+use resnet::{conv_same, group_norm};
+use std::path::Path;
+use tch::{nn, nn::Module, Device, Tensor};
+
+/// The conditional UNet. Parameter paths are diffusers' (`conv_in`, `time_embedding.linear_1`,
+/// `down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k`, …).
+#[derive(Debug)]
+pub struct UNet2DConditionModel {
+    pub vs: nn::VarStore,
+    pub config: UNetConfig,
+    pub conv_in: nn::Conv2D,
+    pub time_embedding: TimestepEmbedding,
+    pub down_blocks: Vec<DownBlock>,
+    pub mid_block: Option<MidBlock>,
+    pub up_blocks: Vec<UpBlock>,
+    pub conv_norm_out: nn::GroupNorm,
+    pub conv_out: nn::Conv2D,
+}
+
+impl UNet2DConditionModel {
+    /// Builds the UNet of `config` with tch's default random initialisation.
+    pub fn new(config: UNetConfig, device: Device) -> Result<Self> {
+        let levels = config.levels()?;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let c0 = config.block_out_channels[0];
+        let conv_in = conv_same(&root / "conv_in", config.in_channels, c0, config.conv_in_kernel);
+        let time_embedding = TimestepEmbedding::new(&root / "time_embedding", c0, config.time_embed_dim());
+        let down_blocks = Self::build_down(&root / "down_blocks", &config, &levels);
+        let mid_block = config
+            .mid_block_type
+            .as_ref()
+            .map(|_| MidBlock::new(&root / "mid_block", &config, &levels[levels.len() - 1]));
+        let up_blocks = Self::build_up(&root / "up_blocks", &config, &levels);
+        let conv_norm_out = group_norm(&root / "conv_norm_out", config.groups(), c0, config.norm_eps);
+        let conv_out = conv_same(&root / "conv_out", c0, config.out_channels, config.conv_out_kernel);
+        Ok(Self {
+            vs,
+            config,
+            conv_in,
+            time_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out,
+            conv_out,
+        })
+    }
+
+    fn build_down(vs: nn::Path, cfg: &UNetConfig, levels: &[Level]) -> Vec<DownBlock> {
+        let n = levels.len();
+        (0..n)
+            .map(|i| {
+                let c_in = if i == 0 { levels[0].channels } else { levels[i - 1].channels };
+                DownBlock::new(&vs / i, cfg, &levels[i], c_in, cfg.down_has_attention(i), i + 1 < n)
+            })
+            .collect()
+    }
+
+    fn build_up(vs: nn::Path, cfg: &UNetConfig, levels: &[Level]) -> Vec<UpBlock> {
+        let n = levels.len();
+        (0..n)
+            .map(|i| {
+                let level = &levels[n - 1 - i];
+                let ch = UpChannels {
+                    prev_out: levels[(n - i).min(n - 1)].channels,
+                    skip_last: levels[(n - 1 - i).saturating_sub(1)].channels,
+                };
+                UpBlock::new(&vs / i, cfg, level, ch, cfg.up_has_attention(i), i + 1 < n)
+            })
+            .collect()
+    }
+
+    /// Reads `dir/config.json` and loads the weights of `dir` strictly (no renaming).
+    pub fn load(dir: &Path, device: Device) -> Result<Self> {
+        let config: UNetConfig = read_json(&dir.join("config.json"))?;
+        let model = Self::new(config, device)?;
+        let weights = weight_file(dir)?;
+        load_strict(&model.vs, &weights, &|key| KeyAction::Load(key.to_string()))
+            .with_context(|| format!("loading the UNet from {}", dir.display()))?;
+        Ok(model)
+    }
+
+    /// 2^(levels − 1). Latent sizes divisible by it take the plain 2× upsampling path; others
+    /// are accepted too and upsampled to the skip sizes, as diffusers does.
+    pub fn downsample_factor(&self) -> i64 {
+        1 << (self.down_blocks.len() - 1)
+    }
+
+    /// Predicts the noise. `sample`: (B, in_channels, h, w); `timesteps`: (B,) or a 0-dim
+    /// scalar (broadcast to B), integer or float; `encoder_hidden_states`: (B, M, cross_attention_dim).
+    /// Returns (B, out_channels, h, w).
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        mut ctrl: Option<&mut dyn AttentionController>,
+    ) -> Tensor {
+        let emb = self.time_embed(timesteps, sample);
+        let cond = Cond { temb: &emb, context: encoder_hidden_states };
+        let sample =
+            if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
+        let mut h = self.conv_in.forward(&sample);
+        let mut skips = vec![h.shallow_clone()];
+        for (i, block) in self.down_blocks.iter().enumerate() {
+            let (out, res) = block.forward(&h, cond, i, reborrow(&mut ctrl));
+            h = out;
+            skips.extend(res);
+        }
+        if let Some(mid) = &self.mid_block {
+            h = mid.forward(&h, cond, reborrow(&mut ctrl));
+        }
+        let forward_size = self.needs_upsample_size(&sample);
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            let res = skips.split_off(skips.len() - block.resnets.len());
+            // The size of the next (shallower) level; none after the last up block.
+            let size = skips.last().filter(|_| forward_size).map(spatial);
+            h = block.forward(&h, res, cond, i, size, reborrow(&mut ctrl));
+        }
+        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
+    }
+
+    /// Sinusoidal embedding of the (broadcast) timesteps through `time_embedding`: (B, time_embed_dim).
+    fn time_embed(&self, timesteps: &Tensor, sample: &Tensor) -> Tensor {
+        let b = sample.size()[0];
+        let t = if timesteps.dim() == 0 { timesteps.unsqueeze(0) } else { timesteps.shallow_clone() };
+        let t = t.to_device(sample.device()).expand([b], false); // (B,)
+        let c0 = self.config.block_out_channels[0];
+        let t_emb = timestep_embedding(&t, c0, self.config.flip_sin_to_cos, self.config.freq_shift);
+        self.time_embedding.forward(&t_emb.to_kind(sample.kind()))
+    }
+
+    /// diffusers' `forward_upsample_size`: some spatial size is not a multiple of 2^(#upsamplers).
+    fn needs_upsample_size(&self, sample: &Tensor) -> bool {
+        let f = self.downsample_factor();
+        sample.size()[2..].iter().any(|d| d % f != 0)
+    }
+}
+
+/// Reborrows an optional controller for one call. (`Option::as_deref_mut` cannot shorten the
+/// trait object's lifetime, so a controller passed to several calls in a loop needs this.)
+pub fn reborrow<'a>(
+    ctrl: &'a mut Option<&mut dyn AttentionController>,
+) -> Option<&'a mut dyn AttentionController> {
+    match ctrl {
+        Some(c) => Some(&mut **c),
+        None => None,
+    }
+}
+
+/// (h, w) of a (B, C, h, w) tensor.
+fn spatial(t: &Tensor) -> [i64; 2] {
+    let s = t.size();
+    [s[2], s[3]]
+}
