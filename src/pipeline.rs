@@ -5,8 +5,9 @@
 //! [`StepHook`] (Algorithm 2's masked substitution). Numerically it is diffusers'
 //! `StableDiffusionPipeline.__call__` with a `DDIMScheduler` and η = 0.
 
-use crate::attention::AttentionController;
+use crate::attention::{reborrow, AttentionController};
 use crate::load::ModelDir;
+use crate::models::unet::config::PerLevel;
 use crate::models::{clip_text::ClipTextModel, unet::UNet2DConditionModel, vae::AutoencoderKL};
 use crate::scheduler::{DdimScheduler, SchedulerConfig};
 use crate::subject::conditioning::{check_room, SubjectSteps};
@@ -93,9 +94,21 @@ impl StableDiffusion {
         self.vae.downscale_factor()
     }
 
-    /// diffusers' default size: the UNet's `sample_size` × the VAE factor.
+    /// diffusers' default (height, width): the UNet's `sample_size` (an int, or [h, w]) × the
+    /// VAE factor; 64 latent cells when the config has none.
+    pub fn default_hw(&self) -> (i64, i64) {
+        let f = self.vae_scale_factor();
+        match &self.unet.config.sample_size {
+            Some(PerLevel::One(s)) => (s * f, s * f),
+            Some(PerLevel::Each(v)) if v.len() == 2 => (v[0] * f, v[1] * f),
+            _ => (64 * f, 64 * f),
+        }
+    }
+
+    /// The square training resolution: the shorter default side.
     pub fn default_size(&self) -> i64 {
-        self.unet.config.sample_size * self.vae_scale_factor()
+        let (h, w) = self.default_hw();
+        h.min(w)
     }
 
     /// Refuses sizes the VAE cannot map to whole latent cells.
@@ -174,7 +187,7 @@ impl StableDiffusion {
         let mut x = x_t;
         for (i, &t) in sched.timesteps.iter().enumerate() {
             let c = cond.at(i, t)?;
-            let eps = self.guided_eps(&x, t, &c, guidance, crate::attention::reborrow(&mut ctrl));
+            let eps = self.guided_eps(&x, t, &c, guidance, reborrow(&mut ctrl));
             x = sched.step(&eps, t, &x);
             if let Some(h) = hook.as_deref_mut() {
                 x = h.after_step(i, t, x)?;

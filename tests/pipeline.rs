@@ -112,7 +112,9 @@ fn batch_of_two_equals_two_singles() {
     tch::no_grad(|| {
         let both = sd.guided_eps(x, 501, &c, 5.0, None);
         let singles = Tensor::cat(&[sd.guided_eps(&x.narrow(0, 0, 1), 501, &one, 5.0, None), sd.guided_eps(&x.narrow(0, 1, 1), 501, &one, 5.0, None)], 0);
+        // Not bit-identical: libtorch's CPU conv2d sums in a batch-size-dependent order (diffusers
+        // shows the same ~3e-6 on the raw UNet output); guidance w = 5 amplifies it (1 + w)-fold.
         let d = max_abs_diff(&both, &singles);
-        assert!(d <= 1e-5, "batch of 2 differs from two singles by {d}");
+        assert!(d <= 1e-5 * (1.0 + 5.0), "batch of 2 differs from two singles by {d}");
     });
 }

@@ -60,15 +60,15 @@ pub fn run(a: Args) -> Result<()> {
         loaded.push(ti::load_embedding(&mut sd, e, a.token.as_deref())?);
     }
     let subject = a.subject.as_deref().map(Subject::load).transpose()?;
-    let size = sd.default_size();
+    let (dh, dw) = sd.default_hw();
     let req = GenerateRequest {
         prompt: ti::convert_prompt(&sd, &a.prompt, &loaded),
         negative_prompt: a.negative_prompt.as_deref().map(|n| ti::convert_prompt(&sd, n, &loaded)),
         seed: a.seed,
         steps: a.steps,
         guidance: a.guidance,
-        height: a.height.unwrap_or(size),
-        width: a.width.unwrap_or(size),
+        height: a.height.unwrap_or(dh),
+        width: a.width.unwrap_or(dw),
         num_images: a.num_images,
     };
     let outs = output_paths(&a.out, a.seed, a.num_images)?;

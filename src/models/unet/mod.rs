@@ -103,7 +103,7 @@ impl UNet2DConditionModel {
         let config: UNetConfig = read_json(&dir.join("config.json"))?;
         let model = Self::new(config, device)?;
         let weights = weight_file(dir)?;
-        load_strict(&model.vs, &weights, &|key| KeyAction::Load(key.to_string()))
+        load_strict(&model.vs, &weights, &|key, _| KeyAction::Load(key.to_string()))
             .with_context(|| format!("loading the UNet from {}", dir.display()))?;
         Ok(model)
     }
@@ -165,16 +165,7 @@ impl UNet2DConditionModel {
     }
 }
 
-/// Reborrows an optional controller for one call. (`Option::as_deref_mut` cannot shorten the
-/// trait object's lifetime, so a controller passed to several calls in a loop needs this.)
-pub fn reborrow<'a>(
-    ctrl: &'a mut Option<&mut dyn AttentionController>,
-) -> Option<&'a mut dyn AttentionController> {
-    match ctrl {
-        Some(c) => Some(&mut **c),
-        None => None,
-    }
-}
+pub use crate::attention::reborrow;
 
 /// (h, w) of a (B, C, h, w) tensor.
 fn spatial(t: &Tensor) -> [i64; 2] {
