@@ -16,6 +16,8 @@
 //! | images, PNG metadata, atomic writes | [`io`] |
 
 pub mod attention;
+pub mod eval;
+pub mod guidance;
 pub mod io;
 pub mod load;
 pub mod models;

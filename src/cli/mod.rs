@@ -1,5 +1,7 @@
 //! Subcommands. No maths here: each parses its flags and calls the library.
 
+mod align_mask;
+mod dino;
 mod generate;
 mod init_random;
 mod learn;
@@ -24,6 +26,10 @@ pub enum Command {
     Tokenize(tokenize::Args),
     /// Learn a subject from its photos (HiFi Tuner §3.2, Algorithm 1) or a textual inversion.
     Learn(learn::Args),
+    /// Algorithm 4 on two mask PNGs: fit T_θ mapping the reference mask onto the target; print θ.
+    AlignMask(align_mask::Args),
+    /// DINO ViT embeddings (CLS of the last hidden state) of images, one JSON array per image.
+    Dino(dino::Args),
     /// Write a random-weight model in diffusers layout (tests, demos, speed runs).
     InitRandom(init_random::Args),
 }
@@ -34,6 +40,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => tokenize::run(a),
         Command::InitRandom(a) => init_random::run(a),
         Command::Learn(a) => learn::run(a),
+        Command::AlignMask(a) => align_mask::run(a),
+        Command::Dino(a) => dino::run(a),
     }
 }
 

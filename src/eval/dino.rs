@@ -1,0 +1,1 @@
+//! DINO ViT-S/16 embeddings: preprocessing, CLS embedding, cosine similarity. (in progress)

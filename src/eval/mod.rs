@@ -1,0 +1,3 @@
+//! Evaluation: DINO image embeddings (reference choice in Algorithm 2; the DINO metric later).
+
+pub mod dino;

@@ -1,0 +1,4 @@
+//! Reference-guided generation (paper §3.3): Algorithm 4's mask alignment, DDIM inversion and
+//! Algorithm 2's guided denoising.
+
+pub mod align;

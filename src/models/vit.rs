@@ -1,0 +1,1 @@
+//! Hugging Face `ViTModel` (DINO weights). (in progress)
