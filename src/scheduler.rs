@@ -198,19 +198,23 @@ impl DdimScheduler {
         (x0, eps)
     }
 
-    /// F^(t) (Eq. 1): one deterministic DDIM step x_t -> x_{t-1} (η = 0), as
-    /// `DDIMScheduler.step(model_output, t, sample, eta=0).prev_sample`.
-    pub fn step(&self, model_output: &Tensor, t: i64, sample: &Tensor) -> Tensor {
-        let alpha_t = self.alpha_cumprod(t);
-        let alpha_prev = self.alpha_cumprod(t - self.stride());
-        let (mut x0, eps) = self.predict(model_output, sample, &alpha_t);
+    /// The DDIM update from noise level ᾱ_from to ᾱ_to (η = 0): predict (x̂_0, ε̂) at ᾱ_from,
+    /// clip x̂_0 if configured, and recombine at ᾱ_to: √ᾱ_to·x̂_0 + √(1−ᾱ_to)·ε̂.
+    fn ddim_move(&self, model_output: &Tensor, sample: &Tensor, alpha_from: &Tensor, alpha_to: &Tensor) -> Tensor {
+        let (mut x0, eps) = self.predict(model_output, sample, alpha_from);
         if self.config.clip_sample {
             let r = self.config.clip_sample_range;
             x0 = x0.clamp(-r, r);
         }
-        let beta_prev: Tensor = 1.0 - &alpha_prev;
-        let direction = beta_prev.pow_tensor_scalar(0.5) * eps;
-        alpha_prev.pow_tensor_scalar(0.5) * x0 + direction
+        let beta_to: Tensor = 1.0 - alpha_to;
+        let direction = beta_to.pow_tensor_scalar(0.5) * eps;
+        alpha_to.pow_tensor_scalar(0.5) * x0 + direction
+    }
+
+    /// F^(t) (Eq. 1): one deterministic DDIM step x_t -> x_{t-1} (η = 0), as
+    /// `DDIMScheduler.step(model_output, t, sample, eta=0).prev_sample`.
+    pub fn step(&self, model_output: &Tensor, t: i64, sample: &Tensor) -> Tensor {
+        self.ddim_move(model_output, sample, &self.alpha_cumprod(t), &self.alpha_cumprod(t - self.stride()))
     }
 
     /// The timesteps of an inversion, from 1 up to T (diffusers' `DDIMInverseScheduler`).
@@ -220,20 +224,11 @@ impl DdimScheduler {
 
     /// F^-1 (Eq. 3): one DDIM inversion step towards noise, as
     /// `DDIMInverseScheduler.step(model_output, t, sample).prev_sample`: `sample` is at the
-    /// previous timestep t − stride, `model_output` ε_θ(sample, t), and the result is at t.
+    /// previous timestep t − stride (ᾱ of 1 or ᾱ_0 before the start, by `set_alpha_to_one`),
+    /// `model_output` is ε_θ(sample, t), and the result is at t.
     pub fn inverse_step(&self, model_output: &Tensor, t: i64, sample: &Tensor) -> Tensor {
-        let n = self.config.num_train_timesteps;
-        let cur = (t - self.stride()).min(n - 1);
-        let alpha_cur = if cur >= 0 { self.alphas_cumprod.get(cur) } else { self.final_alpha_cumprod.shallow_clone() };
-        let alpha_next = self.alpha_cumprod(t);
-        let (mut x0, eps) = self.predict(model_output, sample, &alpha_cur);
-        if self.config.clip_sample {
-            let r = self.config.clip_sample_range;
-            x0 = x0.clamp(-r, r);
-        }
-        let beta_next: Tensor = 1.0 - &alpha_next;
-        let direction = beta_next.pow_tensor_scalar(0.5) * eps;
-        alpha_next.pow_tensor_scalar(0.5) * x0 + direction
+        let from = (t - self.stride()).min(self.config.num_train_timesteps - 1);
+        self.ddim_move(model_output, sample, &self.alpha_cumprod(from), &self.alpha_cumprod(t))
     }
 
     /// The DDPM forward process q(x_t | x_0): √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, per sample (`t`: (B,)),
