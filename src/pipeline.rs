@@ -57,6 +57,11 @@ pub struct GenerateRequest {
     pub num_images: i64,
 }
 
+/// Classifier-free guidance: ε_u + w·(ε_c − ε_u).
+pub fn cfg(eps_u: &Tensor, eps_c: &Tensor, guidance: f64) -> Tensor {
+    eps_u + guidance * (eps_c - eps_u)
+}
+
 /// A loaded Stable Diffusion v1.x model (diffusers layout).
 pub struct StableDiffusion {
     pub dir: ModelDir,
@@ -152,8 +157,24 @@ impl StableDiffusion {
         Tensor::randn([n, c, height / f, width / f], (Kind::Float, Device::Cpu)).to_device(self.device)
     }
 
-    /// ε̃ = ε_θ(x_t, t, φ) + w·(ε_θ(x_t, t, c) − ε_θ(x_t, t, φ)), one UNet call on the batch
-    /// [φ; c] as diffusers does (w ≤ 1 evaluates the conditional branch only).
+    /// (ε_θ(x_t, t, φ), ε_θ(x_t, t, c)) from one UNet call on the batch [φ; c], as diffusers
+    /// evaluates classifier-free guidance.
+    pub fn eps_pair(
+        &self,
+        x: &Tensor,
+        t: i64,
+        c: &StepCond,
+        ctrl: Option<&mut dyn AttentionController>,
+    ) -> (Tensor, Tensor) {
+        let ts = Tensor::from(t).to_device(self.device);
+        let xx = Tensor::cat(&[x, x], 0); // (2B, C, h, w)
+        let ctx = Tensor::cat(&[&c.uncond, &c.cond], 0); // (2B, 77, d)
+        let eps = self.unet.forward(&xx, &ts, &ctx, ctrl).chunk(2, 0);
+        (eps[0].shallow_clone(), eps[1].shallow_clone())
+    }
+
+    /// ε̃ = ε_θ(x_t, t, φ) + w·(ε_θ(x_t, t, c) − ε_θ(x_t, t, φ)) (w ≤ 1 evaluates the
+    /// conditional branch only).
     pub fn guided_eps(
         &self,
         x: &Tensor,
@@ -162,15 +183,11 @@ impl StableDiffusion {
         guidance: f64,
         ctrl: Option<&mut dyn AttentionController>,
     ) -> Tensor {
-        let ts = Tensor::from(t).to_device(self.device);
         if guidance <= 1.0 {
-            return self.unet.forward(x, &ts, &c.cond, ctrl);
+            return self.unet.forward(x, &Tensor::from(t).to_device(self.device), &c.cond, ctrl);
         }
-        let xx = Tensor::cat(&[x, x], 0); // (2B, C, h, w)
-        let ctx = Tensor::cat(&[&c.uncond, &c.cond], 0); // (2B, 77, d)
-        let eps = self.unet.forward(&xx, &ts, &ctx, ctrl).chunk(2, 0);
-        let (eps_u, eps_c) = (&eps[0], &eps[1]);
-        eps_u + guidance * (eps_c - eps_u)
+        let (eps_u, eps_c) = self.eps_pair(x, t, c, ctrl);
+        cfg(&eps_u, &eps_c, guidance)
     }
 
     /// The DDIM loop x_T → x_0 (Eq. 1 at every step; Eq. 7 when `cond` is step-wise).

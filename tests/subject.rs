@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use hifi_tuner::pipeline::{GenerateRequest, StableDiffusion};
 use hifi_tuner::subject::conditioning::{phi_s, splice};
-use hifi_tuner::subject::data::load_photos;
+use hifi_tuner::subject::data::{load_photos, MaskFit};
 use hifi_tuner::subject::file::Subject;
 use hifi_tuner::subject::job::{caption_ids, captions, encode, setup_ti};
 use hifi_tuner::subject::learn::{masked_mse, train_step, Batch, LearnArgs, Objective, State};
@@ -39,7 +39,7 @@ fn args(mode: Mode, space: Space, masked: bool, reg_weight: f64) -> LearnArgs {
 fn objective<'a>(sd: &'a StableDiffusion, a: LearnArgs, ti_base: i64) -> Objective<'a> {
     let photos_dir = fixtures().join("photos/dog");
     let masks_dir = fixtures().join("photos/dog-masks");
-    let photos = load_photos(&photos_dir, a.masked.then_some(masks_dir.as_path()), sd.default_size() as u32).unwrap();
+    let photos = load_photos(&photos_dir, a.masked.then_some(masks_dir.as_path()), sd.default_size() as u32, MaskFit::SameAspect).unwrap();
     let data = tch::no_grad(|| encode(sd, &photos));
     let ids = caption_ids(sd, &a).unwrap();
     Objective::new(sd, a, data, ids, ti_base).unwrap()

@@ -1,7 +1,9 @@
 use anyhow::{bail, Context, Result};
 use hifi_tuner::io::RgbImage;
 use hifi_tuner::pipeline::{GenerateRequest, StableDiffusion};
-use hifi_tuner::subject::file::Subject;
+use hifi_tuner::guidance::job::{generate_guided, ReferenceOptions};
+use hifi_tuner::guidance::reference::GuidanceConfig;
+use hifi_tuner::subject::file::{resolve, Subject};
 use hifi_tuner::subject::ti;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -46,6 +48,35 @@ pub struct Args {
     /// Override the token of a single --embedding.
     #[arg(long)]
     token: Option<String>,
+    /// Reference-guided generation (paper §3.3, Algorithms 2 and 4); needs --subject.
+    #[arg(long)]
+    reference_guidance: bool,
+    /// t_s: the DDIM step (counted T … 1) where the reference latents are substituted.
+    #[arg(long, default_value_t = 40)]
+    t_start: usize,
+    /// t_e: the last DDIM step of the φ_h optimisation.
+    #[arg(long, default_value_t = 10)]
+    t_end: usize,
+    /// J: Adam steps on φ_h per guided DDIM step.
+    #[arg(long, default_value_t = 10)]
+    guidance_steps: usize,
+    #[arg(long, default_value_t = 1e-2)]
+    guidance_lr: f64,
+    /// DINO ViT folder (Hugging Face ViTModel layout) to choose the reference photo.
+    #[arg(long)]
+    dino: Option<PathBuf>,
+    /// The caption c_r used to invert the reference (default "a photo of a CLASS").
+    #[arg(long)]
+    reference_caption: Option<String>,
+    /// Reference photos (default: the subject folder's photos/).
+    #[arg(long)]
+    references: Option<PathBuf>,
+    /// Reference masks (default: the subject folder's masks/).
+    #[arg(long)]
+    reference_masks: Option<PathBuf>,
+    /// Also write I_g1, M_g, the reference, T_θ*(I_r), M_r* and a strip next to the output.
+    #[arg(long)]
+    save_intermediates: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -72,7 +103,27 @@ pub fn run(a: Args) -> Result<()> {
         num_images: a.num_images,
     };
     let outs = output_paths(&a.out, a.seed, a.num_images)?;
-    let images = sd.generate_with(&req, subject.as_ref())?;
+    let images = if a.reference_guidance {
+        let (Some(subject), Some(dir)) = (subject.as_ref(), a.subject.as_deref()) else {
+            bail!("--reference-guidance needs --subject");
+        };
+        let subject_dir = resolve(dir).parent().map(Path::to_path_buf).unwrap_or_default();
+        let opt = ReferenceOptions {
+            guidance: GuidanceConfig { t_start: a.t_start, t_end: a.t_end, steps: a.guidance_steps, lr: a.guidance_lr, substitute: true },
+            dino: a.dino.clone(),
+            reference_caption: a.reference_caption.clone(),
+            references: a.references.clone(),
+            reference_masks: a.reference_masks.clone(),
+            intermediates: a.save_intermediates.then(|| intermediates_dir(&outs[0])),
+        };
+        let g = generate_guided(&sd, &req, subject, &subject_dir, &opt)?;
+        if g.fallback.is_none() {
+            eprintln!("reference guidance: {:.2}s, of which φ_h optimisation {:.2}s", g.seconds, g.report.phi_h_seconds);
+        }
+        g.image
+    } else {
+        sd.generate_with(&req, subject.as_ref())?
+    };
     let mut params = parameters_text(&a.prompt, &req, &a.model);
     if let Some(s) = &a.subject {
         params.push_str(&format!(", Subject: {}", s.display()));
@@ -87,6 +138,12 @@ pub fn run(a: Args) -> Result<()> {
     }
     eprintln!("generated {} image(s) in {:.2}s", outs.len(), started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// `OUT-intermediates/` next to the first output image.
+fn intermediates_dir(out: &Path) -> PathBuf {
+    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    out.with_file_name(format!("{stem}-intermediates"))
 }
 
 /// FILE.png for one image; FILE-INDEX.png for several; DIR/SEED-INDEX.png for a folder.

@@ -1,6 +1,7 @@
 //! Subcommands. No maths here: each parses its flags and calls the library.
 
 mod align_mask;
+mod bench;
 mod dino;
 mod generate;
 mod init_random;
@@ -30,6 +31,8 @@ pub enum Command {
     AlignMask(align_mask::Args),
     /// DINO ViT embeddings (CLS of the last hidden state) of images, one JSON array per image.
     Dino(dino::Args),
+    /// Measure generate / learn / reference-guidance speeds on a model (prints JSON and ratios).
+    Bench(bench::Args),
     /// Write a random-weight model in diffusers layout (tests, demos, speed runs).
     InitRandom(init_random::Args),
 }
@@ -42,6 +45,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Learn(a) => learn::run(a),
         Command::AlignMask(a) => align_mask::run(a),
         Command::Dino(a) => dino::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

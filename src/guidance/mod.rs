@@ -2,3 +2,7 @@
 //! Algorithm 2's guided denoising.
 
 pub mod align;
+pub mod daam;
+pub mod invert;
+pub mod job;
+pub mod reference;

@@ -57,9 +57,19 @@ fn to_tensor(pixels: Vec<u8>, channels: i64, size: u32) -> Tensor {
     Tensor::from_slice(&pixels).view([s, s, channels]).permute([2, 0, 1]).to_kind(Kind::Float) / 255.0
 }
 
+/// How strictly a mask must match its photo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaskFit {
+    /// Same aspect ratio (masks are resized with their photos): training photos.
+    SameAspect,
+    /// Exactly the photo's size: reference photos for guidance, where a mask of another size
+    /// is more likely a mismatched file than a rescaled one.
+    SameSize,
+}
+
 /// Loads the photos of `images` (and the masks of `masks`, paired by file stem), resized and
 /// centre-cropped to `size`×`size`. Errors name the offending file.
-pub fn load_photos(images: &Path, masks: Option<&Path>, size: u32) -> Result<Vec<Photo>> {
+pub fn load_photos(images: &Path, masks: Option<&Path>, size: u32, fit_rule: MaskFit) -> Result<Vec<Photo>> {
     let imgs = images_by_stem(images)?;
     if imgs.is_empty() {
         bail!("no images (.jpg, .jpeg, .png) in {}", images.display());
@@ -85,7 +95,7 @@ pub fn load_photos(images: &Path, masks: Option<&Path>, size: u32) -> Result<Vec
                 let mp = mf.get(stem).with_context(|| {
                     format!("image {} has no mask with the stem {stem:?} in {}", path.display(), masks.unwrap().display())
                 })?;
-                (Some(fit(&load_mask(mp, &img)?, size, FilterType::Triangle)), Some(mp.clone()))
+                (Some(fit(&load_mask(mp, &img, fit_rule)?, size, FilterType::Triangle)), Some(mp.clone()))
             }
         };
         let mask = mask.map(|m| to_tensor(m.to_luma8().into_raw(), 1, size));
@@ -94,11 +104,14 @@ pub fn load_photos(images: &Path, masks: Option<&Path>, size: u32) -> Result<Vec
     Ok(photos)
 }
 
-/// Reads a mask and checks it against its image: same aspect ratio, some white.
-fn load_mask(path: &Path, image: &DynamicImage) -> Result<DynamicImage> {
+/// Reads a mask and checks it against its image: same aspect ratio (or size), some white.
+fn load_mask(path: &Path, image: &DynamicImage, rule: MaskFit) -> Result<DynamicImage> {
     let m = open(path)?;
     let (mw, mh) = m.dimensions();
     let (iw, ih) = image.dimensions();
+    if rule == MaskFit::SameSize && (mw, mh) != (iw, ih) {
+        bail!("mask {} is {mw}x{mh} but its image is {iw}x{ih}: they must have the same size", path.display());
+    }
     let (ra, rb) = (mw as f64 / mh as f64, iw as f64 / ih as f64);
     if (ra / rb - 1.0).abs() > 0.01 {
         bail!("mask {} is {mw}x{mh} but its image is {iw}x{ih}: the aspect ratios differ", path.display());

@@ -5,7 +5,7 @@
 //! `train_log.jsonl`, `checkpoint.safetensors`, and the resized photos and masks it learned
 //! from (`photos/`, `masks/`), so it is self-contained.
 
-use super::data::{latent_masks, load_photos};
+use super::data::{latent_masks, load_photos, MaskFit};
 use super::file::{save_learned_embeds, Subject, SUBJECT_FILE};
 use super::learn::{LearnArgs, Objective, State, StepReport, TrainSet};
 use super::{conditioning, ti, Mode};
@@ -69,7 +69,7 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
         bail!("--resume: no {CHECKPOINT_FILE} in {}", job.out.display());
     }
     let mut sd = StableDiffusion::load(&job.model, job.device)?;
-    let photos = load_photos(&job.images, job.masks.as_deref(), sd.default_size() as u32)?;
+    let photos = load_photos(&job.images, job.masks.as_deref(), sd.default_size() as u32, MaskFit::SameAspect)?;
     let args = &job.args;
     let (ti_base, init_ti) = if args.mode == Mode::Ti { setup_ti(&mut sd, args)? } else { (0, None) };
     let caption_ids = caption_ids(&sd, args)?;

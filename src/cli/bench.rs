@@ -1,0 +1,140 @@
+//! `hifi-tuner bench`: the speeds the issues ask for, on any model (use `init-random --config
+//! sd15` for full-size numbers): seconds per DDIM step of `generate`, steps/s of `learn` in both
+//! spaces and in TI mode, and the share of a reference-guided image spent optimising φ_h.
+//! Prints one JSON object per measurement and the ratios between them.
+
+use anyhow::Result;
+use hifi_tuner::guidance::invert::ddim_invert;
+use hifi_tuner::guidance::reference::{guided_denoise, GuidanceConfig};
+use hifi_tuner::pipeline::{GenerateRequest, StableDiffusion};
+use hifi_tuner::subject::file::Subject;
+use hifi_tuner::subject::job::{captions, setup_ti};
+use hifi_tuner::subject::learn::{train_step, LearnArgs, Objective, State, TrainSet};
+use hifi_tuner::subject::{Mode, Space};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[arg(long)]
+    model: PathBuf,
+    /// DDIM steps of the generation and guided runs.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Optimisation steps timed per learning mode.
+    #[arg(long, default_value_t = 20)]
+    learn_steps: usize,
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let device = super::parse_device(&a.device)?;
+    let mut sd = StableDiffusion::load(&a.model, device)?;
+    let size = sd.default_size();
+    let req = GenerateRequest {
+        prompt: "a photo of a dog on the beach".into(),
+        negative_prompt: None,
+        seed: 0,
+        steps: a.steps,
+        guidance: 7.5,
+        height: size,
+        width: size,
+        num_images: 1,
+    };
+    // Warm-up (kernels, allocator), then the timed image.
+    let _ = sd.generate(&GenerateRequest { steps: 2, ..req.clone() })?;
+    sync(device);
+    let t = Instant::now();
+    let _ = sd.generate(&req)?;
+    sync(device);
+    let gen_s = t.elapsed().as_secs_f64();
+    println!("{}", json!({"what": "generate", "device": format!("{device:?}"), "size": size, "steps": a.steps, "seconds": gen_s, "seconds_per_step": gen_s / a.steps as f64}));
+
+    let mut rates = vec![];
+    for (mode, space) in [(Mode::Hifi, Space::Input), (Mode::Hifi, Space::Output), (Mode::Ti, Space::Input)] {
+        let args = LearnArgs {
+            mode,
+            space,
+            n_tokens: 5,
+            token: "<bench>".into(),
+            class_noun: "dog".into(),
+            captions: captions(mode, "dog", "<bench>", 5),
+            steps: a.learn_steps,
+            lr: 5e-3,
+            reg_weight: 1e-3,
+            stepwise_steps: 0,
+            ddim_steps: a.steps,
+            batch_size: 1,
+            seed: 0,
+            masked: true,
+        };
+        let (base, init) = if mode == Mode::Ti { setup_ti(&mut sd, &args)? } else { (0, None) };
+        let f = sd.vae_scale_factor();
+        tch::manual_seed(0);
+        let c = sd.unet.config.in_channels;
+        let data = TrainSet {
+            latents: Tensor::randn([3, c, size / f, size / f], (Kind::Float, device)),
+            masks: Some(Tensor::rand([3, 1, size / f, size / f], (Kind::Float, device))),
+        };
+        let ids = hifi_tuner::subject::job::caption_ids(&sd, &args)?;
+        let obj = Objective::new(&sd, args, data, ids, base)?;
+        let mut state = State::new(init.as_ref().unwrap_or(&obj.phi_s), 5e-3);
+        train_step(&obj, &mut state)?; // warm-up
+        sync(device);
+        let t = Instant::now();
+        for _ in 1..a.learn_steps {
+            train_step(&obj, &mut state)?;
+        }
+        sync(device);
+        let rate = (a.learn_steps - 1) as f64 / t.elapsed().as_secs_f64();
+        println!("{}", json!({"what": "learn", "mode": mode.as_str(), "space": space.as_str(), "steps_per_second": rate}));
+        rates.push(rate);
+        if mode == Mode::Ti {
+            // Reload to drop the TI tokens again.
+            sd = StableDiffusion::load(&a.model, device)?;
+        }
+    }
+    println!("{}", json!({"what": "ratio", "learn_output_over_input_space": rates[1] / rates[0], "learn_ti_over_hifi_input": rates[2] / rates[0]}));
+
+    // Reference guidance's second pass (Algorithm 2) with the paper's defaults on a random
+    // subject, a random reference latent and a centre mask.
+    let sched = sd.scheduler(a.steps)?;
+    let d = sd.text_encoder.hidden_size();
+    let subject = Subject {
+        c_s: Tensor::randn([5, d], (Kind::Float, Device::Cpu)) * 0.1,
+        stepwise: vec![],
+        timesteps: vec![],
+        space: Space::Input,
+        class_noun: "dog".into(),
+        captions: vec![],
+        model: String::new(),
+        ddim_steps: a.steps,
+    };
+    let lat = size / sd.vae_scale_factor();
+    let x0 = Tensor::randn([1, sd.unet.config.in_channels, lat, lat], (Kind::Float, device));
+    let mask = Tensor::zeros([1, 1, lat, lat], (Kind::Float, device));
+    let _ = mask.narrow(2, lat / 4, lat / 2).narrow(3, lat / 4, lat / 2).fill_(1.0);
+    let t_start = (a.steps * 4 / 5).max(1);
+    let gc = GuidanceConfig { t_start, t_end: (a.steps / 5).max(1).min(t_start), steps: 10, lr: 1e-2, substitute: true };
+    sync(device);
+    let t = Instant::now();
+    let uncond = tch::no_grad(|| sd.encode_prompt(""));
+    let traj = ddim_invert(&sd, &sched, &x0, &tch::no_grad(|| sd.encode_prompt("a photo of a dog")));
+    let mut cond = sd.subject_steps("a dog on the beach", &subject, &sched, uncond, 1)?;
+    let x_t = sd.initial_latents(0, 1, size, size);
+    let (_, report) = guided_denoise(&sd, &sched, x_t, &mut cond, 7.5, &traj, &mask, &gc)?;
+    sync(device);
+    let guided_s = t.elapsed().as_secs_f64() + gen_s; // + the first pass (I_g1)
+    println!("{}", json!({"what": "reference_guidance", "seconds": guided_s, "phi_h_seconds": report.phi_h_seconds,
+        "phi_h_share": report.phi_h_seconds / guided_s, "over_plain_generate": guided_s / gen_s}));
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! `generate --reference-guidance`: the whole of §3.3 for one image.
+//!
+//! 1. I_g1 by Eq. 7 from x_T, with a [`CrossAttnAggregator`] collecting the subject tokens'
+//!    cross-attention → M_g. 2. The reference photo: best DINO cosine to I_g1 (`--dino`), else
+//!    best mask alignment. 3. Algorithm 4: T_θ* maps M_r onto M_g → T_θ*(I_r), M_r*.
+//! 4. DDIM inversion of T_θ*(I_r) under the reference caption (w = 1). 5. Algorithm 2 from the
+//! same x_T → I_g2.
+
+use super::align;
+use super::daam::CrossAttnAggregator;
+use super::invert::ddim_invert;
+use super::reference::{guided_denoise, GuidanceConfig, GuidanceReport};
+use crate::eval::dino::Dino;
+use crate::io::{decoded_to_u8, RgbImage};
+use crate::pipeline::{GenerateRequest, StableDiffusion};
+use crate::subject::data::{load_photos, MaskFit, Photo};
+use crate::subject::file::Subject;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+/// Options of reference guidance.
+#[derive(Debug, Clone)]
+pub struct ReferenceOptions {
+    pub guidance: GuidanceConfig,
+    pub dino: Option<PathBuf>,
+    /// c_r; default "a photo of a {class noun}".
+    pub reference_caption: Option<String>,
+    /// Photos and masks; default the subject folder's `photos/` and `masks/`.
+    pub references: Option<PathBuf>,
+    pub reference_masks: Option<PathBuf>,
+    /// Folder for I_g1, M_g, the reference, T_θ*(I_r), M_r* and a strip.
+    pub intermediates: Option<PathBuf>,
+}
+
+/// The result: I_g2 (or I_g1 when guidance could not run) and timings.
+pub struct Guided {
+    /// (1, H, W, 3) uint8.
+    pub image: Tensor,
+    pub report: GuidanceReport,
+    pub seconds: f64,
+    /// Why guidance fell back to the plain image, if it did.
+    pub fallback: Option<String>,
+}
+
+/// Token positions of the subject in a prompt's conditioning: the c_s^t rows (the last n) and
+/// the class noun's tokens in the prompt.
+pub fn subject_tokens(sd: &StableDiffusion, prompt: &str, class_noun: &str, n: i64) -> Vec<i64> {
+    let ids = sd.tokenizer.encode_padded(prompt).ids;
+    let noun = sd.tokenizer.encode(class_noun);
+    let noun = &noun[1..noun.len().saturating_sub(1)];
+    let l = ids.len() as i64;
+    let mut out: Vec<i64> = (l - n..l).collect();
+    if !noun.is_empty() {
+        for s in 0..ids.len().saturating_sub(noun.len()) {
+            if &ids[s..s + noun.len()] == noun {
+                out.extend((s..s + noun.len()).map(|p| p as i64));
+            }
+        }
+    }
+    out
+}
+
+/// Runs §3.3 for `req` (one image) with a learned subject whose folder is `subject_dir`.
+pub fn generate_guided(
+    sd: &StableDiffusion,
+    req: &GenerateRequest,
+    subject: &Subject,
+    subject_dir: &Path,
+    opt: &ReferenceOptions,
+) -> Result<Guided> {
+    if req.num_images != 1 {
+        bail!("reference guidance makes one image at a time (--num-images 1)");
+    }
+    sd.check_size(req.height, req.width)?;
+    let sched = sd.scheduler(req.steps)?;
+    opt.guidance.validate(req.steps)?;
+    let started = Instant::now();
+    let photos = reference_photos(subject_dir, opt, sd.default_size())?;
+    let uncond = tch::no_grad(|| sd.encode_prompt(req.negative_prompt.as_deref().unwrap_or("")));
+    let x_t = sd.initial_latents(req.seed, 1, req.height, req.width);
+    let (h, w) = (x_t.size()[2], x_t.size()[3]);
+    // 1. I_g1 and M_g.
+    let tokens = subject_tokens(sd, &req.prompt, &subject.class_noun, subject.n_tokens());
+    let mut daam = CrossAttnAggregator::new(tokens, (h, w), req.guidance > 1.0);
+    let x0_g1 = tch::no_grad(|| -> Result<Tensor> {
+        let mut steps = sd.subject_steps(&req.prompt, subject, &sched, uncond.shallow_clone(), 1)?;
+        sd.denoise(x_t.shallow_clone(), &sched, &mut steps, req.guidance, Some(&mut daam), None)
+    })?;
+    let i_g1 = tch::no_grad(|| decoded_to_u8(&sd.decode(&x0_g1)));
+    let m_g = daam.mask().context("no cross-attention was recorded")?; // (1, h, w)
+    let m_g_img = m_g.unsqueeze(1).upsample_nearest2d([req.height, req.width], None, None).squeeze(); // (H, W)
+    let plain = |why: String| {
+        eprintln!("warning: {why}; falling back to plain generation");
+        Guided { image: i_g1.shallow_clone(), report: GuidanceReport::default(), seconds: started.elapsed().as_secs_f64(), fallback: Some(why) }
+    };
+    let frac = m_g.mean(Kind::Float).double_value(&[]);
+    if frac == 0.0 || frac == 1.0 {
+        return Ok(plain(format!("the generated subject mask M_g is {}", if frac == 0.0 { "empty" } else { "the whole image" })));
+    }
+    // 2. Reference choice.
+    let r = choose_reference(sd, &photos, &i_g1, &m_g_img, opt)?;
+    let photo = &photos[r];
+    let m_r = photo.mask.as_ref().context("reference photo without mask")?.squeeze_dim(0);
+    // 3. Algorithm 4.
+    let fit = align::fit(&m_r, &m_g_img)?;
+    let warped = align::warp(&photo.image, &fit.theta, req.height, req.width); // (3, H, W) in [-1, 1]
+    let m_r_star = align::warp_mask(&m_r, &fit.theta, req.height, req.width); // (H, W)
+    let m_lat = m_r_star.view([1, 1, req.height, req.width]).adaptive_avg_pool2d([h, w]).ge(0.5).to_kind(Kind::Float);
+    if m_lat.sum(Kind::Float).double_value(&[]) == 0.0 {
+        return Ok(plain("the aligned reference mask M_r* is empty at latent size".into()));
+    }
+    // 4. Inversion of T_θ*(I_r) under c_r, w = 1.
+    let caption = opt.reference_caption.clone().unwrap_or_else(|| format!("a photo of a {}", subject.class_noun));
+    let traj = tch::no_grad(|| {
+        let x0 = sd.vae.encode(&warped.unsqueeze(0).to_device(sd.device)).mean * sd.vae.scaling_factor();
+        ddim_invert(sd, &sched, &x0, &sd.encode_prompt(&caption))
+    });
+    // 5. Algorithm 2.
+    let mut steps = sd.subject_steps(&req.prompt, subject, &sched, uncond, 1)?;
+    let (x0, report) = guided_denoise(sd, &sched, x_t, &mut steps, req.guidance, &traj, &m_lat.to_device(sd.device), &opt.guidance)?;
+    let image = tch::no_grad(|| decoded_to_u8(&sd.decode(&x0)));
+    if let Some(dir) = &opt.intermediates {
+        let to_u8 = |x: &Tensor| ((x + 1.0) * 127.5).round().clamp(0.0, 255.0).to_kind(Kind::Uint8).permute([1, 2, 0]);
+        let gray = |m: &Tensor| (m * 255.0).round().to_kind(Kind::Uint8).unsqueeze(-1).repeat([1, 1, 3]);
+        let reference = to_u8(&photo.image.unsqueeze(0).upsample_bilinear2d([req.height, req.width], false, None, None).squeeze_dim(0));
+        let parts = [
+            ("I_g1", i_g1.get(0)),
+            ("M_g", gray(&m_g_img)),
+            ("reference", reference),
+            ("reference_aligned", to_u8(&warped)),
+            ("M_r_star", gray(&m_r_star)),
+            ("I_g2", image.get(0)),
+        ];
+        save_intermediates(dir, &parts)?;
+        std::fs::write(dir.join("theta.json"), serde_json::to_string_pretty(&serde_json::json!({
+            "reference": photo.path.display().to_string(), "theta": fit.theta, "align_loss": fit.loss,
+            "eq10_losses": report.losses, "phi_h_seconds": report.phi_h_seconds,
+        }))?)?;
+    }
+    Ok(Guided { image, report, seconds: started.elapsed().as_secs_f64(), fallback: None })
+}
+
+fn reference_photos(subject_dir: &Path, opt: &ReferenceOptions, size: i64) -> Result<Vec<Photo>> {
+    let images = opt.references.clone().unwrap_or_else(|| subject_dir.join("photos"));
+    let masks = opt.reference_masks.clone().unwrap_or_else(|| subject_dir.join("masks"));
+    if !masks.is_dir() {
+        bail!("reference guidance needs the subject's masks: {} does not exist (learn with --masks, or pass --reference-masks)", masks.display());
+    }
+    load_photos(&images, Some(&masks), size as u32, MaskFit::SameSize)
+}
+
+/// Index of the reference photo: best DINO cosine to I_g1, else best alignment IoU with M_g.
+fn choose_reference(sd: &StableDiffusion, photos: &[Photo], i_g1: &Tensor, m_g: &Tensor, opt: &ReferenceOptions) -> Result<usize> {
+    if let Some(dir) = &opt.dino {
+        let dino = Dino::load(dir, sd.device)?;
+        let query = to_dynamic(&i_g1.get(0))?;
+        let cands = photos.iter().map(|p| image::open(&p.path).with_context(|| format!("cannot read {}", p.path.display()))).collect::<Result<Vec<_>>>()?;
+        let (best, sims) = dino.most_similar(&query, &cands)?;
+        eprintln!("reference: {} (DINO cosine {:.3})", photos[best].path.display(), sims[best]);
+        return Ok(best);
+    }
+    let mut best = (0, f64::MIN);
+    for (i, p) in photos.iter().enumerate() {
+        let m = p.mask.as_ref().context("reference photo without mask")?.squeeze_dim(0);
+        let fit = align::fit(&m, m_g)?;
+        let iou = align::iou(&align::warp_mask(&m, &fit.theta, m_g.size()[0], m_g.size()[1]), m_g);
+        if iou > best.1 {
+            best = (i, iou);
+        }
+    }
+    eprintln!("no --dino: chose reference {} by mask alignment (IoU {:.3})", photos[best.0].path.display(), best.1);
+    Ok(best.0)
+}
+
+fn to_dynamic(hwc: &Tensor) -> Result<image::DynamicImage> {
+    let img = RgbImage::from_hwc_u8(hwc)?;
+    let buf = image::RgbImage::from_raw(img.width, img.height, img.pixels).context("image buffer")?;
+    Ok(image::DynamicImage::ImageRgb8(buf))
+}
+
+fn save_intermediates(dir: &Path, parts: &[(&str, Tensor)]) -> Result<()> {
+    for (name, t) in parts {
+        RgbImage::from_hwc_u8(t)?.save_png(&dir.join(format!("{name}.png")), &[])?;
+    }
+    let strip = Tensor::cat(&parts.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>(), 1); // (H, 6W, 3)
+    RgbImage::from_hwc_u8(&strip)?.save_png(&dir.join("strip.png"), &[])
+}

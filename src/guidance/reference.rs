@@ -1,0 +1,117 @@
+//! Algorithm 2: reference-guided denoising. From the same x_T as the plain image: at t = t_s
+//! set φ_h = φ and x_t[M_r*] = x_t*[M_r*]; every step x_{t−1} = F^(t)(x_t, [c, c_s^t], φ); for
+//! t_e ≤ t ≤ t_s take J Adam steps on φ_h minimising Eq. 10,
+//! ‖x*_{t−1}[M_r*] − F^(t)(x_t, [c, c_s^t], φ_h)[M_r*]‖², then set
+//! x_{t−1}[M_r*] = F^(t)(x_t, [c, c_s^t], φ_h)[M_r*]. φ_h carries over between steps; each step
+//! starts a fresh Adam (as null-text inversion does). The conditional branch ε_θ(x_t, c) is
+//! computed once per step; only the φ_h branch takes gradients.
+
+use super::invert::Trajectory;
+use crate::pipeline::{cfg, StableDiffusion, StepConditioning};
+use crate::scheduler::DdimScheduler;
+use crate::subject::adam::Adam;
+use anyhow::{bail, Result};
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+/// t_s, t_e (paper's t, counted T … 1), J and the learning rate.
+#[derive(Debug, Clone)]
+pub struct GuidanceConfig {
+    pub t_start: usize,
+    pub t_end: usize,
+    pub steps: usize,
+    pub lr: f64,
+    /// Substitute x_t[M_r*] = x_t*[M_r*] at t_s (off only in tests).
+    pub substitute: bool,
+}
+
+/// What the guided pass did.
+#[derive(Debug, Default)]
+pub struct GuidanceReport {
+    /// Eq. 10 before each Adam step, per guided DDIM step.
+    pub losses: Vec<Vec<f64>>,
+    /// Seconds spent optimising φ_h.
+    pub phi_h_seconds: f64,
+}
+
+impl GuidanceConfig {
+    pub fn validate(&self, n_steps: usize) -> Result<()> {
+        if self.t_end > self.t_start {
+            bail!("--t-end ({}) must not exceed --t-start ({})", self.t_end, self.t_start);
+        }
+        if self.t_start > n_steps || self.t_end < 1 {
+            bail!("--t-start and --t-end must lie in 1 … {n_steps} (the DDIM steps), got {} and {}", self.t_start, self.t_end);
+        }
+        Ok(())
+    }
+}
+
+/// Eq. 10 over the masked cells (mean, so its scale does not depend on the mask's size).
+fn eq10(f: &Tensor, target: &Tensor, mask: &Tensor) -> Tensor {
+    ((f - target) * mask).square().sum(Kind::Float) / (mask.sum(Kind::Float) * f.size()[1] as f64).clamp_min(1.0)
+}
+
+/// x_t[M] = x_t*[M]: cells inside the mask (≥ 0.5) from `x_star`, the rest untouched.
+pub fn substitute(x: &Tensor, x_star: &Tensor, mask: &Tensor) -> Tensor {
+    x_star.where_self(&mask.ge(0.5), x)
+}
+
+/// Algorithm 2 from `x_t` (= x_T) with the per-step conditioning `cond` and the inverted
+/// reference trajectory `traj`; `mask` is M_r* at latent size (1, 1, h, w), 0/1.
+pub fn guided_denoise(
+    sd: &StableDiffusion,
+    sched: &DdimScheduler,
+    x_t: Tensor,
+    cond: &mut dyn StepConditioning,
+    guidance: f64,
+    traj: &Trajectory,
+    mask: &Tensor,
+    gc: &GuidanceConfig,
+) -> Result<(Tensor, GuidanceReport)> {
+    let n = sched.timesteps.len();
+    gc.validate(n)?;
+    let bar = crate::progress::bar(n as u64, "guided");
+    let mut report = GuidanceReport::default();
+    let (mut x, mut phi_h): (Tensor, Option<Tensor>) = (x_t, None);
+    let mut phi_h_moved = false;
+    for (i, &t) in sched.timesteps.iter().enumerate() {
+        let paper_t = n - i; // T … 1
+        let c = cond.at(i, t)?;
+        if paper_t == gc.t_start {
+            phi_h = Some(c.uncond.detach().copy());
+            if gc.substitute {
+                x = substitute(&x, traj.before_step(i), mask);
+            }
+        }
+        let (eps_u, eps_c) = tch::no_grad(|| sd.eps_pair(&x, t, &c, None));
+        let mut x_prev = tch::no_grad(|| sched.step(&cfg(&eps_u, &eps_c, guidance), t, &x));
+        if let (Some(p), true) = (phi_h.as_mut(), gc.t_end <= paper_t && paper_t <= gc.t_start) {
+            let started = Instant::now();
+            let target = traj.after_step(i);
+            let f_h = |p: &Tensor| {
+                let eps_h = sd.unet.forward(&x, &Tensor::from(t).to_device(sd.device), p, None);
+                sched.step(&cfg(&eps_h, &eps_c, guidance), t, &x)
+            };
+            let mut adam = Adam::new(p, gc.lr);
+            let mut losses = Vec::with_capacity(gc.steps);
+            for _ in 0..gc.steps {
+                let leaf = p.detach().set_requires_grad(true);
+                let loss = eq10(&f_h(&leaf), target, mask);
+                losses.push(loss.double_value(&[]));
+                let g = Tensor::run_backward(&[&loss], &[&leaf], false, false).remove(0);
+                adam.update(p, &g);
+                phi_h_moved = true;
+            }
+            if phi_h_moved {
+                let f = tch::no_grad(|| f_h(p));
+                x_prev = substitute(&x_prev, &f, mask); // x_{t−1}[M] = F(x_t, φ_h)[M]
+            }
+            report.losses.push(losses);
+            report.phi_h_seconds += started.elapsed().as_secs_f64();
+        }
+        x = x_prev;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok((x, report))
+}
