@@ -18,6 +18,16 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).with_context(|| format!("{} is not a valid config", path.display()))
 }
 
+/// Checks that each named config value is positive; the error names the config file.
+pub fn require_positive(origin: &str, values: &[(&str, i64)]) -> Result<()> {
+    for (key, v) in values {
+        if *v <= 0 {
+            bail!("{origin}: {key} must be positive, got {v}");
+        }
+    }
+    Ok(())
+}
+
 /// The safetensors weight file of a diffusers component folder (`unet/`, `vae/`, …).
 ///
 /// Prefers the full-precision file; falls back to the `fp16` variant. Pickled `.bin` weights

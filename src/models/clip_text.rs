@@ -16,7 +16,7 @@
 //! flow into the input embeddings; [`ClipTextModel::append_token_embeddings`] grows the
 //! vocabulary for new placeholder tokens as diffusers' `load_textual_inversion` does.
 
-use crate::load::{load_strict, read_json, weight_file, KeyAction};
+use crate::load::{load_strict, read_json, require_positive, weight_file, KeyAction};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -103,6 +103,13 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// The activation of a config's `hidden_act`, or an error naming the config file.
+    pub fn from_config(name: &str, origin: &str) -> Result<Self> {
+        Self::parse(name).with_context(|| {
+            format!("{origin}: hidden_act {name:?} is not supported (supported: quick_gelu, gelu, gelu_new, gelu_pytorch_tanh)")
+        })
+    }
+
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "quick_gelu" => Some(Self::QuickGelu),
@@ -129,28 +136,19 @@ impl Activation {
 impl ClipTextConfig {
     /// Checks the values this implementation supports; `origin` names the file for errors.
     pub fn validate(&self, origin: &str) -> Result<Activation> {
-        let Some(act) = Activation::parse(&self.hidden_act) else {
-            bail!(
-                "{origin}: hidden_act {:?} is not supported (supported: quick_gelu, gelu, gelu_new, gelu_pytorch_tanh)",
-                self.hidden_act
-            )
-        };
-        for (key, v) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_attention_heads", self.num_attention_heads),
-            ("max_position_embeddings", self.max_position_embeddings),
-        ] {
-            if v <= 0 {
-                bail!("{origin}: {key} must be positive, got {v}");
-            }
-        }
+        let act = Activation::from_config(&self.hidden_act, origin)?;
+        require_positive(
+            origin,
+            &[
+                ("vocab_size", self.vocab_size),
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_attention_heads", self.num_attention_heads),
+                ("max_position_embeddings", self.max_position_embeddings),
+            ],
+        )?;
         if self.num_hidden_layers < 0 {
-            bail!(
-                "{origin}: num_hidden_layers must be ≥ 0, got {}",
-                self.num_hidden_layers
-            );
+            bail!("{origin}: num_hidden_layers must be ≥ 0, got {}", self.num_hidden_layers);
         }
         if self.hidden_size % self.num_attention_heads != 0 {
             bail!(

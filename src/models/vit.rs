@@ -29,7 +29,7 @@
 //! ignored). Position embeddings are not interpolated: the input must be exactly
 //! `image_size` (transformers' default `interpolate_pos_encoding=False` raises the same way).
 
-use crate::load::{load_strict, read_json, weight_file, KeyAction};
+use crate::load::{load_strict, read_json, require_positive, weight_file, KeyAction};
 use crate::models::clip_text::Activation;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -127,27 +127,18 @@ fn d_true() -> bool {
 impl ViTConfig {
     /// Checks the values this implementation supports; `origin` names the file for errors.
     pub fn validate(&self, origin: &str) -> Result<Activation> {
-        let Some(act) = Activation::parse(&self.hidden_act) else {
-            bail!(
-                "{origin}: hidden_act {:?} is not supported (supported: gelu, gelu_new, gelu_pytorch_tanh, quick_gelu)",
-                self.hidden_act
-            )
-        };
-        for (key, v) in [
-            ("hidden_size", self.hidden_size),
-            ("num_attention_heads", self.num_attention_heads),
-            ("intermediate_size", self.intermediate_size),
-            ("num_channels", self.num_channels),
-        ] {
-            if v <= 0 {
-                bail!("{origin}: {key} must be positive, got {v}");
-            }
-        }
+        let act = Activation::from_config(&self.hidden_act, origin)?;
+        require_positive(
+            origin,
+            &[
+                ("hidden_size", self.hidden_size),
+                ("num_attention_heads", self.num_attention_heads),
+                ("intermediate_size", self.intermediate_size),
+                ("num_channels", self.num_channels),
+            ],
+        )?;
         if self.num_hidden_layers < 0 {
-            bail!(
-                "{origin}: num_hidden_layers must be ≥ 0, got {}",
-                self.num_hidden_layers
-            );
+            bail!("{origin}: num_hidden_layers must be ≥ 0, got {}", self.num_hidden_layers);
         }
         match self.head_dim {
             Some(hd) if hd <= 0 => bail!("{origin}: head_dim must be positive, got {hd}"),
