@@ -23,6 +23,7 @@ pub mod load;
 pub mod models;
 pub mod pipeline;
 pub mod progress;
+pub mod rng;
 pub mod scheduler;
 pub mod subject;
 pub mod tokenizer;

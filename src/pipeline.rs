@@ -152,9 +152,9 @@ impl StableDiffusion {
     /// one CPU `randn` of shape (n, C, H/f, W/f), moved to the device (DDIM's σ_init is 1).
     pub fn initial_latents(&self, seed: u64, n: i64, height: i64, width: i64) -> Tensor {
         let f = self.vae_scale_factor();
-        tch::manual_seed(seed as i64);
         let c = self.unet.config.in_channels;
-        Tensor::randn([n, c, height / f, width / f], (Kind::Float, Device::Cpu)).to_device(self.device)
+        crate::rng::seeded(seed as i64, || Tensor::randn([n, c, height / f, width / f], (Kind::Float, Device::Cpu)))
+            .to_device(self.device)
     }
 
     /// (ε_θ(x_t, t, φ), ε_θ(x_t, t, c)) from one UNet call on the batch [φ; c], as diffusers

@@ -9,6 +9,7 @@ use hifi_tuner::guidance::daam::CrossAttnAggregator;
 use hifi_tuner::guidance::invert::ddim_invert;
 use hifi_tuner::guidance::reference::{guided_denoise, substitute, GuidanceConfig};
 use hifi_tuner::pipeline::{StableDiffusion, StepCond};
+use hifi_tuner::rng::seeded;
 use hifi_tuner::subject::file::Subject;
 use hifi_tuner::subject::Space;
 use tch::{Device, Kind, Tensor};
@@ -23,7 +24,7 @@ fn site(kind: AttnKind, h: i64, w: i64) -> AttnSite {
 fn aggregator_sums_subject_token_heat_at_latent_size() {
     let mut agg = CrossAttnAggregator::new(vec![5], (4, 4), true);
     let make = |h: i64, w: i64| {
-        let mut p = Tensor::zeros([2, 2, h * w, 77], (Kind::Float, Device::Cpu)); // (2B, heads, HW, 77)
+        let p = Tensor::zeros([2, 2, h * w, 77], (Kind::Float, Device::Cpu)); // (2B, heads, HW, 77)
         let _ = p.narrow(3, 0, 1).fill_(1.0); // token 0 everywhere: ignored
         for y in 0..h / 2 {
             for x in 0..w / 2 {
@@ -35,8 +36,8 @@ fn aggregator_sums_subject_token_heat_at_latent_size() {
     };
     assert!(!agg.wants(&site(AttnKind::SelfAttn, 4, 4)));
     assert!(agg.wants(&site(AttnKind::Cross, 4, 4)));
-    agg.on_probs(&site(AttnKind::Cross, 4, 4), make(4, 4));
-    agg.on_probs(&site(AttnKind::Cross, 2, 2), make(2, 2));
+    let _ = agg.on_probs(&site(AttnKind::Cross, 4, 4), make(4, 4));
+    let _ = agg.on_probs(&site(AttnKind::Cross, 2, 2), make(2, 2));
     let m = agg.mask().unwrap(); // (1, 4, 4)
     let expect = Tensor::from_slice(&[1f32, 1., 0., 0., 1., 1., 0., 0., 0., 0., 0., 0., 0., 0., 0., 0.]).view([1, 4, 4]);
     assert!(m.equal(&expect), "{m}");
@@ -64,8 +65,7 @@ fn scale_eps(sd: &StableDiffusion, k: f64) {
 /// (max, rms) error and the distance x_T* travelled.
 fn round_trip(sd: &StableDiffusion) -> (f64, f64, f64) {
     let sched = sd.scheduler(50).unwrap();
-    tch::manual_seed(0);
-    let x0 = Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu)) * 0.5;
+    let x0 = seeded(0, || Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu))) * 0.5;
     let cond = tch::no_grad(|| sd.encode_prompt("a photo of a dog"));
     let traj = ddim_invert(sd, &sched, &x0, &cond);
     assert_eq!(traj.latents.len(), 51);
@@ -98,9 +98,8 @@ fn ddim_invert_then_sample_reconstructs_the_latent() {
 }
 
 fn subject() -> Subject {
-    tch::manual_seed(9);
     Subject {
-        c_s: Tensor::randn([5, 32], (Kind::Float, Device::Cpu)) * 0.3,
+        c_s: seeded(9, || Tensor::randn([5, 32], (Kind::Float, Device::Cpu))) * 0.3,
         stepwise: vec![],
         timesteps: vec![],
         space: Space::Input,
@@ -138,9 +137,9 @@ fn algorithm_2_with_no_steps_and_no_substitution_is_plain_eq7() {
 
 #[test]
 fn substitution_touches_only_the_mask() {
-    tch::manual_seed(1);
-    let x = Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu));
-    let star = Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu));
+    let (x, star) = seeded(1, || {
+        (Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu)), Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu)))
+    });
     let m = centre_mask();
     let y = substitute(&x, &star, &m);
     let inside = m.ge(0.5).expand_as(&x);
@@ -155,8 +154,7 @@ fn eq10_falls_over_the_phi_h_steps() {
     let s = subject();
     let uncond = tch::no_grad(|| sd.encode_prompt(""));
     let x_t = sd.initial_latents(5, 1, 32, 32);
-    tch::manual_seed(2);
-    let x0 = Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu)) * 0.5;
+    let x0 = seeded(2, || Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu))) * 0.5;
     let traj = ddim_invert(&sd, &sched, &x0, &tch::no_grad(|| sd.encode_prompt("a photo of a dog")));
     let gc = GuidanceConfig { t_start: 8, t_end: 5, steps: 6, lr: 1e-2, substitute: true };
     let mut c = sd.subject_steps("a dog in the snow", &s, &sched, uncond, 1).unwrap();

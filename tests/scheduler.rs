@@ -84,10 +84,10 @@ fn sd_scheduler(steps: usize) -> DdimScheduler {
 /// at the previous timestep, and F^-1 undoes F^(t) for a fixed ε.
 #[test]
 fn step_and_inverse_step_are_consistent() {
-    tch::manual_seed(3);
     let s = sd_scheduler(20);
-    let x0 = Tensor::randn([2, 4, 6, 5], (Kind::Float, tch::Device::Cpu));
-    let eps = Tensor::randn([2, 4, 6, 5], (Kind::Float, tch::Device::Cpu));
+    let (x0, eps) = hifi_tuner::rng::seeded(3, || {
+        (Tensor::randn([2, 4, 6, 5], (Kind::Float, tch::Device::Cpu)), Tensor::randn([2, 4, 6, 5], (Kind::Float, tch::Device::Cpu)))
+    });
     let t = s.timesteps[5];
     let prev = s.timesteps[6];
     let xt = s.add_noise(&x0, &eps, &Tensor::from_slice(&[t, t]));

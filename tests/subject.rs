@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use hifi_tuner::pipeline::{GenerateRequest, StableDiffusion};
+use hifi_tuner::rng::seeded;
 use hifi_tuner::subject::conditioning::{phi_s, splice};
 use hifi_tuner::subject::data::{load_photos, MaskFit};
 use hifi_tuner::subject::file::Subject;
@@ -55,8 +56,7 @@ fn check_gradient(obj: &Objective, p0: &Tensor, what: &str) {
     let b = obj.draw(0, 0, None);
     let p = p0.detach().set_requires_grad(true);
     let g = Tensor::run_backward(&[&obj.loss(&p, &b).total], &[&p], false, false).remove(0);
-    tch::manual_seed(11);
-    let v = Tensor::randn(p0.size().as_slice(), (Kind::Float, Device::Cpu));
+    let v = seeded(11, || Tensor::randn(p0.size().as_slice(), (Kind::Float, Device::Cpu)));
     let v = &v / v.norm().double_value(&[]);
     let analytic = (&g * &v).sum(Kind::Double).double_value(&[]);
     let h = 1e-2;
@@ -71,8 +71,7 @@ fn gradient_of_eq6_matches_finite_differences_in_both_spaces_and_for_ti() {
     let sd = sd();
     for space in [Space::Input, Space::Output] {
         let obj = objective(&sd, args(Mode::Hifi, space, true, 0.5), 0);
-        tch::manual_seed(5);
-        let p0 = &obj.phi_s + Tensor::randn(obj.phi_s.size().as_slice(), (Kind::Float, Device::Cpu)) * 0.1;
+        let p0 = &obj.phi_s + seeded(5, || Tensor::randn(obj.phi_s.size().as_slice(), (Kind::Float, Device::Cpu))) * 0.1;
         check_gradient(&obj, &p0, space.as_str());
     }
     let mut sd = sd;
@@ -195,8 +194,7 @@ fn algorithm_1_chains_step_wise_embeddings() {
 #[test]
 fn step_wise_generation_with_constant_embeddings_equals_plain_c_s() {
     let sd = sd();
-    tch::manual_seed(2);
-    let c_s = Tensor::randn([5, 32], (Kind::Float, Device::Cpu)) * 0.3;
+    let c_s = seeded(2, || Tensor::randn([5, 32], (Kind::Float, Device::Cpu))) * 0.3;
     let sched = sd.scheduler(4).unwrap();
     let subject = |stepwise: Vec<Tensor>, timesteps: Vec<i64>| Subject {
         c_s: c_s.copy(),
@@ -244,10 +242,13 @@ fn a_few_steps_lower_the_loss_on_a_fixed_batch() {
 
 #[test]
 fn subject_file_round_trip_is_exact() {
-    tch::manual_seed(4);
+    let (c_s, stepwise) = seeded(4, || {
+        let c_s = Tensor::randn([5, 32], (Kind::Float, Device::Cpu));
+        (c_s, (0..3).map(|_| Tensor::randn([5, 32], (Kind::Float, Device::Cpu))).collect::<Vec<_>>())
+    });
     let s = Subject {
-        c_s: Tensor::randn([5, 32], (Kind::Float, Device::Cpu)),
-        stepwise: (0..3).map(|_| Tensor::randn([5, 32], (Kind::Float, Device::Cpu))).collect(),
+        c_s,
+        stepwise,
         timesteps: vec![667, 334, 1],
         space: Space::Output,
         class_noun: "teapot".into(),

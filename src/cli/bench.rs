@@ -79,12 +79,11 @@ pub fn run(a: Args) -> Result<()> {
         };
         let (base, init) = if mode == Mode::Ti { setup_ti(&mut sd, &args)? } else { (0, None) };
         let f = sd.vae_scale_factor();
-        tch::manual_seed(0);
         let c = sd.unet.config.in_channels;
-        let data = TrainSet {
+        let data = hifi_tuner::rng::seeded(0, || TrainSet {
             latents: Tensor::randn([3, c, size / f, size / f], (Kind::Float, device)),
             masks: Some(Tensor::rand([3, 1, size / f, size / f], (Kind::Float, device))),
-        };
+        });
         let ids = hifi_tuner::subject::job::caption_ids(&sd, &args)?;
         let obj = Objective::new(&sd, args, data, ids, base)?;
         let mut state = State::new(init.as_ref().unwrap_or(&obj.phi_s), 5e-3);

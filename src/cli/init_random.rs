@@ -62,12 +62,13 @@ pub fn run(a: Args) -> Result<()> {
         let dir = a.out.join(component);
         write_bytes_atomic(&dir.join(file), serde_json::to_string_pretty(&v)?.as_bytes())?;
     }
-    tch::manual_seed(a.seed as i64);
     let cfg = |c: &str| a.out.join(c).join("config.json");
     let dev = Device::Cpu;
-    save(&ClipTextModel::new(read_json(&cfg("text_encoder"))?, dev)?.vs, &a.out.join("text_encoder/model.safetensors"), a.fp16)?;
-    save(&AutoencoderKL::new(read_json(&cfg("vae"))?, dev)?.vs, &a.out.join("vae/diffusion_pytorch_model.safetensors"), a.fp16)?;
-    save(&UNet2DConditionModel::new(read_json(&cfg("unet"))?, dev)?.vs, &a.out.join("unet/diffusion_pytorch_model.safetensors"), a.fp16)?;
+    hifi_tuner::rng::seeded(a.seed as i64, || -> Result<()> {
+        save(&ClipTextModel::new(read_json(&cfg("text_encoder"))?, dev)?.vs, &a.out.join("text_encoder/model.safetensors"), a.fp16)?;
+        save(&AutoencoderKL::new(read_json(&cfg("vae"))?, dev)?.vs, &a.out.join("vae/diffusion_pytorch_model.safetensors"), a.fp16)?;
+        save(&UNet2DConditionModel::new(read_json(&cfg("unet"))?, dev)?.vs, &a.out.join("unet/diffusion_pytorch_model.safetensors"), a.fp16)
+    })?;
     eprintln!("wrote a {} model with RANDOM weights (seed {}) to {}", a.config, a.seed, a.out.display());
     println!("{}", a.out.display());
     Ok(())

@@ -108,19 +108,22 @@ impl<'a> Objective<'a> {
 
     /// The draw of step `step` of `phase`: photos, captions, t (uniform, or `fixed_t`), ε.
     pub fn draw(&self, phase: u64, step: u64, fixed_t: Option<i64>) -> Batch {
-        tch::manual_seed(step_seed(self.args.seed, phase, step));
         let b = self.args.batch_size;
         let cpu = (Kind::Int64, Device::Cpu);
         let n = self.data.latents.size()[0];
-        let photo = Tensor::randint(n, [b], cpu);
-        let caption = Tensor::randint(self.caption_ids.size()[0], [b], cpu);
-        let t = match fixed_t {
-            Some(t) => Tensor::full([b], t, cpu),
-            None => Tensor::randint(self.sched.config.num_train_timesteps, [b], cpu),
-        };
+        let k = self.caption_ids.size()[0];
+        let n_train = self.sched.config.num_train_timesteps;
         let mut shape = self.data.latents.size();
         shape[0] = b;
-        let noise = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu));
+        let (photo, caption, t, noise) = crate::rng::seeded(step_seed(self.args.seed, phase, step), || {
+            let photo = Tensor::randint(n, [b], cpu);
+            let caption = Tensor::randint(k, [b], cpu);
+            let t = match fixed_t {
+                Some(t) => Tensor::full([b], t, cpu),
+                None => Tensor::randint(n_train, [b], cpu),
+            };
+            (photo, caption, t, Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu)))
+        });
         let dev = self.sd.device;
         Batch { photo: photo.to_device(dev), caption: caption.to_device(dev), t: t.to_device(dev), noise: noise.to_device(dev) }
     }
