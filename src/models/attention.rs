@@ -78,6 +78,27 @@ impl Attention {
     }
 }
 
+/// The multi-head self-attention core of transformers' encoders (CLIP text, ViT): project,
+/// split heads, `scaled_dot_product_attention` with an explicit scale, merge heads.
+/// `x`: (B, L, d) -> (B, L, heads·dh), before the output projection.
+#[allow(clippy::too_many_arguments)]
+pub fn encoder_self_attention(
+    x: &Tensor,
+    q: &nn::Linear,
+    k: &nn::Linear,
+    v: &nn::Linear,
+    heads: i64,
+    head_dim: i64,
+    causal: bool,
+    scale: f64,
+) -> Tensor {
+    let (b, l, _) = x.size3().expect("attention input must be (B, L, d)");
+    let split = |t: Tensor| t.view([b, l, heads, head_dim]).transpose(1, 2); // (B, heads, L, dh)
+    let (q, k, v) = (split(q.forward(x)), split(k.forward(x)), split(v.forward(x)));
+    let out = Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, causal, Some(scale), false); // (B, heads, L, dh)
+    out.transpose(1, 2).contiguous().reshape([b, l, heads * head_dim]) // (B, L, heads·dh)
+}
+
 /// Fused attention with the default scale 1/√dh, as `F.scaled_dot_product_attention`.
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
     Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, false, None, false)

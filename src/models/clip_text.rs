@@ -16,6 +16,7 @@
 //! flow into the input embeddings; [`ClipTextModel::append_token_embeddings`] grows the
 //! vocabulary for new placeholder tokens as diffusers' `load_textual_inversion` does.
 
+use crate::models::attention::encoder_self_attention;
 use crate::load::{load_strict, read_json, require_positive, weight_file, KeyAction};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -207,25 +208,8 @@ impl ClipAttention {
 
     /// `x`: (B, L, d) -> (B, L, d)
     fn forward(&self, x: &Tensor) -> Tensor {
-        let (b, l, _) = x.size3().expect("CLIP attention input must be (B, L, d)");
-        let split = |t: Tensor| t.view([b, l, self.heads, self.head_dim]).transpose(1, 2); // (B, heads, L, dh)
-        let q = split(self.q_proj.forward(x));
-        let k = split(self.k_proj.forward(x));
-        let v = split(self.v_proj.forward(x));
-        let out = Tensor::scaled_dot_product_attention::<Tensor>(
-            &q,
-            &k,
-            &v,
-            None,
-            0.0,
-            true,
-            Some(self.scale),
-            false,
-        ); // (B, heads, L, dh)
-        let out = out
-            .transpose(1, 2)
-            .contiguous()
-            .reshape([b, l, self.heads * self.head_dim]); // (B, L, d)
+        let (q, k, v) = (&self.q_proj, &self.k_proj, &self.v_proj);
+        let out = encoder_self_attention(x, q, k, v, self.heads, self.head_dim, true, self.scale); // (B, L, d)
         self.out_proj.forward(&out)
     }
 }

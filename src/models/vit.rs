@@ -29,6 +29,7 @@
 //! ignored). Position embeddings are not interpolated: the input must be exactly
 //! `image_size` (transformers' default `interpolate_pos_encoding=False` raises the same way).
 
+use crate::models::attention::encoder_self_attention;
 use crate::load::{load_strict, read_json, require_positive, weight_file, KeyAction};
 use crate::models::clip_text::Activation;
 use anyhow::{bail, Context, Result};
@@ -225,25 +226,8 @@ impl VitAttention {
 
     /// `x`: (B, L, d) -> (B, L, d)
     fn forward(&self, x: &Tensor) -> Tensor {
-        let (b, l, _) = x.size3().expect("ViT attention input must be (B, L, d)");
-        let split = |t: Tensor| t.view([b, l, self.heads, self.head_dim]).transpose(1, 2); // (B, heads, L, dh)
-        let q = split(self.query.forward(x));
-        let k = split(self.key.forward(x));
-        let v = split(self.value.forward(x));
-        let o = Tensor::scaled_dot_product_attention::<Tensor>(
-            &q,
-            &k,
-            &v,
-            None,
-            0.0,
-            false,
-            Some(self.scale),
-            false,
-        ); // (B, heads, L, dh)
-        let o = o
-            .transpose(1, 2)
-            .contiguous()
-            .reshape([b, l, self.heads * self.head_dim]); // (B, L, heads·dh)
+        let (q, k, v) = (&self.query, &self.key, &self.value);
+        let o = encoder_self_attention(x, q, k, v, self.heads, self.head_dim, false, self.scale); // (B, L, heads·dh)
         self.out.forward(&o)
     }
 }
