@@ -151,6 +151,16 @@ pub fn png_text(path: &Path) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// One image (3, H, W) in [-1, 1] -> (H, W, 3) uint8 (see [`decoded_to_u8`]).
+pub fn image_to_u8(image: &Tensor) -> Tensor {
+    decoded_to_u8(&image.unsqueeze(0)).squeeze_dim(0)
+}
+
+/// A mask (H, W) in [0, 1] -> a gray (H, W, 3) uint8 image.
+pub fn mask_to_u8(mask: &Tensor) -> Tensor {
+    (mask.to_device(tch::Device::Cpu) * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8).unsqueeze(-1).repeat([1, 1, 3])
+}
+
 /// Decoder output (B, 3, H, W) in about [-1, 1] -> (B, H, W, 3) uint8, as diffusers'
 /// `VaeImageProcessor.postprocess(output_type="np")` then `numpy_to_pil`:
 /// (x·0.5 + 0.5).clamp(0, 1), ×255, round half to even.

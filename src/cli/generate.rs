@@ -1,4 +1,4 @@
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use hifi_tuner::io::RgbImage;
 use hifi_tuner::pipeline::{GenerateRequest, StableDiffusion};
 use hifi_tuner::guidance::job::{generate_guided, ReferenceOptions};
@@ -172,8 +172,7 @@ fn parameters_text(prompt: &str, req: &GenerateRequest, model: &Path) -> String 
         .canonicalize()
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .context("model name")
-        .unwrap_or_else(|_| model.display().to_string());
+        .unwrap_or_else(|| model.display().to_string());
     format!(
         "{}\nNegative prompt: {}\nSteps: {}, Sampler: DDIM, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
         prompt,

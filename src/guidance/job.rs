@@ -11,7 +11,7 @@ use super::daam::CrossAttnAggregator;
 use super::invert::ddim_invert;
 use super::reference::{guided_denoise, GuidanceConfig, GuidanceReport};
 use crate::eval::dino::Dino;
-use crate::io::{decoded_to_u8, RgbImage};
+use crate::io::{decoded_to_u8, image_to_u8, mask_to_u8, RgbImage};
 use crate::pipeline::{GenerateRequest, StableDiffusion};
 use crate::subject::data::{load_photos, MaskFit, Photo};
 use crate::subject::file::Subject;
@@ -122,15 +122,13 @@ pub fn generate_guided(
     let (x0, report) = guided_denoise(sd, &sched, x_t, &mut steps, req.guidance, &traj, &m_lat.to_device(sd.device), &opt.guidance)?;
     let image = tch::no_grad(|| decoded_to_u8(&sd.decode(&x0)));
     if let Some(dir) = &opt.intermediates {
-        let to_u8 = |x: &Tensor| ((x + 1.0) * 127.5).round().clamp(0.0, 255.0).to_kind(Kind::Uint8).permute([1, 2, 0]);
-        let gray = |m: &Tensor| (m * 255.0).round().to_kind(Kind::Uint8).unsqueeze(-1).repeat([1, 1, 3]);
-        let reference = to_u8(&photo.image.unsqueeze(0).upsample_bilinear2d([req.height, req.width], false, None, None).squeeze_dim(0));
+        let reference = image_to_u8(&photo.image.unsqueeze(0).upsample_bilinear2d([req.height, req.width], false, None, None).squeeze_dim(0));
         let parts = [
             ("I_g1", i_g1.get(0)),
-            ("M_g", gray(&m_g_img)),
+            ("M_g", mask_to_u8(&m_g_img)),
             ("reference", reference),
-            ("reference_aligned", to_u8(&warped)),
-            ("M_r_star", gray(&m_r_star)),
+            ("reference_aligned", image_to_u8(&warped)),
+            ("M_r_star", mask_to_u8(&m_r_star)),
             ("I_g2", image.get(0)),
         ];
         save_intermediates(dir, &parts)?;

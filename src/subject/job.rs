@@ -9,7 +9,7 @@ use super::data::{latent_masks, load_photos, MaskFit};
 use super::file::{save_learned_embeds, Subject, SUBJECT_FILE};
 use super::learn::{LearnArgs, Objective, State, StepReport, TrainSet};
 use super::{conditioning, ti, Mode};
-use crate::io::{write_atomic, write_safetensors_atomic, RgbImage};
+use crate::io::{image_to_u8, mask_to_u8, write_atomic, write_safetensors_atomic, RgbImage};
 use crate::load::{read_safetensors, safetensors_metadata};
 use crate::pipeline::StableDiffusion;
 use anyhow::{bail, Context, Result};
@@ -186,11 +186,9 @@ pub fn encode(sd: &StableDiffusion, photos: &[super::data::Photo]) -> TrainSet {
 fn save_photos(out: &Path, photos: &[super::data::Photo]) -> Result<()> {
     for p in photos {
         let stem = p.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let img = ((&p.image + 1.0) * 127.5).round().clamp(0.0, 255.0).to_kind(Kind::Uint8).permute([1, 2, 0]);
-        RgbImage::from_hwc_u8(&img)?.save_png(&out.join("photos").join(format!("{stem}.png")), &[])?;
+        RgbImage::from_hwc_u8(&image_to_u8(&p.image))?.save_png(&out.join("photos").join(format!("{stem}.png")), &[])?;
         if let Some(m) = &p.mask {
-            let m = (m * 255.0).round().to_kind(Kind::Uint8).repeat([3, 1, 1]).permute([1, 2, 0]);
-            RgbImage::from_hwc_u8(&m)?.save_png(&out.join("masks").join(format!("{stem}.png")), &[])?;
+            RgbImage::from_hwc_u8(&mask_to_u8(&m.squeeze_dim(0)))?.save_png(&out.join("masks").join(format!("{stem}.png")), &[])?;
         }
     }
     Ok(())
