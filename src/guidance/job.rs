@@ -100,11 +100,14 @@ pub fn generate_guided(
         return Ok(plain(format!("the generated subject mask M_g is {}", if frac == 0.0 { "empty" } else { "the whole image" })));
     }
     // 2. Reference choice.
-    let r = choose_reference(sd, &photos, &i_g1, &m_g_img, opt)?;
+    let (r, fitted) = choose_reference(sd, &photos, &i_g1, &m_g_img, opt)?;
     let photo = &photos[r];
     let m_r = photo.mask.as_ref().context("reference photo without mask")?.squeeze_dim(0);
-    // 3. Algorithm 4.
-    let fit = align::fit(&m_r, &m_g_img)?;
+    // 3. Algorithm 4 (already run when it chose the reference).
+    let fit = match fitted {
+        Some(f) => f,
+        None => align::fit(&m_r, &m_g_img)?,
+    };
     let warped = align::warp(&photo.image, &fit.theta, req.height, req.width); // (3, H, W) in [-1, 1]
     let m_r_star = align::warp_mask(&m_r, &fit.theta, req.height, req.width); // (H, W)
     let m_lat = m_r_star.view([1, 1, req.height, req.width]).adaptive_avg_pool2d([h, w]).ge(0.5).to_kind(Kind::Float);
@@ -149,27 +152,35 @@ fn reference_photos(subject_dir: &Path, opt: &ReferenceOptions, size: i64) -> Re
     load_photos(&images, Some(&masks), size as u32, MaskFit::SameSize)
 }
 
-/// Index of the reference photo: best DINO cosine to I_g1, else best alignment IoU with M_g.
-fn choose_reference(sd: &StableDiffusion, photos: &[Photo], i_g1: &Tensor, m_g: &Tensor, opt: &ReferenceOptions) -> Result<usize> {
+/// Index of the reference photo: best DINO cosine to I_g1, else best alignment IoU with M_g
+/// (then with its fitted transform).
+fn choose_reference(
+    sd: &StableDiffusion,
+    photos: &[Photo],
+    i_g1: &Tensor,
+    m_g: &Tensor,
+    opt: &ReferenceOptions,
+) -> Result<(usize, Option<align::Fit>)> {
     if let Some(dir) = &opt.dino {
         let dino = Dino::load(dir, sd.device)?;
         let query = to_dynamic(&i_g1.get(0))?;
         let cands = photos.iter().map(|p| image::open(&p.path).with_context(|| format!("cannot read {}", p.path.display()))).collect::<Result<Vec<_>>>()?;
         let (best, sims) = dino.most_similar(&query, &cands)?;
         eprintln!("reference: {} (DINO cosine {:.3})", photos[best].path.display(), sims[best]);
-        return Ok(best);
+        return Ok((best, None));
     }
-    let mut best = (0, f64::MIN);
+    let mut best: Option<(usize, f64, align::Fit)> = None;
     for (i, p) in photos.iter().enumerate() {
         let m = p.mask.as_ref().context("reference photo without mask")?.squeeze_dim(0);
         let fit = align::fit(&m, m_g)?;
         let iou = align::iou(&align::warp_mask(&m, &fit.theta, m_g.size()[0], m_g.size()[1]), m_g);
-        if iou > best.1 {
-            best = (i, iou);
+        if best.as_ref().is_none_or(|b| iou > b.1) {
+            best = Some((i, iou, fit));
         }
     }
-    eprintln!("no --dino: chose reference {} by mask alignment (IoU {:.3})", photos[best.0].path.display(), best.1);
-    Ok(best.0)
+    let (i, iou, fit) = best.context("no reference photos")?;
+    eprintln!("no --dino: chose reference {} by mask alignment (IoU {iou:.3})", photos[i].path.display());
+    Ok((i, Some(fit)))
 }
 
 fn to_dynamic(hwc: &Tensor) -> Result<image::DynamicImage> {
