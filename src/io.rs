@@ -158,7 +158,12 @@ pub fn image_to_u8(image: &Tensor) -> Tensor {
 
 /// A mask (H, W) in [0, 1] -> a gray (H, W, 3) uint8 image.
 pub fn mask_to_u8(mask: &Tensor) -> Tensor {
-    (mask.to_device(tch::Device::Cpu) * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8).unsqueeze(-1).repeat([1, 1, 3])
+    (mask.to_device(tch::Device::Cpu) * 255.0)
+        .round()
+        .clamp(0.0, 255.0)
+        .to_kind(Kind::Uint8)
+        .unsqueeze(-1)
+        .repeat([1, 1, 3])
 }
 
 /// Decoder output (B, 3, H, W) in about [-1, 1] -> (B, H, W, 3) uint8, as diffusers'

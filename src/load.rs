@@ -13,8 +13,7 @@ use tch::{nn, Kind, Tensor};
 
 /// Reads and parses a JSON file into a typed config, naming the file on error.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not a valid config", path.display()))
 }
 
@@ -54,11 +53,7 @@ pub fn weight_file(component_dir: &Path) -> Result<PathBuf> {
         })
         .unwrap_or_default();
     if bins.is_empty() {
-        bail!(
-            "no weights in {}: expected one of {}",
-            component_dir.display(),
-            NAMES.join(", ")
-        )
+        bail!("no weights in {}: expected one of {}", component_dir.display(), NAMES.join(", "))
     }
     bail!(
         "{} has only pickled weights ({}); hifi-tuner reads safetensors only — convert them first",
@@ -90,11 +85,7 @@ pub enum KeyAction {
 /// shape, and every key of the file must be used (after `map_key`, which sees each key and its
 /// value). Two keys of the file that land on the same variable are an error. Values are
 /// converted to the dtype and device of the variables (fp16 files load into an fp32 model).
-pub fn load_strict(
-    vs: &nn::VarStore,
-    path: &Path,
-    map_key: &dyn Fn(&str, &Tensor) -> KeyAction,
-) -> Result<()> {
+pub fn load_strict(vs: &nn::VarStore, path: &Path, map_key: &dyn Fn(&str, &Tensor) -> KeyAction) -> Result<()> {
     let file = read_safetensors(path)?;
     let mut vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     let mut seen: HashMap<String, String> = HashMap::new();
@@ -137,11 +128,7 @@ pub fn load_strict(
         problems.push(format!("{} mis-shaped key(s): {}", misshaped.len(), preview(&misshaped)));
     }
     if !problems.is_empty() {
-        bail!(
-            "{} does not match the model built from its config.json: {}",
-            path.display(),
-            problems.join("; ")
-        );
+        bail!("{} does not match the model built from its config.json: {}", path.display(), problems.join("; "));
     }
     Ok(())
 }

@@ -265,7 +265,10 @@ impl StableDiffusion {
     ) -> Result<SubjectSteps<'_>> {
         let d = self.text_encoder.hidden_size();
         if subject.c_s.size()[1] != d {
-            bail!("the subject's embeddings have width {}, but this model's text encoder has {d}", subject.c_s.size()[1]);
+            bail!(
+                "the subject's embeddings have width {}, but this model's text encoder has {d}",
+                subject.c_s.size()[1]
+            );
         }
         let ids = self.tokenize(prompt);
         let n_tokens = self.tokenizer.encode_padded(prompt).n_tokens;

@@ -123,11 +123,7 @@ impl DdimScheduler {
         };
         let alphas: Tensor = 1.0 - betas;
         let alphas_cumprod = alphas.cumprod(0, Kind::Float);
-        let final_alpha_cumprod = if config.set_alpha_to_one {
-            Tensor::from(1.0f32)
-        } else {
-            alphas_cumprod.get(0)
-        };
+        let final_alpha_cumprod = if config.set_alpha_to_one { Tensor::from(1.0f32) } else { alphas_cumprod.get(0) };
         let mut s = Self { config, alphas_cumprod, final_alpha_cumprod, timesteps: vec![] };
         s.set_timesteps(num_inference_steps)?;
         Ok(s)
@@ -145,7 +141,8 @@ impl DdimScheduler {
                 .rev()
                 .map(|i| {
                     // np.linspace: i·step with step = (n−1)/(k−1), the last value exactly n−1
-                    let v = if i == k - 1 { (n - 1) as f64 } else { i as f64 * ((n - 1) as f64 / (k - 1).max(1) as f64) };
+                    let v =
+                        if i == k - 1 { (n - 1) as f64 } else { i as f64 * ((n - 1) as f64 / (k - 1).max(1) as f64) };
                     v.round_ties_even() as i64
                 })
                 .collect(),
@@ -235,7 +232,7 @@ impl DdimScheduler {
     /// as `DDPMScheduler.add_noise`.
     pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, t: &Tensor) -> Tensor {
         let a = self.alphas_cumprod.to_device(x0.device()).index_select(0, &t.to_device(x0.device()));
-        let shape: Vec<i64> = std::iter::once(-1).chain(std::iter::repeat(1).take(x0.dim() - 1)).collect();
+        let shape: Vec<i64> = std::iter::once(-1).chain(std::iter::repeat_n(1, x0.dim() - 1)).collect();
         let sqrt_a = a.pow_tensor_scalar(0.5).view(shape.as_slice());
         let b: Tensor = 1.0 - &a;
         let sqrt_b = b.pow_tensor_scalar(0.5).view(shape.as_slice());

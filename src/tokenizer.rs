@@ -305,8 +305,8 @@ fn read_vocab_merges(dir: &Path) -> Result<(Vocab, Merges, String)> {
             dir.display()
         );
     }
-    let vocab_obj = read_optional_object(&vocab_path)?
-        .ok_or_else(|| anyhow!("cannot read {}", vocab_path.display()))?;
+    let vocab_obj =
+        read_optional_object(&vocab_path)?.ok_or_else(|| anyhow!("cannot read {}", vocab_path.display()))?;
     let vocab = parse_vocab(&vocab_obj, &vocab_path.display().to_string())?;
     let text = std::fs::read_to_string(&merges_path)
         .with_context(|| format!("cannot read {} as UTF-8 text", merges_path.display()))?;
@@ -337,10 +337,8 @@ fn read_vocab_merges(dir: &Path) -> Result<(Vocab, Merges, String)> {
 fn read_tokenizer_json(path: &Path) -> Result<(Vocab, Merges, SerializedAdded)> {
     let what = path.display().to_string();
     let root = read_optional_object(path)?.ok_or_else(|| anyhow!("cannot read {what}"))?;
-    let model = root
-        .get("model")
-        .and_then(Value::as_object)
-        .ok_or_else(|| anyhow!("{what}: expected a \"model\" object"))?;
+    let model =
+        root.get("model").and_then(Value::as_object).ok_or_else(|| anyhow!("{what}: expected a \"model\" object"))?;
     match model.get("type").and_then(Value::as_str) {
         Some("BPE") | None => {}
         Some(other) => bail!("{what}: model.type is {other:?}, expected \"BPE\" (CLIP byte-level BPE)"),
@@ -369,16 +367,13 @@ fn read_tokenizer_json(path: &Path) -> Result<(Vocab, Merges, SerializedAdded)> 
             },
             _ => None,
         };
-        let pair = pair.ok_or_else(|| {
-            anyhow!("{what}: model.merges[{i}] is {m}, expected \"a b\" or [\"a\", \"b\"]")
-        })?;
+        let pair =
+            pair.ok_or_else(|| anyhow!("{what}: model.merges[{i}] is {m}, expected \"a b\" or [\"a\", \"b\"]"))?;
         merges.push(pair);
     }
     let mut added = Vec::new();
     if let Some(list) = root.get("added_tokens") {
-        let list = list
-            .as_array()
-            .ok_or_else(|| anyhow!("{what}: expected \"added_tokens\" to be a list"))?;
+        let list = list.as_array().ok_or_else(|| anyhow!("{what}: expected \"added_tokens\" to be a list"))?;
         for (i, t) in list.iter().enumerate() {
             let ctx = format!("{what}: added_tokens[{i}]");
             let obj = t.as_object().ok_or_else(|| anyhow!("{ctx}: expected an object"))?;
@@ -451,10 +446,7 @@ fn find_added(text: &str, patterns: &[Pattern]) -> Vec<(usize, usize, i64)> {
     let mut i = 0;
     while i < text.len() {
         let rest = &text[i..];
-        let best = patterns
-            .iter()
-            .filter(|p| rest.starts_with(p.text.as_str()))
-            .max_by_key(|p| p.text.len());
+        let best = patterns.iter().filter(|p| rest.starts_with(p.text.as_str())).max_by_key(|p| p.text.len());
         match best {
             Some(p) => {
                 let end = i + p.text.len();
@@ -625,8 +617,7 @@ impl ClipTokenizer {
         }
         tok.refresh_patterns();
         let id_of = |tok: &ClipTokenizer, name: &str, key: &str| {
-            tok.token_to_id(name)
-                .ok_or_else(|| anyhow!("tokenizer folder {}: {key} {name:?} has no id", dir.display()))
+            tok.token_to_id(name).ok_or_else(|| anyhow!("tokenizer folder {}: {key} {name:?} has no id", dir.display()))
         };
         tok.bos_id = id_of(&tok, &tok.bos_token, "bos_token")?;
         tok.eos_id = id_of(&tok, &tok.eos_token, "eos_token")?;
@@ -913,9 +904,7 @@ fn model_max_length(tc: &Map<String, Value>, what: &str) -> Result<usize> {
     match tc.get("model_max_length") {
         None | Some(Value::Null) => Ok(DEFAULT_MODEL_MAX_LENGTH),
         Some(v) => {
-            let x = v
-                .as_f64()
-                .ok_or_else(|| anyhow!("{what}: model_max_length must be a number, got {v}"))?;
+            let x = v.as_f64().ok_or_else(|| anyhow!("{what}: model_max_length must be a number, got {v}"))?;
             if !x.is_finite() || x > MAX_SANE_MODEL_MAX_LENGTH {
                 Ok(DEFAULT_MODEL_MAX_LENGTH)
             } else if x >= 2.0 && x.fract() == 0.0 {

@@ -246,7 +246,13 @@ fn deterministic() {
     let target = warp_mask(&m, &sim(1.2, 20.0, 0.1, -0.1), 64, 64);
     let (a, b) = (fit(&m, &target).unwrap(), fit(&m, &target).unwrap());
     let bits = |f: &hifi_tuner::guidance::align::Fit| {
-        [f.theta.scale.to_bits(), f.theta.rotation.to_bits(), f.theta.tx.to_bits(), f.theta.ty.to_bits(), f.loss.to_bits()]
+        [
+            f.theta.scale.to_bits(),
+            f.theta.rotation.to_bits(),
+            f.theta.tx.to_bits(),
+            f.theta.ty.to_bits(),
+            f.loss.to_bits(),
+        ]
     };
     assert_eq!(bits(&a), bits(&b));
 }
@@ -273,7 +279,15 @@ fn align_mask_command() {
     save_mask_png(&target, &t).unwrap();
     let bin = env!("CARGO_BIN_EXE_hifi-tuner");
     let o = Command::new(bin)
-        .args(["align-mask", "--reference", r.to_str().unwrap(), "--target", t.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .args([
+            "align-mask",
+            "--reference",
+            r.to_str().unwrap(),
+            "--target",
+            t.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -315,11 +329,21 @@ fn align_mask_command() {
     save_mask_png(&Tensor::zeros([64, 64], (Kind::Float, tch::Device::Cpu)), &empty).unwrap();
     let junk = dir.path().join("junk.png");
     std::fs::write(&junk, b"not a png").unwrap();
-    for (rf, tf, needle) in [(&empty, &t, "empty.png"), (&r, &junk, "junk.png"), (&r, &dir.path().join("missing.png"), "missing.png")] {
+    for (rf, tf, needle) in
+        [(&empty, &t, "empty.png"), (&r, &junk, "junk.png"), (&r, &dir.path().join("missing.png"), "missing.png")]
+    {
         let out2 = dir.path().join("never.png");
         let o = Command::new(bin)
             .env_remove("RUST_BACKTRACE")
-            .args(["align-mask", "--reference", rf.to_str().unwrap(), "--target", tf.to_str().unwrap(), "--out", out2.to_str().unwrap()])
+            .args([
+                "align-mask",
+                "--reference",
+                rf.to_str().unwrap(),
+                "--target",
+                tf.to_str().unwrap(),
+                "--out",
+                out2.to_str().unwrap(),
+            ])
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&o.stderr);

@@ -69,22 +69,41 @@ fn generate_writes_diffusers_image_with_parameters() {
     let out = tmp.path().join("img.png");
     let m = reference_meta("tiny-a");
     let o = run(&[
-        "generate", "--model", s(&model_dir("tiny-a")), "--prompt", &m["prompt"],
-        "--negative-prompt", &m["negative_prompt"], "--seed", &m["seed"], "--steps", &m["steps"],
-        "--guidance", &m["guidance"], "--out", s(&out), "--device", "cpu",
+        "generate",
+        "--model",
+        s(&model_dir("tiny-a")),
+        "--prompt",
+        &m["prompt"],
+        "--negative-prompt",
+        &m["negative_prompt"],
+        "--seed",
+        &m["seed"],
+        "--steps",
+        &m["steps"],
+        "--guidance",
+        &m["guidance"],
+        "--out",
+        s(&out),
+        "--device",
+        "cpu",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let img = image::open(&out).unwrap().to_rgb8();
     let expect = &reference("tiny-a")["gen.image_u8"];
     let expect = Vec::<u8>::try_from(&expect.view([-1])).unwrap();
     assert_eq!((img.width(), img.height()), (32, 32), "default size = sample_size × VAE factor");
-    let diff: f64 = img.as_raw().iter().zip(&expect).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>()
-        / expect.len() as f64;
+    let diff: f64 =
+        img.as_raw().iter().zip(&expect).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>() / expect.len() as f64;
     assert!(diff <= 0.1, "mean |diff| {diff} levels");
     let text = hifi_tuner::io::png_text(&out).unwrap();
     let params = &text.iter().find(|(k, _)| k == "parameters").expect("parameters chunk").1;
     assert!(params.starts_with(&m["prompt"]), "{params}");
-    for part in [format!("Negative prompt: {}", m["negative_prompt"]), format!("Seed: {}", m["seed"]), "Steps: 8".into(), "CFG scale: 7.5".into()] {
+    for part in [
+        format!("Negative prompt: {}", m["negative_prompt"]),
+        format!("Seed: {}", m["seed"]),
+        "Steps: 8".into(),
+        "CFG scale: 7.5".into(),
+    ] {
         assert!(params.contains(&part), "{params} lacks {part}");
     }
 }
@@ -93,7 +112,21 @@ fn generate_writes_diffusers_image_with_parameters() {
 fn bad_model_folders_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("x.png");
-    let gen = |model: &Path| run(&["generate", "--model", s(model), "--prompt", "a dog", "--steps", "2", "--out", s(&out), "--device", "cpu"]);
+    let gen = |model: &Path| {
+        run(&[
+            "generate",
+            "--model",
+            s(model),
+            "--prompt",
+            "a dog",
+            "--steps",
+            "2",
+            "--out",
+            s(&out),
+            "--device",
+            "cpu",
+        ])
+    };
     assert_clean_error(&gen(tmp.path()), "model_index.json");
     assert_clean_error(&gen(&tmp.path().join("nope")), "does not exist");
 
@@ -114,10 +147,42 @@ fn bad_sizes_and_long_prompts() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("x.png");
     let model = model_dir("tiny-b");
-    let o = run(&["generate", "--model", s(&model), "--prompt", "a", "--height", "30", "--width", "32", "--steps", "1", "--out", s(&out), "--device", "cpu"]);
+    let o = run(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "a",
+        "--height",
+        "30",
+        "--width",
+        "32",
+        "--steps",
+        "1",
+        "--out",
+        s(&out),
+        "--device",
+        "cpu",
+    ]);
     assert_clean_error(&o, "multiples of 4");
     let long = "a watercolor of mountains and rivers ".repeat(20);
-    let o = run(&["generate", "--model", s(&model), "--prompt", &long, "--steps", "1", "--height", "16", "--width", "16", "--out", s(&out), "--device", "cpu"]);
+    let o = run(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        &long,
+        "--steps",
+        "1",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--out",
+        s(&out),
+        "--device",
+        "cpu",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("truncated"), "a warning says the prompt was truncated: {}", stderr(&o));
     assert!(out.is_file());
@@ -130,12 +195,35 @@ fn init_random_writes_a_loadable_model() {
     let tok = fixtures().join("tokenizers/clip");
     let o = run(&["init-random", "--config", "tiny", "--tokenizer", s(&tok), "--out", s(&dir), "--seed", "1"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    for f in ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
-              "text_encoder/model.safetensors", "tokenizer/vocab.json", "scheduler/scheduler_config.json"] {
+    for f in [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/vocab.json",
+        "scheduler/scheduler_config.json",
+    ] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     let out = tmp.path().join("r.png");
-    let o = run(&["generate", "--model", s(&dir), "--prompt", "a dog", "--steps", "2", "--height", "16", "--width", "16", "--out", s(&out), "--device", "cpu"]);
+    let o = run(&[
+        "generate",
+        "--model",
+        s(&dir),
+        "--prompt",
+        "a dog",
+        "--steps",
+        "2",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--out",
+        s(&out),
+        "--device",
+        "cpu",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     // Refuses to overwrite.
     let o = run(&["init-random", "--config", "tiny", "--tokenizer", s(&tok), "--out", s(&dir)]);

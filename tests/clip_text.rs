@@ -58,10 +58,7 @@ fn forward_equals_forward_embeds_of_token_embedding() {
     let ids = reference("tiny-b", "text.input_ids");
     let a = tch::no_grad(|| model.forward(&ids));
     let b = tch::no_grad(|| model.forward_embeds(&model.token_embedding(&ids)));
-    assert!(
-        a.equal(&b),
-        "forward(ids) and forward_embeds(token_embedding(ids)) differ"
-    );
+    assert!(a.equal(&b), "forward(ids) and forward_embeds(token_embedding(ids)) differ");
 }
 
 #[test]
@@ -75,15 +72,9 @@ fn causal_later_tokens_do_not_change_earlier_rows() {
         let old = changed.int64_value(&[0, k]);
         let _ = changed.narrow(1, k, 1).fill_((old + 1) % vocab);
         let out = tch::no_grad(|| model.forward(&changed));
-        assert!(
-            out.narrow(1, 0, k).equal(&base.narrow(1, 0, k)),
-            "changing token {k} changed an earlier row"
-        );
+        assert!(out.narrow(1, 0, k).equal(&base.narrow(1, 0, k)), "changing token {k} changed an earlier row");
         // The change is visible at row k itself, so the check above can fail.
-        let at_k = (out.narrow(1, k, 1) - base.narrow(1, k, 1))
-            .abs()
-            .max()
-            .double_value(&[]);
+        let at_k = (out.narrow(1, k, 1) - base.narrow(1, k, 1)).abs().max().double_value(&[]);
         assert!(at_k > 0.0, "changing token {k} did not change row {k}");
     }
 }
@@ -97,10 +88,7 @@ fn gradients_flow_to_input_embeddings() {
     out.square().sum(Kind::Float).backward();
     let grad = embeds.grad();
     assert!(grad.defined(), "no gradient on input embeddings");
-    assert!(
-        grad.abs().max().double_value(&[]) > 0.0,
-        "zero gradient on input embeddings"
-    );
+    assert!(grad.abs().max().double_value(&[]) > 0.0, "zero gradient on input embeddings");
 }
 
 #[test]
@@ -121,11 +109,7 @@ fn appended_embeddings_are_used_for_new_ids() {
     let vars = model.vs.variables();
     assert_eq!(vars[TOKEN_EMBEDDING_KEY].size(), vec![old_vocab + 2, d]);
     assert_eq!(model.vs.trainable_variables().len(), trainable_before);
-    assert!(model
-        .vs
-        .trainable_variables()
-        .iter()
-        .any(|t| t.size() == vec![old_vocab + 2, d]));
+    assert!(model.vs.trainable_variables().iter().any(|t| t.size() == vec![old_vocab + 2, d]));
 
     // Old ids are unaffected.
     let after = tch::no_grad(|| model.forward(&ids));
@@ -135,10 +119,7 @@ fn appended_embeddings_are_used_for_new_ids() {
     let with_new = ids.copy();
     let _ = with_new.narrow(1, 5, 1).fill_(old_vocab + 1);
     let emb = tch::no_grad(|| model.token_embedding(&with_new));
-    assert!(
-        emb.get(0).get(5).equal(&rows.get(1)),
-        "new id does not use the appended row"
-    );
+    assert!(emb.get(0).get(5).equal(&rows.get(1)), "new id does not use the appended row");
     let expected = tch::no_grad(|| model.forward_embeds(&emb));
     let got = tch::no_grad(|| model.forward(&with_new));
     assert!(got.equal(&expected));
@@ -172,26 +153,17 @@ fn missing_key_is_named() {
     let dir = edited_copy(|t| t.retain(|(k, _)| strip(k) != "encoder.layers.1.mlp.fc2.bias"));
     let err = ClipTextModel::load(dir.path(), Device::Cpu).expect_err("missing key accepted");
     let msg = format!("{err:#}");
-    assert!(
-        msg.contains("missing") && msg.contains("encoder.layers.1.mlp.fc2.bias"),
-        "{msg}"
-    );
+    assert!(msg.contains("missing") && msg.contains("encoder.layers.1.mlp.fc2.bias"), "{msg}");
 }
 
 #[test]
 fn unused_key_is_named() {
     let dir = edited_copy(|t| {
-        t.push((
-            "text_model.encoder.layers.0.extra.weight".into(),
-            Tensor::zeros([3], (Kind::Float, Device::Cpu)),
-        ))
+        t.push(("text_model.encoder.layers.0.extra.weight".into(), Tensor::zeros([3], (Kind::Float, Device::Cpu))))
     });
     let err = ClipTextModel::load(dir.path(), Device::Cpu).expect_err("unused key accepted");
     let msg = format!("{err:#}");
-    assert!(
-        msg.contains("unused") && msg.contains("encoder.layers.0.extra.weight"),
-        "{msg}"
-    );
+    assert!(msg.contains("unused") && msg.contains("encoder.layers.0.extra.weight"), "{msg}");
 }
 
 #[test]
@@ -203,10 +175,7 @@ fn prefixed_keys_and_position_ids_buffer_are_accepted() {
             }
         }
         t.retain(|(k, _)| k != POSITION_IDS_KEY);
-        t.push((
-            POSITION_IDS_KEY.into(),
-            Tensor::arange(77, (Kind::Int64, Device::Cpu)).unsqueeze(0),
-        ));
+        t.push((POSITION_IDS_KEY.into(), Tensor::arange(77, (Kind::Int64, Device::Cpu)).unsqueeze(0)));
     });
     let model = ClipTextModel::load(dir.path(), Device::Cpu).unwrap_or_else(|e| panic!("{e:#}"));
     let reference_model = load("tiny-b");
@@ -224,15 +193,8 @@ fn unsupported_activation_names_the_key() {
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     cfg["hidden_act"] = "relu".into();
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
-    std::fs::copy(
-        hifi_tuner::load::weight_file(&src).unwrap(),
-        dir.path().join("model.safetensors"),
-    )
-    .unwrap();
+    std::fs::copy(hifi_tuner::load::weight_file(&src).unwrap(), dir.path().join("model.safetensors")).unwrap();
     let err = ClipTextModel::load(dir.path(), Device::Cpu).expect_err("relu accepted");
     let msg = format!("{err:#}");
-    assert!(
-        msg.contains("hidden_act") && msg.contains("config.json"),
-        "{msg}"
-    );
+    assert!(msg.contains("hidden_act") && msg.contains("config.json"), "{msg}");
 }

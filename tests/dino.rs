@@ -16,10 +16,7 @@ fn dino_dir() -> PathBuf {
 }
 
 fn photo(i: usize) -> PathBuf {
-    fixtures()
-        .join("photos")
-        .join("dog")
-        .join(format!("{i:02}.jpg"))
+    fixtures().join("photos").join("dog").join(format!("{i:02}.jpg"))
 }
 
 fn open(p: &Path) -> DynamicImage {
@@ -36,10 +33,7 @@ fn image_from_hwc(t: &Tensor) -> DynamicImage {
 
 fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shapes differ");
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .mean(Kind::Double)
-        .double_value(&[])
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().mean(Kind::Double).double_value(&[])
 }
 
 #[test]
@@ -58,12 +52,7 @@ fn last_hidden_state_matches_transformers() {
     assert_close(&out, &r["last_hidden_state"], 1e-4, "last_hidden_state");
     // the photo's reference pixels through the model
     let out = tch::no_grad(|| m.forward(&r["photo.pixel_values"]));
-    assert_close(
-        &out,
-        &r["photo.last_hidden_state"],
-        1e-4,
-        "photo last_hidden_state",
-    );
+    assert_close(&out, &r["photo.last_hidden_state"], 1e-4, "photo last_hidden_state");
 }
 
 #[test]
@@ -74,20 +63,14 @@ fn cls_embedding_is_row_zero_after_the_final_layernorm() {
     let emb = tch::no_grad(|| dino.embed_pixels(&r["pixel_values"])).unwrap();
     assert_eq!(emb.size(), vec![2, 32]);
     let full = tch::no_grad(|| dino.model.forward(&r["pixel_values"]));
-    assert!(
-        emb.equal(&full.select(1, 0)),
-        "embedding is not row 0 of the last hidden state"
-    );
+    assert!(emb.equal(&full.select(1, 0)), "embedding is not row 0 of the last hidden state");
     assert_close(&emb, &r["last_hidden_state"].select(1, 0), 1e-4, "CLS");
     // not the pooler output (tanh(dense(CLS))), which the fixture also records
     assert!(max_abs_diff(&emb, &r["pooler_output"]) > 0.1);
     // the final layernorm was applied: with weight ≈ 1 ± 0.2 the row is far from raw
     // residual-stream scale but has ~unit spread
     let std = emb.std_dim(-1, false, false);
-    assert!(
-        std.min().double_value(&[]) > 0.5 && std.max().double_value(&[]) < 2.0,
-        "{std:?}"
-    );
+    assert!(std.min().double_value(&[]) > 0.5 && std.max().double_value(&[]) < 2.0, "{std:?}");
 }
 
 #[test]
@@ -108,10 +91,7 @@ fn crop_and_normalisation_match_torchvision_exactly() {
     let resized = image_from_hwc(&r["photo.resized_u8"]); // PIL's 37×37 bicubic result
     let ours = preprocess(&resized, 32).unwrap().unsqueeze(0);
     let d = max_abs_diff(&ours, &r["photo.pixel_values"]);
-    assert!(
-        d <= 1e-6,
-        "crop/normalise differ from torchvision by {d:.2e}"
-    );
+    assert!(d <= 1e-6, "crop/normalise differ from torchvision by {d:.2e}");
 }
 
 /// The `image` crate's CatmullRom resize (and JPEG decoder) against PIL's bicubic (and
@@ -125,38 +105,24 @@ fn preprocessing_is_close_to_torchvision_pil() {
         let e1 = dino.embed_pixels(ours).unwrap();
         let e2 = dino.embed_pixels(want).unwrap();
         let cos = cosine(&e1, &e2);
-        eprintln!("{what}: mean |diff| {mean:.4}, max |diff| {max:.4} (normalised units); cosine of embeddings {cos:.6}");
+        eprintln!(
+            "{what}: mean |diff| {mean:.4}, max |diff| {max:.4} (normalised units); cosine of embeddings {cos:.6}"
+        );
         assert!(cos > 0.995, "{what}: embedding cosine {cos}");
         (mean, max)
     };
     tch::no_grad(|| {
         // 1. same decoded pixels (PIL's), only the resize differs
-        let from_pil_rgb = preprocess(&image_from_hwc(&r["photo.rgb_u8"]), 32)
-            .unwrap()
-            .unsqueeze(0);
-        let (mean, max) = report(
-            "resize only (square 64→37→32)",
-            &from_pil_rgb,
-            &r["photo.pixel_values"],
-        );
-        assert!(
-            mean < 0.02 && max < 0.1,
-            "resize differs too much: {mean} / {max}"
-        );
+        let from_pil_rgb = preprocess(&image_from_hwc(&r["photo.rgb_u8"]), 32).unwrap().unsqueeze(0);
+        let (mean, max) = report("resize only (square 64→37→32)", &from_pil_rgb, &r["photo.pixel_values"]);
+        assert!(mean < 0.02 && max < 0.1, "resize differs too much: {mean} / {max}");
 
         // 2. non-square: 64×48 → 49×37 → 32 (long side int(37·64/48) = 49)
         let wide = image_from_hwc(&r["wide.rgb_u8"]);
         assert_eq!((wide.width(), wide.height()), (64, 48));
         let ours = preprocess(&wide, 32).unwrap().unsqueeze(0);
-        let (mean, max) = report(
-            "resize only (64×48→49×37→32)",
-            &ours,
-            &r["wide.pixel_values"],
-        );
-        assert!(
-            mean < 0.02 && max < 0.1,
-            "wide resize differs too much: {mean} / {max}"
-        );
+        let (mean, max) = report("resize only (64×48→49×37→32)", &ours, &r["wide.pixel_values"]);
+        assert!(mean < 0.02 && max < 0.1, "wide resize differs too much: {mean} / {max}");
 
         // 3. the whole path from the JPEG file: the `image` crate decodes too
         let img = open(&photo(0));
@@ -166,10 +132,7 @@ fn preprocessing_is_close_to_torchvision_pil() {
         eprintln!("JPEG decode vs PIL: mean |diff| {dec_mean:.3}, max |diff| {dec_max} (of 255)");
         let ours = preprocess(&img, 32).unwrap().unsqueeze(0);
         let (mean, _) = report("JPEG file end to end", &ours, &r["photo.pixel_values"]);
-        assert!(
-            mean < 0.05,
-            "end-to-end preprocessing differs too much: {mean}"
-        );
+        assert!(mean < 0.05, "end-to-end preprocessing differs too much: {mean}");
     });
 }
 
@@ -180,21 +143,14 @@ fn preprocess_shape_and_errors() {
     assert_eq!(x.size(), vec![3, 32, 32]);
     assert_eq!(x.kind(), Kind::Float);
     // a tall image: shorter side (width) → 37
-    let tall = DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
-        10,
-        30,
-        image::Rgb([255, 0, 128]),
-    ));
+    let tall = DynamicImage::ImageRgb8(image::RgbImage::from_pixel(10, 30, image::Rgb([255, 0, 128])));
     let x = preprocess(&tall, 32).unwrap();
     assert_eq!(x.size(), vec![3, 32, 32]);
     // constant colour survives the resize: red channel = (1 − 0.485) / 0.229
     let red = x.get(0).mean(Kind::Double).double_value(&[]);
     assert!((red - (1.0 - 0.485) / 0.229).abs() < 1e-5, "{red}");
     let empty = DynamicImage::ImageRgb8(image::RgbImage::new(0, 5));
-    assert!(preprocess(&empty, 32)
-        .unwrap_err()
-        .to_string()
-        .contains("empty"));
+    assert!(preprocess(&empty, 32).unwrap_err().to_string().contains("empty"));
     assert!(preprocess(&img, 0).is_err());
 }
 
@@ -207,10 +163,7 @@ fn cosine_basics() {
     let e0 = Tensor::from_slice(&[1.0f32, 0.0]);
     let e1 = Tensor::from_slice(&[0.0f32, 2.0]);
     assert_eq!(cosine(&e0, &e1), 0.0);
-    assert_eq!(
-        cosine(&e0, &Tensor::zeros([2], (Kind::Float, Device::Cpu))),
-        0.0
-    );
+    assert_eq!(cosine(&e0, &Tensor::zeros([2], (Kind::Float, Device::Cpu))), 0.0);
     let dino = Dino::load(&dino_dir(), Device::Cpu).unwrap();
     let e = dino.embed_image(&open(&photo(0))).unwrap();
     assert_eq!(e.size(), vec![32]);
@@ -244,20 +197,11 @@ fn most_similar_picks_the_identical_copy() {
 #[test]
 fn wrong_input_size_is_a_clear_error() {
     let m = ViTModel::load(&dino_dir(), Device::Cpu).unwrap();
-    let e = m
-        .f_forward(&Tensor::zeros([1, 3, 48, 48], (Kind::Float, Device::Cpu)))
-        .unwrap_err()
-        .to_string();
+    let e = m.f_forward(&Tensor::zeros([1, 3, 48, 48], (Kind::Float, Device::Cpu))).unwrap_err().to_string();
     assert!(e.contains("48*48") && e.contains("32*32"), "{e}");
-    let e = m
-        .f_forward(&Tensor::zeros([1, 4, 32, 32], (Kind::Float, Device::Cpu)))
-        .unwrap_err()
-        .to_string();
+    let e = m.f_forward(&Tensor::zeros([1, 4, 32, 32], (Kind::Float, Device::Cpu))).unwrap_err().to_string();
     assert!(e.contains("4 channels"), "{e}");
-    let e = m
-        .f_forward(&Tensor::zeros([3, 32, 32], (Kind::Float, Device::Cpu)))
-        .unwrap_err()
-        .to_string();
+    let e = m.f_forward(&Tensor::zeros([3, 32, 32], (Kind::Float, Device::Cpu))).unwrap_err().to_string();
     assert!(e.contains("(B, C, H, W)"), "{e}");
 }
 
@@ -279,16 +223,11 @@ fn variant(
     let dir = tmp.join(name);
     std::fs::create_dir_all(&dir).unwrap();
     let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dino_dir().join("config.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dino_dir().join("config.json")).unwrap()).unwrap();
     if let Some(f) = config {
         f(&mut cfg);
     }
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(&cfg).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
     Tensor::write_safetensors(tensors, dir.join("model.safetensors")).unwrap();
     dir
 }
@@ -300,36 +239,18 @@ fn load_err(dir: &Path) -> String {
 #[test]
 fn canonical_key_spellings() {
     let c = |k: &str| canonical_key(k);
-    assert_eq!(
-        c("embeddings.cls_token").as_deref(),
-        Some("embeddings.cls_token")
-    );
-    assert_eq!(
-        c("vit.embeddings.cls_token").as_deref(),
-        Some("embeddings.cls_token")
-    );
+    assert_eq!(c("embeddings.cls_token").as_deref(), Some("embeddings.cls_token"));
+    assert_eq!(c("vit.embeddings.cls_token").as_deref(), Some("embeddings.cls_token"));
     assert_eq!(c("pooler.dense.weight"), None);
     assert_eq!(c("vit.pooler.dense.bias"), None);
     assert_eq!(
         c("layers.11.attention.q_proj.weight").as_deref(),
         Some("encoder.layer.11.attention.attention.query.weight")
     );
-    assert_eq!(
-        c("layers.0.attention.o_proj.bias").as_deref(),
-        Some("encoder.layer.0.attention.output.dense.bias")
-    );
-    assert_eq!(
-        c("layers.0.mlp.fc1.weight").as_deref(),
-        Some("encoder.layer.0.intermediate.dense.weight")
-    );
-    assert_eq!(
-        c("layers.0.mlp.fc2.weight").as_deref(),
-        Some("encoder.layer.0.output.dense.weight")
-    );
-    assert_eq!(
-        c("layers.0.layernorm_before.weight").as_deref(),
-        Some("encoder.layer.0.layernorm_before.weight")
-    );
+    assert_eq!(c("layers.0.attention.o_proj.bias").as_deref(), Some("encoder.layer.0.attention.output.dense.bias"));
+    assert_eq!(c("layers.0.mlp.fc1.weight").as_deref(), Some("encoder.layer.0.intermediate.dense.weight"));
+    assert_eq!(c("layers.0.mlp.fc2.weight").as_deref(), Some("encoder.layer.0.output.dense.weight"));
+    assert_eq!(c("layers.0.layernorm_before.weight").as_deref(), Some("encoder.layer.0.layernorm_before.weight"));
     assert_eq!(c("classifier.weight").as_deref(), Some("classifier.weight"));
 }
 
@@ -339,10 +260,7 @@ fn accepts_vit_prefix_in_memory_names_and_no_pooler() {
     let r = reference("dino");
     let want = &r["last_hidden_state"];
     let w = weights();
-    assert!(
-        w.iter().any(|(k, _)| k.starts_with("pooler.")),
-        "the fixture ships the pooler"
-    );
+    assert!(w.iter().any(|(k, _)| k.starts_with("pooler.")), "the fixture ships the pooler");
     // `vit.` prefix, pooler dropped (as ViTForImageClassification's base model minus head)
     let prefixed: Vec<(String, Tensor)> = w
         .iter()
@@ -364,9 +282,7 @@ fn accepts_vit_prefix_in_memory_names_and_no_pooler() {
             (k, t.shallow_clone())
         })
         .collect();
-    assert!(in_memory
-        .iter()
-        .any(|(k, _)| k == "layers.1.mlp.fc2.weight"));
+    assert!(in_memory.iter().any(|(k, _)| k == "layers.1.mlp.fc2.weight"));
     for (name, tensors) in [("prefixed", prefixed), ("in-memory", in_memory)] {
         let dir = variant(tmp.path(), name, &tensors, None);
         let m = ViTModel::load(&dir, Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e:#}"));
@@ -380,69 +296,33 @@ fn loading_is_strict_and_names_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let w = weights();
     let without = |drop: &str| -> Vec<(String, Tensor)> {
-        w.iter()
-            .filter(|(k, _)| k != drop)
-            .map(|(k, t)| (k.clone(), t.shallow_clone()))
-            .collect()
+        w.iter().filter(|(k, _)| k != drop).map(|(k, t)| (k.clone(), t.shallow_clone())).collect()
     };
     // missing
-    let dir = variant(
-        tmp.path(),
-        "missing",
-        &without("encoder.layer.1.attention.attention.key.weight"),
-        None,
-    );
+    let dir = variant(tmp.path(), "missing", &without("encoder.layer.1.attention.attention.key.weight"), None);
     let e = load_err(&dir);
-    assert!(
-        e.contains("missing") && e.contains("encoder.layer.1.attention.attention.key.weight"),
-        "{e}"
-    );
+    assert!(e.contains("missing") && e.contains("encoder.layer.1.attention.attention.key.weight"), "{e}");
     assert!(e.contains("model.safetensors"), "{e}");
     // unused (a classification head)
     let mut extra = without("");
-    extra.push((
-        "classifier.weight".into(),
-        Tensor::zeros([10, 32], (Kind::Float, Device::Cpu)),
-    ));
+    extra.push(("classifier.weight".into(), Tensor::zeros([10, 32], (Kind::Float, Device::Cpu))));
     let dir = variant(tmp.path(), "extra", &extra, None);
     let e = load_err(&dir);
-    assert!(
-        e.contains("unused") && e.contains("classifier.weight"),
-        "{e}"
-    );
+    assert!(e.contains("unused") && e.contains("classifier.weight"), "{e}");
     // mis-shaped
     let mut bad = without("layernorm.weight");
-    bad.push((
-        "layernorm.weight".into(),
-        Tensor::ones([31], (Kind::Float, Device::Cpu)),
-    ));
+    bad.push(("layernorm.weight".into(), Tensor::ones([31], (Kind::Float, Device::Cpu))));
     let dir = variant(tmp.path(), "misshaped", &bad, None);
     let e = load_err(&dir);
-    assert!(
-        e.contains("mis-shaped") && e.contains("layernorm.weight"),
-        "{e}"
-    );
+    assert!(e.contains("mis-shaped") && e.contains("layernorm.weight"), "{e}");
     // a config that does not match the weights (3 layers)
-    let dir = variant(
-        tmp.path(),
-        "layers",
-        &without(""),
-        Some(&|c| c["num_hidden_layers"] = 3.into()),
-    );
+    let dir = variant(tmp.path(), "layers", &without(""), Some(&|c| c["num_hidden_layers"] = 3.into()));
     let e = load_err(&dir);
     assert!(e.contains("encoder.layer.2."), "{e}");
     // unsupported activation: names config.json and the key
-    let dir = variant(
-        tmp.path(),
-        "relu",
-        &without(""),
-        Some(&|c| c["hidden_act"] = "relu".into()),
-    );
+    let dir = variant(tmp.path(), "relu", &without(""), Some(&|c| c["hidden_act"] = "relu".into()));
     let e = load_err(&dir);
-    assert!(
-        e.contains("config.json") && e.contains("hidden_act") && e.contains("relu"),
-        "{e}"
-    );
+    assert!(e.contains("config.json") && e.contains("hidden_act") && e.contains("relu"), "{e}");
     // no folder / no weights
     let e = load_err(&tmp.path().join("nope"));
     assert!(e.contains("nope") && e.contains("does not exist"), "{e}");
@@ -450,10 +330,7 @@ fn loading_is_strict_and_names_the_key() {
     std::fs::create_dir_all(&empty).unwrap();
     std::fs::copy(dino_dir().join("config.json"), empty.join("config.json")).unwrap();
     let e = load_err(&empty);
-    assert!(
-        e.contains("no weights") && e.contains("model.safetensors"),
-        "{e}"
-    );
+    assert!(e.contains("no weights") && e.contains("model.safetensors"), "{e}");
     // non-square image_size: fine for the model, refused by Dino
     let dir = variant(
         tmp.path(),
@@ -469,8 +346,7 @@ fn loading_is_strict_and_names_the_key() {
     );
     let m = ViTModel::load(&dir, Device::Cpu).unwrap();
     assert_eq!(
-        tch::no_grad(|| m.forward(&Tensor::zeros([1, 3, 32, 16], (Kind::Float, Device::Cpu))))
-            .size(),
+        tch::no_grad(|| m.forward(&Tensor::zeros([1, 3, 32, 16], (Kind::Float, Device::Cpu)))).size(),
         vec![1, 9, 32]
     );
     let e = format!("{:#}", Dino::load(&dir, Device::Cpu).unwrap_err());
@@ -493,45 +369,20 @@ fn s(p: &Path) -> &str {
 
 fn assert_clean_error(o: &Output, needle: &str) {
     let e = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "expected a failure, got {:?}; stderr: {e}",
-        o.status
-    );
-    assert!(
-        e.contains("error:") && e.contains(needle),
-        "stderr should name {needle:?}: {e}"
-    );
+    assert_eq!(o.status.code(), Some(1), "expected a failure, got {:?}; stderr: {e}", o.status);
+    assert!(e.contains("error:") && e.contains(needle), "stderr should name {needle:?}: {e}");
     assert!(!e.contains("panicked"), "panic: {e}");
-    assert!(
-        o.stdout.is_empty(),
-        "partial output: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    assert!(o.stdout.is_empty(), "partial output: {}", String::from_utf8_lossy(&o.stdout));
 }
 
 #[test]
 fn cli_prints_one_array_per_image_in_order() {
     let dir = dino_dir();
     let (p0, p1, p2) = (photo(0), photo(1), photo(2));
-    let o = run_cli(&[
-        "dino",
-        "--model",
-        s(&dir),
-        "--device",
-        "cpu",
-        s(&p2),
-        s(&p0),
-        s(&p1),
-        s(&p0),
-    ]);
+    let o = run_cli(&["dino", "--model", s(&dir), "--device", "cpu", s(&p2), s(&p0), s(&p1), s(&p0)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8(o.stdout).unwrap();
-    let rows: Vec<Vec<f64>> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows: Vec<Vec<f64>> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 4);
     assert!(rows.iter().all(|r| r.len() == 32));
     let dino = Dino::load(&dir, Device::Cpu).unwrap();
@@ -550,38 +401,17 @@ fn cli_errors_name_the_file() {
     let p0 = photo(0);
     // missing model folder
     let nope = tmp.path().join("no-such-model");
-    assert_clean_error(
-        &run_cli(&["dino", "--model", s(&nope), "--device", "cpu", s(&p0)]),
-        "no-such-model",
-    );
+    assert_clean_error(&run_cli(&["dino", "--model", s(&nope), "--device", "cpu", s(&p0)]), "no-such-model");
     // missing image
     let missing = tmp.path().join("missing.png");
     assert_clean_error(
-        &run_cli(&[
-            "dino",
-            "--model",
-            s(&dino_dir()),
-            "--device",
-            "cpu",
-            s(&p0),
-            s(&missing),
-        ]),
+        &run_cli(&["dino", "--model", s(&dino_dir()), "--device", "cpu", s(&p0), s(&missing)]),
         "missing.png",
     );
     // not an image
     let junk = tmp.path().join("junk.jpg");
     std::fs::write(&junk, b"this is not a jpeg").unwrap();
-    assert_clean_error(
-        &run_cli(&[
-            "dino",
-            "--model",
-            s(&dino_dir()),
-            "--device",
-            "cpu",
-            s(&junk),
-        ]),
-        "junk.jpg",
-    );
+    assert_clean_error(&run_cli(&["dino", "--model", s(&dino_dir()), "--device", "cpu", s(&junk)]), "junk.jpg");
     // no images at all: clap's usage error
     let o = run_cli(&["dino", "--model", s(&dino_dir())]);
     assert!(!o.status.success());

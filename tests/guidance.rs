@@ -7,7 +7,7 @@ use common::*;
 use hifi_tuner::attention::{AttentionController, AttnKind, AttnSite, Place};
 use hifi_tuner::guidance::daam::CrossAttnAggregator;
 use hifi_tuner::guidance::invert::ddim_invert;
-use hifi_tuner::guidance::reference::{guided_denoise, substitute, GuidanceConfig};
+use hifi_tuner::guidance::reference::{guided_denoise, substitute, GuidanceConfig, Reference};
 use hifi_tuner::pipeline::{StableDiffusion, StepCond};
 use hifi_tuner::rng::seeded;
 use hifi_tuner::subject::file::Subject;
@@ -28,7 +28,8 @@ fn aggregator_sums_subject_token_heat_at_latent_size() {
         let _ = p.narrow(3, 0, 1).fill_(1.0); // token 0 everywhere: ignored
         for y in 0..h / 2 {
             for x in 0..w / 2 {
-                let _ = p.get(1).narrow(1, y * w + x, 1).narrow(2, 5, 1).fill_(1.0); // cond half
+                let _ = p.get(1).narrow(1, y * w + x, 1).narrow(2, 5, 1).fill_(1.0);
+                // cond half
             }
         }
         let _ = p.get(0).narrow(2, 5, 1).fill_(1.0); // uncond half: everywhere, must be ignored
@@ -39,7 +40,8 @@ fn aggregator_sums_subject_token_heat_at_latent_size() {
     let _ = agg.on_probs(&site(AttnKind::Cross, 4, 4), make(4, 4));
     let _ = agg.on_probs(&site(AttnKind::Cross, 2, 2), make(2, 2));
     let m = agg.mask().unwrap(); // (1, 4, 4)
-    let expect = Tensor::from_slice(&[1f32, 1., 0., 0., 1., 1., 0., 0., 0., 0., 0., 0., 0., 0., 0., 0.]).view([1, 4, 4]);
+    let expect =
+        Tensor::from_slice(&[1f32, 1., 0., 0., 1., 1., 0., 0., 0., 0., 0., 0., 0., 0., 0., 0.]).view([1, 4, 4]);
     assert!(m.equal(&expect), "{m}");
     assert_eq!(agg.calls, 2);
     let heat = agg.normalised().unwrap();
@@ -70,7 +72,8 @@ fn round_trip(sd: &StableDiffusion) -> (f64, f64, f64) {
     let traj = ddim_invert(sd, &sched, &x0, &cond);
     assert_eq!(traj.latents.len(), 51);
     let mut fixed = hifi_tuner::pipeline::Fixed(StepCond { cond: cond.shallow_clone(), uncond: cond.shallow_clone() });
-    let back = tch::no_grad(|| sd.denoise(traj.latents[50].shallow_clone(), &sched, &mut fixed, 1.0, None, None)).unwrap();
+    let back =
+        tch::no_grad(|| sd.denoise(traj.latents[50].shallow_clone(), &sched, &mut fixed, 1.0, None, None)).unwrap();
     let max = (&back - &x0).abs().max().double_value(&[]);
     let rms = (&back - &x0).square().mean(Kind::Float).sqrt().double_value(&[]);
     let moved = (&traj.latents[50] - &x0).abs().max().double_value(&[]);
@@ -123,14 +126,22 @@ fn algorithm_2_with_no_steps_and_no_substitution_is_plain_eq7() {
     let s = subject();
     let uncond = tch::no_grad(|| sd.encode_prompt(""));
     let x_t = sd.initial_latents(5, 1, 32, 32);
-    let traj = tch::no_grad(|| ddim_invert(&sd, &sched, &(Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu))), &sd.encode_prompt("a dog")));
+    let traj = tch::no_grad(|| {
+        ddim_invert(
+            &sd,
+            &sched,
+            &(Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu))),
+            &sd.encode_prompt("a dog"),
+        )
+    });
     let plain = tch::no_grad(|| {
         let mut c = sd.subject_steps("a dog in the snow", &s, &sched, uncond.shallow_clone(), 1).unwrap();
         sd.denoise(x_t.shallow_clone(), &sched, &mut c, 7.5, None, None).unwrap()
     });
     let gc = GuidanceConfig { t_start: 8, t_end: 3, steps: 0, lr: 1e-2, substitute: false };
     let mut c = sd.subject_steps("a dog in the snow", &s, &sched, uncond, 1).unwrap();
-    let (guided, report) = guided_denoise(&sd, &sched, x_t, &mut c, 7.5, &traj, &centre_mask(), &gc).unwrap();
+    let (guided, report) =
+        guided_denoise(&sd, &sched, x_t, &mut c, 7.5, &Reference { traj: &traj, mask: &centre_mask() }, &gc).unwrap();
     assert!(guided.equal(&plain), "J = 0 without substitution must be plain Eq. 7, bit for bit");
     assert_eq!(report.losses.len(), 8 - 3 + 1);
 }
@@ -138,7 +149,10 @@ fn algorithm_2_with_no_steps_and_no_substitution_is_plain_eq7() {
 #[test]
 fn substitution_touches_only_the_mask() {
     let (x, star) = seeded(1, || {
-        (Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu)), Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu)))
+        (
+            Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu)),
+            Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu)),
+        )
     });
     let m = centre_mask();
     let y = substitute(&x, &star, &m);
@@ -158,7 +172,8 @@ fn eq10_falls_over_the_phi_h_steps() {
     let traj = ddim_invert(&sd, &sched, &x0, &tch::no_grad(|| sd.encode_prompt("a photo of a dog")));
     let gc = GuidanceConfig { t_start: 8, t_end: 5, steps: 6, lr: 1e-2, substitute: true };
     let mut c = sd.subject_steps("a dog in the snow", &s, &sched, uncond, 1).unwrap();
-    let (x, report) = guided_denoise(&sd, &sched, x_t, &mut c, 7.5, &traj, &centre_mask(), &gc).unwrap();
+    let (x, report) =
+        guided_denoise(&sd, &sched, x_t, &mut c, 7.5, &Reference { traj: &traj, mask: &centre_mask() }, &gc).unwrap();
     assert!(x.isfinite().all().int64_value(&[]) == 1);
     assert_eq!(report.losses.len(), 4);
     for l in &report.losses {

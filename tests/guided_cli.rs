@@ -14,11 +14,28 @@ fn bin() -> Command {
 
 fn learn(out: &Path) {
     let o = bin()
-        .args(["learn", "--model"]).arg(model_dir("tiny-a"))
-        .arg("--images").arg(fixtures().join("photos/dog"))
-        .arg("--masks").arg(fixtures().join("photos/dog-masks"))
-        .args(["--class-noun", "dog", "--steps", "3", "--stepwise-steps", "1", "--ddim-steps", "6", "--device", "cpu", "--out"]).arg(out)
-        .output().unwrap();
+        .args(["learn", "--model"])
+        .arg(model_dir("tiny-a"))
+        .arg("--images")
+        .arg(fixtures().join("photos/dog"))
+        .arg("--masks")
+        .arg(fixtures().join("photos/dog-masks"))
+        .args([
+            "--class-noun",
+            "dog",
+            "--steps",
+            "3",
+            "--stepwise-steps",
+            "1",
+            "--ddim-steps",
+            "6",
+            "--device",
+            "cpu",
+            "--out",
+        ])
+        .arg(out)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
@@ -28,12 +45,16 @@ fn guided(subject: &Path, out: &Path, extra: &[&str]) -> Output {
 
 fn guided_t(subject: &Path, out: &Path, (t_start, t_end): (&str, &str), extra: &[&str]) -> Output {
     bin()
-        .args(["generate", "--model"]).arg(model_dir("tiny-a"))
-        .args(["--prompt", "a dog on the beach", "--steps", "6", "--seed", "4", "--device", "cpu", "--subject"]).arg(subject)
+        .args(["generate", "--model"])
+        .arg(model_dir("tiny-a"))
+        .args(["--prompt", "a dog on the beach", "--steps", "6", "--seed", "4", "--device", "cpu", "--subject"])
+        .arg(subject)
         .args(["--reference-guidance", "--t-start", t_start, "--t-end", t_end, "--guidance-steps", "2"])
         .args(extra)
-        .arg("--out").arg(out)
-        .output().unwrap()
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -47,7 +68,16 @@ fn reference_guidance_end_to_end_is_deterministic_and_writes_intermediates() {
     assert!(o.status.success(), "{err}");
     assert!(err.contains("mask alignment"), "without --dino the choice is by alignment: {err}");
     let dir = tmp.path().join("a-intermediates");
-    for f in ["I_g1.png", "M_g.png", "reference.png", "reference_aligned.png", "M_r_star.png", "I_g2.png", "strip.png", "theta.json"] {
+    for f in [
+        "I_g1.png",
+        "M_g.png",
+        "reference.png",
+        "reference_aligned.png",
+        "M_r_star.png",
+        "I_g2.png",
+        "strip.png",
+        "theta.json",
+    ] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     let b = tmp.path().join("b.png");
@@ -76,7 +106,16 @@ fn bad_guidance_inputs_are_refused() {
     for s in ["00", "01", "02"] {
         image::GrayImage::from_pixel(32, 32, image::Luma([255])).save(masks.join(format!("{s}.png"))).unwrap();
     }
-    let o = guided(&subject, &out, &["--references", fixtures().join("photos/dog").to_str().unwrap(), "--reference-masks", masks.to_str().unwrap()]);
+    let o = guided(
+        &subject,
+        &out,
+        &[
+            "--references",
+            fixtures().join("photos/dog").to_str().unwrap(),
+            "--reference-masks",
+            masks.to_str().unwrap(),
+        ],
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("same size") && err.contains("00.png"), "{err}");

@@ -59,9 +59,14 @@ fn hifi_learn_then_generate_with_subject() {
     assert_eq!((s.n_tokens(), s.stepwise.len(), s.timesteps.len()), (3, 3, 3));
     let img = tmp.path().join("g.png");
     let o = Command::new(env!("CARGO_BIN_EXE_hifi-tuner"))
-        .args(["generate", "--model"]).arg(model_dir("tiny-a"))
-        .args(["--prompt", "a dog on the beach", "--steps", "3", "--device", "cpu", "--subject"]).arg(&out)
-        .arg("--out").arg(&img).output().unwrap();
+        .args(["generate", "--model"])
+        .arg(model_dir("tiny-a"))
+        .args(["--prompt", "a dog on the beach", "--steps", "3", "--device", "cpu", "--subject"])
+        .arg(&out)
+        .arg("--out")
+        .arg(&img)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", err(&o));
     assert!(img.is_file());
 }
@@ -78,9 +83,14 @@ fn ti_learn_exports_learned_embeds_that_generate_reads() {
     assert_eq!((t[0].0.as_str(), t[0].1.size()), ("<dog-x>", vec![2, 32]));
     let img = tmp.path().join("g.png");
     let o = Command::new(env!("CARGO_BIN_EXE_hifi-tuner"))
-        .args(["generate", "--model"]).arg(model_dir("tiny-a"))
-        .args(["--prompt", "a photo of <dog-x> on the beach", "--steps", "2", "--device", "cpu", "--embedding"]).arg(&file)
-        .arg("--out").arg(&img).output().unwrap();
+        .args(["generate", "--model"])
+        .arg(model_dir("tiny-a"))
+        .args(["--prompt", "a photo of <dog-x> on the beach", "--steps", "2", "--device", "cpu", "--embedding"])
+        .arg(&file)
+        .arg("--out")
+        .arg(&img)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", err(&o));
 }
 
@@ -88,7 +98,8 @@ fn ti_learn_exports_learned_embeds_that_generate_reads() {
 #[test]
 fn killed_and_resumed_run_equals_unbroken_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let args = ["--steps", "6", "--stepwise-steps", "2", "--ddim-steps", "3", "--tokens", "3", "--checkpoint-every", "1"];
+    let args =
+        ["--steps", "6", "--stepwise-steps", "2", "--ddim-steps", "3", "--tokens", "3", "--checkpoint-every", "1"];
     let a = tmp.path().join("a");
     let mut c = learn_cmd(&a, &args);
     c.args(with_masks(&masks()));
@@ -123,7 +134,10 @@ fn killed_and_resumed_run_equals_unbroken_run() {
     assert_eq!(log.lines().count(), 6 + 3 * 2, "the resumed log has each step once");
 
     // --resume with changed arguments is refused.
-    let mut c = learn_cmd(&b, &["--steps", "6", "--stepwise-steps", "2", "--ddim-steps", "3", "--tokens", "3", "--lr", "0.1", "--resume"]);
+    let mut c = learn_cmd(
+        &b,
+        &["--steps", "6", "--stepwise-steps", "2", "--ddim-steps", "3", "--tokens", "3", "--lr", "0.1", "--resume"],
+    );
     c.args(with_masks(&masks()));
     assert_fails(&run(c), "changed arguments");
 }
@@ -139,7 +153,8 @@ fn bad_inputs_are_refused_with_the_file_named() {
         if let Some(m) = masks {
             c.arg("--masks").arg(m);
         }
-        c.args(["--class-noun", "dog", "--steps", "1", "--stepwise-steps", "0", "--device", "cpu", "--out"]).arg(t.join(out));
+        c.args(["--class-noun", "dog", "--steps", "1", "--stepwise-steps", "0", "--device", "cpu", "--out"])
+            .arg(t.join(out));
         c.output().unwrap()
     };
     let empty = t.join("empty");
@@ -177,7 +192,8 @@ fn bad_inputs_are_refused_with_the_file_named() {
 fn a_diverging_loss_stops_and_keeps_the_last_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("nan");
-    let o = run(learn_cmd(&out, &["--steps", "20", "--stepwise-steps", "0", "--lr", "1e30", "--checkpoint-every", "1"]));
+    let o =
+        run(learn_cmd(&out, &["--steps", "20", "--stepwise-steps", "0", "--lr", "1e30", "--checkpoint-every", "1"]));
     assert_fails(&o, "checkpoint");
     assert!(err(&o).contains("loss became"), "{}", err(&o));
     assert!(out.join("checkpoint.safetensors").exists());

@@ -63,7 +63,12 @@ fn scheduler_steps_match_diffusers() {
         assert_close(&s.step(eps, t("sched.t"), x), &r["sched.prev_sample"], 1e-6, "step");
         assert_close(&s.step(eps, t("sched.t_last"), x), &r["sched.prev_sample_last"], 1e-6, "last step");
         assert_close(&s.inverse_step(eps, t("sched_inv.t"), x), &r["sched_inv.next_sample"], 1e-6, "inverse");
-        assert_close(&s.inverse_step(eps, t("sched_inv.t_first"), x), &r["sched_inv.next_sample_first"], 1e-6, "first inverse");
+        assert_close(
+            &s.inverse_step(eps, t("sched_inv.t_first"), x),
+            &r["sched_inv.next_sample_first"],
+            1e-6,
+            "first inverse",
+        );
     }
 }
 
@@ -111,7 +116,13 @@ fn batch_of_two_equals_two_singles() {
     let one = StepCond { cond: r["gen.cond_embeds"].shallow_clone(), uncond: r["gen.uncond_embeds"].shallow_clone() };
     tch::no_grad(|| {
         let both = sd.guided_eps(x, 501, &c, 5.0, None);
-        let singles = Tensor::cat(&[sd.guided_eps(&x.narrow(0, 0, 1), 501, &one, 5.0, None), sd.guided_eps(&x.narrow(0, 1, 1), 501, &one, 5.0, None)], 0);
+        let singles = Tensor::cat(
+            &[
+                sd.guided_eps(&x.narrow(0, 0, 1), 501, &one, 5.0, None),
+                sd.guided_eps(&x.narrow(0, 1, 1), 501, &one, 5.0, None),
+            ],
+            0,
+        );
         // Not bit-identical: libtorch's CPU conv2d sums in a batch-size-dependent order (diffusers
         // shows the same ~3e-6 on the raw UNet output); guidance w = 5 amplifies it (1 + w)-fold.
         let d = max_abs_diff(&both, &singles);

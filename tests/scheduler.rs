@@ -86,7 +86,10 @@ fn sd_scheduler(steps: usize) -> DdimScheduler {
 fn step_and_inverse_step_are_consistent() {
     let s = sd_scheduler(20);
     let (x0, eps) = hifi_tuner::rng::seeded(3, || {
-        (Tensor::randn([2, 4, 6, 5], (Kind::Float, tch::Device::Cpu)), Tensor::randn([2, 4, 6, 5], (Kind::Float, tch::Device::Cpu)))
+        (
+            Tensor::randn([2, 4, 6, 5], (Kind::Float, tch::Device::Cpu)),
+            Tensor::randn([2, 4, 6, 5], (Kind::Float, tch::Device::Cpu)),
+        )
     });
     let t = s.timesteps[5];
     let prev = s.timesteps[6];

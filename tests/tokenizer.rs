@@ -300,7 +300,13 @@ fn special_token_config_variants() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|t| (t["content"].as_str().unwrap().to_string(), t["id"].as_i64().unwrap(), t["normalized"].as_bool().unwrap()))
+            .map(|t| {
+                (
+                    t["content"].as_str().unwrap().to_string(),
+                    t["id"].as_i64().unwrap(),
+                    t["normalized"].as_bool().unwrap(),
+                )
+            })
             .collect();
         got_added.sort_by_key(|t| t.1);
         want_added.sort_by_key(|t| t.1);

@@ -30,8 +30,7 @@ fn load(model: &str) -> UNet2DConditionModel {
 /// The `unet.*` inputs of a fixture: (sample, timestep, encoder_hidden_states, expected out).
 fn unet_refs(model: &str) -> (Tensor, Tensor, Tensor, Tensor) {
     let r = read_refs(&fixtures().join(format!("{model}.ref.safetensors")));
-    let get =
-        |k: &str| r.get(k).unwrap_or_else(|| panic!("{model}.ref.safetensors lacks {k}")).shallow_clone();
+    let get = |k: &str| r.get(k).unwrap_or_else(|| panic!("{model}.ref.safetensors lacks {k}")).shallow_clone();
     (get("unet.sample"), get("unet.timestep"), get("unet.encoder_hidden_states"), get("unet.out"))
 }
 
@@ -225,10 +224,7 @@ fn forward_is_differentiable() {
     let c = c.set_requires_grad(true);
     unet.forward(&x, &t, &c, None).square().sum(Kind::Float).backward();
     let g = c.grad();
-    assert!(
-        g.defined() && g.abs().max().double_value(&[]) > 0.0,
-        "no gradient reached encoder_hidden_states"
-    );
+    assert!(g.defined() && g.abs().max().double_value(&[]) > 0.0, "no gradient reached encoder_hidden_states");
     let w = unet.vs.variables()["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"].grad();
     assert!(w.abs().max().double_value(&[]) > 0.0, "no gradient reached attn2.to_k");
 }
@@ -242,20 +238,17 @@ fn load_edited(edit: impl FnOnce(&mut Vec<(String, Tensor)>)) -> String {
     let src = fixtures().join("tiny-b/unet");
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::copy(src.join("config.json"), dir.path().join("config.json")).expect("copy config");
-    let mut tensors =
-        Tensor::read_safetensors(src.join("diffusion_pytorch_model.safetensors")).expect("read weights");
+    let mut tensors = Tensor::read_safetensors(src.join("diffusion_pytorch_model.safetensors")).expect("read weights");
     edit(&mut tensors);
-    Tensor::write_safetensors(&tensors, dir.path().join("diffusion_pytorch_model.safetensors"))
-        .expect("write weights");
+    Tensor::write_safetensors(&tensors, dir.path().join("diffusion_pytorch_model.safetensors")).expect("write weights");
     let err = UNet2DConditionModel::load(dir.path(), Device::Cpu).expect_err("edited weights must not load");
     format!("{err:#}")
 }
 
 #[test]
 fn extra_key_is_an_error_naming_it() {
-    let msg = load_edited(|t| {
-        t.push(("mid_block.extra.weight".into(), Tensor::zeros([3], (Kind::Float, Device::Cpu))))
-    });
+    let msg =
+        load_edited(|t| t.push(("mid_block.extra.weight".into(), Tensor::zeros([3], (Kind::Float, Device::Cpu)))));
     assert!(msg.contains("mid_block.extra.weight") && msg.contains("unused"), "{msg}");
 }
 
@@ -328,11 +321,10 @@ fn unsupported_config_values_are_errors_naming_the_key() {
 #[test]
 fn random_init_has_the_fixture_parameter_set() {
     let unet = build(tiny_b_config()).expect("build");
-    let file = Tensor::read_safetensors(fixtures().join("tiny-b/unet/diffusion_pytorch_model.safetensors"))
-        .expect("read");
+    let file =
+        Tensor::read_safetensors(fixtures().join("tiny-b/unet/diffusion_pytorch_model.safetensors")).expect("read");
     let want: BTreeMap<String, Vec<i64>> = file.iter().map(|(k, v)| (k.clone(), v.size())).collect();
-    let have: BTreeMap<String, Vec<i64>> =
-        unet.vs.variables().iter().map(|(k, v)| (k.clone(), v.size())).collect();
+    let have: BTreeMap<String, Vec<i64>> = unet.vs.variables().iter().map(|(k, v)| (k.clone(), v.size())).collect();
     assert_eq!(have, want);
     assert_eq!(unet.downsample_factor(), 4);
 }

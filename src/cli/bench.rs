@@ -5,7 +5,7 @@
 
 use anyhow::Result;
 use hifi_tuner::guidance::invert::ddim_invert;
-use hifi_tuner::guidance::reference::{guided_denoise, GuidanceConfig};
+use hifi_tuner::guidance::reference::{guided_denoise, GuidanceConfig, Reference};
 use hifi_tuner::pipeline::{GenerateRequest, StableDiffusion};
 use hifi_tuner::subject::file::Subject;
 use hifi_tuner::subject::job::{captions, setup_ti};
@@ -57,7 +57,10 @@ pub fn run(a: Args) -> Result<()> {
     let _ = sd.generate(&req)?;
     sync(device);
     let gen_s = t.elapsed().as_secs_f64();
-    println!("{}", json!({"what": "generate", "device": format!("{device:?}"), "size": size, "steps": a.steps, "seconds": gen_s, "seconds_per_step": gen_s / a.steps as f64}));
+    println!(
+        "{}",
+        json!({"what": "generate", "device": format!("{device:?}"), "size": size, "steps": a.steps, "seconds": gen_s, "seconds_per_step": gen_s / a.steps as f64})
+    );
 
     let mut rates = vec![];
     for (mode, space) in [(Mode::Hifi, Space::Input), (Mode::Hifi, Space::Output), (Mode::Ti, Space::Input)] {
@@ -95,14 +98,20 @@ pub fn run(a: Args) -> Result<()> {
         }
         sync(device);
         let rate = (a.learn_steps - 1) as f64 / t.elapsed().as_secs_f64();
-        println!("{}", json!({"what": "learn", "mode": mode.as_str(), "space": space.as_str(), "steps_per_second": rate}));
+        println!(
+            "{}",
+            json!({"what": "learn", "mode": mode.as_str(), "space": space.as_str(), "steps_per_second": rate})
+        );
         rates.push(rate);
         if mode == Mode::Ti {
             // Reload to drop the TI tokens again.
             sd = StableDiffusion::load(&a.model, device)?;
         }
     }
-    println!("{}", json!({"what": "ratio", "learn_output_over_input_space": rates[1] / rates[0], "learn_ti_over_hifi_input": rates[2] / rates[0]}));
+    println!(
+        "{}",
+        json!({"what": "ratio", "learn_output_over_input_space": rates[1] / rates[0], "learn_ti_over_hifi_input": rates[2] / rates[0]})
+    );
 
     // Reference guidance's second pass (Algorithm 2) with the paper's defaults on a random
     // subject, a random reference latent and a centre mask.
@@ -123,17 +132,21 @@ pub fn run(a: Args) -> Result<()> {
     let mask = Tensor::zeros([1, 1, lat, lat], (Kind::Float, device));
     let _ = mask.narrow(2, lat / 4, lat / 2).narrow(3, lat / 4, lat / 2).fill_(1.0);
     let t_start = (a.steps * 4 / 5).max(1);
-    let gc = GuidanceConfig { t_start, t_end: (a.steps / 5).max(1).min(t_start), steps: 10, lr: 1e-2, substitute: true };
+    let gc =
+        GuidanceConfig { t_start, t_end: (a.steps / 5).max(1).min(t_start), steps: 10, lr: 1e-2, substitute: true };
     sync(device);
     let t = Instant::now();
     let uncond = tch::no_grad(|| sd.encode_prompt(""));
     let traj = ddim_invert(&sd, &sched, &x0, &tch::no_grad(|| sd.encode_prompt("a photo of a dog")));
     let mut cond = sd.subject_steps("a dog on the beach", &subject, &sched, uncond, 1)?;
     let x_t = sd.initial_latents(0, 1, size, size);
-    let (_, report) = guided_denoise(&sd, &sched, x_t, &mut cond, 7.5, &traj, &mask, &gc)?;
+    let (_, report) = guided_denoise(&sd, &sched, x_t, &mut cond, 7.5, &Reference { traj: &traj, mask: &mask }, &gc)?;
     sync(device);
     let guided_s = t.elapsed().as_secs_f64() + gen_s; // + the first pass (I_g1)
-    println!("{}", json!({"what": "reference_guidance", "seconds": guided_s, "phi_h_seconds": report.phi_h_seconds,
-        "phi_h_share": report.phi_h_seconds / guided_s, "over_plain_generate": guided_s / gen_s}));
+    println!(
+        "{}",
+        json!({"what": "reference_guidance", "seconds": guided_s, "phi_h_seconds": report.phi_h_seconds,
+        "phi_h_share": report.phi_h_seconds / guided_s, "over_plain_generate": guided_s / gen_s})
+    );
     Ok(())
 }

@@ -1,8 +1,8 @@
 use anyhow::{bail, Result};
-use hifi_tuner::io::RgbImage;
-use hifi_tuner::pipeline::{GenerateRequest, StableDiffusion};
 use hifi_tuner::guidance::job::{generate_guided, ReferenceOptions};
 use hifi_tuner::guidance::reference::GuidanceConfig;
+use hifi_tuner::io::RgbImage;
+use hifi_tuner::pipeline::{GenerateRequest, StableDiffusion};
 use hifi_tuner::subject::file::{resolve, Subject};
 use hifi_tuner::subject::ti;
 use std::path::{Path, PathBuf};
@@ -109,7 +109,13 @@ pub fn run(a: Args) -> Result<()> {
         };
         let subject_dir = resolve(dir).parent().map(Path::to_path_buf).unwrap_or_default();
         let opt = ReferenceOptions {
-            guidance: GuidanceConfig { t_start: a.t_start, t_end: a.t_end, steps: a.guidance_steps, lr: a.guidance_lr, substitute: true },
+            guidance: GuidanceConfig {
+                t_start: a.t_start,
+                t_end: a.t_end,
+                steps: a.guidance_steps,
+                lr: a.guidance_lr,
+                substitute: true,
+            },
             dino: a.dino.clone(),
             reference_caption: a.reference_caption.clone(),
             references: a.references.clone(),
@@ -118,7 +124,10 @@ pub fn run(a: Args) -> Result<()> {
         };
         let g = generate_guided(&sd, &req, subject, &subject_dir, &opt)?;
         if g.fallback.is_none() {
-            eprintln!("reference guidance: {:.2}s, of which φ_h optimisation {:.2}s", g.seconds, g.report.phi_h_seconds);
+            eprintln!(
+                "reference guidance: {:.2}s, of which φ_h optimisation {:.2}s",
+                g.seconds, g.report.phi_h_seconds
+            );
         }
         g.image
     } else {

@@ -32,8 +32,16 @@ fn preset(name: &str) -> [(&'static str, &'static str, &'static str); 4] {
             [
                 ("unet", "config.json", include_str!(concat!("../../assets/configs/", $p, "/unet.json"))),
                 ("vae", "config.json", include_str!(concat!("../../assets/configs/", $p, "/vae.json"))),
-                ("text_encoder", "config.json", include_str!(concat!("../../assets/configs/", $p, "/text_encoder.json"))),
-                ("scheduler", "scheduler_config.json", include_str!(concat!("../../assets/configs/", $p, "/scheduler.json"))),
+                (
+                    "text_encoder",
+                    "config.json",
+                    include_str!(concat!("../../assets/configs/", $p, "/text_encoder.json")),
+                ),
+                (
+                    "scheduler",
+                    "scheduler_config.json",
+                    include_str!(concat!("../../assets/configs/", $p, "/scheduler.json")),
+                ),
             ]
         };
     }
@@ -65,9 +73,21 @@ pub fn run(a: Args) -> Result<()> {
     let cfg = |c: &str| a.out.join(c).join("config.json");
     let dev = Device::Cpu;
     hifi_tuner::rng::seeded(a.seed as i64, || -> Result<()> {
-        save(&ClipTextModel::new(read_json(&cfg("text_encoder"))?, dev)?.vs, &a.out.join("text_encoder/model.safetensors"), a.fp16)?;
-        save(&AutoencoderKL::new(read_json(&cfg("vae"))?, dev)?.vs, &a.out.join("vae/diffusion_pytorch_model.safetensors"), a.fp16)?;
-        save(&UNet2DConditionModel::new(read_json(&cfg("unet"))?, dev)?.vs, &a.out.join("unet/diffusion_pytorch_model.safetensors"), a.fp16)
+        save(
+            &ClipTextModel::new(read_json(&cfg("text_encoder"))?, dev)?.vs,
+            &a.out.join("text_encoder/model.safetensors"),
+            a.fp16,
+        )?;
+        save(
+            &AutoencoderKL::new(read_json(&cfg("vae"))?, dev)?.vs,
+            &a.out.join("vae/diffusion_pytorch_model.safetensors"),
+            a.fp16,
+        )?;
+        save(
+            &UNet2DConditionModel::new(read_json(&cfg("unet"))?, dev)?.vs,
+            &a.out.join("unet/diffusion_pytorch_model.safetensors"),
+            a.fp16,
+        )
     })?;
     eprintln!("wrote a {} model with RANDOM weights (seed {}) to {}", a.config, a.seed, a.out.display());
     println!("{}", a.out.display());

@@ -99,10 +99,7 @@ impl Dino {
         let s = self.image_size();
         let mut out = Vec::new();
         for chunk in images.chunks(BATCH) {
-            let pixels = chunk
-                .iter()
-                .map(|im| preprocess(im, s))
-                .collect::<Result<Vec<_>>>()?;
+            let pixels = chunk.iter().map(|im| preprocess(im, s)).collect::<Result<Vec<_>>>()?;
             let batch = Tensor::stack(&pixels, 0); // (b, 3, S, S)
             out.push(tch::no_grad(|| self.embed_pixels(&batch))?);
         }
@@ -112,19 +109,13 @@ impl Dino {
     /// The index of the candidate most similar (cosine of DINO embeddings) to `query`, and the
     /// cosine of every candidate, in order. Ties go to the first; a NaN cosine never wins.
     /// An empty candidate list is an error.
-    pub fn most_similar(
-        &self,
-        query: &DynamicImage,
-        candidates: &[DynamicImage],
-    ) -> Result<(usize, Vec<f64>)> {
+    pub fn most_similar(&self, query: &DynamicImage, candidates: &[DynamicImage]) -> Result<(usize, Vec<f64>)> {
         if candidates.is_empty() {
             bail!("most_similar: no candidate images");
         }
         let q = self.embed_image(query)?;
         let c = self.embed_images(candidates)?;
-        let sims: Vec<f64> = (0..candidates.len() as i64)
-            .map(|i| cosine(&q, &c.get(i)))
-            .collect();
+        let sims: Vec<f64> = (0..candidates.len() as i64).map(|i| cosine(&q, &c.get(i))).collect();
         let mut best = 0;
         for (i, &s) in sims.iter().enumerate() {
             if s > sims[best] || sims[best].is_nan() && !s.is_nan() {
@@ -140,23 +131,9 @@ impl Dino {
 ///
 /// Panics if the element counts differ (a programming error: both come from one model).
 pub fn cosine(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(
-        a.numel(),
-        b.numel(),
-        "cosine of tensors with {:?} and {:?} elements",
-        a.size(),
-        b.size()
-    );
-    let a = a
-        .detach()
-        .to_device(Device::Cpu)
-        .to_kind(Kind::Double)
-        .flatten(0, -1);
-    let b = b
-        .detach()
-        .to_device(Device::Cpu)
-        .to_kind(Kind::Double)
-        .flatten(0, -1);
+    assert_eq!(a.numel(), b.numel(), "cosine of tensors with {:?} and {:?} elements", a.size(), b.size());
+    let a = a.detach().to_device(Device::Cpu).to_kind(Kind::Double).flatten(0, -1);
+    let b = b.detach().to_device(Device::Cpu).to_kind(Kind::Double).flatten(0, -1);
     let dot = a.dot(&b).double_value(&[]);
     let na = a.norm().double_value(&[]);
     let nb = b.norm().double_value(&[]);
@@ -193,11 +170,7 @@ pub fn preprocess(img: &DynamicImage, image_size: i64) -> Result<Tensor> {
     let left = ((nw - s) as f64 / 2.0).round_ties_even() as u32;
     let cropped = image::imageops::crop_imm(&resized, left, top, s, s).to_image();
     let raw = cropped.into_raw(); // S·S·3 bytes, HWC
-    let x = Tensor::from_slice(&raw)
-        .view([image_size, image_size, 3])
-        .permute([2, 0, 1])
-        .to_kind(Kind::Float)
-        / 255.0; // (3, S, S) in [0, 1]
+    let x = Tensor::from_slice(&raw).view([image_size, image_size, 3]).permute([2, 0, 1]).to_kind(Kind::Float) / 255.0; // (3, S, S) in [0, 1]
     let mean = Tensor::from_slice(&IMAGENET_MEAN).view([3, 1, 1]);
     let std = Tensor::from_slice(&IMAGENET_STD).view([3, 1, 1]);
     Ok((x - mean) / std)

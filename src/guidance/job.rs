@@ -1,15 +1,16 @@
 //! `generate --reference-guidance`: the whole of §3.3 for one image.
 //!
 //! 1. I_g1 by Eq. 7 from x_T, with a [`CrossAttnAggregator`] collecting the subject tokens'
-//!    cross-attention → M_g. 2. The reference photo: best DINO cosine to I_g1 (`--dino`), else
-//!    best mask alignment. 3. Algorithm 4: T_θ* maps M_r onto M_g → T_θ*(I_r), M_r*.
-//! 4. DDIM inversion of T_θ*(I_r) under the reference caption (w = 1). 5. Algorithm 2 from the
-//! same x_T → I_g2.
+//!    cross-attention → M_g.
+//! 2. The reference photo: best DINO cosine to I_g1 (`--dino`), else best mask alignment.
+//! 3. Algorithm 4: T_θ* maps M_r onto M_g → T_θ*(I_r), M_r*.
+//! 4. DDIM inversion of T_θ*(I_r) under the reference caption (w = 1).
+//! 5. Algorithm 2 from the same x_T → I_g2.
 
 use super::align;
 use super::daam::CrossAttnAggregator;
 use super::invert::ddim_invert;
-use super::reference::{guided_denoise, GuidanceConfig, GuidanceReport};
+use super::reference::{guided_denoise, GuidanceConfig, GuidanceReport, Reference};
 use crate::eval::dino::Dino;
 use crate::io::{decoded_to_u8, image_to_u8, mask_to_u8, RgbImage};
 use crate::pipeline::{GenerateRequest, StableDiffusion};
@@ -93,11 +94,19 @@ pub fn generate_guided(
     let m_g_img = m_g.unsqueeze(1).upsample_nearest2d([req.height, req.width], None, None).squeeze(); // (H, W)
     let plain = |why: String| {
         eprintln!("warning: {why}; falling back to plain generation");
-        Guided { image: i_g1.shallow_clone(), report: GuidanceReport::default(), seconds: started.elapsed().as_secs_f64(), fallback: Some(why) }
+        Guided {
+            image: i_g1.shallow_clone(),
+            report: GuidanceReport::default(),
+            seconds: started.elapsed().as_secs_f64(),
+            fallback: Some(why),
+        }
     };
     let frac = m_g.mean(Kind::Float).double_value(&[]);
     if frac == 0.0 || frac == 1.0 {
-        return Ok(plain(format!("the generated subject mask M_g is {}", if frac == 0.0 { "empty" } else { "the whole image" })));
+        return Ok(plain(format!(
+            "the generated subject mask M_g is {}",
+            if frac == 0.0 { "empty" } else { "the whole image" }
+        )));
     }
     // 2. Reference choice.
     let (r, fitted) = choose_reference(sd, &photos, &i_g1, &m_g_img, opt)?;
@@ -122,10 +131,20 @@ pub fn generate_guided(
     });
     // 5. Algorithm 2.
     let mut steps = sd.subject_steps(&req.prompt, subject, &sched, uncond, 1)?;
-    let (x0, report) = guided_denoise(sd, &sched, x_t, &mut steps, req.guidance, &traj, &m_lat.to_device(sd.device), &opt.guidance)?;
+    let (x0, report) = guided_denoise(
+        sd,
+        &sched,
+        x_t,
+        &mut steps,
+        req.guidance,
+        &Reference { traj: &traj, mask: &m_lat.to_device(sd.device) },
+        &opt.guidance,
+    )?;
     let image = tch::no_grad(|| decoded_to_u8(&sd.decode(&x0)));
     if let Some(dir) = &opt.intermediates {
-        let reference = image_to_u8(&photo.image.unsqueeze(0).upsample_bilinear2d([req.height, req.width], false, None, None).squeeze_dim(0));
+        let reference = image_to_u8(
+            &photo.image.unsqueeze(0).upsample_bilinear2d([req.height, req.width], false, None, None).squeeze_dim(0),
+        );
         let parts = [
             ("I_g1", i_g1.get(0)),
             ("M_g", mask_to_u8(&m_g_img)),
@@ -135,10 +154,11 @@ pub fn generate_guided(
             ("I_g2", image.get(0)),
         ];
         save_intermediates(dir, &parts)?;
-        std::fs::write(dir.join("theta.json"), serde_json::to_string_pretty(&serde_json::json!({
+        let facts = serde_json::json!({
             "reference": photo.path.display().to_string(), "theta": fit.theta, "align_loss": fit.loss,
             "eq10_losses": report.losses, "phi_h_seconds": report.phi_h_seconds,
-        }))?)?;
+        });
+        crate::io::write_bytes_atomic(&dir.join("theta.json"), serde_json::to_string_pretty(&facts)?.as_bytes())?;
     }
     Ok(Guided { image, report, seconds: started.elapsed().as_secs_f64(), fallback: None })
 }
@@ -164,7 +184,10 @@ fn choose_reference(
     if let Some(dir) = &opt.dino {
         let dino = Dino::load(dir, sd.device)?;
         let query = to_dynamic(&i_g1.get(0))?;
-        let cands = photos.iter().map(|p| image::open(&p.path).with_context(|| format!("cannot read {}", p.path.display()))).collect::<Result<Vec<_>>>()?;
+        let cands = photos
+            .iter()
+            .map(|p| image::open(&p.path).with_context(|| format!("cannot read {}", p.path.display())))
+            .collect::<Result<Vec<_>>>()?;
         let (best, sims) = dino.most_similar(&query, &cands)?;
         eprintln!("reference: {} (DINO cosine {:.3})", photos[best].path.display(), sims[best]);
         return Ok((best, None));

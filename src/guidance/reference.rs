@@ -40,7 +40,11 @@ impl GuidanceConfig {
             bail!("--t-end ({}) must not exceed --t-start ({})", self.t_end, self.t_start);
         }
         if self.t_start > n_steps || self.t_end < 1 {
-            bail!("--t-start and --t-end must lie in 1 … {n_steps} (the DDIM steps), got {} and {}", self.t_start, self.t_end);
+            bail!(
+                "--t-start and --t-end must lie in 1 … {n_steps} (the DDIM steps), got {} and {}",
+                self.t_start,
+                self.t_end
+            );
         }
         Ok(())
     }
@@ -56,18 +60,24 @@ pub fn substitute(x: &Tensor, x_star: &Tensor, mask: &Tensor) -> Tensor {
     x_star.where_self(&mask.ge(0.5), x)
 }
 
-/// Algorithm 2 from `x_t` (= x_T) with the per-step conditioning `cond` and the inverted
-/// reference trajectory `traj`; `mask` is M_r* at latent size (1, 1, h, w), 0/1.
+/// The aligned, inverted reference: its DDIM trajectory x_0* … x_T* and M_r* at latent size
+/// (1, 1, h, w), 0/1.
+pub struct Reference<'a> {
+    pub traj: &'a Trajectory,
+    pub mask: &'a Tensor,
+}
+
+/// Algorithm 2 from `x_t` (= x_T) with the per-step conditioning `cond` and guidance scale w.
 pub fn guided_denoise(
     sd: &StableDiffusion,
     sched: &DdimScheduler,
     x_t: Tensor,
     cond: &mut dyn StepConditioning,
     guidance: f64,
-    traj: &Trajectory,
-    mask: &Tensor,
+    reference: &Reference,
     gc: &GuidanceConfig,
 ) -> Result<(Tensor, GuidanceReport)> {
+    let Reference { traj, mask } = *reference;
     let n = sched.timesteps.len();
     gc.validate(n)?;
     let bar = crate::progress::bar(n as u64, "guided");

@@ -16,8 +16,8 @@
 //! flow into the input embeddings; [`ClipTextModel::append_token_embeddings`] grows the
 //! vocabulary for new placeholder tokens as diffusers' `load_textual_inversion` does.
 
-use crate::models::attention::encoder_self_attention;
 use crate::load::{load_strict, read_json, require_positive, weight_file, KeyAction};
+use crate::models::attention::encoder_self_attention;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -159,16 +159,10 @@ impl ClipTextConfig {
             );
         }
         if self.attention_dropout != 0.0 {
-            bail!(
-                "{origin}: attention_dropout {} is not supported (only 0.0)",
-                self.attention_dropout
-            );
+            bail!("{origin}: attention_dropout {} is not supported (only 0.0)", self.attention_dropout);
         }
         if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
-            bail!(
-                "{origin}: layer_norm_eps must be positive, got {}",
-                self.layer_norm_eps
-            );
+            bail!("{origin}: layer_norm_eps must be positive, got {}", self.layer_norm_eps);
         }
         Ok(act)
     }
@@ -227,26 +221,13 @@ struct ClipEncoderLayer {
 
 impl ClipEncoderLayer {
     fn new(vs: nn::Path, cfg: &ClipTextConfig, act: Activation) -> Self {
-        let ln = nn::LayerNormConfig {
-            eps: cfg.layer_norm_eps,
-            ..Default::default()
-        };
+        let ln = nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
         let d = cfg.hidden_size;
         Self {
             self_attn: ClipAttention::new(&vs / "self_attn", cfg),
             layer_norm1: nn::layer_norm(&vs / "layer_norm1", vec![d], ln),
-            fc1: nn::linear(
-                &vs / "mlp" / "fc1",
-                d,
-                cfg.intermediate_size,
-                Default::default(),
-            ),
-            fc2: nn::linear(
-                &vs / "mlp" / "fc2",
-                cfg.intermediate_size,
-                d,
-                Default::default(),
-            ),
+            fc1: nn::linear(&vs / "mlp" / "fc1", d, cfg.intermediate_size, Default::default()),
+            fc2: nn::linear(&vs / "mlp" / "fc2", cfg.intermediate_size, d, Default::default()),
             layer_norm2: nn::layer_norm(&vs / "layer_norm2", vec![d], ln),
             act,
         }
@@ -254,11 +235,7 @@ impl ClipEncoderLayer {
 
     fn forward(&self, x: &Tensor) -> Tensor {
         let h = x + self.self_attn.forward(&self.layer_norm1.forward(x));
-        let m = self.fc2.forward(
-            &self
-                .act
-                .apply(&self.fc1.forward(&self.layer_norm2.forward(&h))),
-        );
+        let m = self.fc2.forward(&self.act.apply(&self.fc1.forward(&self.layer_norm2.forward(&h))));
         h + m
     }
 }
@@ -289,12 +266,8 @@ impl ClipTextModel {
         let root = vs.root() / "text_model";
         let d = config.hidden_size;
         let emb = &root / "embeddings";
-        let init = nn::Init::Randn {
-            mean: 0.0,
-            stdev: 0.02,
-        };
-        let token_embedding =
-            (&emb / "token_embedding").var("weight", &[config.vocab_size, d], init);
+        let init = nn::Init::Randn { mean: 0.0, stdev: 0.02 };
+        let token_embedding = (&emb / "token_embedding").var("weight", &[config.vocab_size, d], init);
         let position_embedding =
             (&emb / "position_embedding").var("weight", &[config.max_position_embeddings, d], init);
         let layers = (0..config.num_hidden_layers)
@@ -303,19 +276,9 @@ impl ClipTextModel {
         let final_layer_norm = nn::layer_norm(
             &root / "final_layer_norm",
             vec![d],
-            nn::LayerNormConfig {
-                eps: config.layer_norm_eps,
-                ..Default::default()
-            },
+            nn::LayerNormConfig { eps: config.layer_norm_eps, ..Default::default() },
         );
-        Ok(Self {
-            vs,
-            config,
-            token_embedding,
-            position_embedding,
-            layers,
-            final_layer_norm,
-        })
+        Ok(Self { vs, config, token_embedding, position_embedding, layers, final_layer_norm })
     }
 
     /// Loads `dir/config.json` and the weights of `dir` (strict). Keys may carry the
@@ -327,11 +290,7 @@ impl ClipTextModel {
         let model = Self::build(config, device, &cfg_path.display().to_string())?;
         let weights = weight_file(dir)?;
         load_strict(&model.vs, &weights, &|key, _| {
-            let name = if key.starts_with("text_model.") {
-                key.to_string()
-            } else {
-                format!("text_model.{key}")
-            };
+            let name = if key.starts_with("text_model.") { key.to_string() } else { format!("text_model.{key}") };
             if name == POSITION_IDS_KEY {
                 KeyAction::Skip
             } else {
@@ -361,8 +320,7 @@ impl ClipTextModel {
 
     /// `ids` (B, L) int64 -> input token embeddings (B, L, d), without positions.
     pub fn token_embedding(&self, ids: &Tensor) -> Tensor {
-        self.f_token_embedding(ids)
-            .unwrap_or_else(|e| panic!("{e:#}"))
+        self.f_token_embedding(ids).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// Fallible [`Self::token_embedding`]: checks dtype and id range.
@@ -377,20 +335,11 @@ impl ClipTextModel {
             let lo = ids.min().int64_value(&[]);
             let hi = ids.max().int64_value(&[]);
             if lo < 0 || hi >= self.config.vocab_size {
-                bail!(
-                    "token id out of range [0, {}): min {lo}, max {hi}",
-                    self.config.vocab_size
-                );
+                bail!("token id out of range [0, {}): min {lo}, max {hi}", self.config.vocab_size);
             }
         }
         // nn.Embedding(padding_idx=None) -> padding_idx -1, no scale_grad_by_freq, dense grad.
-        Ok(Tensor::embedding(
-            &self.token_embedding,
-            &ids.to_device(self.vs.device()),
-            -1,
-            false,
-            false,
-        ))
+        Ok(Tensor::embedding(&self.token_embedding, &ids.to_device(self.vs.device()), -1, false, false))
     }
 
     /// `ids` (B, L) int64 -> last hidden state (B, L, d) after `final_layer_norm`.
@@ -408,28 +357,18 @@ impl ClipTextModel {
     /// embeddings of positions 0..L, runs the causal encoder and `final_layer_norm`.
     /// Differentiable with respect to `input_embeds`.
     pub fn forward_embeds(&self, input_embeds: &Tensor) -> Tensor {
-        self.f_forward_embeds(input_embeds)
-            .unwrap_or_else(|e| panic!("{e:#}"))
+        self.f_forward_embeds(input_embeds).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     pub fn f_forward_embeds(&self, input_embeds: &Tensor) -> Result<Tensor> {
-        let (_, l, d) = input_embeds.size3().with_context(|| {
-            format!(
-                "input embeddings must be (B, L, d), got {:?}",
-                input_embeds.size()
-            )
-        })?;
+        let (_, l, d) = input_embeds
+            .size3()
+            .with_context(|| format!("input embeddings must be (B, L, d), got {:?}", input_embeds.size()))?;
         if d != self.config.hidden_size {
-            bail!(
-                "input embeddings have width {d}, the text encoder {}",
-                self.config.hidden_size
-            );
+            bail!("input embeddings have width {d}, the text encoder {}", self.config.hidden_size);
         }
         if l > self.config.max_position_embeddings {
-            bail!(
-                "sequence length {l} exceeds max_position_embeddings {}",
-                self.config.max_position_embeddings
-            );
+            bail!("sequence length {l} exceeds max_position_embeddings {}", self.config.max_position_embeddings);
         }
         let positions = self.position_embedding.narrow(0, 0, l).unsqueeze(0); // (1, L, d)
         let mut h = input_embeds + positions;
@@ -447,30 +386,18 @@ impl ClipTextModel {
     /// `config.vocab_size` is updated.
     pub fn append_token_embeddings(&mut self, rows: &Tensor) -> Result<Vec<i64>> {
         let d = self.config.hidden_size;
-        let (n, rd) = rows
-            .size2()
-            .with_context(|| format!("embedding rows must be (n, d), got {:?}", rows.size()))?;
+        let (n, rd) = rows.size2().with_context(|| format!("embedding rows must be (n, d), got {:?}", rows.size()))?;
         if rd != d {
             bail!("embedding rows have width {rd}, the text encoder {d}");
         }
         let old_vocab = self.config.vocab_size;
         let old = self.token_embedding.shallow_clone();
-        let grown = tch::no_grad(|| {
-            Tensor::cat(
-                &[
-                    old.detach(),
-                    rows.detach().to_kind(old.kind()).to_device(old.device()),
-                ],
-                0,
-            )
-        }); // (old_vocab + n, d)
+        let grown =
+            tch::no_grad(|| Tensor::cat(&[old.detach(), rows.detach().to_kind(old.kind()).to_device(old.device())], 0)); // (old_vocab + n, d)
         let grown = grown.set_requires_grad(old.requires_grad());
         {
-            let mut vars = self
-                .vs
-                .variables_
-                .lock()
-                .map_err(|_| anyhow::anyhow!("text encoder VarStore lock poisoned"))?;
+            let mut vars =
+                self.vs.variables_.lock().map_err(|_| anyhow::anyhow!("text encoder VarStore lock poisoned"))?;
             let Some(slot) = vars.named_variables.get_mut(TOKEN_EMBEDDING_KEY) else {
                 bail!("internal: {TOKEN_EMBEDDING_KEY} is not in the text encoder's VarStore");
             };

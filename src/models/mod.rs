@@ -3,6 +3,6 @@
 
 pub mod attention;
 pub mod clip_text;
-pub mod vit;
 pub mod unet;
 pub mod vae;
+pub mod vit;

@@ -111,16 +111,10 @@ impl VaeConfig {
             bail!("{origin}: block_out_channels is empty");
         }
         if self.down_block_types.len() != n {
-            bail!(
-                "{origin}: down_block_types has {} entries, block_out_channels {n}",
-                self.down_block_types.len()
-            );
+            bail!("{origin}: down_block_types has {} entries, block_out_channels {n}", self.down_block_types.len());
         }
         if self.up_block_types.len() != n {
-            bail!(
-                "{origin}: up_block_types has {} entries, block_out_channels {n}",
-                self.up_block_types.len()
-            );
+            bail!("{origin}: up_block_types has {} entries, block_out_channels {n}", self.up_block_types.len());
         }
         for (i, t) in self.down_block_types.iter().enumerate() {
             if t != "DownEncoderBlock2D" {
@@ -133,16 +127,10 @@ impl VaeConfig {
             }
         }
         if self.act_fn != "silu" && self.act_fn != "swish" {
-            bail!(
-                "{origin}: act_fn {:?} is not supported (only silu)",
-                self.act_fn
-            );
+            bail!("{origin}: act_fn {:?} is not supported (only silu)", self.act_fn);
         }
         if self.norm_num_groups <= 0 {
-            bail!(
-                "{origin}: norm_num_groups must be positive, got {}",
-                self.norm_num_groups
-            );
+            bail!("{origin}: norm_num_groups must be positive, got {}", self.norm_num_groups);
         }
         for (i, &c) in self.block_out_channels.iter().enumerate() {
             if c <= 0 || c % self.norm_num_groups != 0 {
@@ -162,53 +150,27 @@ impl VaeConfig {
             }
         }
         if self.layers_per_block < 1 {
-            bail!(
-                "{origin}: layers_per_block must be ≥ 1, got {}",
-                self.layers_per_block
-            );
+            bail!("{origin}: layers_per_block must be ≥ 1, got {}", self.layers_per_block);
         }
         if let Some(s) = self.shift_factor {
-            bail!(
-                "{origin}: shift_factor {s} is not supported (Stable Diffusion 1.x VAEs have shift_factor null)"
-            );
+            bail!("{origin}: shift_factor {s} is not supported (Stable Diffusion 1.x VAEs have shift_factor null)");
         }
         if self.latents_mean.is_some() || self.latents_std.is_some() {
             bail!("{origin}: latents_mean / latents_std are not supported (must be null)");
         }
         if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
-            bail!(
-                "{origin}: scaling_factor must be a positive number, got {}",
-                self.scaling_factor
-            );
+            bail!("{origin}: scaling_factor must be a positive number, got {}", self.scaling_factor);
         }
         Ok(())
     }
 }
 
 fn conv(vs: nn::Path, i: i64, o: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
-    nn::conv2d(
-        vs,
-        i,
-        o,
-        k,
-        nn::ConvConfig {
-            stride,
-            padding,
-            ..Default::default()
-        },
-    )
+    nn::conv2d(vs, i, o, k, nn::ConvConfig { stride, padding, ..Default::default() })
 }
 
 fn group_norm(vs: nn::Path, groups: i64, channels: i64) -> nn::GroupNorm {
-    nn::group_norm(
-        vs,
-        groups,
-        channels,
-        nn::GroupNormConfig {
-            eps: VAE_EPS,
-            ..Default::default()
-        },
-    )
+    nn::group_norm(vs, groups, channels, nn::GroupNormConfig { eps: VAE_EPS, ..Default::default() })
 }
 
 /// `ResnetBlock2D` without time embedding (`temb_channels=None`, `output_scale_factor=1`).
@@ -291,8 +253,7 @@ impl MidBlock {
     fn new(vs: nn::Path, groups: i64, channels: i64, add_attention: bool) -> Self {
         Self {
             resnet0: ResnetBlock::new(&vs / "resnets" / 0, groups, channels, channels),
-            attention: add_attention
-                .then(|| VaeAttention::new(&vs / "attentions" / 0, groups, channels)),
+            attention: add_attention.then(|| VaeAttention::new(&vs / "attentions" / 0, groups, channels)),
             resnet1: ResnetBlock::new(&vs / "resnets" / 1, groups, channels, channels),
         }
     }
@@ -343,9 +304,7 @@ impl UpBlock {
             h = r.forward(&h);
         }
         if let Some(u) = &self.upsampler {
-            let (_, _, hh, ww) = h
-                .size4()
-                .expect("VAE decoder activations must be (B, C, H, W)");
+            let (_, _, hh, ww) = h.size4().expect("VAE decoder activations must be (B, C, H, W)");
             // F.interpolate(scale_factor=2.0, mode="nearest")
             h = h.upsample_nearest2d([2 * hh, 2 * ww], Some(2.0), Some(2.0)); // (B, C, 2H, 2W)
             h = u.forward(&h);
@@ -376,21 +335,10 @@ impl Encoder {
             out_c = c;
             let bp = &vs / "down_blocks" / i;
             let resnets = (0..cfg.layers_per_block)
-                .map(|j| {
-                    ResnetBlock::new(
-                        &bp / "resnets" / j,
-                        g,
-                        if j == 0 { in_c } else { out_c },
-                        out_c,
-                    )
-                })
+                .map(|j| ResnetBlock::new(&bp / "resnets" / j, g, if j == 0 { in_c } else { out_c }, out_c))
                 .collect();
-            let downsampler =
-                (i + 1 < n).then(|| conv(&bp / "downsamplers" / 0 / "conv", out_c, out_c, 3, 2, 0));
-            down_blocks.push(DownBlock {
-                resnets,
-                downsampler,
-            });
+            let downsampler = (i + 1 < n).then(|| conv(&bp / "downsamplers" / 0 / "conv", out_c, out_c, 3, 2, 0));
+            down_blocks.push(DownBlock { resnets, downsampler });
         }
         let last = ch[n - 1];
         Self {
@@ -409,8 +357,7 @@ impl Encoder {
             h = b.forward(&h);
         }
         let h = self.mid_block.forward(&h);
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&h).silu())
+        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
     }
 }
 
@@ -436,17 +383,9 @@ impl Decoder {
             out_c = c;
             let bp = &vs / "up_blocks" / i;
             let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| {
-                    ResnetBlock::new(
-                        &bp / "resnets" / j,
-                        g,
-                        if j == 0 { prev_c } else { out_c },
-                        out_c,
-                    )
-                })
+                .map(|j| ResnetBlock::new(&bp / "resnets" / j, g, if j == 0 { prev_c } else { out_c }, out_c))
                 .collect();
-            let upsampler =
-                (i + 1 < n).then(|| conv(&bp / "upsamplers" / 0 / "conv", out_c, out_c, 3, 1, 1));
+            let upsampler = (i + 1 < n).then(|| conv(&bp / "upsamplers" / 0 / "conv", out_c, out_c, 3, 1, 1));
             up_blocks.push(UpBlock { resnets, upsampler });
         }
         let first = cfg.block_out_channels[0];
@@ -466,8 +405,7 @@ impl Decoder {
         for b in &self.up_blocks {
             h = b.forward(&h);
         }
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&h).silu())
+        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
     }
 }
 
@@ -526,20 +464,9 @@ impl AutoencoderKL {
         let l = config.latent_channels;
         let encoder = Encoder::new(&root / "encoder", &config);
         let decoder = Decoder::new(&root / "decoder", &config);
-        let quant_conv = config
-            .use_quant_conv
-            .then(|| conv(&root / "quant_conv", 2 * l, 2 * l, 1, 1, 0));
-        let post_quant_conv = config
-            .use_post_quant_conv
-            .then(|| conv(&root / "post_quant_conv", l, l, 1, 1, 0));
-        Ok(Self {
-            vs,
-            config,
-            encoder,
-            decoder,
-            quant_conv,
-            post_quant_conv,
-        })
+        let quant_conv = config.use_quant_conv.then(|| conv(&root / "quant_conv", 2 * l, 2 * l, 1, 1, 0));
+        let post_quant_conv = config.use_post_quant_conv.then(|| conv(&root / "post_quant_conv", l, l, 1, 1, 0));
+        Ok(Self { vs, config, encoder, decoder, quant_conv, post_quant_conv })
     }
 
     /// Loads `dir/config.json` and the weights of `dir`, strictly, accepting the deprecated
@@ -560,10 +487,7 @@ impl AutoencoderKL {
     pub fn f_encode(&self, image: &Tensor) -> Result<LatentDist> {
         let size = image.size();
         if size.len() != 4 || size[1] != self.config.in_channels {
-            bail!(
-                "VAE input must be (B, {}, H, W), got {size:?}",
-                self.config.in_channels
-            );
+            bail!("VAE input must be (B, {}, H, W), got {size:?}", self.config.in_channels);
         }
         let mut h = self.encoder.forward(&image.to_device(self.vs.device())); // (B, 2L, h, w)
         if let Some(q) = &self.quant_conv {
@@ -584,10 +508,7 @@ impl AutoencoderKL {
     pub fn f_decode(&self, z: &Tensor) -> Result<Tensor> {
         let size = z.size();
         if size.len() != 4 || size[1] != self.config.latent_channels {
-            bail!(
-                "VAE latents must be (B, {}, h, w), got {size:?}",
-                self.config.latent_channels
-            );
+            bail!("VAE latents must be (B, {}, h, w), got {size:?}", self.config.latent_channels);
         }
         let mut z = z.to_device(self.vs.device());
         if let Some(q) = &self.post_quant_conv {
@@ -610,12 +531,8 @@ impl AutoencoderKL {
     }
 }
 
-const LEGACY_ATTN_NAMES: [(&str, &str); 4] = [
-    ("query", "to_q"),
-    ("key", "to_k"),
-    ("value", "to_v"),
-    ("proj_attn", "to_out.0"),
-];
+const LEGACY_ATTN_NAMES: [(&str, &str); 4] =
+    [("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0")];
 
 /// Renames a deprecated mid-block attention key (`….mid_block.attentions.{i}.query.weight` ->
 /// `….to_q.weight`; `key` -> `to_k`, `value` -> `to_v`, `proj_attn` -> `to_out.0`), as
@@ -626,18 +543,10 @@ pub fn map_legacy_key(key: &str) -> String {
     };
     let rest = &key[pos + ".mid_block.attentions.".len()..]; // "{i}.{name}.{weight|bias}"
     let parts: Vec<&str> = rest.split('.').collect();
-    if parts.len() == 3
-        && parts[0].parse::<u32>().is_ok()
-        && (parts[2] == "weight" || parts[2] == "bias")
-    {
+    if parts.len() == 3 && parts[0].parse::<u32>().is_ok() && (parts[2] == "weight" || parts[2] == "bias") {
         for (old, new) in LEGACY_ATTN_NAMES {
             if parts[1] == old {
-                return format!(
-                    "{}.mid_block.attentions.{}.{new}.{}",
-                    &key[..pos],
-                    parts[0],
-                    parts[2]
-                );
+                return format!("{}.mid_block.attentions.{}.{new}.{}", &key[..pos], parts[0], parts[2]);
             }
         }
     }
@@ -649,9 +558,8 @@ pub fn map_legacy_key(key: &str) -> String {
 /// attention is loaded into the linear weight (C, C).
 fn vae_key(key: &str, value: &Tensor) -> KeyAction {
     let name = map_legacy_key(key);
-    let is_attn_proj = name.contains(".mid_block.attentions.")
-        && name.ends_with(".weight")
-        && !name.contains(".group_norm.");
+    let is_attn_proj =
+        name.contains(".mid_block.attentions.") && name.ends_with(".weight") && !name.contains(".group_norm.");
     let size = value.size();
     if is_attn_proj && size.len() == 4 && size[2..] == [1, 1] {
         return KeyAction::LoadValue(name, value.flatten(1, 3)); // (C, C, 1, 1) -> (C, C)

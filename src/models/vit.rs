@@ -29,8 +29,8 @@
 //! ignored). Position embeddings are not interpolated: the input must be exactly
 //! `image_size` (transformers' default `interpolate_pos_encoding=False` raises the same way).
 
-use crate::models::attention::encoder_self_attention;
 use crate::load::{load_strict, read_json, require_positive, weight_file, KeyAction};
+use crate::models::attention::encoder_self_attention;
 use crate::models::clip_text::Activation;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -157,30 +157,19 @@ impl ViTConfig {
         let (ih, iw) = self.image_size.hw();
         let (ph, pw) = self.patch_size.hw();
         if ph <= 0 || pw <= 0 {
-            bail!(
-                "{origin}: patch_size must be positive, got {:?}",
-                self.patch_size
-            );
+            bail!("{origin}: patch_size must be positive, got {:?}", self.patch_size);
         }
         if ih < ph || iw < pw {
-            bail!(
-                "{origin}: image_size {:?} is smaller than patch_size {:?}",
-                self.image_size,
-                self.patch_size
-            );
+            bail!("{origin}: image_size {:?} is smaller than patch_size {:?}", self.image_size, self.patch_size);
         }
         if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
-            bail!(
-                "{origin}: layer_norm_eps must be positive, got {}",
-                self.layer_norm_eps
-            );
+            bail!("{origin}: layer_norm_eps must be positive, got {}", self.layer_norm_eps);
         }
         Ok(act)
     }
 
     pub fn head_dim(&self) -> i64 {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
     /// Number of patches N = (H / ph) · (W / pw) (floor, as the strided convolution).
@@ -208,10 +197,7 @@ impl VitAttention {
     fn new(vs: nn::Path, cfg: &ViTConfig) -> Self {
         let d = cfg.hidden_size;
         let inner = cfg.num_attention_heads * cfg.head_dim();
-        let qkv = nn::LinearConfig {
-            bias: cfg.qkv_bias,
-            ..Default::default()
-        };
+        let qkv = nn::LinearConfig { bias: cfg.qkv_bias, ..Default::default() };
         let att = &vs / "attention";
         Self {
             query: nn::linear(&att / "query", d, inner, qkv),
@@ -247,37 +233,20 @@ impl VitLayer {
     /// `vs` is `encoder.layer.{i}`.
     fn new(vs: nn::Path, cfg: &ViTConfig, act: Activation) -> Self {
         let d = cfg.hidden_size;
-        let ln = nn::LayerNormConfig {
-            eps: cfg.layer_norm_eps,
-            ..Default::default()
-        };
+        let ln = nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
         Self {
             attention: VitAttention::new(&vs / "attention", cfg),
             layernorm_before: nn::layer_norm(&vs / "layernorm_before", vec![d], ln),
             layernorm_after: nn::layer_norm(&vs / "layernorm_after", vec![d], ln),
-            fc1: nn::linear(
-                &vs / "intermediate" / "dense",
-                d,
-                cfg.intermediate_size,
-                Default::default(),
-            ),
-            fc2: nn::linear(
-                &vs / "output" / "dense",
-                cfg.intermediate_size,
-                d,
-                Default::default(),
-            ),
+            fc1: nn::linear(&vs / "intermediate" / "dense", d, cfg.intermediate_size, Default::default()),
+            fc2: nn::linear(&vs / "output" / "dense", cfg.intermediate_size, d, Default::default()),
             act,
         }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
         let h = x + self.attention.forward(&self.layernorm_before.forward(x));
-        let m = self.fc2.forward(
-            &self
-                .act
-                .apply(&self.fc1.forward(&self.layernorm_after.forward(&h))),
-        );
+        let m = self.fc2.forward(&self.act.apply(&self.fc1.forward(&self.layernorm_after.forward(&h))));
         h + m
     }
 }
@@ -309,16 +278,9 @@ impl ViTModel {
         let root = vs.root();
         let d = config.hidden_size;
         let emb = &root / "embeddings";
-        let init = nn::Init::Randn {
-            mean: 0.0,
-            stdev: 0.02,
-        };
+        let init = nn::Init::Randn { mean: 0.0, stdev: 0.02 };
         let cls_token = emb.var("cls_token", &[1, 1, d], init);
-        let position_embeddings = emb.var(
-            "position_embeddings",
-            &[1, 1 + config.num_patches(), d],
-            init,
-        );
+        let position_embeddings = emb.var("position_embeddings", &[1, 1 + config.num_patches(), d], init);
         let (ph, pw) = config.patch_size.hw();
         // (d, C, ph, pw) kernel, stride = patch: one output per patch.
         let patch_embed: nn::Conv<[i64; 2]> = nn::conv(
@@ -326,10 +288,7 @@ impl ViTModel {
             config.num_channels,
             d,
             [ph, pw],
-            nn::ConvConfigND::<[i64; 2]> {
-                stride: [ph, pw],
-                ..Default::default()
-            },
+            nn::ConvConfigND::<[i64; 2]> { stride: [ph, pw], ..Default::default() },
         );
         let layers = (0..config.num_hidden_layers)
             .map(|i| VitLayer::new(&root / "encoder" / "layer" / i, &config, act))
@@ -337,20 +296,9 @@ impl ViTModel {
         let layernorm = nn::layer_norm(
             &root / "layernorm",
             vec![d],
-            nn::LayerNormConfig {
-                eps: config.layer_norm_eps,
-                ..Default::default()
-            },
+            nn::LayerNormConfig { eps: config.layer_norm_eps, ..Default::default() },
         );
-        Ok(Self {
-            vs,
-            config,
-            cls_token,
-            position_embeddings,
-            patch_embed,
-            layers,
-            layernorm,
-        })
+        Ok(Self { vs, config, cls_token, position_embeddings, patch_embed, layers, layernorm })
     }
 
     /// Loads `dir/config.json` and `dir/model.safetensors` (strict; see the module docs for
@@ -378,24 +326,17 @@ impl ViTModel {
     /// after the final `layernorm`; row 0 of each item is the CLS token. Panics on a wrong
     /// shape; see [`Self::f_forward`].
     pub fn forward(&self, pixel_values: &Tensor) -> Tensor {
-        self.f_forward(pixel_values)
-            .unwrap_or_else(|e| panic!("{e:#}"))
+        self.f_forward(pixel_values).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// Fallible [`Self::forward`]: checks the input's rank, channels and size. Differentiable
     /// with respect to `pixel_values` and the weights (call under `tch::no_grad` for inference).
     pub fn f_forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = pixel_values.size4().with_context(|| {
-            format!(
-                "pixel values must be (B, C, H, W), got {:?}",
-                pixel_values.size()
-            )
-        })?;
+        let (b, c, h, w) = pixel_values
+            .size4()
+            .with_context(|| format!("pixel values must be (B, C, H, W), got {:?}", pixel_values.size()))?;
         if c != self.config.num_channels {
-            bail!(
-                "pixel values have {c} channels, the ViT expects num_channels = {}",
-                self.config.num_channels
-            );
+            bail!("pixel values have {c} channels, the ViT expects num_channels = {}", self.config.num_channels);
         }
         let (ih, iw) = self.config.image_size.hw();
         if (h, w) != (ih, iw) {
@@ -404,9 +345,7 @@ impl ViTModel {
                  position embeddings are not interpolated — resize/crop the input first"
             );
         }
-        let x = pixel_values
-            .to_device(self.vs.device())
-            .to_kind(Kind::Float);
+        let x = pixel_values.to_device(self.vs.device()).to_kind(Kind::Float);
         let d = self.config.hidden_size;
         let patches = self.patch_embed.forward(&x).flatten(2, -1).transpose(1, 2); // (B, N, d)
         let cls = self.cls_token.expand([b, 1, d], false); // (B, 1, d)

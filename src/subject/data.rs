@@ -93,7 +93,11 @@ pub fn load_photos(images: &Path, masks: Option<&Path>, size: u32, fit_rule: Mas
             None => (None, None),
             Some(mf) => {
                 let mp = mf.get(stem).with_context(|| {
-                    format!("image {} has no mask with the stem {stem:?} in {}", path.display(), masks.unwrap().display())
+                    format!(
+                        "image {} has no mask with the stem {stem:?} in {}",
+                        path.display(),
+                        masks.unwrap().display()
+                    )
                 })?;
                 (Some(fit(&load_mask(mp, &img, fit_rule)?, size, FilterType::Triangle)), Some(mp.clone()))
             }

@@ -131,7 +131,10 @@ pub fn read_learned_embeds(path: &Path, token: Option<&str>) -> Result<(String, 
     let mut tensors = read_safetensors(path)?;
     if tensors.len() != 1 {
         let keys: Vec<&str> = tensors.iter().map(|(k, _)| k.as_str()).collect();
-        bail!("{}: a textual-inversion file holds one embedding {{token: (n, d)}}, found keys {keys:?}", path.display());
+        bail!(
+            "{}: a textual-inversion file holds one embedding {{token: (n, d)}}, found keys {keys:?}",
+            path.display()
+        );
     }
     let (key, mut rows) = tensors.remove(0);
     if rows.dim() == 1 {

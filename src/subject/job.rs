@@ -63,7 +63,10 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
     let ckpt_path = job.out.join(CHECKPOINT_FILE);
     let identity = identity(job)?;
     if !job.resume && ckpt_path.exists() {
-        bail!("{} already holds a run ({CHECKPOINT_FILE}); pass --resume to continue it or choose another --out", job.out.display());
+        bail!(
+            "{} already holds a run ({CHECKPOINT_FILE}); pass --resume to continue it or choose another --out",
+            job.out.display()
+        );
     }
     if job.resume && !ckpt_path.exists() {
         bail!("--resume: no {CHECKPOINT_FILE} in {}", job.out.display());
@@ -103,7 +106,11 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
     });
     bar.finish_and_clear();
     if let Err(e) = result {
-        let kept = if ckpt_path.exists() { format!("the last good checkpoint {} is kept", ckpt_path.display()) } else { "no checkpoint was written yet".into() };
+        let kept = if ckpt_path.exists() {
+            format!("the last good checkpoint {} is kept", ckpt_path.display())
+        } else {
+            "no checkpoint was written yet".into()
+        };
         return Err(e.context(format!("learning stopped; {kept}")));
     }
     write_checkpoint(&ckpt_path, &state, &identity)?;
@@ -140,7 +147,8 @@ pub fn setup_ti(sd: &mut StableDiffusion, args: &LearnArgs) -> Result<(i64, Opti
     }
     let rows = tch::no_grad(|| {
         let ids = Tensor::from_slice(inner).view([1, -1]).to_device(sd.device);
-        sd.text_encoder.token_embedding(&ids).squeeze_dim(0).mean_dim(0, true, Kind::Float) // (1, d)
+        sd.text_encoder.token_embedding(&ids).squeeze_dim(0).mean_dim(0, true, Kind::Float)
+        // (1, d)
     });
     let names = ti::expanded_tokens(&args.token, args.n_tokens);
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -186,9 +194,11 @@ pub fn encode(sd: &StableDiffusion, photos: &[super::data::Photo]) -> TrainSet {
 fn save_photos(out: &Path, photos: &[super::data::Photo]) -> Result<()> {
     for p in photos {
         let stem = p.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        RgbImage::from_hwc_u8(&image_to_u8(&p.image))?.save_png(&out.join("photos").join(format!("{stem}.png")), &[])?;
+        RgbImage::from_hwc_u8(&image_to_u8(&p.image))?
+            .save_png(&out.join("photos").join(format!("{stem}.png")), &[])?;
         if let Some(m) = &p.mask {
-            RgbImage::from_hwc_u8(&mask_to_u8(&m.squeeze_dim(0)))?.save_png(&out.join("masks").join(format!("{stem}.png")), &[])?;
+            RgbImage::from_hwc_u8(&mask_to_u8(&m.squeeze_dim(0)))?
+                .save_png(&out.join("masks").join(format!("{stem}.png")), &[])?;
         }
     }
     Ok(())
@@ -240,11 +250,17 @@ fn read_checkpoint(path: &Path, identity: &serde_json::Value, lr: f64, device: D
             .filter(|(k, v)| saved.get(k.as_str()) != Some(v))
             .map(|(k, v)| format!("{k}: {} → {v}", saved.get(k.as_str()).unwrap_or(&serde_json::Value::Null)))
             .collect();
-        bail!("--resume with changed arguments ({}); {} was made with other settings", changed.join(", "), path.display());
+        bail!(
+            "--resume with changed arguments ({}); {} was made with other settings",
+            changed.join(", "),
+            path.display()
+        );
     }
-    let t: BTreeMap<String, Tensor> = read_safetensors(path)?.into_iter().map(|(k, v)| (k, v.to_device(device))).collect();
+    let t: BTreeMap<String, Tensor> =
+        read_safetensors(path)?.into_iter().map(|(k, v)| (k, v.to_device(device))).collect();
     let get = |k: &str| t.get(k).map(|x| x.shallow_clone()).with_context(|| format!("{}: no {k}", path.display()));
-    let num = |k: &str| -> Result<i64> { Ok(meta.get(k).with_context(|| format!("{}: no {k}", path.display()))?.parse()?) };
+    let num =
+        |k: &str| -> Result<i64> { Ok(meta.get(k).with_context(|| format!("{}: no {k}", path.display()))?.parse()?) };
     let param = get("param")?;
     let mut adam = super::adam::Adam::new(&param, lr);
     adam.m = get("adam.m")?;
@@ -254,7 +270,14 @@ fn read_checkpoint(path: &Path, identity: &serde_json::Value, lr: f64, device: D
         Some(s) => (0..s.size()[0]).map(|i| s.get(i)).collect(),
         None => vec![],
     };
-    Ok(State { phase: num("phase")? as usize, step: num("step")? as usize, param, adam, c_s: t.get("c_s").map(|c| c.shallow_clone()), stepwise })
+    Ok(State {
+        phase: num("phase")? as usize,
+        step: num("step")? as usize,
+        param,
+        adam,
+        c_s: t.get("c_s").map(|c| c.shallow_clone()),
+        stepwise,
+    })
 }
 
 /// Opens the log for appending, keeping only entries before `from_step` (a resumed run

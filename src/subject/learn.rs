@@ -97,7 +97,13 @@ pub fn step_seed(seed: u64, phase: u64, step: u64) -> i64 {
 impl<'a> Objective<'a> {
     /// `caption_ids` (K, 77) must leave the last n positions as padding (HiFi) or contain the
     /// TI tokens, whose ids start at `ti_base` (TI).
-    pub fn new(sd: &'a StableDiffusion, args: LearnArgs, data: TrainSet, caption_ids: Tensor, ti_base: i64) -> Result<Self> {
+    pub fn new(
+        sd: &'a StableDiffusion,
+        args: LearnArgs,
+        data: TrainSet,
+        caption_ids: Tensor,
+        ti_base: i64,
+    ) -> Result<Self> {
         let empty = sd.tokenize("");
         let phi_s = tch::no_grad(|| phi_s(&sd.text_encoder, &empty, args.n_tokens, args.space));
         let caption_out = (args.mode == Mode::Hifi && args.space == Space::Output)
@@ -125,7 +131,12 @@ impl<'a> Objective<'a> {
             (photo, caption, t, Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu)))
         });
         let dev = self.sd.device;
-        Batch { photo: photo.to_device(dev), caption: caption.to_device(dev), t: t.to_device(dev), noise: noise.to_device(dev) }
+        Batch {
+            photo: photo.to_device(dev),
+            caption: caption.to_device(dev),
+            t: t.to_device(dev),
+            noise: noise.to_device(dev),
+        }
     }
 
     /// The UNet conditioning for parameter `p` and caption indices.
@@ -134,7 +145,9 @@ impl<'a> Objective<'a> {
         match (self.args.mode, &self.caption_out) {
             (Mode::Hifi, Some(c)) => replace_last(&c.index_select(0, caption), p),
             (Mode::Hifi, None) => splice(&self.sd.text_encoder, &ids, p, self.args.space),
-            (Mode::Ti, _) => self.sd.text_encoder.forward_embeds(&ti::embed_with_learned(self.sd, &ids, self.ti_base, p)),
+            (Mode::Ti, _) => {
+                self.sd.text_encoder.forward_embeds(&ti::embed_with_learned(self.sd, &ids, self.ti_base, p))
+            }
         }
     }
 
@@ -261,7 +274,11 @@ pub fn finish_phase(obj: &Objective, state: &mut State) {
 }
 
 /// Runs to the end, calling `after_step` after each step (checkpoints, logs, progress).
-pub fn run(obj: &Objective, state: &mut State, mut after_step: impl FnMut(&State, &StepReport) -> Result<()>) -> Result<()> {
+pub fn run(
+    obj: &Objective,
+    state: &mut State,
+    mut after_step: impl FnMut(&State, &StepReport) -> Result<()>,
+) -> Result<()> {
     if state.phase == 0 && obj.args.steps == 0 {
         finish_phase(obj, state);
     }

@@ -58,14 +58,7 @@ pub struct DownBlock {
 
 impl DownBlock {
     /// `c_in`: channels entering the block; `level`: this block's settings.
-    pub fn new(
-        vs: nn::Path,
-        cfg: &UNetConfig,
-        level: &Level,
-        c_in: i64,
-        cross_attn: bool,
-        downsample: bool,
-    ) -> Self {
+    pub fn new(vs: nn::Path, cfg: &UNetConfig, level: &Level, c_in: i64, cross_attn: bool, downsample: bool) -> Self {
         let c = level.channels;
         let resnets = (0..level.layers)
             .map(|j| {
@@ -77,8 +70,7 @@ impl DownBlock {
         let attentions = (0..n_attn)
             .map(|j| Transformer2DModel::new(&vs / "attentions" / j, transformer_spec(cfg, level)))
             .collect();
-        let downsampler =
-            downsample.then(|| Downsample2D::new(&vs / "downsamplers" / 0, c, cfg.downsample_padding));
+        let downsampler = downsample.then(|| Downsample2D::new(&vs / "downsamplers" / 0, c, cfg.downsample_padding));
         Self { resnets, attentions, downsampler }
     }
 

@@ -48,9 +48,7 @@ fn default_block_out_channels() -> Vec<i64> {
     vec![320, 640, 1280, 1280]
 }
 fn default_down_block_types() -> Vec<String> {
-    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-        .map(String::from)
-        .to_vec()
+    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec()
 }
 fn default_up_block_types() -> Vec<String> {
     ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec()
@@ -295,9 +293,7 @@ impl UNetConfig {
         }
         for t in &self.up_block_types {
             if t != "CrossAttnUpBlock2D" && t != "UpBlock2D" {
-                bail!(
-                    "{FILE}: `up_block_types` entry {t:?} is not supported (CrossAttnUpBlock2D, UpBlock2D)"
-                );
+                bail!("{FILE}: `up_block_types` entry {t:?} is not supported (CrossAttnUpBlock2D, UpBlock2D)");
             }
         }
         if let Some(m) = &self.mid_block_type {

@@ -61,17 +61,7 @@ impl UNet2DConditionModel {
         let up_blocks = Self::build_up(&root / "up_blocks", &config, &levels);
         let conv_norm_out = group_norm(&root / "conv_norm_out", config.groups(), c0, config.norm_eps);
         let conv_out = conv_same(&root / "conv_out", c0, config.out_channels, config.conv_out_kernel);
-        Ok(Self {
-            vs,
-            config,
-            conv_in,
-            time_embedding,
-            down_blocks,
-            mid_block,
-            up_blocks,
-            conv_norm_out,
-            conv_out,
-        })
+        Ok(Self { vs, config, conv_in, time_embedding, down_blocks, mid_block, up_blocks, conv_norm_out, conv_out })
     }
 
     fn build_down(vs: nn::Path, cfg: &UNetConfig, levels: &[Level]) -> Vec<DownBlock> {
@@ -126,8 +116,7 @@ impl UNet2DConditionModel {
     ) -> Tensor {
         let emb = self.time_embed(timesteps, sample);
         let cond = Cond { temb: &emb, context: encoder_hidden_states };
-        let sample =
-            if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
+        let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
         let mut h = self.conv_in.forward(&sample);
         let mut skips = vec![h.shallow_clone()];
         for (i, block) in self.down_blocks.iter().enumerate() {

@@ -39,8 +39,8 @@ pub struct ResnetSpec {
 
 impl ResnetBlock2D {
     pub fn new(vs: nn::Path, s: ResnetSpec) -> Self {
-        let conv_shortcut = (s.c_in != s.c_out)
-            .then(|| nn::conv2d(&vs / "conv_shortcut", s.c_in, s.c_out, 1, Default::default()));
+        let conv_shortcut =
+            (s.c_in != s.c_out).then(|| nn::conv2d(&vs / "conv_shortcut", s.c_in, s.c_out, 1, Default::default()));
         Self {
             norm1: group_norm(&vs / "norm1", s.groups, s.c_in, s.eps),
             conv1: conv_same(&vs / "conv1", s.c_in, s.c_out, 3),

@@ -58,9 +58,8 @@ impl Transformer2DModel {
     pub fn new(vs: nn::Path, s: TransformerSpec) -> Self {
         let inner = s.heads * s.dim_head;
         let linear = s.use_linear_projection;
-        let blocks = (0..s.layers)
-            .map(|j| BasicTransformerBlock::new(&vs / "transformer_blocks" / j, inner, s))
-            .collect();
+        let blocks =
+            (0..s.layers).map(|j| BasicTransformerBlock::new(&vs / "transformer_blocks" / j, inner, s)).collect();
         Self {
             norm: group_norm(&vs / "norm", s.groups, s.channels, 1e-6),
             proj_in: Proj::new(&vs / "proj_in", s.channels, inner, linear),
@@ -135,14 +134,7 @@ impl BasicTransformerBlock {
             norm1: ln("norm1"),
             attn1: Attention::new(&vs / "attn1", dim, None, s.heads, s.dim_head, false),
             norm2: ln("norm2"),
-            attn2: Attention::new(
-                &vs / "attn2",
-                dim,
-                Some(s.cross_attention_dim),
-                s.heads,
-                s.dim_head,
-                false,
-            ),
+            attn2: Attention::new(&vs / "attn2", dim, Some(s.cross_attention_dim), s.heads, s.dim_head, false),
             norm3: ln("norm3"),
             ff: FeedForward::new(&vs / "ff", dim),
         }
