@@ -29,20 +29,35 @@ build: $(TORCH_STAMP)
 test: $(TORCH_STAMP)
 	cargo test --no-fail-fast -- --test-threads=1
 
-# The main job on a real model (MODEL=path/to/diffusers/sd-1.x) or, without MODEL, on a tiny
-# model with RANDOM weights made by init-random (its image is noise: it shows the tool runs).
+# The main job: photos + masks -> learn (HiFi Tuner) -> a reference-guided image of the subject.
+#   make demo                          a tiny model with RANDOM weights (made by init-random) and
+#                                      the three test photos: shows that everything runs; the
+#                                      images are noise.
+#   make demo MODEL=path/to/sd-1.x     text-to-image with a real model (diffusers layout), and with
+#     IMAGES=dir MASKS=dir CLASS=noun  the full job on your subject's photos and masks.
 DEMO_OUT := demo-out
+DEMO_PROMPT := a photo of a dog on the beach
 demo: build
 	@mkdir -p $(DEMO_OUT)
-	@if [ -n "$(MODEL)" ]; then \
-	  $(BIN) generate --model "$(MODEL)" --prompt "a photo of a dog on the beach" --seed 0 --out $(DEMO_OUT)/demo.png; \
+	@set -e; if [ -n "$(MODEL)" ]; then \
+	  $(BIN) generate --model "$(MODEL)" --prompt "$(DEMO_PROMPT)" --seed 0 --out $(DEMO_OUT)/demo.png; \
+	  if [ -n "$(IMAGES)" ]; then \
+	    rm -rf $(DEMO_OUT)/subject; \
+	    $(BIN) learn --model "$(MODEL)" --images "$(IMAGES)" --masks "$(MASKS)" --class-noun "$(CLASS)" --out $(DEMO_OUT)/subject; \
+	    $(BIN) generate --model "$(MODEL)" --subject $(DEMO_OUT)/subject --prompt "a photo of a $(CLASS) on the beach" \
+	      --reference-guidance --save-intermediates --seed 0 --out $(DEMO_OUT)/subject.png; \
+	  fi; \
 	else \
-	  echo "No MODEL=path given: using a tiny model with RANDOM weights (the image will be noise)."; \
-	  rm -rf $(DEMO_OUT)/tiny-random; \
+	  echo "No MODEL=path given: a tiny model with RANDOM weights (its images are noise)."; \
+	  rm -rf $(DEMO_OUT)/tiny-random $(DEMO_OUT)/subject; \
 	  $(BIN) init-random --config tiny --tokenizer tests/fixtures/tokenizers/clip --out $(DEMO_OUT)/tiny-random --seed 0 >/dev/null; \
-	  $(BIN) generate --model $(DEMO_OUT)/tiny-random --prompt "a photo of a dog on the beach" --seed 0 --steps 20 --out $(DEMO_OUT)/demo.png; \
+	  $(BIN) generate --model $(DEMO_OUT)/tiny-random --prompt "$(DEMO_PROMPT)" --seed 0 --steps 20 --out $(DEMO_OUT)/demo.png; \
+	  $(BIN) learn --model $(DEMO_OUT)/tiny-random --images tests/fixtures/photos/dog --masks tests/fixtures/photos/dog-masks \
+	    --class-noun dog --steps 100 --stepwise-steps 2 --ddim-steps 20 --out $(DEMO_OUT)/subject >/dev/null; \
+	  $(BIN) generate --model $(DEMO_OUT)/tiny-random --subject $(DEMO_OUT)/subject --prompt "$(DEMO_PROMPT)" --seed 0 \
+	    --steps 20 --t-start 16 --t-end 4 --reference-guidance --save-intermediates --out $(DEMO_OUT)/subject.png; \
 	fi
-	@echo "demo image: $(DEMO_OUT)/demo.png"
+	@echo "demo images: $(DEMO_OUT)/demo.png$(if $(or $(IMAGES),$(if $(MODEL),,x)), and $(DEMO_OUT)/subject.png (stages in $(DEMO_OUT)/subject-intermediates/))"
 
 # Regenerate the parity fixtures (by hand; needs the pinned diffusers/transformers).
 fixtures: $(TORCH_STAMP)
