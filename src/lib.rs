@@ -14,6 +14,15 @@
 //! | classifier-free guided sampling, one loop for all conditionings | [`pipeline`] |
 //! | diffusers folder layout, typed configs, strict weight loading | [`load`] |
 //! | images, PNG metadata, atomic writes | [`io`] |
+//! | §3.2: [c, c_s], φ_s, Eq. 5–6 (masked, regularised loss), Eq. 7 | [`subject::conditioning`], [`subject::learn`] |
+//! | Algorithm 1 (step-wise c_s^t), checkpoints, the `learn` job | [`subject::learn`], [`subject::job`] |
+//! | textual inversion (the baseline; `learned_embeds.safetensors`) | [`subject::ti`], [`subject::file`] |
+//! | §3.3: M_g from cross-attention (DAAM) | [`guidance::daam`] |
+//! | Algorithm 4, Eq. 8–9 (mask alignment T_θ) | [`guidance::align`] |
+//! | DDIM inversion with w = 1 (Eq. 3) | [`guidance::invert`] |
+//! | Algorithm 2, Eq. 10 (reference-guided denoising) | [`guidance::reference`], [`guidance::job`] |
+//! | DINO ViT-S/16 embeddings (reference choice) | [`eval::dino`], [`models::vit`] |
+//! | seeded draws (tch has no per-call generator) | [`rng`] |
 
 pub mod attention;
 pub mod eval;

@@ -91,6 +91,12 @@ pub fn run(a: Args) -> Result<()> {
         loaded.push(ti::load_embedding(&mut sd, e, a.token.as_deref())?);
     }
     let subject = a.subject.as_deref().map(Subject::load).transpose()?;
+    if let Some(s) = &subject {
+        let same = |p: &str| Path::new(p).canonicalize().ok() == a.model.canonicalize().ok();
+        if !same(&s.model) {
+            eprintln!("warning: the subject was learned with the model {}, not {}", s.model, a.model.display());
+        }
+    }
     let (dh, dw) = sd.default_hw();
     let req = GenerateRequest {
         prompt: ti::convert_prompt(&sd, &a.prompt, &loaded),

@@ -1,8 +1,8 @@
 //! Algorithm 2: reference-guided denoising. From the same x_T as the plain image: at t = t_s
-//! set φ_h = φ and x_t[M_r*] = x_t*[M_r*]; every step x_{t−1} = F^(t)(x_t, [c, c_s^t], φ); for
+//! set φ_h = φ and x_t\[M_r*\] = x_t*\[M_r*\]; every step x_{t−1} = F^(t)(x_t, [c, c_s^t], φ); for
 //! t_e ≤ t ≤ t_s take J Adam steps on φ_h minimising Eq. 10,
-//! ‖x*_{t−1}[M_r*] − F^(t)(x_t, [c, c_s^t], φ_h)[M_r*]‖², then set
-//! x_{t−1}[M_r*] = F^(t)(x_t, [c, c_s^t], φ_h)[M_r*]. φ_h carries over between steps; each step
+//! ‖x*_{t−1}\[M_r*\] − F^(t)(x_t, [c, c_s^t], φ_h)\[M_r*\]‖², then set
+//! x_{t−1}\[M_r*\] = F^(t)(x_t, [c, c_s^t], φ_h)\[M_r*\]. φ_h carries over between steps; each step
 //! starts a fresh Adam (as null-text inversion does). The conditional branch ε_θ(x_t, c) is
 //! computed once per step; only the φ_h branch takes gradients.
 
@@ -21,7 +21,7 @@ pub struct GuidanceConfig {
     pub t_end: usize,
     pub steps: usize,
     pub lr: f64,
-    /// Substitute x_t[M_r*] = x_t*[M_r*] at t_s (off only in tests).
+    /// Substitute x_t\[M_r*\] = x_t*\[M_r*\] at t_s (off only in tests).
     pub substitute: bool,
 }
 
@@ -55,7 +55,7 @@ fn eq10(f: &Tensor, target: &Tensor, mask: &Tensor) -> Tensor {
     ((f - target) * mask).square().sum(Kind::Float) / (mask.sum(Kind::Float) * f.size()[1] as f64).clamp_min(1.0)
 }
 
-/// x_t[M] = x_t*[M]: cells inside the mask (≥ 0.5) from `x_star`, the rest untouched.
+/// x_t\[M\] = x_t*\[M\]: cells inside the mask (≥ 0.5) from `x_star`, the rest untouched.
 pub fn substitute(x: &Tensor, x_star: &Tensor, mask: &Tensor) -> Tensor {
     x_star.where_self(&mask.ge(0.5), x)
 }
