@@ -19,7 +19,7 @@ use crate::subject::file::Subject;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Options of reference guidance.
 #[derive(Debug, Clone)]
@@ -91,7 +91,8 @@ pub fn generate_guided(
     })?;
     let i_g1 = tch::no_grad(|| decoded_to_u8(&sd.decode(&x0_g1)));
     let m_g = daam.mask().context("no cross-attention was recorded")?; // (1, h, w)
-    let m_g_img = m_g.unsqueeze(1).upsample_nearest2d([req.height, req.width], None, None).squeeze(); // (H, W)
+    let m_g_img =
+        m_g.unsqueeze(1).upsample_nearest2d([req.height, req.width], None, None).squeeze().to_device(Device::Cpu); // (H, W), on the CPU with the photos
     let plain = |why: String| {
         eprintln!("warning: {why}; falling back to plain generation");
         Guided {
