@@ -1,9 +1,10 @@
 //! Classifier-free guided DDIM sampling: one loop for every conditioning the paper uses.
 //!
-//! The loop asks a [`StepConditioning`] for each step's `(c, φ)` pair — a fixed prompt, Eq. 7's
-//! step-wise `[c, c_s^t]`, Algorithm 2's φ_h — and may hand each step's result to a
-//! [`StepHook`] (Algorithm 2's masked substitution). Numerically it is diffusers'
-//! `StableDiffusionPipeline.__call__` with a `DDIMScheduler` and η = 0.
+//! The loop asks a [`StepConditioning`] for each step's `(c, φ)` pair — a fixed prompt or Eq. 7's
+//! step-wise `[c, c_s^t]` — and may hand every attention call to a controller (DAAM maps).
+//! Numerically it is diffusers' `StableDiffusionPipeline.__call__` with a `DDIMScheduler` and
+//! η = 0. Algorithm 2 needs the two guidance branches apart and runs its own loop
+//! ([`crate::guidance::reference`]) over the same [`StableDiffusion::eps_pair`] and [`cfg`].
 
 use crate::attention::{reborrow, AttentionController};
 use crate::load::ModelDir;
@@ -36,11 +37,6 @@ impl StepConditioning for Fixed {
     fn at(&mut self, _index: usize, _t: i64) -> Result<StepCond> {
         Ok(StepCond { cond: self.0.cond.shallow_clone(), uncond: self.0.uncond.shallow_clone() })
     }
-}
-
-/// Sees x_{t-1} after each step and may replace it.
-pub trait StepHook {
-    fn after_step(&mut self, index: usize, t: i64, x_prev: Tensor) -> Result<Tensor>;
 }
 
 /// One text-to-image request, with diffusers' argument meanings.
@@ -198,7 +194,6 @@ impl StableDiffusion {
         cond: &mut dyn StepConditioning,
         guidance: f64,
         mut ctrl: Option<&mut dyn AttentionController>,
-        mut hook: Option<&mut dyn StepHook>,
     ) -> Result<Tensor> {
         let bar = crate::progress::bar(sched.timesteps.len() as u64, "denoising");
         let mut x = x_t;
@@ -206,9 +201,6 @@ impl StableDiffusion {
             let c = cond.at(i, t)?;
             let eps = self.guided_eps(&x, t, &c, guidance, reborrow(&mut ctrl));
             x = sched.step(&eps, t, &x);
-            if let Some(h) = hook.as_deref_mut() {
-                x = h.after_step(i, t, x)?;
-            }
             bar.inc(1);
         }
         bar.finish_and_clear();
@@ -243,11 +235,11 @@ impl StableDiffusion {
                 None => {
                     let cond = self.encode_prompt(&req.prompt).repeat([n, 1, 1]);
                     let mut fixed = Fixed(StepCond { cond, uncond: uncond.repeat([n, 1, 1]) });
-                    self.denoise(x_t, &sched, &mut fixed, req.guidance, None, None)?
+                    self.denoise(x_t, &sched, &mut fixed, req.guidance, None)?
                 }
                 Some(s) => {
                     let mut steps = self.subject_steps(&req.prompt, s, &sched, uncond, n)?;
-                    self.denoise(x_t, &sched, &mut steps, req.guidance, None, None)?
+                    self.denoise(x_t, &sched, &mut steps, req.guidance, None)?
                 }
             };
             Ok(crate::io::decoded_to_u8(&self.decode(&x0)))

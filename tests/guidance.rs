@@ -72,8 +72,7 @@ fn round_trip(sd: &StableDiffusion) -> (f64, f64, f64) {
     let traj = ddim_invert(sd, &sched, &x0, &cond);
     assert_eq!(traj.latents.len(), 51);
     let mut fixed = hifi_tuner::pipeline::Fixed(StepCond { cond: cond.shallow_clone(), uncond: cond.shallow_clone() });
-    let back =
-        tch::no_grad(|| sd.denoise(traj.latents[50].shallow_clone(), &sched, &mut fixed, 1.0, None, None)).unwrap();
+    let back = tch::no_grad(|| sd.denoise(traj.latents[50].shallow_clone(), &sched, &mut fixed, 1.0, None)).unwrap();
     let max = (&back - &x0).abs().max().double_value(&[]);
     let rms = (&back - &x0).square().mean(Kind::Float).sqrt().double_value(&[]);
     let moved = (&traj.latents[50] - &x0).abs().max().double_value(&[]);
@@ -136,7 +135,7 @@ fn algorithm_2_with_no_steps_and_no_substitution_is_plain_eq7() {
     });
     let plain = tch::no_grad(|| {
         let mut c = sd.subject_steps("a dog in the snow", &s, &sched, uncond.shallow_clone(), 1).unwrap();
-        sd.denoise(x_t.shallow_clone(), &sched, &mut c, 7.5, None, None).unwrap()
+        sd.denoise(x_t.shallow_clone(), &sched, &mut c, 7.5, None).unwrap()
     });
     let gc = GuidanceConfig { t_start: 8, t_end: 3, steps: 0, lr: 1e-2, substitute: false };
     let mut c = sd.subject_steps("a dog in the snow", &s, &sched, uncond, 1).unwrap();

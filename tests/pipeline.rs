@@ -100,7 +100,7 @@ fn final_latents_match_diffusers() {
                 uncond: r["gen.uncond_embeds"].repeat([n, 1, 1]),
             };
             let mut fixed = hifi_tuner::pipeline::Fixed(cond);
-            sd.denoise(r["gen.latents_init"].shallow_clone(), &sched, &mut fixed, req.guidance, None, None).unwrap()
+            sd.denoise(r["gen.latents_init"].shallow_clone(), &sched, &mut fixed, req.guidance, None).unwrap()
         });
         assert_close(&x0, &r["gen.latents_final"], 1e-4, name);
     }

@@ -87,7 +87,7 @@ pub fn generate_guided(
     let mut daam = CrossAttnAggregator::new(tokens, (h, w), req.guidance > 1.0);
     let x0_g1 = tch::no_grad(|| -> Result<Tensor> {
         let mut steps = sd.subject_steps(&req.prompt, subject, &sched, uncond.shallow_clone(), 1)?;
-        sd.denoise(x_t.shallow_clone(), &sched, &mut steps, req.guidance, Some(&mut daam), None)
+        sd.denoise(x_t.shallow_clone(), &sched, &mut steps, req.guidance, Some(&mut daam))
     })?;
     let i_g1 = tch::no_grad(|| decoded_to_u8(&sd.decode(&x0_g1)));
     let m_g = daam.mask().context("no cross-attention was recorded")?; // (1, h, w)
