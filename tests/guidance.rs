@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use hifi_tuner::attention::{AttentionController, AttnKind, AttnSite, Place};
-use hifi_tuner::guidance::daam::CrossAttnAggregator;
+use hifi_tuner::guidance::daam::{degenerate, CrossAttnAggregator};
 use hifi_tuner::guidance::invert::ddim_invert;
 use hifi_tuner::guidance::reference::{guided_denoise, substitute, GuidanceConfig, Reference};
 use hifi_tuner::pipeline::{StableDiffusion, StepCond};
@@ -46,6 +46,19 @@ fn aggregator_sums_subject_token_heat_at_latent_size() {
     assert_eq!(agg.calls, 2);
     let heat = agg.normalised().unwrap();
     assert!((heat.max().double_value(&[]) - 1.0).abs() < 1e-6);
+}
+
+/// A flat heat map (the subject tokens attend everywhere alike) gives an empty M_g, which the
+/// guided pipeline reports and answers with plain generation instead of guiding.
+#[test]
+fn flat_attention_gives_an_empty_mask_that_is_reported() {
+    let mut agg = CrossAttnAggregator::new(vec![5, 6], (4, 4), false);
+    let uniform = Tensor::full([1, 2, 16, 77], 1.0 / 77.0, (Kind::Float, Device::Cpu));
+    let _ = agg.on_probs(&site(AttnKind::Cross, 4, 4), uniform);
+    let m = agg.mask().unwrap();
+    assert_eq!(degenerate(&m), Some("empty"));
+    assert_eq!(degenerate(&m.ones_like()), Some("the whole image"));
+    assert_eq!(degenerate(&centre_mask()), None);
 }
 
 fn sd() -> StableDiffusion {

@@ -13,6 +13,18 @@ use tch::{Kind, Tensor};
 /// τ: a latent cell belongs to the subject when its normalised heat is at least this.
 pub const THRESHOLD: f64 = 0.4;
 
+/// Why a 0/1 mask cannot guide: `Some("empty")` or `Some("the whole image")`, else `None`.
+pub fn degenerate(mask: &Tensor) -> Option<&'static str> {
+    let fraction = mask.mean(Kind::Float).double_value(&[]);
+    if fraction == 0.0 {
+        Some("empty")
+    } else if fraction == 1.0 {
+        Some("the whole image")
+    } else {
+        None
+    }
+}
+
 /// Sums cross-attention heat of chosen token positions at latent resolution.
 pub struct CrossAttnAggregator {
     /// Token positions whose attention is summed (e.g. the c_s^t positions and the class noun).

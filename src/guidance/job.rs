@@ -8,7 +8,7 @@
 //! 5. Algorithm 2 from the same x_T → I_g2.
 
 use super::align;
-use super::daam::CrossAttnAggregator;
+use super::daam::{degenerate, CrossAttnAggregator};
 use super::invert::ddim_invert;
 use super::reference::{guided_denoise, GuidanceConfig, GuidanceReport, Reference};
 use crate::eval::dino::Dino;
@@ -102,12 +102,8 @@ pub fn generate_guided(
             fallback: Some(why),
         }
     };
-    let frac = m_g.mean(Kind::Float).double_value(&[]);
-    if frac == 0.0 || frac == 1.0 {
-        return Ok(plain(format!(
-            "the generated subject mask M_g is {}",
-            if frac == 0.0 { "empty" } else { "the whole image" }
-        )));
+    if let Some(what) = degenerate(&m_g) {
+        return Ok(plain(format!("the generated subject mask M_g is {what}")));
     }
     // 2. Reference choice.
     let (r, fitted) = choose_reference(sd, &photos, &i_g1, &m_g_img, opt)?;
