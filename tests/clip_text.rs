@@ -2,21 +2,11 @@
 //! causality, grown vocabularies and strict loading.
 
 use hifi_tuner::models::clip_text::{ClipTextModel, POSITION_IDS_KEY, TOKEN_EMBEDDING_KEY};
-use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+mod common;
 
-fn reference(name: &str, key: &str) -> Tensor {
-    let path = fixtures().join(format!("{name}.ref.safetensors"));
-    let all = Tensor::read_safetensors(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    all.into_iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, t)| t)
-        .unwrap_or_else(|| panic!("{} has no key {key}", path.display()))
-}
+use common::{fixtures, reference_tensor as reference};
 
 fn load(name: &str) -> ClipTextModel {
     ClipTextModel::load(&fixtures().join(name).join("text_encoder"), Device::Cpu)

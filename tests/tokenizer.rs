@@ -10,9 +10,9 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+mod common;
+
+use common::fixtures;
 
 fn clip_dir() -> PathBuf {
     fixtures().join("tokenizers/clip")

@@ -8,19 +8,12 @@
 use hifi_tuner::attention::{AttentionController, AttnKind, AttnSite, NoOp, Place};
 use hifi_tuner::models::unet::{UNet2DConditionModel, UNetConfig};
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+mod common;
 
-fn read_refs(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
-        .into_iter()
-        .collect()
-}
+use common::{fixtures, max_abs_diff, read_tensors as read_refs};
 
 fn load(model: &str) -> UNet2DConditionModel {
     let dir = fixtures().join(model).join("unet");
@@ -32,11 +25,6 @@ fn unet_refs(model: &str) -> (Tensor, Tensor, Tensor, Tensor) {
     let r = read_refs(&fixtures().join(format!("{model}.ref.safetensors")));
     let get = |k: &str| r.get(k).unwrap_or_else(|| panic!("{model}.ref.safetensors lacks {k}")).shallow_clone();
     (get("unet.sample"), get("unet.timestep"), get("unet.encoder_hidden_states"), get("unet.out"))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size(), "shape mismatch");
-    (a - b).abs().max().double_value(&[])
 }
 
 fn run(

@@ -3,20 +3,17 @@
 
 use hifi_tuner::models::vae::{map_legacy_key, AutoencoderKL};
 use hifi_tuner::rng::seeded;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+mod common;
 
+use common::fixtures;
+
+/// A float reference tensor (`vae.*` keys are float32 already; the conversion keeps the
+/// comparisons in one dtype whatever the file holds).
 fn reference(name: &str, key: &str) -> Tensor {
-    let path = fixtures().join(format!("{name}.ref.safetensors"));
-    let all = Tensor::read_safetensors(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    all.into_iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, t)| t.to_kind(Kind::Float))
-        .unwrap_or_else(|| panic!("{} has no key {key}", path.display()))
+    common::reference_tensor(name, key).to_kind(Kind::Float)
 }
 
 fn vae_dir(name: &str) -> PathBuf {

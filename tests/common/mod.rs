@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 pub fn fixtures() -> PathBuf {
@@ -14,10 +14,19 @@ pub fn model_dir(name: &str) -> PathBuf {
     fixtures().join(name)
 }
 
-/// The reference tensors recorded by `scripts/make_fixtures.py` for a model.
+/// Every tensor of a safetensors file, by name.
+pub fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_iter().collect()
+}
+
+/// The reference tensors recorded by the fixture scripts for `name` (`{name}.ref.safetensors`).
 pub fn reference(name: &str) -> HashMap<String, Tensor> {
-    let p = fixtures().join(format!("{name}.ref.safetensors"));
-    Tensor::read_safetensors(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).into_iter().collect()
+    read_tensors(&fixtures().join(format!("{name}.ref.safetensors")))
+}
+
+/// One reference tensor, with a message naming the file when the key is missing.
+pub fn reference_tensor(name: &str, key: &str) -> Tensor {
+    reference(name).remove(key).unwrap_or_else(|| panic!("{name}.ref.safetensors has no key {key}"))
 }
 
 /// The string metadata of a reference file.
