@@ -11,8 +11,6 @@ use crate::load::ModelDir;
 use crate::models::unet::config::PerLevel;
 use crate::models::{clip_text::ClipTextModel, unet::UNet2DConditionModel, vae::AutoencoderKL};
 use crate::scheduler::{DdimScheduler, SchedulerConfig};
-use crate::subject::conditioning::{check_room, SubjectSteps};
-use crate::subject::file::Subject;
 use crate::tokenizer::ClipTokenizer;
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -216,12 +214,25 @@ impl StableDiffusion {
     /// guidance_scale, height, width, num_images_per_prompt, generator)`; returns (B, H, W, 3)
     /// uint8 images.
     pub fn generate(&self, req: &GenerateRequest) -> Result<Tensor> {
-        self.generate_with(req, None)
+        self.generate_inner(req, None)
     }
 
-    /// [`generate`](Self::generate), with a learned subject conditioning each step by Eq. 7:
-    /// x_{t−1} = F^(t)(x_t, [c, c_s^t], φ).
-    pub fn generate_with(&self, req: &GenerateRequest, subject: Option<&Subject>) -> Result<Tensor> {
+    /// [`generate`](Self::generate) with a per-step conditioning made by `make(scheduler, φ, n)`
+    /// for the conditional branch (e.g. Eq. 7's [c, c_s^t]: [`crate::subject::generate`]).
+    pub fn generate_conditioned<'a>(
+        &'a self,
+        req: &GenerateRequest,
+        make: &mut dyn FnMut(&DdimScheduler, Tensor, i64) -> Result<Box<dyn StepConditioning + 'a>>,
+    ) -> Result<Tensor> {
+        self.generate_inner(req, Some(make))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn generate_inner<'a>(
+        &'a self,
+        req: &GenerateRequest,
+        make: Option<&mut dyn FnMut(&DdimScheduler, Tensor, i64) -> Result<Box<dyn StepConditioning + 'a>>>,
+    ) -> Result<Tensor> {
         self.check_size(req.height, req.width)?;
         if req.num_images < 1 {
             bail!("the number of images must be at least 1");
@@ -231,41 +242,18 @@ impl StableDiffusion {
             let n = req.num_images;
             let uncond = self.encode_prompt(req.negative_prompt.as_deref().unwrap_or(""));
             let x_t = self.initial_latents(req.seed, n, req.height, req.width);
-            let x0 = match subject {
+            let x0 = match make {
                 None => {
                     let cond = self.encode_prompt(&req.prompt).repeat([n, 1, 1]);
                     let mut fixed = Fixed(StepCond { cond, uncond: uncond.repeat([n, 1, 1]) });
                     self.denoise(x_t, &sched, &mut fixed, req.guidance, None)?
                 }
-                Some(s) => {
-                    let mut steps = self.subject_steps(&req.prompt, s, &sched, uncond, n)?;
-                    self.denoise(x_t, &sched, &mut steps, req.guidance, None)?
+                Some(make) => {
+                    let mut steps = make(&sched, uncond, n)?;
+                    self.denoise(x_t, &sched, steps.as_mut(), req.guidance, None)?
                 }
             };
             Ok(crate::io::decoded_to_u8(&self.decode(&x0)))
         })
-    }
-
-    /// Eq. 7's per-step conditioning for a prompt and a learned subject.
-    pub fn subject_steps(
-        &self,
-        prompt: &str,
-        subject: &Subject,
-        sched: &DdimScheduler,
-        uncond: Tensor,
-        batch: i64,
-    ) -> Result<SubjectSteps<'_>> {
-        let d = self.text_encoder.hidden_size();
-        if subject.c_s.size()[1] != d {
-            bail!(
-                "the subject's embeddings have width {}, but this model's text encoder has {d}",
-                subject.c_s.size()[1]
-            );
-        }
-        let ids = self.tokenize(prompt);
-        let n_tokens = self.tokenizer.encode_padded(prompt).n_tokens;
-        check_room(n_tokens, subject.n_tokens(), self.tokenizer.model_max_length() as i64, prompt)?;
-        let per_step = subject.per_step(&sched.timesteps).into_iter().map(|t| t.to_device(self.device)).collect();
-        Ok(SubjectSteps { te: &self.text_encoder, ids, per_step, space: subject.space, uncond, batch })
     }
 }

@@ -10,6 +10,7 @@ use hifi_tuner::guidance::invert::ddim_invert;
 use hifi_tuner::guidance::reference::{guided_denoise, substitute, GuidanceConfig, Reference};
 use hifi_tuner::pipeline::{StableDiffusion, StepCond};
 use hifi_tuner::rng::seeded;
+use hifi_tuner::subject::conditioning::SubjectSteps;
 use hifi_tuner::subject::file::Subject;
 use hifi_tuner::subject::Space;
 use tch::{Device, Kind, Tensor};
@@ -147,11 +148,11 @@ fn algorithm_2_with_no_steps_and_no_substitution_is_plain_eq7() {
         )
     });
     let plain = tch::no_grad(|| {
-        let mut c = sd.subject_steps("a dog in the snow", &s, &sched, uncond.shallow_clone(), 1).unwrap();
+        let mut c = SubjectSteps::new(&sd, "a dog in the snow", &s, &sched, uncond.shallow_clone(), 1).unwrap();
         sd.denoise(x_t.shallow_clone(), &sched, &mut c, 7.5, None).unwrap()
     });
     let gc = GuidanceConfig { t_start: 8, t_end: 3, steps: 0, lr: 1e-2, substitute: false };
-    let mut c = sd.subject_steps("a dog in the snow", &s, &sched, uncond, 1).unwrap();
+    let mut c = SubjectSteps::new(&sd, "a dog in the snow", &s, &sched, uncond, 1).unwrap();
     let (guided, report) =
         guided_denoise(&sd, &sched, x_t, &mut c, 7.5, &Reference { traj: &traj, mask: &centre_mask() }, &gc).unwrap();
     assert!(guided.equal(&plain), "J = 0 without substitution must be plain Eq. 7, bit for bit");
@@ -183,7 +184,7 @@ fn eq10_falls_over_the_phi_h_steps() {
     let x0 = seeded(2, || Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu))) * 0.5;
     let traj = ddim_invert(&sd, &sched, &x0, &tch::no_grad(|| sd.encode_prompt("a photo of a dog")));
     let gc = GuidanceConfig { t_start: 8, t_end: 5, steps: 6, lr: 1e-2, substitute: true };
-    let mut c = sd.subject_steps("a dog in the snow", &s, &sched, uncond, 1).unwrap();
+    let mut c = SubjectSteps::new(&sd, "a dog in the snow", &s, &sched, uncond, 1).unwrap();
     let (x, report) =
         guided_denoise(&sd, &sched, x_t, &mut c, 7.5, &Reference { traj: &traj, mask: &centre_mask() }, &gc).unwrap();
     assert!(x.isfinite().all().int64_value(&[]) == 1);

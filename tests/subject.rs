@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use hifi_tuner::pipeline::{GenerateRequest, StableDiffusion};
 use hifi_tuner::rng::seeded;
-use hifi_tuner::subject::conditioning::{phi_s, splice};
+use hifi_tuner::subject::conditioning::{generate, phi_s, splice};
 use hifi_tuner::subject::data::{load_photos, MaskFit};
 use hifi_tuner::subject::file::Subject;
 use hifi_tuner::subject::job::{caption_ids, captions, encode, setup_ti};
@@ -227,8 +227,8 @@ fn step_wise_generation_with_constant_embeddings_equals_plain_c_s() {
         width: 32,
         num_images: 1,
     };
-    let a = sd.generate_with(&req, Some(&plain)).unwrap();
-    let b = sd.generate_with(&req, Some(&chained)).unwrap();
+    let a = generate(&sd, &req, Some(&plain)).unwrap();
+    let b = generate(&sd, &req, Some(&chained)).unwrap();
     assert!(a.equal(&b));
     let c = sd.generate(&req).unwrap();
     assert!(!a.equal(&c), "the subject must change the image");

@@ -7,6 +7,7 @@ use anyhow::Result;
 use hifi_tuner::guidance::invert::ddim_invert;
 use hifi_tuner::guidance::reference::{guided_denoise, GuidanceConfig, Reference};
 use hifi_tuner::pipeline::{GenerateRequest, StableDiffusion};
+use hifi_tuner::subject::conditioning::SubjectSteps;
 use hifi_tuner::subject::file::Subject;
 use hifi_tuner::subject::job::{captions, setup_ti};
 use hifi_tuner::subject::learn::{train_step, LearnArgs, Objective, State, TrainSet};
@@ -138,7 +139,7 @@ pub fn run(a: Args) -> Result<()> {
     let t = Instant::now();
     let uncond = tch::no_grad(|| sd.encode_prompt(""));
     let traj = ddim_invert(&sd, &sched, &x0, &tch::no_grad(|| sd.encode_prompt("a photo of a dog")));
-    let mut cond = sd.subject_steps("a dog on the beach", &subject, &sched, uncond, 1)?;
+    let mut cond = SubjectSteps::new(&sd, "a dog on the beach", &subject, &sched, uncond, 1)?;
     let x_t = sd.initial_latents(0, 1, size, size);
     let (_, report) = guided_denoise(&sd, &sched, x_t, &mut cond, 7.5, &Reference { traj: &traj, mask: &mask }, &gc)?;
     sync(device);

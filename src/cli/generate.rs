@@ -137,7 +137,7 @@ pub fn run(a: Args) -> Result<()> {
         }
         g.image
     } else {
-        sd.generate_with(&req, subject.as_ref())?
+        hifi_tuner::subject::conditioning::generate(&sd, &req, subject.as_ref())?
     };
     let mut params = parameters_text(&a.prompt, &req, &a.model);
     if let Some(s) = &a.subject {

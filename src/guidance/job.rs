@@ -15,6 +15,7 @@ use crate::eval::dino::Dino;
 use crate::io::{decoded_to_u8, image_to_u8, mask_to_u8, RgbImage};
 use crate::pipeline::{GenerateRequest, StableDiffusion};
 use crate::subject::data::{load_photos, MaskFit, Photo};
+use crate::subject::conditioning::SubjectSteps;
 use crate::subject::file::Subject;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -86,7 +87,7 @@ pub fn generate_guided(
     let tokens = subject_tokens(sd, &req.prompt, &subject.class_noun, subject.n_tokens());
     let mut daam = CrossAttnAggregator::new(tokens, (h, w), req.guidance > 1.0);
     let x0_g1 = tch::no_grad(|| -> Result<Tensor> {
-        let mut steps = sd.subject_steps(&req.prompt, subject, &sched, uncond.shallow_clone(), 1)?;
+        let mut steps = SubjectSteps::new(sd, &req.prompt, subject, &sched, uncond.shallow_clone(), 1)?;
         sd.denoise(x_t.shallow_clone(), &sched, &mut steps, req.guidance, Some(&mut daam))
     })?;
     let i_g1 = tch::no_grad(|| decoded_to_u8(&sd.decode(&x0_g1)));
@@ -127,7 +128,7 @@ pub fn generate_guided(
         ddim_invert(sd, &sched, &x0, &sd.encode_prompt(&caption))
     });
     // 5. Algorithm 2.
-    let mut steps = sd.subject_steps(&req.prompt, subject, &sched, uncond, 1)?;
+    let mut steps = SubjectSteps::new(sd, &req.prompt, subject, &sched, uncond, 1)?;
     let (x0, report) = guided_denoise(
         sd,
         &sched,

@@ -8,9 +8,11 @@
 //! the last n outputs, which also see the caption. In the **output** space c_s replaces the last
 //! n rows of the encoder's output directly (no gradient through the encoder).
 
+use super::file::Subject;
 use super::Space;
 use crate::models::clip_text::ClipTextModel;
-use crate::pipeline::{StepCond, StepConditioning};
+use crate::pipeline::{GenerateRequest, StableDiffusion, StepCond, StepConditioning};
+use crate::scheduler::DdimScheduler;
 use anyhow::{bail, Result};
 use tch::Tensor;
 
@@ -73,5 +75,42 @@ impl StepConditioning for SubjectSteps<'_> {
         };
         let cond = splice(self.te, &self.ids, c_s, self.space).repeat([self.batch, 1, 1]);
         Ok(StepCond { cond, uncond: self.uncond.repeat([self.batch, 1, 1]) })
+    }
+}
+
+impl<'a> SubjectSteps<'a> {
+    /// Eq. 7's per-step conditioning for a prompt and a learned subject: checks the width of
+    /// c_s against the text encoder and that the prompt leaves the last n positions free.
+    pub fn new(
+        sd: &'a StableDiffusion,
+        prompt: &str,
+        subject: &Subject,
+        sched: &DdimScheduler,
+        uncond: Tensor,
+        batch: i64,
+    ) -> Result<Self> {
+        let d = sd.text_encoder.hidden_size();
+        if subject.c_s.size()[1] != d {
+            bail!(
+                "the subject's embeddings have width {}, but this model's text encoder has {d}",
+                subject.c_s.size()[1]
+            );
+        }
+        let ids = sd.tokenize(prompt);
+        let n_tokens = sd.tokenizer.encode_padded(prompt).n_tokens;
+        check_room(n_tokens, subject.n_tokens(), sd.tokenizer.model_max_length() as i64, prompt)?;
+        let per_step = subject.per_step(&sched.timesteps).into_iter().map(|t| t.to_device(sd.device)).collect();
+        Ok(Self { te: &sd.text_encoder, ids, per_step, space: subject.space, uncond, batch })
+    }
+}
+
+/// Text-to-image, with a learned subject conditioning each step by Eq. 7:
+/// x_{t−1} = F^(t)(x_t, [c, c_s^t], φ); without one, plain [`StableDiffusion::generate`].
+pub fn generate(sd: &StableDiffusion, req: &GenerateRequest, subject: Option<&Subject>) -> Result<Tensor> {
+    match subject {
+        None => sd.generate(req),
+        Some(s) => sd.generate_conditioned(req, &mut |sched, uncond, n| {
+            Ok(Box::new(SubjectSteps::new(sd, &req.prompt, s, sched, uncond, n)?))
+        }),
     }
 }
