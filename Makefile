@@ -34,7 +34,8 @@ test: $(TORCH_STAMP)
 #                                      the three test photos: shows that everything runs; the
 #                                      images are noise.
 #   make demo MODEL=path/to/sd-1.x     text-to-image with a real model (diffusers layout), and with
-#     IMAGES=dir MASKS=dir CLASS=noun  the full job on your subject's photos and masks.
+#     IMAGES=dir MASKS=dir CLASS=noun  the full job on your subject's photos and masks; with
+#     PHOTO=file CAPTION=... WORD=noun  also the subject put into PHOTO in place of WORD.
 DEMO_OUT := demo-out
 DEMO_PROMPT := a photo of a dog on the beach
 demo: build
@@ -46,6 +47,10 @@ demo: build
 	    $(BIN) learn --model "$(MODEL)" --images "$(IMAGES)" --masks "$(MASKS)" --class-noun "$(CLASS)" --out $(DEMO_OUT)/subject; \
 	    $(BIN) generate --model "$(MODEL)" --subject $(DEMO_OUT)/subject --prompt "a photo of a $(CLASS) on the beach" \
 	      --reference-guidance --save-intermediates --seed 0 --out $(DEMO_OUT)/subject.png; \
+	    if [ -n "$(PHOTO)" ]; then \
+	      $(BIN) replace --model "$(MODEL)" --subject $(DEMO_OUT)/subject --image "$(PHOTO)" --caption "$(CAPTION)" \
+	        --source-word "$(WORD)" --save-intermediates --out $(DEMO_OUT)/replaced.png; \
+	    fi; \
 	  fi; \
 	else \
 	  echo "No MODEL=path given: a tiny model with RANDOM weights (its images are noise)."; \
@@ -56,8 +61,10 @@ demo: build
 	    --class-noun dog --steps 100 --stepwise-steps 2 --ddim-steps 20 --out $(DEMO_OUT)/subject >/dev/null; \
 	  $(BIN) generate --model $(DEMO_OUT)/tiny-random --subject $(DEMO_OUT)/subject --prompt "$(DEMO_PROMPT)" --seed 0 \
 	    --steps 20 --t-start 16 --t-end 4 --reference-guidance --save-intermediates --out $(DEMO_OUT)/subject.png; \
+	  $(BIN) replace --model $(DEMO_OUT)/tiny-random --subject $(DEMO_OUT)/subject --image tests/fixtures/photos/dog/01.jpg \
+	    --caption "a photo of a dog" --source-word dog --steps 20 --save-intermediates --out $(DEMO_OUT)/replaced.png >/dev/null; \
 	fi
-	@echo "demo images: $(DEMO_OUT)/demo.png$(if $(or $(IMAGES),$(if $(MODEL),,x)), and $(DEMO_OUT)/subject.png (stages in $(DEMO_OUT)/subject-intermediates/))"
+	@echo "demo images: $(DEMO_OUT)/demo.png$(if $(or $(IMAGES),$(if $(MODEL),,x)), $(DEMO_OUT)/subject.png (stages in $(DEMO_OUT)/subject-intermediates/))$(if $(or $(PHOTO),$(if $(MODEL),,x)), and $(DEMO_OUT)/replaced.png (stages in $(DEMO_OUT)/replaced-intermediates/))"
 
 # Regenerate the parity fixtures (by hand; needs the pinned diffusers/transformers).
 fixtures: $(TORCH_STAMP)

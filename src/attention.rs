@@ -72,3 +72,23 @@ pub fn reborrow<'s>(ctrl: &'s mut Option<&mut dyn AttentionController>) -> Optio
         None => None,
     }
 }
+
+/// Several controllers on the same calls, in order: a site is materialised when any of them
+/// wants it, and each one that wants it sees what the previous one returned (put observers
+/// before editors to record the unedited maps).
+pub struct Chain<'a>(pub Vec<&'a mut dyn AttentionController>);
+
+impl AttentionController for Chain<'_> {
+    fn wants(&self, site: &AttnSite) -> bool {
+        self.0.iter().any(|c| c.wants(site))
+    }
+    fn on_probs(&mut self, site: &AttnSite, probs: Tensor) -> Tensor {
+        let mut p = probs;
+        for c in self.0.iter_mut() {
+            if c.wants(site) {
+                p = c.on_probs(site, p);
+            }
+        }
+        p
+    }
+}

@@ -174,3 +174,47 @@ pub fn decoded_to_u8(images: &Tensor) -> Tensor {
     let x = x.to_device(tch::Device::Cpu).permute([0, 2, 3, 1]); // (B, H, W, 3)
     (x * 255.0).round().to_kind(Kind::Uint8)
 }
+
+/// Resizes `img` to cover `width`×`height` (the scale that fills both sides) and crops the
+/// centre.
+pub fn fit_cover(
+    img: &image::DynamicImage,
+    width: u32,
+    height: u32,
+    filter: image::imageops::FilterType,
+) -> image::DynamicImage {
+    use image::GenericImageView;
+    let (w, h) = img.dimensions();
+    let scale = (width as f64 / w as f64).max(height as f64 / h as f64);
+    let (nw, nh) = (((w as f64 * scale).round() as u32).max(width), ((h as f64 * scale).round() as u32).max(height));
+    let r = img.resize_exact(nw, nh, filter);
+    r.crop_imm((nw - width) / 2, (nh - height) / 2, width, height)
+}
+
+/// A photo resized to cover (height, width) and centre-cropped (Catmull-Rom), as (3, H, W) in
+/// [-1, 1]; the error names the file.
+pub fn load_image_cover(path: &Path, height: i64, width: i64) -> Result<Tensor> {
+    let img = image::open(path).with_context(|| format!("cannot read image {}", path.display()))?;
+    let rgb = fit_cover(&img, width as u32, height as u32, image::imageops::FilterType::CatmullRom).to_rgb8();
+    let t = Tensor::from_slice(&rgb.into_raw()).view([height, width, 3]).permute([2, 0, 1]); // (3, H, W) u8
+    Ok(t.to_kind(Kind::Float) / 127.5 - 1.0)
+}
+
+/// The SHA-256 of a file's bytes, in hex (identifies a photo across runs).
+pub fn file_sha256(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A heat map (h, w) in [0, 1] tinted red over an image (H, W, 3) u8 → (H, W, 3) u8.
+pub fn heat_overlay(image: &Tensor, heat: &Tensor) -> Tensor {
+    let (h, w, _) = image.size3().expect("(H, W, 3)");
+    let m = heat.to_device(tch::Device::Cpu).to_kind(Kind::Float).view([1, 1, heat.size()[0], heat.size()[1]]);
+    let m = m.upsample_bilinear2d([h, w], false, None, None).view([h, w, 1]).clamp(0.0, 1.0) * 0.6; // (H, W, 1)
+    let red = Tensor::from_slice(&[255f32, 32.0, 0.0]).view([1, 1, 3]);
+    let img = image.to_device(tch::Device::Cpu).to_kind(Kind::Float);
+    let keep: Tensor = 1.0 - &m;
+    let out: Tensor = img * keep + red * &m;
+    out.round().clamp(0.0, 255.0).to_kind(Kind::Uint8)
+}

@@ -16,12 +16,16 @@
 //! | images, PNG metadata, atomic writes | [`io`] |
 //! | §3.2: [c, c_s], φ_s, Eq. 5–6 (masked, regularised loss), Eq. 7 | [`subject::conditioning`], [`subject::learn`] |
 //! | Algorithm 1 (step-wise c_s^t), checkpoints, the `learn` job | [`subject::learn`], [`subject::job`] |
+//! | Eq. 7 sampling with a subject ([c, c_s^t] per step) | [`subject::conditioning`] |
 //! | textual inversion (the baseline; `learned_embeds.safetensors`) | [`subject::ti`], [`subject::file`] |
 //! | §3.3: M_g from cross-attention (DAAM) | [`guidance::daam`] |
 //! | Algorithm 4, Eq. 8–9 (mask alignment T_θ) | [`guidance::align`] |
 //! | DDIM inversion with w = 1 (Eq. 3) | [`guidance::invert`] |
 //! | Algorithm 2, Eq. 10 (reference-guided denoising) | [`guidance::reference`], [`guidance::job`] |
 //! | DINO ViT-S/16 embeddings (reference choice) | [`eval::dino`], [`models::vit`] |
+//! | §3.4, Eq. 4: null-text inversion (the first two loops of Algorithm 3) | [`replace::nti`] |
+//! | Algorithm 3's F̃: prompt-to-prompt attention control, token alignment | [`replace::p2p`] |
+//! | Algorithm 3: subject replacement, the `invert` and `replace` jobs | [`replace::job`] |
 //! | seeded draws (tch has no per-call generator) | [`rng`] |
 
 pub mod attention;
@@ -32,6 +36,7 @@ pub mod load;
 pub mod models;
 pub mod pipeline;
 pub mod progress;
+pub mod replace;
 pub mod rng;
 pub mod scheduler;
 pub mod subject;

@@ -5,7 +5,9 @@ mod bench;
 mod dino;
 mod generate;
 mod init_random;
+mod invert;
 mod learn;
+mod replace;
 mod tokenize;
 
 use anyhow::{bail, Result};
@@ -27,6 +29,11 @@ pub enum Command {
     Tokenize(tokenize::Args),
     /// Learn a subject from its photos (HiFi Tuner §3.2, Algorithm 1) or a textual inversion.
     Learn(learn::Args),
+    /// Null-text inversion of a photo (paper Eq. 4, Algorithm 3): x_T* and the per-step φ*_t.
+    Invert(invert::Args),
+    /// Put a learned subject (or another word) into a photo in place of one of its objects
+    /// (paper §3.4, Algorithm 3: null-text inversion + prompt-to-prompt).
+    Replace(replace::Args),
     /// Algorithm 4 on two mask PNGs: fit T_θ mapping the reference mask onto the target; print θ.
     AlignMask(align_mask::Args),
     /// DINO ViT embeddings (CLS of the last hidden state) of images, one JSON array per image.
@@ -46,6 +53,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::AlignMask(a) => align_mask::run(a),
         Command::Dino(a) => dino::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Invert(a) => invert::run(a),
+        Command::Replace(a) => replace::run(a),
     }
 }
 

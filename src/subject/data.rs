@@ -44,11 +44,7 @@ fn open(path: &Path) -> Result<DynamicImage> {
 
 /// Resizes the shorter side to `size` and crops the centre square.
 fn fit(img: &DynamicImage, size: u32, filter: FilterType) -> DynamicImage {
-    let (w, h) = img.dimensions();
-    let scale = size as f64 / w.min(h) as f64;
-    let (nw, nh) = (((w as f64 * scale).round() as u32).max(size), ((h as f64 * scale).round() as u32).max(size));
-    let r = img.resize_exact(nw, nh, filter);
-    r.crop_imm((nw - size) / 2, (nh - size) / 2, size, size)
+    crate::io::fit_cover(img, size, size, filter)
 }
 
 /// (C, S, S) float tensor in [0, 1] from 8-bit channels.
