@@ -11,7 +11,7 @@ use super::learn::{LearnArgs, Objective, State, StepReport, TrainSet};
 use super::{conditioning, ti, Mode};
 use crate::io::{image_to_u8, mask_to_u8, write_atomic, write_safetensors_atomic, RgbImage};
 use crate::load::{read_safetensors, safetensors_metadata};
-use crate::pipeline::StableDiffusion;
+use crate::pipeline::{LoadOptions, StableDiffusion};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -38,6 +38,8 @@ const CHECKPOINT_FORMAT: &str = "hifi-tuner-checkpoint/1";
 #[derive(Debug, Clone)]
 pub struct LearnJob {
     pub model: PathBuf,
+    /// `--config` / `--variant` for `model`.
+    pub load: LoadOptions,
     pub images: PathBuf,
     pub masks: Option<PathBuf>,
     pub out: PathBuf,
@@ -71,7 +73,7 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
     if job.resume && !ckpt_path.exists() {
         bail!("--resume: no {CHECKPOINT_FILE} in {}", job.out.display());
     }
-    let mut sd = StableDiffusion::load(&job.model, job.device)?;
+    let mut sd = StableDiffusion::load_with(&job.model, &job.load, job.device)?;
     let photos = load_photos(&job.images, job.masks.as_deref(), sd.default_size() as u32, MaskFit::SameAspect)?;
     let args = &job.args;
     let (ti_base, init_ti) = if args.mode == Mode::Ti { setup_ti(&mut sd, args)? } else { (0, None) };
