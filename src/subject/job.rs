@@ -1,12 +1,13 @@
 //! The `learn` job: photos → cached VAE latents → [`learn`](super::learn) with checkpoints,
 //! a JSONL log and a progress bar → the subject folder.
 //!
-//! The subject folder holds `subject.safetensors` (HiFi) or `learned_embeds.safetensors` (TI),
+//! The subject folder holds `subject.safetensors` (HiFi) or, for TI, `learned_embeds.safetensors`
+//! (diffusers) and `a1111/NAME.safetensors` (AUTOMATIC1111 / ComfyUI `emb_params`),
 //! `train_log.jsonl`, `checkpoint.safetensors`, and the resized photos and masks it learned
 //! from (`photos/`, `masks/`), so it is self-contained.
 
 use super::data::{latent_masks, load_photos, MaskFit};
-use super::file::{save_learned_embeds, Subject, SUBJECT_FILE};
+use super::file::{a1111_file_name, save_a1111_embedding, save_learned_embeds, Subject, SUBJECT_FILE};
 use super::learn::{LearnArgs, Objective, State, StepReport, TrainSet};
 use super::{conditioning, ti, Mode};
 use crate::io::{image_to_u8, mask_to_u8, write_atomic, write_safetensors_atomic, RgbImage};
@@ -322,6 +323,10 @@ fn write_result(job: &LearnJob, obj: &Objective, state: &State) -> Result<PathBu
         Mode::Ti => {
             let path = job.out.join("learned_embeds.safetensors");
             save_learned_embeds(&path, &args.token, &state.param)?;
+            // The same vectors for AUTOMATIC1111 / ComfyUI: copy this file into their embeddings folder.
+            let a1111 = job.out.join("a1111").join(a1111_file_name(&args.token));
+            std::fs::create_dir_all(job.out.join("a1111"))?;
+            save_a1111_embedding(&a1111, &args.token, &state.param)?;
             Ok(path)
         }
         Mode::Hifi => {
