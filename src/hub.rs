@@ -39,8 +39,8 @@ impl ModelSpec {
             return Ok(Self::Hub { repo, revision });
         }
         bail!(
-            "--model {s}: no such folder or file, and not a Hugging Face id (org/name or org/name@revision). \
-             Expected a diffusers folder, a single-file .safetensors checkpoint, or a hub id"
+            "--model {s} does not exist (no such folder or file), and is not a Hugging Face id (org/name or \
+             org/name@revision). Expected a diffusers folder, a single-file .safetensors checkpoint, or a hub id"
         )
     }
 }

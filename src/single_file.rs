@@ -203,11 +203,10 @@ pub fn load(path: &Path, configs: &Configs, device: Device) -> Result<Loaded> {
 }
 
 fn preview(items: &[String]) -> String {
-    let mut s: Vec<&str> = items.iter().take(8).map(String::as_str).collect();
+    let shown: Vec<&str> = items.iter().take(8).map(String::as_str).collect();
     let more = items.len().saturating_sub(8);
     let tail = if more > 0 { format!(", … and {more} more") } else { String::new() };
-    s.dedup();
-    format!("{}{tail}", s.join(", "))
+    format!("{}{tail}", shown.join(", "))
 }
 
 /// LDM name → our name, from every variable of `vs`.

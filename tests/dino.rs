@@ -391,8 +391,12 @@ fn cli_prints_one_array_per_image_in_order() {
         let got = Tensor::from_slice(row).to_kind(Kind::Float);
         assert!(max_abs_diff(&got, &want) < 1e-5, "{}", p.display());
     }
-    assert_eq!(rows[1], rows[3]);
-    assert_ne!(rows[0], rows[1]);
+    // The same photo at two batch positions: equal up to float32 rounding of the batched
+    // matmuls (seen: 2e-7 here; batch layouts are never compared bit for bit), far below the
+    // difference between two photos.
+    let diff = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    assert!(diff(&rows[1], &rows[3]) < 1e-5, "{}", diff(&rows[1], &rows[3]));
+    assert!(diff(&rows[0], &rows[1]) > 1e-2);
 }
 
 #[test]
