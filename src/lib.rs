@@ -8,11 +8,13 @@
 //! | paper | module |
 //! |---|---|
 //! | Stable Diffusion v1.x text encoder, UNet, VAE | [`models`] |
-//! | CLIP BPE tokenizer | [`tokenizer`] |
+//! | CLIP BPE tokenizer (on the `tokenizers` crate) | [`tokenizer`] |
 //! | DDIM step F^(t) (Eq. 1) and its inverse F^-1 (Eq. 3) | [`scheduler`] |
 //! | attention hooks (DAAM maps §3.4, prompt-to-prompt) | [`attention`] |
 //! | classifier-free guided sampling, one loop for all conditionings | [`pipeline`] |
 //! | diffusers folder layout, typed configs, strict weight loading | [`load`] |
+//! | single-file SD-1.x checkpoints (LDM key names), converted in memory | [`single_file`] |
+//! | `--model` forms: folder, single file, Hugging Face id (cache, downloads) | [`hub`] |
 //! | images, PNG metadata, atomic writes | [`io`] |
 //! | §3.2: [c, c_s], φ_s, Eq. 5–6 (masked, regularised loss), Eq. 7 | [`subject::conditioning`], [`subject::learn`] |
 //! | Algorithm 1 (step-wise c_s^t), checkpoints, the `learn` job | [`subject::learn`], [`subject::job`] |
@@ -31,6 +33,7 @@
 pub mod attention;
 pub mod eval;
 pub mod guidance;
+pub mod hub;
 pub mod io;
 pub mod load;
 pub mod models;
@@ -39,6 +42,7 @@ pub mod progress;
 pub mod replace;
 pub mod rng;
 pub mod scheduler;
+pub mod single_file;
 pub mod subject;
 pub mod tokenizer;
 

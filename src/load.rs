@@ -87,6 +87,18 @@ pub enum KeyAction {
 /// converted to the dtype and device of the variables (fp16 files load into an fp32 model).
 pub fn load_strict(vs: &nn::VarStore, path: &Path, map_key: &dyn Fn(&str, &Tensor) -> KeyAction) -> Result<()> {
     let file = read_safetensors(path)?;
+    load_strict_tensors(vs, &path.display().to_string(), file, map_key)
+        .map_err(|e| anyhow!("{e:#} (the model is built from its config.json)"))
+}
+
+/// [`load_strict`] on tensors already read; `what` names their origin in errors (e.g. a
+/// single-file checkpoint and the component's key prefix).
+pub fn load_strict_tensors(
+    vs: &nn::VarStore,
+    what: &str,
+    file: Vec<(String, Tensor)>,
+    map_key: &dyn Fn(&str, &Tensor) -> KeyAction,
+) -> Result<()> {
     let mut vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     let mut seen: HashMap<String, String> = HashMap::new();
     let mut unused = Vec::new();
@@ -102,17 +114,16 @@ pub fn load_strict(vs: &nn::VarStore, path: &Path, map_key: &dyn Fn(&str, &Tenso
             continue;
         };
         if let Some(first) = seen.get(&name) {
-            bail!("{}: keys {first} and {key} both load into {name}", path.display());
+            bail!("{what}: keys {first} and {key} both load into {name}");
         }
         if var.size() != value.size() {
             misshaped.push(format!("{key}: file {:?}, model {:?}", value.size(), var.size()));
             continue;
         }
         if !matches!(value.kind(), Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
-            bail!("{}: tensor {key} has dtype {:?}, expected a float type", path.display(), value.kind());
+            bail!("{what}: tensor {key} has dtype {:?}, expected a float type", value.kind());
         }
-        tch::no_grad(|| var.f_copy_(&value))
-            .with_context(|| format!("{}: cannot copy tensor {key}", path.display()))?;
+        tch::no_grad(|| var.f_copy_(&value)).with_context(|| format!("{what}: cannot copy tensor {key}"))?;
         seen.insert(name, key);
     }
     unused.sort();
@@ -128,7 +139,7 @@ pub fn load_strict(vs: &nn::VarStore, path: &Path, map_key: &dyn Fn(&str, &Tenso
         problems.push(format!("{} mis-shaped key(s): {}", misshaped.len(), preview(&misshaped)));
     }
     if !problems.is_empty() {
-        bail!("{} does not match the model built from its config.json: {}", path.display(), problems.join("; "));
+        bail!("{what} does not match the model: {}", problems.join("; "));
     }
     Ok(())
 }

@@ -7,13 +7,15 @@
 //! ([`crate::guidance::reference`]) over the same [`StableDiffusion::eps_pair`] and [`cfg`].
 
 use crate::attention::{reborrow, AttentionController};
+use crate::hub::{self, ModelSpec};
 use crate::load::ModelDir;
 use crate::models::unet::config::PerLevel;
 use crate::models::{clip_text::ClipTextModel, unet::UNet2DConditionModel, vae::AutoencoderKL};
 use crate::scheduler::{DdimScheduler, SchedulerConfig};
+use crate::single_file::{self, Configs};
 use crate::tokenizer::ClipTokenizer;
 use anyhow::{bail, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 /// The encoder hidden states of one step: `cond` = c (or [c, c_s^t]), `uncond` = φ; each
@@ -56,9 +58,21 @@ pub fn cfg(eps_u: &Tensor, eps_c: &Tensor, guidance: f64) -> Tensor {
     eps_u + guidance * (eps_c - eps_u)
 }
 
-/// A loaded Stable Diffusion v1.x model (diffusers layout).
+/// How `--model` is loaded besides its path: `--config` and `--variant`.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// A diffusers folder whose component configs and tokenizer convert a single-file
+    /// checkpoint (diffusers' `from_single_file(config=…)`); default: the standard SD-1.x ones.
+    pub config: Option<PathBuf>,
+    /// The weight variant to download for a hub id (e.g. `fp16`).
+    pub variant: Option<String>,
+}
+
+/// A loaded Stable Diffusion v1.x model.
 pub struct StableDiffusion {
-    pub dir: ModelDir,
+    /// Where the weights were read from: the diffusers folder (for a hub id, its cache
+    /// snapshot) or the single file.
+    pub source: PathBuf,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
     pub unet: UNet2DConditionModel,
@@ -68,24 +82,75 @@ pub struct StableDiffusion {
 }
 
 impl StableDiffusion {
-    /// Loads every component of a diffusers folder onto `device` (fp32).
-    pub fn load(root: &Path, device: Device) -> Result<Self> {
+    /// Loads a model onto `device` (fp32): a diffusers folder, a single-file SD-1.x checkpoint
+    /// (with the standard configs) or a Hugging Face id `org/name[@revision]` (see
+    /// [`ModelSpec::parse`]). [`load_with`](Self::load_with) takes `--config` / `--variant`.
+    pub fn load(model: &Path, device: Device) -> Result<Self> {
+        Self::load_with(model, &LoadOptions::default(), device)
+    }
+
+    /// [`load`](Self::load) with options.
+    pub fn load_with(model: &Path, opts: &LoadOptions, device: Device) -> Result<Self> {
+        let spec = ModelSpec::parse(model)?;
+        if opts.variant.is_some() && !matches!(spec, ModelSpec::Hub { .. }) {
+            bail!("--variant selects the weights downloaded for a Hugging Face id; {} is local", model.display());
+        }
+        match spec {
+            ModelSpec::SingleFile(file) => Self::load_single_file(&file, opts.config.as_deref(), device),
+            ModelSpec::Folder(root) => {
+                refuse_config(&opts.config, &root)?;
+                Self::load_folder(&root, device)
+            }
+            ModelSpec::Hub { repo, revision } => {
+                refuse_config(&opts.config, model)?;
+                Self::load_folder(&hub::resolve(&repo, revision.as_deref(), opts.variant.as_deref())?, device)
+            }
+        }
+    }
+
+    /// Loads every component of a diffusers folder.
+    pub fn load_folder(root: &Path, device: Device) -> Result<Self> {
         let dir = ModelDir::open(root)?;
         let scheduler_config = SchedulerConfig::from_file(&dir.component("scheduler").join("scheduler_config.json"))?;
-        let mut sd = Self {
+        let sd = Self {
             tokenizer: ClipTokenizer::from_dir(&dir.component("tokenizer"))?,
             text_encoder: ClipTextModel::load(&dir.component("text_encoder"), device)?,
             unet: UNet2DConditionModel::load(&dir.component("unet"), device)?,
             vae: AutoencoderKL::load(&dir.component("vae"), device)?,
             scheduler_config,
-            dir,
+            source: dir.root,
             device,
         };
+        Ok(sd.frozen())
+    }
+
+    /// Loads a single-file checkpoint (LDM key names), converted with the configs and tokenizer
+    /// of the diffusers folder `config`, or the standard SD-1.x ones.
+    pub fn load_single_file(file: &Path, config: Option<&Path>, device: Device) -> Result<Self> {
+        let configs = match config {
+            Some(dir) => Configs::from_diffusers_dir(dir)?,
+            None => Configs::sd15()?,
+        };
+        let nets = single_file::load(file, &configs, device)?;
+        let sd = Self {
+            tokenizer: configs.tokenizer,
+            text_encoder: nets.text_encoder,
+            unet: nets.unet,
+            vae: nets.vae,
+            scheduler_config: configs.scheduler,
+            source: file.to_path_buf(),
+            device,
+        };
+        Ok(sd.frozen())
+    }
+
+    fn frozen(mut self) -> Self {
+        let sd = &mut self;
         // The networks are never trained here: only embeddings are (subject learning, TI).
         sd.text_encoder.vs.freeze();
         sd.unet.vs.freeze();
         sd.vae.vs.freeze();
-        Ok(sd)
+        self
     }
 
     /// Pixels per latent cell (2^(VAE levels − 1)).
@@ -255,5 +320,36 @@ impl StableDiffusion {
             };
             Ok(crate::io::decoded_to_u8(&self.decode(&x0)))
         })
+    }
+}
+
+/// `--config` only applies to single-file checkpoints.
+fn refuse_config(config: &Option<PathBuf>, model: &Path) -> Result<()> {
+    if let Some(c) = config {
+        bail!(
+            "--config {} applies to single-file checkpoints; {} is a diffusers folder or hub id, which carries its own \
+             configs",
+            c.display(),
+            model.display()
+        );
+    }
+    Ok(())
+}
+
+/// The tokenizer `--model` implies, without loading any weights: a diffusers folder's
+/// `tokenizer/` (or a tokenizer folder itself), a single file's (`--config`'s or the built-in
+/// SD-1.x one), or a hub snapshot's.
+pub fn load_tokenizer(model: &Path, opts: &LoadOptions) -> Result<ClipTokenizer> {
+    match ModelSpec::parse(model)? {
+        ModelSpec::Folder(dir) if !dir.join("tokenizer").is_dir() => ClipTokenizer::from_dir(&dir),
+        ModelSpec::Folder(dir) => ClipTokenizer::from_dir(&ModelDir::open(&dir)?.component("tokenizer")),
+        ModelSpec::SingleFile(_) => match &opts.config {
+            Some(c) => ClipTokenizer::from_dir(&c.join("tokenizer")),
+            None => ClipTokenizer::sd15(),
+        },
+        ModelSpec::Hub { repo, revision } => {
+            let snap = hub::resolve(&repo, revision.as_deref(), opts.variant.as_deref())?;
+            ClipTokenizer::from_dir(&snap.join("tokenizer"))
+        }
     }
 }

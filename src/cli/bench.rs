@@ -6,7 +6,7 @@
 use anyhow::Result;
 use hifi_tuner::guidance::invert::ddim_invert;
 use hifi_tuner::guidance::reference::{guided_denoise, GuidanceConfig, Reference};
-use hifi_tuner::pipeline::{GenerateRequest, StableDiffusion};
+use hifi_tuner::pipeline::GenerateRequest;
 use hifi_tuner::subject::conditioning::SubjectSteps;
 use hifi_tuner::subject::file::Subject;
 use hifi_tuner::subject::job::{captions, setup_ti};
@@ -21,6 +21,8 @@ use tch::{Device, Kind, Tensor};
 pub struct Args {
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    model_options: super::ModelOptions,
     /// DDIM steps of the generation and guided runs.
     #[arg(long, default_value_t = 50)]
     steps: usize,
@@ -39,7 +41,7 @@ fn sync(device: Device) {
 
 pub fn run(a: Args) -> Result<()> {
     let device = super::parse_device(&a.device)?;
-    let mut sd = StableDiffusion::load(&a.model, device)?;
+    let mut sd = a.model_options.load(&a.model, device)?;
     let size = sd.default_size();
     let req = GenerateRequest {
         prompt: "a photo of a dog on the beach".into(),
@@ -106,7 +108,7 @@ pub fn run(a: Args) -> Result<()> {
         rates.push(rate);
         if mode == Mode::Ti {
             // Reload to drop the TI tokens again.
-            sd = StableDiffusion::load(&a.model, device)?;
+            sd = a.model_options.load(&a.model, device)?;
         }
     }
     println!(

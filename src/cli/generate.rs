@@ -2,7 +2,7 @@ use anyhow::{bail, Result};
 use hifi_tuner::guidance::job::{generate_guided, ReferenceOptions};
 use hifi_tuner::guidance::reference::GuidanceConfig;
 use hifi_tuner::io::RgbImage;
-use hifi_tuner::pipeline::{GenerateRequest, StableDiffusion};
+use hifi_tuner::pipeline::GenerateRequest;
 use hifi_tuner::subject::file::{resolve, Subject};
 use hifi_tuner::subject::ti;
 use std::path::{Path, PathBuf};
@@ -10,9 +10,12 @@ use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A diffusers Stable Diffusion 1.x folder.
+    /// A diffusers Stable Diffusion 1.x folder, a single-file .safetensors checkpoint, or a Hugging
+    /// Face id org/name[@revision].
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    model_options: super::ModelOptions,
     #[arg(long)]
     prompt: String,
     #[arg(long)]
@@ -82,7 +85,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let device = super::parse_device(&a.device)?;
     let started = Instant::now();
-    let mut sd = StableDiffusion::load(&a.model, device)?;
+    let mut sd = a.model_options.load(&a.model, device)?;
     if a.token.is_some() && a.embedding.len() != 1 {
         bail!("--token goes with exactly one --embedding");
     }

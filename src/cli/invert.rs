@@ -1,5 +1,4 @@
 use anyhow::Result;
-use hifi_tuner::pipeline::StableDiffusion;
 use hifi_tuner::replace::job::{invert, save_inverted, InvertRequest};
 use hifi_tuner::replace::nti::NtiConfig;
 use std::path::PathBuf;
@@ -7,9 +6,11 @@ use std::path::PathBuf;
 /// What `invert` and `replace` share: the model, the photo, its caption and the NTI settings.
 #[derive(clap::Args, Debug, Clone)]
 pub struct InversionArgs {
-    /// A diffusers Stable Diffusion 1.x folder.
+    /// A diffusers Stable Diffusion 1.x folder, a single-file checkpoint or a Hugging Face id.
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub model_options: super::ModelOptions,
     /// The photo (resized to cover --height × --width and centre-cropped).
     #[arg(long)]
     pub image: PathBuf,
@@ -57,7 +58,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let sd = StableDiffusion::load(&a.inv.model, super::parse_device(&a.inv.device)?)?;
+    let sd = a.inv.model_options.load(&a.inv.model, super::parse_device(&a.inv.device)?)?;
     let inv = invert(&sd, &a.inv.request())?;
     save_inverted(&a.out, &inv)?;
     eprintln!("inverted in {:.2}s, of which null-text optimisation {:.2}s", inv.seconds, inv.nti_seconds);

@@ -7,9 +7,12 @@ use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A diffusers Stable Diffusion 1.x folder.
+    /// A diffusers Stable Diffusion 1.x folder, a single-file .safetensors checkpoint, or a Hugging
+    /// Face id org/name[@revision].
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    model_options: super::ModelOptions,
     /// Folder of the subject's photos (.jpg, .jpeg, .png).
     #[arg(long)]
     images: PathBuf,
@@ -81,6 +84,7 @@ pub fn run(a: Args) -> Result<()> {
             seed: a.seed,
             masked: a.masks.is_some(),
         },
+        load: a.model_options.options(),
         model: a.model,
         images: a.images,
         masks: a.masks,

@@ -12,6 +12,8 @@ mod tokenize;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
+use hifi_tuner::pipeline::{LoadOptions, StableDiffusion};
+use std::path::{Path, PathBuf};
 use tch::Device;
 
 #[derive(Parser, Debug)]
@@ -71,4 +73,28 @@ pub fn parse_device(s: &str) -> Result<Device> {
         "auto" => Device::cuda_if_available(),
         other => bail!("--device must be cpu, cuda or auto, got {other:?}"),
     })
+}
+
+/// The options next to every `--model` that names a Stable Diffusion model (a diffusers folder,
+/// a single-file `.safetensors` checkpoint, or a Hugging Face id `org/name[@revision]`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ModelOptions {
+    /// For a single-file checkpoint: take the component configs and the tokenizer from this
+    /// diffusers folder (default: the standard SD-1.x ones built in).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// For a Hugging Face id: the weight variant to download (e.g. fp16).
+    #[arg(long)]
+    pub variant: Option<String>,
+}
+
+impl ModelOptions {
+    pub fn options(&self) -> LoadOptions {
+        LoadOptions { config: self.config.clone(), variant: self.variant.clone() }
+    }
+
+    /// Loads `--model` with these options.
+    pub fn load(&self, model: &Path, device: Device) -> Result<StableDiffusion> {
+        StableDiffusion::load_with(model, &self.options(), device)
+    }
 }

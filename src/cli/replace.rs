@@ -1,7 +1,6 @@
 use super::invert::InversionArgs;
 use anyhow::{bail, Result};
 use hifi_tuner::io::RgbImage;
-use hifi_tuner::pipeline::StableDiffusion;
 use hifi_tuner::replace::job::{
     check_matches, expected_meta, invert, load_inversion, prepare_swap, replace, save_inverted, ReplaceRequest,
 };
@@ -60,7 +59,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.subject.is_some() && a.embedding.is_some() {
         bail!("give either --subject or --embedding, not both");
     }
-    let mut sd = StableDiffusion::load(&a.inv.model, super::parse_device(&a.inv.device)?)?;
+    let mut sd = a.inv.model_options.load(&a.inv.model, super::parse_device(&a.inv.device)?)?;
     let subject = a.subject.as_deref().map(Subject::load).transpose()?;
     let loaded = a.embedding.as_deref().map(|e| ti::load_embedding(&mut sd, e, a.token.as_deref())).transpose()?;
     let target_word = match (&a.target_word, &subject, &loaded) {

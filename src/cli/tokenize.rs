@@ -1,24 +1,21 @@
 use anyhow::Result;
-use hifi_tuner::load::ModelDir;
-use hifi_tuner::tokenizer::ClipTokenizer;
+use hifi_tuner::pipeline::load_tokenizer;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A diffusers model folder (its tokenizer/ is used) or a tokenizer folder.
+    /// A diffusers model folder (its tokenizer/ is used), a tokenizer folder, a single-file
+    /// checkpoint (the built-in SD-1.x tokenizer, or --config's) or a Hugging Face id.
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    model_options: super::ModelOptions,
     /// The text to tokenize.
     text: String,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let dir = if a.model.join("tokenizer").is_dir() {
-        ModelDir::open(&a.model)?.component("tokenizer")
-    } else {
-        a.model.clone()
-    };
-    let tok = ClipTokenizer::from_dir(&dir)?;
+    let tok = load_tokenizer(&a.model, &a.model_options.options())?;
     let enc = tok.encode_padded(&a.text);
     if enc.truncated {
         eprintln!("warning: the text is {} tokens long and was truncated to {}", enc.n_tokens, tok.model_max_length());

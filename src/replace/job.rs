@@ -60,7 +60,7 @@ pub struct InvertRequest {
 
 /// The canonical model path recorded in an inversion.
 pub fn model_id(sd: &StableDiffusion) -> String {
-    std::fs::canonicalize(&sd.dir.root).unwrap_or_else(|_| sd.dir.root.clone()).display().to_string()
+    std::fs::canonicalize(&sd.source).unwrap_or_else(|_| sd.source.clone()).display().to_string()
 }
 
 /// What a request's inversion must match (the photo is hashed here).

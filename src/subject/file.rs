@@ -118,30 +118,68 @@ pub fn resolve(path: &Path) -> PathBuf {
     }
 }
 
-/// Writes `{token: (n, d)}`, the textual-inversion file diffusers' `load_textual_inversion`,
-/// AUTOMATIC1111 and ComfyUI read.
+/// Writes `{token: (n, d)}`, the textual-inversion file of diffusers' `load_textual_inversion`
+/// (`learned_embeds.safetensors`).
 pub fn save_learned_embeds(path: &Path, token: &str, rows: &Tensor) -> Result<()> {
     write_safetensors_atomic(path, &[(token.to_string(), rows.to_kind(Kind::Float).detach())], &BTreeMap::new())
 }
 
-/// Reads a textual-inversion file as diffusers does: a single `{token: (n, d)}` entry (the
-/// token may be overridden), or AUTOMATIC1111's `emb_params` (the token is then required or
-/// taken from the key, as diffusers does).
+/// The key AUTOMATIC1111 / ComfyUI embedding safetensors hold the vectors under.
+pub const A1111_KEY: &str = "emb_params";
+
+/// The file name AUTOMATIC1111 and ComfyUI will know the embedding by (they use the file stem as
+/// the prompt word): the token without `<`/`>`, other characters outside `[A-Za-z0-9._-]` → `-`.
+pub fn a1111_file_name(token: &str) -> String {
+    let stem: String = token
+        .trim_matches(|c| c == '<' || c == '>')
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' })
+        .collect();
+    let stem = if stem.is_empty() { "embedding".to_string() } else { stem };
+    format!("{stem}.safetensors")
+}
+
+/// Writes `{"emb_params": (n, d)}`, the safetensors embedding AUTOMATIC1111 reads from its
+/// `embeddings/` folder and ComfyUI from `models/embeddings/` (the prompt word is the file stem).
+/// The header records the token as `name`.
+pub fn save_a1111_embedding(path: &Path, token: &str, rows: &Tensor) -> Result<()> {
+    let mut meta = BTreeMap::new();
+    meta.insert("name".to_string(), token.to_string());
+    write_safetensors_atomic(path, &[(A1111_KEY.to_string(), rows.to_kind(Kind::Float).detach())], &meta)
+}
+
+/// Reads a textual-inversion file: diffusers' single `{token: (n, d)}` entry, AUTOMATIC1111's /
+/// ComfyUI's `{"emb_params": (n, d)}`, or a converted A1111 `.pt` (`string_to_param.*`, with
+/// any `string_to_token.*` ignored). The token is `token` when given; otherwise the key for the
+/// diffusers format, and the file stem for the A1111 formats (as A1111 and ComfyUI name them;
+/// diffusers would register the literal token `emb_params`).
 pub fn read_learned_embeds(path: &Path, token: Option<&str>) -> Result<(String, Tensor)> {
-    let mut tensors = read_safetensors(path)?;
-    if tensors.len() != 1 {
-        let keys: Vec<&str> = tensors.iter().map(|(k, _)| k.as_str()).collect();
+    let tensors = read_safetensors(path)?;
+    let keys: Vec<String> = tensors.iter().map(|(k, _)| k.clone()).collect();
+    let mut params: Vec<(String, Tensor)> =
+        tensors.into_iter().filter(|(k, _)| !k.starts_with("string_to_token.")).collect();
+    if params.len() != 1 {
         bail!(
-            "{}: a textual-inversion file holds one embedding {{token: (n, d)}}, found keys {keys:?}",
+            "{}: a textual-inversion file holds one embedding — {{token: (n, d)}} (diffusers), {{\"emb_params\": (n, d)}} \
+             (AUTOMATIC1111 / ComfyUI) or string_to_param.* — found keys {keys:?}",
             path.display()
         );
     }
-    let (key, mut rows) = tensors.remove(0);
+    let (key, mut rows) = params.remove(0);
     if rows.dim() == 1 {
         rows = rows.unsqueeze(0);
     }
     if rows.dim() != 2 {
         bail!("{}: embedding {key} has shape {:?}, expected (n, d)", path.display(), rows.size());
     }
-    Ok((token.map(str::to_string).unwrap_or(key), rows.to_kind(Kind::Float)))
+    let a1111 = key == A1111_KEY || key.starts_with("string_to_param.");
+    let name = match token {
+        Some(t) => t.to_string(),
+        None if a1111 => path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .with_context(|| format!("{}: no file name to take the token from; pass --token", path.display()))?,
+        None => key,
+    };
+    Ok((name, rows.to_kind(Kind::Float)))
 }

@@ -1,17 +1,18 @@
 //! The `learn` job: photos → cached VAE latents → [`learn`](super::learn) with checkpoints,
 //! a JSONL log and a progress bar → the subject folder.
 //!
-//! The subject folder holds `subject.safetensors` (HiFi) or `learned_embeds.safetensors` (TI),
+//! The subject folder holds `subject.safetensors` (HiFi) or, for TI, `learned_embeds.safetensors`
+//! (diffusers) and `a1111/NAME.safetensors` (AUTOMATIC1111 / ComfyUI `emb_params`),
 //! `train_log.jsonl`, `checkpoint.safetensors`, and the resized photos and masks it learned
 //! from (`photos/`, `masks/`), so it is self-contained.
 
 use super::data::{latent_masks, load_photos, MaskFit};
-use super::file::{save_learned_embeds, Subject, SUBJECT_FILE};
+use super::file::{a1111_file_name, save_a1111_embedding, save_learned_embeds, Subject, SUBJECT_FILE};
 use super::learn::{LearnArgs, Objective, State, StepReport, TrainSet};
 use super::{conditioning, ti, Mode};
 use crate::io::{image_to_u8, mask_to_u8, write_atomic, write_safetensors_atomic, RgbImage};
 use crate::load::{read_safetensors, safetensors_metadata};
-use crate::pipeline::StableDiffusion;
+use crate::pipeline::{LoadOptions, StableDiffusion};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -38,6 +39,8 @@ const CHECKPOINT_FORMAT: &str = "hifi-tuner-checkpoint/1";
 #[derive(Debug, Clone)]
 pub struct LearnJob {
     pub model: PathBuf,
+    /// `--config` / `--variant` for `model`.
+    pub load: LoadOptions,
     pub images: PathBuf,
     pub masks: Option<PathBuf>,
     pub out: PathBuf,
@@ -71,7 +74,7 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
     if job.resume && !ckpt_path.exists() {
         bail!("--resume: no {CHECKPOINT_FILE} in {}", job.out.display());
     }
-    let mut sd = StableDiffusion::load(&job.model, job.device)?;
+    let mut sd = StableDiffusion::load_with(&job.model, &job.load, job.device)?;
     let photos = load_photos(&job.images, job.masks.as_deref(), sd.default_size() as u32, MaskFit::SameAspect)?;
     let args = &job.args;
     let (ti_base, init_ti) = if args.mode == Mode::Ti { setup_ti(&mut sd, args)? } else { (0, None) };
@@ -320,6 +323,10 @@ fn write_result(job: &LearnJob, obj: &Objective, state: &State) -> Result<PathBu
         Mode::Ti => {
             let path = job.out.join("learned_embeds.safetensors");
             save_learned_embeds(&path, &args.token, &state.param)?;
+            // The same vectors for AUTOMATIC1111 / ComfyUI: copy this file into their embeddings folder.
+            let a1111 = job.out.join("a1111").join(a1111_file_name(&args.token));
+            std::fs::create_dir_all(job.out.join("a1111"))?;
+            save_a1111_embedding(&a1111, &args.token, &state.param)?;
             Ok(path)
         }
         Mode::Hifi => {

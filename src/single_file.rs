@@ -1,0 +1,355 @@
+//! Single-file Stable Diffusion 1.x checkpoints (the `v1-5-pruned-emaonly.safetensors` format of
+//! the original LDM code, Civitai fine-tunes): original key names, converted in memory.
+//!
+//! A file holds the UNet under `model.diffusion_model.`, the VAE under `first_stage_model.` and
+//! the CLIP text encoder under `cond_stage_model.transformer.`. Each of our modules is built from
+//! a config — the standard SD-1.x (v1-inference) ones in `assets/configs/sd15/` with the CLIP
+//! tokenizer of `assets/tokenizer/`, or those of a diffusers folder given as `--config`, as
+//! diffusers' `from_single_file(config=…)` — and every parameter name of the module is mapped
+//! to its LDM name by [`ldm_unet_key`] / [`ldm_vae_key`] (the inverse of diffusers'
+//! `convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint`). Loading is as strict as for a
+//! folder: every parameter must be in the file with its shape, and every key of the file must be
+//! used, or be in the known ignorable set ([`ignorable`]: the EMA copy `model_ema.*` and the
+//! training buffers of LDM's DDPM).
+
+use crate::load::{load_strict_tensors, read_json, read_safetensors, KeyAction};
+use crate::models::unet::config::UNetConfig;
+use crate::models::vae::VaeConfig;
+use crate::models::{
+    clip_text::ClipTextConfig, clip_text::ClipTextModel, unet::UNet2DConditionModel, vae::AutoencoderKL,
+};
+use crate::scheduler::SchedulerConfig;
+use crate::tokenizer::ClipTokenizer;
+use anyhow::{bail, Context, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use tch::Device;
+
+pub const UNET_PREFIX: &str = "model.diffusion_model.";
+pub const VAE_PREFIX: &str = "first_stage_model.";
+pub const TEXT_PREFIX: &str = "cond_stage_model.transformer.";
+
+/// LDM's DDPM buffers (noise schedule, loss weights): recomputed from the scheduler config.
+const DDPM_BUFFERS: [&str; 13] = [
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "logvar",
+];
+
+/// Why a key of a single-file checkpoint is not loaded, for keys we know to skip.
+pub fn ignorable(key: &str) -> Option<&'static str> {
+    if key.starts_with("model_ema.") {
+        Some("EMA copy of the UNet (model_ema.*)")
+    } else if DDPM_BUFFERS.contains(&key) || key == "lvlb_weights" {
+        Some("DDPM training buffer")
+    } else if key.starts_with("first_stage_model.loss.") {
+        Some("VAE training loss (LPIPS / discriminator)")
+    } else if key.starts_with(TEXT_PREFIX) && key.ends_with("embeddings.position_ids") {
+        Some("position_ids buffer")
+    } else {
+        None
+    }
+}
+
+/// The configs (and tokenizer) a single file is converted with.
+pub struct Configs {
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub text_encoder: ClipTextConfig,
+    pub scheduler: SchedulerConfig,
+    pub tokenizer: ClipTokenizer,
+    /// Where they come from, for messages.
+    pub origin: String,
+}
+
+impl Configs {
+    /// The standard SD-1.x (v1-inference) configs kept in `assets/configs/sd15/` and the CLIP
+    /// tokenizer of `assets/tokenizer/`.
+    pub fn sd15() -> Result<Self> {
+        fn parse<T: serde::de::DeserializeOwned>(name: &str, text: &str) -> Result<T> {
+            serde_json::from_str(text).with_context(|| format!("built-in assets/configs/sd15/{name} is not valid"))
+        }
+        Ok(Self {
+            unet: parse("unet.json", include_str!("../assets/configs/sd15/unet.json"))?,
+            vae: parse("vae.json", include_str!("../assets/configs/sd15/vae.json"))?,
+            text_encoder: parse("text_encoder.json", include_str!("../assets/configs/sd15/text_encoder.json"))?,
+            scheduler: parse("scheduler.json", include_str!("../assets/configs/sd15/scheduler.json"))?,
+            tokenizer: ClipTokenizer::sd15()?,
+            origin: "the standard SD-1.x configs (assets/configs/sd15)".into(),
+        })
+    }
+
+    /// The component configs and tokenizer of a diffusers folder (`unet/config.json`, …,
+    /// `scheduler/scheduler_config.json`, `tokenizer/`); its weights are not read.
+    pub fn from_diffusers_dir(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("--config {}: not a folder (expected a diffusers Stable Diffusion folder)", dir.display());
+        }
+        Ok(Self {
+            unet: read_json(&dir.join("unet/config.json"))?,
+            vae: read_json(&dir.join("vae/config.json"))?,
+            text_encoder: read_json(&dir.join("text_encoder/config.json"))?,
+            scheduler: SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?,
+            tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
+            origin: format!("the configs of {}", dir.display()),
+        })
+    }
+}
+
+/// The three networks of a single-file checkpoint, loaded.
+pub struct Loaded {
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub text_encoder: ClipTextModel,
+}
+
+/// Refuses pickled checkpoints with directions to convert them.
+pub fn refuse_pickle(path: &Path) -> Result<()> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    if matches!(ext.as_str(), "ckpt" | "pt" | "pth" | "bin") {
+        bail!(
+            "{} is a pickled checkpoint: hifi-tuner never unpickles (it can run arbitrary code). Convert it to \
+             safetensors first, where you trust the file, e.g. \
+             `python -c \"import torch, safetensors.torch as s; sd = torch.load('{0}', map_location='cpu', \
+             weights_only=True); sd = sd.get('state_dict', sd); s.save_file({{k: v.contiguous() for k, v in \
+             sd.items() if isinstance(v, torch.Tensor)}}, 'model.safetensors')\"`, \
+             or use a .safetensors release of the model",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Loads a single-file SD-1.x checkpoint with `configs`. Prints a note when EMA weights or
+/// other known keys are skipped.
+pub fn load(path: &Path, configs: &Configs, device: Device) -> Result<Loaded> {
+    refuse_pickle(path)?;
+    let what = path.display().to_string();
+    let tensors = read_safetensors(path)?;
+    let (mut unet_t, mut vae_t, mut text_t) = (Vec::new(), Vec::new(), Vec::new());
+    let mut skipped: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut unknown = Vec::new();
+    for (key, value) in tensors {
+        if let Some(why) = ignorable(&key) {
+            *skipped.entry(why).or_default() += 1;
+        } else if let Some(rest) = key.strip_prefix(UNET_PREFIX) {
+            unet_t.push((rest.to_string(), value));
+        } else if let Some(rest) = key.strip_prefix(VAE_PREFIX) {
+            vae_t.push((rest.to_string(), value));
+        } else if let Some(rest) = key.strip_prefix(TEXT_PREFIX) {
+            text_t.push((rest.to_string(), value));
+        } else {
+            unknown.push(key);
+        }
+    }
+    if !unknown.is_empty() {
+        unknown.sort();
+        bail!(
+            "{what}: {} key(s) that belong to no Stable Diffusion 1.x component: {} (expected {UNET_PREFIX}*, \
+             {VAE_PREFIX}*, {TEXT_PREFIX}*, or model_ema.* / DDPM buffers, which are skipped)",
+            unknown.len(),
+            preview(&unknown)
+        );
+    }
+    if unet_t.is_empty() || vae_t.is_empty() || text_t.is_empty() {
+        bail!(
+            "{what} is not a full SD-1.x checkpoint: it has {} UNet ({UNET_PREFIX}*), {} VAE ({VAE_PREFIX}*) and {} \
+             text-encoder ({TEXT_PREFIX}*) tensors",
+            unet_t.len(),
+            vae_t.len(),
+            text_t.len()
+        );
+    }
+    for (why, n) in &skipped {
+        eprintln!("note: {what}: skipped {n} key(s): {why}");
+    }
+    let hint = format!("(converted with {})", configs.origin);
+
+    let unet = UNet2DConditionModel::new(configs.unet.clone(), device)?;
+    let map = name_map(&unet.vs, |k| ldm_unet_key(k, &configs.unet))?;
+    load_strict_tensors(&unet.vs, &format!("{what} [{UNET_PREFIX}*]"), unet_t, &|k, _| lookup(&map, k))
+        .with_context(|| format!("loading the UNet {hint}"))?;
+
+    let vae = AutoencoderKL::new(configs.vae.clone(), device)?;
+    let map = name_map(&vae.vs, |k| ldm_vae_key(k, &configs.vae))?;
+    load_strict_tensors(&vae.vs, &format!("{what} [{VAE_PREFIX}*]"), vae_t, &|k, v| match lookup(&map, k) {
+        // LDM's mid-block attention q/k/v/proj_out are 1×1 convs (C, C, 1, 1); ours are linear (C, C).
+        KeyAction::Load(name)
+            if v.dim() == 4 && name.contains(".mid_block.attentions.") && !name.contains("group_norm") =>
+        {
+            KeyAction::LoadValue(name, v.flatten(1, 3))
+        }
+        other => other,
+    })
+    .with_context(|| format!("loading the VAE {hint}"))?;
+
+    let text_encoder = ClipTextModel::new(configs.text_encoder.clone(), device)?;
+    load_strict_tensors(&text_encoder.vs, &format!("{what} [{TEXT_PREFIX}*]"), text_t, &|k, _| {
+        // Older checkpoints lack the `text_model.` level (transformers < 4.22).
+        KeyAction::Load(if k.starts_with("text_model.") { k.to_string() } else { format!("text_model.{k}") })
+    })
+    .with_context(|| format!("loading the text encoder {hint}"))?;
+    Ok(Loaded { unet, vae, text_encoder })
+}
+
+fn preview(items: &[String]) -> String {
+    let shown: Vec<&str> = items.iter().take(8).map(String::as_str).collect();
+    let more = items.len().saturating_sub(8);
+    let tail = if more > 0 { format!(", … and {more} more") } else { String::new() };
+    format!("{}{tail}", shown.join(", "))
+}
+
+/// LDM name → our name, from every variable of `vs`.
+fn name_map(vs: &tch::nn::VarStore, inverse: impl Fn(&str) -> Option<String>) -> Result<HashMap<String, String>> {
+    let mut map = HashMap::new();
+    for name in vs.variables().into_keys() {
+        let ldm = inverse(&name).with_context(|| format!("parameter {name} has no single-file (LDM) name"))?;
+        map.insert(ldm, name);
+    }
+    Ok(map)
+}
+
+/// A key with no counterpart stays as it is: it is then reported as unused, by its name.
+fn lookup(map: &HashMap<String, String>, key: &str) -> KeyAction {
+    KeyAction::Load(map.get(key).cloned().unwrap_or_else(|| format!("<unmapped> {key}")))
+}
+
+/// Splits `"blocks.3.rest"` after `prefix` into (3, "rest").
+fn indexed<'a>(name: &'a str, prefix: &str) -> Option<(usize, &'a str)> {
+    let rest = name.strip_prefix(prefix)?;
+    let (i, rest) = rest.split_once('.')?;
+    Some((i.parse().ok()?, rest))
+}
+
+/// diffusers resnet names → LDM `ResBlock` names.
+fn ldm_resnet(rest: &str) -> String {
+    const MAP: [(&str, &str); 6] = [
+        ("norm1.", "in_layers.0."),
+        ("conv1.", "in_layers.2."),
+        ("time_emb_proj.", "emb_layers.1."),
+        ("norm2.", "out_layers.0."),
+        ("conv2.", "out_layers.3."),
+        ("conv_shortcut.", "skip_connection."),
+    ];
+    for (ours, ldm) in MAP {
+        if let Some(tail) = rest.strip_prefix(ours) {
+            return format!("{ldm}{tail}");
+        }
+    }
+    rest.to_string()
+}
+
+/// The LDM name (after `model.diffusion_model.`) of a UNet parameter, the inverse of diffusers'
+/// `convert_ldm_unet_checkpoint`. Transformer blocks keep their names.
+pub fn ldm_unet_key(name: &str, cfg: &UNetConfig) -> Option<String> {
+    let n = cfg.num_levels();
+    let layers = cfg.layers_per_block.resolve("layers_per_block", n).ok()?;
+    let simple = [
+        ("time_embedding.linear_1.", "time_embed.0."),
+        ("time_embedding.linear_2.", "time_embed.2."),
+        ("conv_in.", "input_blocks.0.0."),
+        ("conv_norm_out.", "out.0."),
+        ("conv_out.", "out.2."),
+    ];
+    for (ours, ldm) in simple {
+        if let Some(tail) = name.strip_prefix(ours) {
+            return Some(format!("{ldm}{tail}"));
+        }
+    }
+    if let Some((b, rest)) = indexed(name, "down_blocks.") {
+        let base = 1 + layers[..b].iter().map(|l| *l as usize + 1).sum::<usize>();
+        if let Some((j, r)) = indexed(rest, "resnets.") {
+            return Some(format!("input_blocks.{}.0.{}", base + j, ldm_resnet(r)));
+        }
+        if let Some((j, r)) = indexed(rest, "attentions.") {
+            return Some(format!("input_blocks.{}.1.{r}", base + j));
+        }
+        if let Some(r) = rest.strip_prefix("downsamplers.0.conv.") {
+            return Some(format!("input_blocks.{}.0.op.{r}", base + *layers.get(b)? as usize));
+        }
+        return None;
+    }
+    if let Some(rest) = name.strip_prefix("mid_block.") {
+        return match indexed(rest, "resnets.") {
+            Some((0, r)) => Some(format!("middle_block.0.{}", ldm_resnet(r))),
+            Some((1, r)) => Some(format!("middle_block.2.{}", ldm_resnet(r))),
+            Some(_) => None,
+            None => indexed(rest, "attentions.").filter(|(i, _)| *i == 0).map(|(_, r)| format!("middle_block.1.{r}")),
+        };
+    }
+    if let Some((b, rest)) = indexed(name, "up_blocks.") {
+        let up_layers = |i: usize| layers[n - 1 - i] as usize + 1;
+        let base = (0..b).map(up_layers).sum::<usize>();
+        if let Some((j, r)) = indexed(rest, "resnets.") {
+            return Some(format!("output_blocks.{}.0.{}", base + j, ldm_resnet(r)));
+        }
+        if let Some((j, r)) = indexed(rest, "attentions.") {
+            return Some(format!("output_blocks.{}.1.{r}", base + j));
+        }
+        if let Some(r) = rest.strip_prefix("upsamplers.0.conv.") {
+            let slot = if cfg.up_has_attention(b) { 2 } else { 1 };
+            return Some(format!("output_blocks.{}.{slot}.conv.{r}", base + up_layers(b) - 1));
+        }
+    }
+    None
+}
+
+/// The LDM name (after `first_stage_model.`) of a VAE parameter, the inverse of diffusers'
+/// `convert_ldm_vae_checkpoint`.
+pub fn ldm_vae_key(name: &str, cfg: &VaeConfig) -> Option<String> {
+    let n = cfg.block_out_channels.len();
+    let (side, rest) = name.split_once('.')?;
+    if side != "encoder" && side != "decoder" {
+        return matches!(side, "quant_conv" | "post_quant_conv").then(|| name.to_string());
+    }
+    let resnet = |r: &str| r.replacen("conv_shortcut.", "nin_shortcut.", 1);
+    let mapped = if let Some(tail) = rest.strip_prefix("conv_norm_out.") {
+        format!("norm_out.{tail}")
+    } else if rest.starts_with("conv_in.") || rest.starts_with("conv_out.") {
+        rest.to_string()
+    } else if let Some(mid) = rest.strip_prefix("mid_block.") {
+        match (indexed(mid, "resnets."), indexed(mid, "attentions.")) {
+            (Some((0, r)), _) => format!("mid.block_1.{}", resnet(r)),
+            (Some((1, r)), _) => format!("mid.block_2.{}", resnet(r)),
+            (None, Some((0, r))) => {
+                let (layer, tail) = r.rsplit_once('.')?;
+                let ldm = match layer {
+                    "group_norm" => "norm",
+                    "to_q" | "query" => "q",
+                    "to_k" | "key" => "k",
+                    "to_v" | "value" => "v",
+                    "to_out.0" | "proj_attn" => "proj_out",
+                    _ => return None,
+                };
+                format!("mid.attn_1.{ldm}.{tail}")
+            }
+            _ => return None,
+        }
+    } else if let Some((b, r)) = indexed(rest, "down_blocks.") {
+        if let Some((j, rr)) = indexed(r, "resnets.") {
+            format!("down.{b}.block.{j}.{}", resnet(rr))
+        } else {
+            format!("down.{b}.downsample.conv.{}", r.strip_prefix("downsamplers.0.conv.")?)
+        }
+    } else if let Some((b, r)) = indexed(rest, "up_blocks.") {
+        let level = n.checked_sub(1 + b)?;
+        if let Some((j, rr)) = indexed(r, "resnets.") {
+            format!("up.{level}.block.{j}.{}", resnet(rr))
+        } else {
+            format!("up.{level}.upsample.conv.{}", r.strip_prefix("upsamplers.0.conv.")?)
+        }
+    } else {
+        return None;
+    };
+    Some(format!("{side}.{mapped}"))
+}
