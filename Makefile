@@ -12,7 +12,7 @@ BIN := target/release/hifi-tuner
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: build test demo fixtures clean-venv
+.PHONY: build test test-threads demo fixtures clean-venv
 
 $(TORCH_STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,13 @@ build: $(TORCH_STAMP)
 # interleave with them. (On 2 cores this costs ~10 %: libtorch already uses both.)
 test: $(TORCH_STAMP)
 	cargo test --no-fail-fast -- --test-threads=1
+
+# The suite at 1 and at 2 libtorch intra-op threads (libtorch reads OMP_NUM_THREADS when it
+# starts, in the test binaries and in the CLI they spawn): results that depend on the thread
+# count must only be compared with tolerances, and this run shows they are.
+test-threads: $(TORCH_STAMP)
+	OMP_NUM_THREADS=1 cargo test --no-fail-fast -- --test-threads=1
+	OMP_NUM_THREADS=2 cargo test --no-fail-fast -- --test-threads=1
 
 # The main job: photos + masks -> learn (HiFi Tuner) -> a reference-guided image of the subject.
 #   make demo                          a tiny model with RANDOM weights (made by init-random) and
