@@ -12,7 +12,7 @@ BIN := target/release/hifi-tuner
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: build test test-threads demo fixtures clean-venv
+.PHONY: build test test-threads demo fixtures device-wheels clean-venv
 
 $(TORCH_STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -77,6 +77,11 @@ demo: build
 fixtures: $(TORCH_STAMP)
 	$(PY) -m pip install --quiet -r scripts/requirements-fixtures.txt
 	HF_HUB_OFFLINE=1 $(PY) scripts/make_fixtures.py
+
+# The pure-Python diffusers and transformers wheels that scripts/device_bench.sh installs on a
+# lent GPU machine (its image has PyTorch and every dependency, but fetches nothing).
+device-wheels: $(TORCH_STAMP)
+	$(PY) -m pip download --quiet --no-deps -d .wheels diffusers==0.42.1 transformers==5.24.0
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,21 +1,79 @@
 #!/usr/bin/env bash
-# One GPU measurement run, for a session lent a device (see docs/perf.md). Run from the repo root
-# on the device machine with the release binary carried over (target/release/hifi-tuner):
-#   bash scripts/device_bench.sh           # writes $OUT/bench.jsonl, $OUT/nvidia-smi.txt, $OUT/peak_mib.txt
-# The binary's rpath points at this repo's .venv; on the device, libtorch comes from its torch.
+# One GPU run for a session lent a device (docs/perf.md): ours and diffusers 0.42.1 on the same
+# random SD-1.5-shaped weights at 512², then every subcommand once on CUDA and on the CPU on the
+# tiny fixture model, compared (a correctness smoke test: nothing left on the wrong device).
+#
+# Here (no GPU needed):   make build device-wheels
+#   (the device's image has PyTorch 2.11 and transformers, but no diffusers, and fetches nothing:
+#    `device-wheels` downloads the pure-Python diffusers 0.42.1 and transformers 5.24.0 wheels
+#    into the ignored .wheels/; carry it with the binary)
+# On the device, from the repo root, carrying [".wheels", "target/release/hifi-tuner"]:
+#   OUT=$OUT bash scripts/device_bench.sh
+# Writes $OUT/bench.jsonl, $OUT/smoke.txt, $OUT/perf_section.md (paste into docs/perf.md),
+# $OUT/nvidia-smi.txt and $OUT/peak_mib.txt. The binary's rpath points at this repo's .venv;
+# on the device libtorch comes from python3's torch.
 set -euo pipefail
 OUT=${OUT:-/tmp/hifi-bench}
+PY=${PY:-python3}
 mkdir -p "$OUT"
-TORCH_LIB=$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+TORCH_LIB=$($PY -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 BIN=target/release/hifi-tuner
 nvidia-smi > "$OUT/nvidia-smi.txt"
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+if ! $PY -c 'import diffusers, transformers; assert diffusers.__version__ == "0.42.1" and transformers.__version__ == "5.24.0"' 2>/dev/null; then
+  $PY -m pip install -q --no-deps --no-index --find-links .wheels diffusers==0.42.1 transformers==5.24.0
+fi
+
+# 1. Speed: ours at fp16 and bf16, diffusers' pipeline at fp16 and bf16 and its TI-step
+#    UNet forward + backward, on the same folder.
 MODEL=/tmp/sd15-random
-[ -d "$MODEL" ] || $BIN init-random --config sd15 --tokenizer tests/fixtures/tokenizers/clip --out "$MODEL" --fp16 --seed 0
-# Sample the GPU's memory use every 100 ms while the bench runs; the peak is the largest sample.
+[ -d "$MODEL" ] || $BIN init-random --config sd15 --tokenizer assets/tokenizer --out "$MODEL" --fp16 --seed 0
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/memory_samples.txt" &
 SMI=$!
-$BIN bench --model "$MODEL" --steps 50 --learn-steps 20 --device cuda | tee "$OUT/bench.jsonl"
+: > "$OUT/bench.jsonl"
+for dt in fp16 bf16; do
+  $BIN bench --model "$MODEL" --steps 50 --learn-steps 20 --device cuda --dtype $dt \
+    | sed "s/^{/{\"run\":\"ours-$dt\",/" | tee -a "$OUT/bench.jsonl"
+done
+$PY scripts/diffusers_bench.py --model "$MODEL" --steps 50 --size 512 | sed 's/^{/{"run":"diffusers",/' | tee -a "$OUT/bench.jsonl"
 kill $SMI
 sort -n "$OUT/memory_samples.txt" | tail -1 > "$OUT/peak_mib.txt"
-echo "peak GPU memory (MiB, all processes): $(cat "$OUT/peak_mib.txt")"
+
+# 2. Smoke: each subcommand on CUDA and on the CPU (fp32 both), outputs compared.
+T=tests/fixtures/tiny-a
+S=/tmp/hifi-smoke; rm -rf $S; mkdir -p $S
+for dev in cpu cuda; do
+  $BIN generate --model $T --prompt "a photo of a dog" --steps 10 --seed 1 --device $dev --dtype fp32 --out $S/gen-$dev.png
+  $BIN learn --model $T --images tests/fixtures/photos/dog --masks tests/fixtures/photos/dog-masks --class-noun dog \
+    --steps 5 --stepwise-steps 1 --ddim-steps 10 --device $dev --dtype fp32 --out $S/subject-$dev >/dev/null
+  $BIN generate --model $T --subject $S/subject-$dev --prompt "a photo of a dog" --steps 10 --t-start 8 --t-end 2 \
+    --reference-guidance --device $dev --dtype fp32 --out $S/guided-$dev.png
+  $BIN replace --model $T --subject $S/subject-$dev --image tests/fixtures/photos/dog/01.jpg --caption "a photo of a dog" \
+    --source-word dog --steps 10 --device $dev --dtype fp32 --out $S/replaced-$dev.png >/dev/null
+  $BIN dino --model tests/fixtures/dino-tiny --device $dev tests/fixtures/photos/dog/00.jpg > $S/dino-$dev.json
+done
+$PY - "$S" > "$OUT/smoke.txt" <<'PYEOF'
+import json, sys
+import numpy as np
+from PIL import Image
+from safetensors.numpy import load_file
+s = sys.argv[1]
+# 8-bit images: cuDNN and cuBLAS sum in other orders than the CPU's kernels (and cuDNN may use
+# TF32 for convolutions), so pixels may move by a level or two; a mean within 2 levels says it
+# is the same image, while a tensor left on the wrong device fails outright.
+for name in ["gen", "guided", "replaced"]:
+    a = np.asarray(Image.open(f"{s}/{name}-cpu.png"), dtype=np.float64)
+    b = np.asarray(Image.open(f"{s}/{name}-cuda.png"), dtype=np.float64)
+    d = np.abs(a - b)
+    print(f"{name}: mean |cpu - cuda| {d.mean():.3f} levels, max {d.max():.0f}", "OK" if d.mean() <= 2 else "DIFFERS")
+a, b = load_file(f"{s}/subject-cpu/subject.safetensors"), load_file(f"{s}/subject-cuda/subject.safetensors")
+rel = np.abs(a["c_s"] - b["c_s"]).max() / np.abs(a["c_s"]).max()
+print(f"learn c_s: max rel |cpu - cuda| {rel:.2e}", "OK" if rel <= 1e-2 else "DIFFERS")
+a, b = json.load(open(f"{s}/dino-cpu.json")), json.load(open(f"{s}/dino-cuda.json"))
+d = max(abs(x - y) for x, y in zip(a, b))
+print(f"dino: max |cpu - cuda| {d:.2e}", "OK" if d <= 1e-3 else "DIFFERS")
+PYEOF
+cat "$OUT/smoke.txt"
+$PY scripts/perf_table.py "$OUT/bench.jsonl" "$GPU" "$(cat "$OUT/peak_mib.txt")" > "$OUT/perf_section.md"
+cat "$OUT/perf_section.md"

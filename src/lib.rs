@@ -29,6 +29,7 @@
 //! | Algorithm 3's F̃: prompt-to-prompt attention control, token alignment | [`replace::p2p`] |
 //! | Algorithm 3: subject replacement, the `invert` and `replace` jobs | [`replace::job`] |
 //! | seeded draws (tch has no per-call generator) | [`rng`] |
+//! | `--dtype`: half precision, mixed-precision rules | [`precision`] |
 
 pub mod attention;
 pub mod eval;
@@ -38,6 +39,7 @@ pub mod io;
 pub mod load;
 pub mod models;
 pub mod pipeline;
+pub mod precision;
 pub mod progress;
 pub mod replace;
 pub mod rng;

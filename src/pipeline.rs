@@ -66,6 +66,9 @@ pub struct LoadOptions {
     pub config: Option<PathBuf>,
     /// The weight variant to download for a hub id (e.g. `fp16`).
     pub variant: Option<String>,
+    /// The networks' compute kind (`--dtype`, resolved by [`crate::precision::resolve`]);
+    /// None = float32.
+    pub dtype: Option<Kind>,
 }
 
 /// A loaded Stable Diffusion v1.x model.
@@ -95,7 +98,7 @@ impl StableDiffusion {
         if opts.variant.is_some() && !matches!(spec, ModelSpec::Hub { .. }) {
             bail!("--variant selects the weights downloaded for a Hugging Face id; {} is local", model.display());
         }
-        match spec {
+        let sd = match spec {
             ModelSpec::SingleFile(file) => Self::load_single_file(&file, opts.config.as_deref(), device),
             ModelSpec::Folder(root) => {
                 refuse_config(&opts.config, &root)?;
@@ -105,7 +108,25 @@ impl StableDiffusion {
                 refuse_config(&opts.config, model)?;
                 Self::load_folder(&hub::resolve(&repo, revision.as_deref(), opts.variant.as_deref())?, device)
             }
+        }?;
+        if device.is_cuda() {
+            tch::Cuda::cudnn_set_benchmark(true); // fixed shapes in every loop: let cuDNN pick its kernels once
         }
+        Ok(sd.with_dtype(opts.dtype.unwrap_or(Kind::Float)))
+    }
+
+    /// Casts the networks to `kind` (the VAE to float32 instead of fp16 when its config says
+    /// `force_upcast`); see [`crate::precision`].
+    pub fn with_dtype(mut self, kind: Kind) -> Self {
+        self.text_encoder.vs.set_kind(kind);
+        self.unet.vs.set_kind(kind);
+        self.vae.vs.set_kind(crate::precision::vae_kind(kind, self.vae.config.force_upcast));
+        self
+    }
+
+    /// The networks' compute kind.
+    pub fn dtype(&self) -> Kind {
+        self.unet.kind()
     }
 
     /// Loads every component of a diffusers folder.

@@ -1,12 +1,16 @@
 //! `hifi-tuner bench`: the speeds the issues ask for, on any model (use `init-random --config
 //! sd15` for full-size numbers): seconds per DDIM step of `generate`, steps/s of `learn` in both
-//! spaces and in TI mode, and the share of a reference-guided image spent optimising φ_h.
-//! Prints one JSON object per measurement and the ratios between them.
+//! spaces and in TI mode (a TI step is the UNet forward + backward diffusers' textual-inversion
+//! script times), the share of a reference-guided image spent optimising φ_h, and null-text
+//! inversion + replacement (Algorithm 3), all at the chosen `--dtype`. Prints one JSON object
+//! per measurement and the ratios between them.
 
 use anyhow::Result;
 use hifi_tuner::guidance::invert::ddim_invert;
 use hifi_tuner::guidance::reference::{guided_denoise, GuidanceConfig, Reference};
 use hifi_tuner::pipeline::GenerateRequest;
+use hifi_tuner::replace::job::{replace, Inversion, InversionMeta, ReplaceRequest};
+use hifi_tuner::replace::nti::{null_text_optimize, NtiConfig};
 use hifi_tuner::subject::conditioning::SubjectSteps;
 use hifi_tuner::subject::file::Subject;
 use hifi_tuner::subject::job::{captions, setup_ti};
@@ -62,7 +66,8 @@ pub fn run(a: Args) -> Result<()> {
     let gen_s = t.elapsed().as_secs_f64();
     println!(
         "{}",
-        json!({"what": "generate", "device": format!("{device:?}"), "size": size, "steps": a.steps, "seconds": gen_s, "seconds_per_step": gen_s / a.steps as f64})
+        json!({"what": "generate", "device": format!("{device:?}"), "dtype": hifi_tuner::precision::name(sd.dtype()),
+        "size": size, "steps": a.steps, "seconds": gen_s, "seconds_per_step": gen_s / a.steps as f64})
     );
 
     let mut rates = vec![];
@@ -150,6 +155,43 @@ pub fn run(a: Args) -> Result<()> {
         "{}",
         json!({"what": "reference_guidance", "seconds": guided_s, "phi_h_seconds": report.phi_h_seconds,
         "phi_h_share": report.phi_h_seconds / guided_s, "over_plain_generate": guided_s / gen_s})
+    );
+
+    // Algorithm 3: null-text inversion of a random photo latent (K = 10 at every step: the early
+    // stop is off, so the count is exact), then the replacement pass with the random subject.
+    sync(device);
+    let t = Instant::now();
+    let caption = "a photo of a cat on a bench";
+    let (cond_r, uncond) = tch::no_grad(|| (sd.encode_prompt(caption), sd.encode_prompt("")));
+    let traj = ddim_invert(&sd, &sched, &x0, &cond_r);
+    let nti_cfg = NtiConfig { early_stop: f64::NEG_INFINITY, early_stop_slope: 0.0, ..NtiConfig::default() };
+    let t_nti = Instant::now();
+    let nti = null_text_optimize(&sd, &sched, &traj, &cond_r, &uncond, &nti_cfg)?;
+    sync(device);
+    let nti_s = t_nti.elapsed().as_secs_f64();
+    let inner: usize = nti.log.iter().map(|s| s.losses.len()).sum();
+    let meta = InversionMeta {
+        model: String::new(),
+        image_sha256: String::new(),
+        caption: caption.into(),
+        height: size,
+        width: size,
+        steps: a.steps,
+        guidance: 7.5,
+        inner_steps: nti_cfg.inner_steps,
+    };
+    let req = ReplaceRequest { source_word: "cat".into(), target_word: None, cross_replace: 1.0, self_replace: 0.0 };
+    let _ = replace(&sd, &Inversion { nti, meta }, &req, Some(&subject))?;
+    sync(device);
+    let replace_s = t.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"what": "null_text_inversion", "seconds": nti_s, "inner_steps": inner, "inner_steps_per_second": inner as f64 / nti_s})
+    );
+    println!(
+        "{}",
+        json!({"what": "replace", "seconds_with_inversion": replace_s, "nti_share": nti_s / replace_s,
+        "over_plain_generate": replace_s / gen_s})
     );
     Ok(())
 }

@@ -84,7 +84,7 @@ pub fn run(a: Args) -> Result<()> {
             seed: a.seed,
             masked: a.masks.is_some(),
         },
-        load: a.model_options.options(),
+        load: a.model_options.options(super::parse_device(&a.device)?)?,
         model: a.model,
         images: a.images,
         masks: a.masks,

@@ -86,15 +86,21 @@ pub struct ModelOptions {
     /// For a Hugging Face id: the weight variant to download (e.g. fp16).
     #[arg(long)]
     pub variant: Option<String>,
+    /// Compute precision of the networks: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16
+    /// (CUDA only) or bf16. Trainable embeddings, their optimiser state and the scheduler stay
+    /// fp32; the VAE stays fp32 under fp16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
 }
 
 impl ModelOptions {
-    pub fn options(&self) -> LoadOptions {
-        LoadOptions { config: self.config.clone(), variant: self.variant.clone() }
+    pub fn options(&self, device: Device) -> Result<LoadOptions> {
+        let dtype = hifi_tuner::precision::resolve(&self.dtype, device)?;
+        Ok(LoadOptions { config: self.config.clone(), variant: self.variant.clone(), dtype: Some(dtype) })
     }
 
     /// Loads `--model` with these options.
     pub fn load(&self, model: &Path, device: Device) -> Result<StableDiffusion> {
-        StableDiffusion::load_with(model, &self.options(), device)
+        StableDiffusion::load_with(model, &self.options(device)?, device)
     }
 }

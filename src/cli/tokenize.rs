@@ -15,7 +15,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let tok = load_tokenizer(&a.model, &a.model_options.options())?;
+    let tok = load_tokenizer(&a.model, &a.model_options.options(tch::Device::Cpu)?)?;
     let enc = tok.encode_padded(&a.text);
     if enc.truncated {
         eprintln!("warning: the text is {} tokens long and was truncated to {}", enc.n_tokens, tok.model_max_length());

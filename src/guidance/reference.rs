@@ -103,11 +103,13 @@ pub fn guided_denoise(
                 sched.step(&cfg(&eps_h, &eps_c, guidance), t, &x)
             };
             let mut adam = Adam::new(p, gc.lr);
-            let mut losses = Vec::with_capacity(gc.steps);
+            // Losses are kept on the device and read once the step is done: no host sync
+            // inside the J Adam steps.
+            let mut step_losses = Vec::with_capacity(gc.steps);
             for _ in 0..gc.steps {
                 let leaf = p.detach().set_requires_grad(true);
                 let loss = eq10(&f_h(&leaf), target, mask);
-                losses.push(loss.double_value(&[]));
+                step_losses.push(loss.detach());
                 let g = Tensor::run_backward(&[&loss], &[&leaf], false, false).remove(0);
                 adam.update(p, &g);
                 phi_h_moved = true;
@@ -116,7 +118,7 @@ pub fn guided_denoise(
                 let f = tch::no_grad(|| f_h(p));
                 x_prev = substitute(&x_prev, &f, mask); // x_{t−1}[M] = F(x_t, φ_h)[M]
             }
-            report.losses.push(losses);
+            report.losses.push(step_losses.iter().map(|l| l.double_value(&[])).collect());
             report.phi_h_seconds += started.elapsed().as_secs_f64();
         }
         x = x_prev;

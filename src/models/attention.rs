@@ -3,7 +3,7 @@
 //! [`crate::attention`].
 
 use crate::attention::{AttentionController, AttnSite};
-use tch::{nn, nn::Module, Tensor};
+use tch::{nn, nn::Module, Kind, Tensor};
 
 /// Multi-head attention as diffusers' `Attention` with `AttnProcessor2_0`.
 #[derive(Debug)]
@@ -56,9 +56,10 @@ impl Attention {
         let out = match ctrl {
             Some(c) if c.wants(site) => {
                 let scale = (self.dim_head as f64).powf(-0.5);
-                let probs = (q.matmul(&k.transpose(-1, -2)) * scale).softmax(-1, q.kind()); // (B, heads, N, M)
+                // Softmax in float32 (whatever the compute kind): the controller sees float32.
+                let probs = (q.matmul(&k.transpose(-1, -2)) * scale).softmax(-1, Kind::Float); // (B, heads, N, M)
                 let probs = c.on_probs(site, probs);
-                probs.matmul(&v) // (B, heads, N, dh)
+                probs.to_kind(v.kind()).matmul(&v) // (B, heads, N, dh)
             }
             _ => sdpa(&q, &k, &v),
         };

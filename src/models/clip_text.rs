@@ -339,7 +339,10 @@ impl ClipTextModel {
             }
         }
         // nn.Embedding(padding_idx=None) -> padding_idx -1, no scale_grad_by_freq, dense grad.
-        Ok(Tensor::embedding(&self.token_embedding, &ids.to_device(self.vs.device()), -1, false, false))
+        // Returned in float32 whatever the weights' kind (mixed precision: embeddings that are
+        // spliced or trained stay float32; forward_embeds casts them back).
+        Ok(Tensor::embedding(&self.token_embedding, &ids.to_device(self.vs.device()), -1, false, false)
+            .to_kind(Kind::Float))
     }
 
     /// `ids` (B, L) int64 -> last hidden state (B, L, d) after `final_layer_norm`.
@@ -371,11 +374,11 @@ impl ClipTextModel {
             bail!("sequence length {l} exceeds max_position_embeddings {}", self.config.max_position_embeddings);
         }
         let positions = self.position_embedding.narrow(0, 0, l).unsqueeze(0); // (1, L, d)
-        let mut h = input_embeds + positions;
+        let mut h = input_embeds.to_kind(self.vs.kind()) + positions;
         for layer in &self.layers {
             h = layer.forward(&h);
         }
-        Ok(self.final_layer_norm.forward(&h))
+        Ok(self.final_layer_norm.forward(&h).to_kind(Kind::Float))
     }
 
     /// Appends `rows` (n, d) to the token embedding matrix and returns their new ids

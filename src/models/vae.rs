@@ -18,7 +18,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use std::path::Path;
-use tch::{nn, nn::Module, Device, Tensor};
+use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 /// `vae/config.json` (diffusers `AutoencoderKL`). Defaults are those of diffusers'
 /// `AutoencoderKL.__init__`, used only where a key is absent.
@@ -489,13 +489,13 @@ impl AutoencoderKL {
         if size.len() != 4 || size[1] != self.config.in_channels {
             bail!("VAE input must be (B, {}, H, W), got {size:?}", self.config.in_channels);
         }
-        let mut h = self.encoder.forward(&image.to_device(self.vs.device())); // (B, 2L, h, w)
+        let mut h = self.encoder.forward(&image.to_device(self.vs.device()).to_kind(self.vs.kind())); // (B, 2L, h, w)
         if let Some(q) = &self.quant_conv {
             h = q.forward(&h);
         }
         let parts = h.chunk(2, 1);
-        let mean = parts[0].shallow_clone(); // (B, L, h, w)
-        let logvar = parts[1].clamp(-30.0, 20.0); // (B, L, h, w)
+        let mean = parts[0].to_kind(Kind::Float); // (B, L, h, w), float32 whatever the weights' kind
+        let logvar = parts[1].clamp(-30.0, 20.0).to_kind(Kind::Float); // (B, L, h, w)
         Ok(LatentDist { mean, logvar })
     }
 
@@ -510,11 +510,11 @@ impl AutoencoderKL {
         if size.len() != 4 || size[1] != self.config.latent_channels {
             bail!("VAE latents must be (B, {}, h, w), got {size:?}", self.config.latent_channels);
         }
-        let mut z = z.to_device(self.vs.device());
+        let mut z = z.to_device(self.vs.device()).to_kind(self.vs.kind());
         if let Some(q) = &self.post_quant_conv {
             z = q.forward(&z);
         }
-        Ok(self.decoder.forward(&z))
+        Ok(self.decoder.forward(&z).to_kind(Kind::Float))
     }
 
     pub fn scaling_factor(&self) -> f64 {

@@ -27,7 +27,7 @@ use config::Level;
 use embeddings::{timestep_embedding, TimestepEmbedding};
 use resnet::{conv_same, group_norm};
 use std::path::Path;
-use tch::{nn, nn::Module, Device, Tensor};
+use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 /// The conditional UNet. Parameter paths are diffusers' (`conv_in`, `time_embedding.linear_1`,
 /// `down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k`, …).
@@ -114,8 +114,12 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         mut ctrl: Option<&mut dyn AttentionController>,
     ) -> Tensor {
+        // Mixed precision: inputs in the weights' kind, the prediction in the caller's kind.
+        let out_kind = sample.kind();
+        let sample = &sample.to_kind(self.vs.kind());
+        let context = encoder_hidden_states.to_kind(self.vs.kind());
         let emb = self.time_embed(timesteps, sample);
-        let cond = Cond { temb: &emb, context: encoder_hidden_states };
+        let cond = Cond { temb: &emb, context: &context };
         let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
         let mut h = self.conv_in.forward(&sample);
         let mut skips = vec![h.shallow_clone()];
@@ -134,7 +138,12 @@ impl UNet2DConditionModel {
             let size = skips.last().filter(|_| forward_size).map(spatial);
             h = block.forward(&h, res, cond, i, size, reborrow(&mut ctrl));
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
+        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu()).to_kind(out_kind)
+    }
+
+    /// The kind the UNet computes in (its weights').
+    pub fn kind(&self) -> Kind {
+        self.vs.kind()
     }
 
     /// Sinusoidal embedding of the (broadcast) timesteps through `time_embedding`: (B, time_embed_dim).
