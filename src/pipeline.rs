@@ -39,6 +39,9 @@ impl StepConditioning for Fixed {
     }
 }
 
+/// Makes a per-step conditioning from (the scheduler, φ (1, 77, d), images per prompt).
+pub type MakeConditioning<'a> = dyn FnMut(&DdimScheduler, Tensor, i64) -> Result<Box<dyn StepConditioning + 'a>> + 'a;
+
 /// One text-to-image request, with diffusers' argument meanings.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -308,16 +311,15 @@ impl StableDiffusion {
     pub fn generate_conditioned<'a>(
         &'a self,
         req: &GenerateRequest,
-        make: &mut dyn FnMut(&DdimScheduler, Tensor, i64) -> Result<Box<dyn StepConditioning + 'a>>,
+        make: &mut MakeConditioning<'a>,
     ) -> Result<Tensor> {
         self.generate_inner(req, Some(make))
     }
 
-    #[allow(clippy::type_complexity)]
     fn generate_inner<'a>(
         &'a self,
         req: &GenerateRequest,
-        make: Option<&mut dyn FnMut(&DdimScheduler, Tensor, i64) -> Result<Box<dyn StepConditioning + 'a>>>,
+        make: Option<&mut MakeConditioning<'a>>,
     ) -> Result<Tensor> {
         self.check_size(req.height, req.width)?;
         if req.num_images < 1 {

@@ -116,7 +116,10 @@ fn vae_upcast_rule_and_kinds_after_loading() {
     // The loader applies it (no fp16 compute here: only the kinds are read).
     let half = sd(Kind::Half);
     assert!(half.vae.config.force_upcast);
-    assert_eq!((half.unet.kind(), half.text_encoder.vs.kind(), half.vae.vs.kind()), (Kind::Half, Kind::Half, Kind::Float));
+    assert_eq!(
+        (half.unet.kind(), half.text_encoder.vs.kind(), half.vae.vs.kind()),
+        (Kind::Half, Kind::Half, Kind::Float)
+    );
     let bf16 = sd(Kind::BFloat16);
     assert_eq!(bf16.vae.vs.kind(), Kind::BFloat16);
     // Whatever the kind, what the networks hand back is float32.
