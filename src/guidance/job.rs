@@ -14,8 +14,8 @@ use super::reference::{guided_denoise, GuidanceConfig, GuidanceReport, Reference
 use crate::eval::dino::Dino;
 use crate::io::{decoded_to_u8, image_to_u8, mask_to_u8, RgbImage};
 use crate::pipeline::{GenerateRequest, StableDiffusion};
-use crate::subject::data::{load_photos, MaskFit, Photo};
 use crate::subject::conditioning::SubjectSteps;
+use crate::subject::data::{load_photos, MaskFit, Photo};
 use crate::subject::file::Subject;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -78,6 +78,7 @@ pub fn generate_guided(
     sd.check_size(req.height, req.width)?;
     let sched = sd.scheduler(req.steps)?;
     opt.guidance.validate(req.steps)?;
+    super::reference::check_guidance_scale(req.guidance)?;
     let started = Instant::now();
     let photos = reference_photos(subject_dir, opt, sd.default_size())?;
     let uncond = tch::no_grad(|| sd.encode_prompt(req.negative_prompt.as_deref().unwrap_or("")));
@@ -115,7 +116,8 @@ pub fn generate_guided(
         Some(f) => f,
         None => align::fit(&m_r, &m_g_img)?,
     };
-    let warped = align::warp(&photo.image, &fit.theta, req.height, req.width); // (3, H, W) in [-1, 1]
+    // Edge pixels outside the photo: a zero (mid-grey) border would enter the inversion.
+    let warped = align::warp_image(&photo.image, &fit.theta, req.height, req.width); // (3, H, W) in [-1, 1]
     let m_r_star = align::warp_mask(&m_r, &fit.theta, req.height, req.width); // (H, W)
     let m_lat = m_r_star.view([1, 1, req.height, req.width]).adaptive_avg_pool2d([h, w]).ge(0.5).to_kind(Kind::Float);
     if m_lat.sum(Kind::Float).double_value(&[]) == 0.0 {
