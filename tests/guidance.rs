@@ -116,7 +116,7 @@ fn algorithm_2_refuses_guidance_at_most_one() {
         let mut c = SubjectSteps::new(&sd, "a dog", &s, &sched, uncond.shallow_clone(), 1).unwrap();
         let x_t = sd.initial_latents(5, 1, 32, 32);
         let r = Reference { traj: &traj, mask: &centre_mask() };
-        let e = guided_denoise(&sd, &sched, x_t, &mut c, w, &r, &gc).err().expect("w ≤ 1 must be refused");
+        let e = guided_denoise(&sd, &sched, x_t, &mut c, w, &r, &gc).expect_err("w ≤ 1 must be refused");
         assert!(e.to_string().contains("--guidance > 1"), "{e}");
     }
 }

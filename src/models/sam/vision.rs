@@ -168,7 +168,7 @@ impl VisionEncoder {
         }
         let mut h = self.projection.forward(pixel_values).permute([0, 2, 3, 1]); // (B, g, g, d)
         if let Some(p) = &self.pos_embed {
-            h = h + p;
+            h += p;
         }
         for l in &self.layers {
             h = l.forward(&h);
