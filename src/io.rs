@@ -200,6 +200,16 @@ pub fn load_image_cover(path: &Path, height: i64, width: i64) -> Result<Tensor> 
     Ok(t.to_kind(Kind::Float) / 127.5 - 1.0)
 }
 
+/// A photo at its own size as (H, W, 3) uint8; the error names the file.
+pub fn load_rgb_u8(path: &Path) -> Result<Tensor> {
+    let img = image::open(path).with_context(|| format!("cannot read image {}", path.display()))?.to_rgb8();
+    let (w, h) = img.dimensions();
+    if w == 0 || h == 0 {
+        bail!("image {} has no pixels", path.display());
+    }
+    Ok(Tensor::from_slice(img.as_raw()).view([h as i64, w as i64, 3]))
+}
+
 /// The SHA-256 of a file's bytes, in hex (identifies a photo across runs).
 pub fn file_sha256(path: &Path) -> Result<String> {
     use sha2::Digest;

@@ -25,6 +25,8 @@
 //! | DDIM inversion with w = 1 (Eq. 3) | [`guidance::invert`] |
 //! | Algorithm 2, Eq. 10 (reference-guided denoising) | [`guidance::reference`], [`guidance::job`] |
 //! | DINO ViT-S/16 embeddings (reference choice) | [`eval::dino`], [`models::vit`] |
+//! | SAM (masks of the photos, M_g, M_r): transformers' `SamModel` + `SamProcessor` | [`models::sam`] |
+//! | Grounding SAM's role, by the UNet's own attention: heat map → box, points → SAM mask | [`guidance::grounding`] |
 //! | §3.4, Eq. 4: null-text inversion (the first two loops of Algorithm 3) | [`replace::nti`] |
 //! | Algorithm 3's F̃: prompt-to-prompt attention control, token alignment | [`replace::p2p`] |
 //! | Algorithm 3: subject replacement, the `invert` and `replace` jobs | [`replace::job`] |

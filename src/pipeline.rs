@@ -56,8 +56,14 @@ pub struct GenerateRequest {
     pub num_images: i64,
 }
 
-/// Classifier-free guidance: ε_u + w·(ε_c − ε_u).
+/// Classifier-free guidance, the one rule of the whole crate: ε_u + w·(ε_c − ε_u) for w > 1, and
+/// the conditional branch ε_c alone for w ≤ 1 (diffusers' `do_classifier_free_guidance =
+/// guidance_scale > 1`). [`StableDiffusion::guided_eps`] skips the φ branch for w ≤ 1; every other
+/// caller that has both branches goes through here, so all loops follow the same trajectory.
 pub fn cfg(eps_u: &Tensor, eps_c: &Tensor, guidance: f64) -> Tensor {
+    if guidance <= 1.0 {
+        return eps_c.shallow_clone();
+    }
     eps_u + guidance * (eps_c - eps_u)
 }
 
@@ -256,8 +262,8 @@ impl StableDiffusion {
         (eps[0].shallow_clone(), eps[1].shallow_clone())
     }
 
-    /// ε̃ = ε_θ(x_t, t, φ) + w·(ε_θ(x_t, t, c) − ε_θ(x_t, t, φ)) (w ≤ 1 evaluates the
-    /// conditional branch only).
+    /// ε̃ = [`cfg`]`(ε_θ(x_t, t, φ), ε_θ(x_t, t, c), w)`; for w ≤ 1 that is the conditional branch
+    /// alone, so only it is evaluated.
     pub fn guided_eps(
         &self,
         x: &Tensor,

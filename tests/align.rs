@@ -2,7 +2,9 @@
 //! transforms, why the literal one-sided objective is not used, masks of different sizes, errors
 //! and the `align-mask` command. CPU only.
 
-use hifi_tuner::guidance::align::{fit, iou, load_mask_png, objective, save_mask_png, warp, warp_mask, Similarity};
+use hifi_tuner::guidance::align::{
+    fit, iou, load_mask_png, objective, save_mask_png, warp, warp_image, warp_mask, Similarity,
+};
 use std::process::Command;
 use tch::{Kind, Tensor};
 
@@ -351,4 +353,24 @@ fn align_mask_command() {
         assert!(err.contains("error:") && err.contains(needle) && !err.contains("panicked"), "{err}");
         assert!(!out2.exists());
     }
+}
+
+/// The reference photo shrunk to half size leaves a frame outside it: `warp` fills it with zeros
+/// (mid-grey in [-1, 1], which would enter the DDIM inversion), `warp_image` with the photo's edge
+/// pixels. The photo is a horizontal ramp, so the left frame must equal the left column's value
+/// and the right frame the right column's.
+#[test]
+fn warped_photo_is_padded_with_its_edge_pixels_not_grey() {
+    let ramp =
+        Tensor::linspace(-0.9, 0.9, 16, (Kind::Float, tch::Device::Cpu)).view([1, 1, 16]).expand([3, 16, 16], true);
+    let t = Similarity { scale: 0.5, rotation: 0.0, tx: 0.0, ty: 0.0 };
+    let zeros = warp(&ramp, &t, 16, 16);
+    let edge = warp_image(&ramp, &t, 16, 16);
+    assert_eq!(zeros.double_value(&[0, 0, 0]), 0.0, "warp keeps zero padding (masks rely on it)");
+    // Column 0 of the output lies outside the shrunk photo: its value is the photo's left edge
+    // (the ramp's first column), to float precision of the bilinear weights.
+    assert!((edge.double_value(&[0, 8, 0]) - (-0.9)).abs() < 1e-5, "{}", edge.double_value(&[0, 8, 0]));
+    assert!((edge.double_value(&[2, 0, 15]) - 0.9).abs() < 1e-5, "{}", edge.double_value(&[2, 0, 15]));
+    // Inside the photo both agree.
+    assert!((edge.get(0).get(8).get(8) - zeros.get(0).get(8).get(8)).abs().double_value(&[]) < 1e-6);
 }

@@ -8,7 +8,7 @@ use hifi_tuner::attention::{AttentionController, AttnKind, AttnSite, Place};
 use hifi_tuner::guidance::daam::{degenerate, CrossAttnAggregator};
 use hifi_tuner::guidance::invert::ddim_invert;
 use hifi_tuner::guidance::reference::{guided_denoise, substitute, GuidanceConfig, Reference};
-use hifi_tuner::pipeline::{StableDiffusion, StepCond};
+use hifi_tuner::pipeline::{cfg, StableDiffusion, StepCond};
 use hifi_tuner::rng::seeded;
 use hifi_tuner::subject::conditioning::SubjectSteps;
 use hifi_tuner::subject::file::Subject;
@@ -57,9 +57,68 @@ fn flat_attention_gives_an_empty_mask_that_is_reported() {
     let uniform = Tensor::full([1, 2, 16, 77], 1.0 / 77.0, (Kind::Float, Device::Cpu));
     let _ = agg.on_probs(&site(AttnKind::Cross, 4, 4), uniform);
     let m = agg.mask().unwrap();
-    assert_eq!(degenerate(&m), Some("empty"));
-    assert_eq!(degenerate(&m.ones_like()), Some("the whole image"));
-    assert_eq!(degenerate(&centre_mask()), None);
+    assert_eq!(degenerate(&m).as_deref(), Some("empty"));
+    assert_eq!(degenerate(&m.ones_like()).as_deref(), Some("the whole image"));
+    assert_eq!(degenerate(&centre_mask()), None); // 25 %
+}
+
+/// A frame-filling M_g (or a speck) passes the exact empty/full check but is refused by the
+/// area range 1 %–70 %; the bounds themselves are usable.
+#[test]
+fn mask_area_outside_the_sane_range_is_refused() {
+    let frac = |cells: i64| {
+        let m = Tensor::zeros([1, 100, 100], (Kind::Float, Device::Cpu));
+        let _ = m.view([-1]).narrow(0, 0, cells).fill_(1.0);
+        degenerate(&m)
+    };
+    let big = frac(8_000).expect("an 80 % mask must be refused");
+    assert!(big.contains("80.0 %") && big.contains("70 %"), "{big}");
+    assert!(frac(50).expect("a 0.5 % mask must be refused").contains("0.5 %"));
+    assert_eq!(frac(100), None); // exactly 1 %
+    assert_eq!(frac(7_000), None); // exactly 70 %
+    assert!(frac(7_001).is_some());
+}
+
+/// One classifier-free guidance rule: for w ≤ 1 the conditional branch alone, both where the
+/// pipeline skips the φ branch (`guided_eps`) and where both branches are at hand (`cfg`, used by
+/// Algorithm 2's plain step); for w > 1 the usual ε_u + w(ε_c − ε_u). Before the fix, `cfg` at
+/// w = 0.5 mixed in ε_u and the guided pass left I_g1's trajectory.
+#[test]
+fn guidance_rule_is_one_for_pipeline_and_reference_guidance() {
+    let sd = sd();
+    let x = seeded(3, || Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu)));
+    let c = tch::no_grad(|| StepCond { cond: sd.encode_prompt("a dog"), uncond: sd.encode_prompt("") });
+    let t = 500;
+    let (eps_u, eps_c) = tch::no_grad(|| sd.eps_pair(&x, t, &c, None));
+    assert!(max_abs_diff(&eps_u, &eps_c) > 1e-3, "the two branches must differ for the test to mean anything");
+    for w in [0.0, 0.5, 1.0, 3.0] {
+        let one = tch::no_grad(|| sd.guided_eps(&x, t, &c, w, None));
+        let both = cfg(&eps_u, &eps_c, w);
+        // The w ≤ 1 path runs a batch of 1 against the batch of 2 of eps_pair, and the w > 1 path
+        // the same batch of 2: float noise of a few ulps, far below the branch difference.
+        let d = max_abs_diff(&one, &both);
+        assert!(d < 1e-4, "w = {w}: guided_eps and cfg differ by {d}");
+    }
+}
+
+/// w ≤ 1 gives φ_h no gradient through cfg(ε_h, ε_c, w): Algorithm 2 refuses it instead of
+/// silently doing nothing.
+#[test]
+fn algorithm_2_refuses_guidance_at_most_one() {
+    let sd = sd();
+    let sched = sd.scheduler(10).unwrap();
+    let s = subject();
+    let uncond = tch::no_grad(|| sd.encode_prompt(""));
+    let x0 = Tensor::zeros([1, 4, 16, 16], (Kind::Float, Device::Cpu));
+    let traj = tch::no_grad(|| ddim_invert(&sd, &sched, &x0, &sd.encode_prompt("a dog")));
+    let gc = GuidanceConfig { t_start: 8, t_end: 3, steps: 1, lr: 1e-2, substitute: true };
+    for w in [1.0, 0.5] {
+        let mut c = SubjectSteps::new(&sd, "a dog", &s, &sched, uncond.shallow_clone(), 1).unwrap();
+        let x_t = sd.initial_latents(5, 1, 32, 32);
+        let r = Reference { traj: &traj, mask: &centre_mask() };
+        let e = guided_denoise(&sd, &sched, x_t, &mut c, w, &r, &gc).expect_err("w ≤ 1 must be refused");
+        assert!(e.to_string().contains("--guidance > 1"), "{e}");
+    }
 }
 
 fn sd() -> StableDiffusion {

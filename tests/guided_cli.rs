@@ -100,6 +100,12 @@ fn bad_guidance_inputs_are_refused() {
     let o = guided_t(&subject, &out, ("2", "5"), &[]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--t-end"));
+    // w ≤ 1: φ_h would get no gradient.
+    let o = guided(&subject, &out, &["--guidance", "1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--guidance > 1"), "{err}");
+    assert!(!out.exists());
     // A reference mask of another size than its photo.
     let masks = tmp.path().join("masks");
     std::fs::create_dir_all(&masks).unwrap();

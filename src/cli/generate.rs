@@ -74,6 +74,10 @@ pub struct Args {
     /// Reference photos (default: the subject folder's photos/).
     #[arg(long)]
     references: Option<PathBuf>,
+    /// With --reference-guidance: a transformers SamModel folder; M_g becomes SAM's mask of I_g1,
+    /// prompted by I_g1's own attention (default: the thresholded attention map).
+    #[arg(long, requires = "reference_guidance")]
+    sam: Option<PathBuf>,
     /// Reference masks (default: the subject folder's masks/).
     #[arg(long)]
     reference_masks: Option<PathBuf>,
@@ -129,6 +133,7 @@ pub fn run(a: Args) -> Result<()> {
             reference_caption: a.reference_caption.clone(),
             references: a.references.clone(),
             reference_masks: a.reference_masks.clone(),
+            sam: a.sam.clone(),
             intermediates: a.save_intermediates.then(|| intermediates_dir(&outs[0])),
         };
         let g = generate_guided(&sd, &req, subject, &subject_dir, &opt)?;

@@ -19,6 +19,11 @@ pub struct Args {
     /// Folder of subject masks paired with the photos by file stem (white = subject).
     #[arg(long)]
     masks: Option<PathBuf>,
+    /// A transformers SamModel folder: without --masks, compute the subject masks (the model's
+    /// attention to the class noun prompts SAM), save them in the subject folder's masks/ and
+    /// learn with them.
+    #[arg(long, conflicts_with = "masks")]
+    sam: Option<PathBuf>,
     /// The subject's class noun, e.g. "dog" or "backpack".
     #[arg(long)]
     class_noun: String,
@@ -64,8 +69,11 @@ pub struct Args {
     device: String,
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
     let mode = Mode::parse(&a.mode)?;
+    if let Some(sam) = a.sam.clone() {
+        a.masks = Some(sam_masks(&a, &sam)?);
+    }
     let space = Space::parse(&a.space)?;
     let job = LearnJob {
         args: LearnArgs {
@@ -101,4 +109,24 @@ pub fn run(a: Args) -> Result<()> {
     eprintln!("learned in {:.1}s", started.elapsed().as_secs_f64());
     println!("{}", path.display());
     Ok(())
+}
+
+/// Computes the photos' subject masks with SAM into `OUT/masks/` and returns that folder.
+fn sam_masks(a: &Args, sam: &std::path::Path) -> Result<PathBuf> {
+    let device = super::parse_device(&a.device)?;
+    let paths: Vec<PathBuf> = hifi_tuner::subject::data::images_by_stem(&a.images)?.into_values().collect();
+    if paths.is_empty() {
+        anyhow::bail!("no images (.jpg, .jpeg, .png) in {}", a.images.display());
+    }
+    let photos = paths.iter().map(|p| hifi_tuner::io::load_rgb_u8(p)).collect::<Result<Vec<_>>>()?;
+    let sd = a.model_options.load(&a.model, device)?;
+    let sam = hifi_tuner::models::sam::SamModel::load(sam, device)?;
+    let masks = super::mask::compute(&sd, Some(&sam), &photos, &paths, &a.class_noun)?;
+    let dir = a.out.join("masks");
+    std::fs::create_dir_all(&dir)?;
+    for (p, m) in paths.iter().zip(&masks) {
+        hifi_tuner::guidance::align::save_mask_png(m, &dir.join(format!("{}.png", super::mask::stem(p))))?;
+    }
+    eprintln!("computed the subject masks with SAM: {} (check them; pass --masks to use your own)", dir.display());
+    Ok(dir)
 }

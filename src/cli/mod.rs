@@ -7,7 +7,9 @@ mod generate;
 mod init_random;
 mod invert;
 mod learn;
+mod mask;
 mod replace;
+mod sam;
 mod tokenize;
 
 use anyhow::{bail, Result};
@@ -40,6 +42,12 @@ pub enum Command {
     AlignMask(align_mask::Args),
     /// DINO ViT embeddings (CLS of the last hidden state) of images, one JSON array per image.
     Dino(dino::Args),
+    /// Subject masks of photos from the model's own attention (and SAM with --sam): STEM.png and
+    /// STEM.overlay.png.
+    Mask(mask::Args),
+    /// Segment Anything on one photo with a box and/or points: writes the best mask, prints the
+    /// candidates' predicted IoUs.
+    Sam(sam::Args),
     /// Measure generate / learn / reference-guidance speeds on a model (prints JSON and ratios).
     Bench(bench::Args),
     /// Write a random-weight model in diffusers layout (tests, demos, speed runs).
@@ -57,6 +65,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Invert(a) => invert::run(a),
         Command::Replace(a) => replace::run(a),
+        Command::Sam(a) => sam::run(a),
+        Command::Mask(a) => mask::run(a),
     }
 }
 

@@ -161,13 +161,24 @@ fn theta_tensor(m: &[[f64; 3]; 2], device: Device) -> Tensor {
 /// reference value at T⁻¹ of its centre, bilinearly, zero outside the reference. Non-float
 /// inputs are converted to f32; float kinds and the device are kept.
 pub fn warp(img: &Tensor, theta: &Similarity, out_h: i64, out_w: i64) -> Tensor {
+    warp_padded(img, theta, out_h, out_w, 0)
+}
+
+/// `padding`: grid_sample's padding mode, 0 zeros, 1 border.
+fn warp_padded(img: &Tensor, theta: &Similarity, out_h: i64, out_w: i64, padding: i64) -> Tensor {
     let size = img.size();
     assert!(size.len() == 3, "warp: the image must be (C, H, W), got {size:?}");
     let (c, h, w) = (size[0], size[1], size[2]);
     let img = if img.is_floating_point() { img.shallow_clone() } else { img.to_kind(Kind::Float) };
     let th = theta_tensor(&theta.grid_theta(h, w, out_h, out_w), img.device()).to_kind(img.kind());
     let grid = Tensor::affine_grid_generator(&th, [1, c, out_h, out_w], false); // (1, out_h, out_w, 2)
-    img.unsqueeze(0).grid_sampler(&grid, 0, 0, false).squeeze_dim(0) // (C, out_h, out_w)
+    img.unsqueeze(0).grid_sampler(&grid, 0, padding, false).squeeze_dim(0) // (C, out_h, out_w)
+}
+
+/// [`warp`] for photos: outside the reference each output pixel takes the nearest edge pixel
+/// (grid_sample's `padding_mode="border"`), so no zero (mid-grey in [-1, 1]) border appears.
+pub fn warp_image(img: &Tensor, theta: &Similarity, out_h: i64, out_w: i64) -> Tensor {
+    warp_padded(img, theta, out_h, out_w, 1)
 }
 
 /// Warps a mask (H, W) by θ into (out_h, out_w): bilinear as [`warp`], then ≥ 0.5 → 1.0, else 0.0

@@ -13,13 +13,28 @@ use tch::{Kind, Tensor};
 /// τ: a latent cell belongs to the subject when its normalised heat is at least this.
 pub const THRESHOLD: f64 = 0.4;
 
-/// Why a 0/1 mask cannot guide: `Some("empty")` or `Some("the whole image")`, else `None`.
-pub fn degenerate(mask: &Tensor) -> Option<&'static str> {
-    let fraction = mask.mean(Kind::Float).double_value(&[]);
+/// Smallest share of the image a usable M_g covers. Below 1 % (under 41 cells of a 64×64
+/// latent) Algorithm 4 would blow a speck up into a scale it cannot trust.
+pub const MIN_AREA: f64 = 0.01;
+/// Largest share of the image a usable M_g covers. Above 70 % the "subject" is mostly frame, and
+/// Algorithm 4 would scale the reference to fill the frame.
+pub const MAX_AREA: f64 = 0.70;
+
+/// Why a 0/1 mask cannot guide: `"empty"`, `"the whole image"`, or its area outside
+/// [`MIN_AREA`] … [`MAX_AREA`] of the image; `None` when it can.
+pub fn degenerate(mask: &Tensor) -> Option<String> {
+    let fraction = mask.sum(Kind::Double).double_value(&[]) / mask.numel().max(1) as f64; // exact for 0/1 cells
     if fraction == 0.0 {
-        Some("empty")
+        Some("empty".into())
     } else if fraction == 1.0 {
-        Some("the whole image")
+        Some("the whole image".into())
+    } else if !(MIN_AREA..=MAX_AREA).contains(&fraction) {
+        Some(format!(
+            "{:.1} % of the image, outside the usable {:.0} %–{:.0} %",
+            100.0 * fraction,
+            100.0 * MIN_AREA,
+            100.0 * MAX_AREA
+        ))
     } else {
         None
     }

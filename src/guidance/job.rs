@@ -9,10 +9,12 @@
 
 use super::align;
 use super::daam::{degenerate, CrossAttnAggregator};
+use super::grounding;
 use super::invert::ddim_invert;
 use super::reference::{guided_denoise, GuidanceConfig, GuidanceReport, Reference};
 use crate::eval::dino::Dino;
 use crate::io::{decoded_to_u8, image_to_u8, mask_to_u8, RgbImage};
+use crate::models::sam::SamModel;
 use crate::pipeline::{GenerateRequest, StableDiffusion};
 use crate::subject::conditioning::SubjectSteps;
 use crate::subject::data::{load_photos, MaskFit, Photo};
@@ -32,6 +34,9 @@ pub struct ReferenceOptions {
     /// Photos and masks; default the subject folder's `photos/` and `masks/`.
     pub references: Option<PathBuf>,
     pub reference_masks: Option<PathBuf>,
+    /// A transformers SamModel folder: M_g is SAM's mask of I_g1, prompted by I_g1's own
+    /// attention ([`super::grounding`]); default: the thresholded attention map.
+    pub sam: Option<PathBuf>,
     /// Folder for I_g1, M_g, the reference, T_θ*(I_r), M_r* and a strip.
     pub intermediates: Option<PathBuf>,
 }
@@ -78,6 +83,7 @@ pub fn generate_guided(
     sd.check_size(req.height, req.width)?;
     let sched = sd.scheduler(req.steps)?;
     opt.guidance.validate(req.steps)?;
+    super::reference::check_guidance_scale(req.guidance)?;
     let started = Instant::now();
     let photos = reference_photos(subject_dir, opt, sd.default_size())?;
     let uncond = tch::no_grad(|| sd.encode_prompt(req.negative_prompt.as_deref().unwrap_or("")));
@@ -91,9 +97,6 @@ pub fn generate_guided(
         sd.denoise(x_t.shallow_clone(), &sched, &mut steps, req.guidance, Some(&mut daam))
     })?;
     let i_g1 = tch::no_grad(|| decoded_to_u8(&sd.decode(&x0_g1)));
-    let m_g = daam.mask().context("no cross-attention was recorded")?; // (1, h, w)
-    let m_g_img =
-        m_g.unsqueeze(1).upsample_nearest2d([req.height, req.width], None, None).squeeze().to_device(Device::Cpu); // (H, W), on the CPU with the photos
     let plain = |why: String| {
         eprintln!("warning: {why}; falling back to plain generation");
         Guided {
@@ -101,6 +104,25 @@ pub fn generate_guided(
             report: GuidanceReport::default(),
             seconds: started.elapsed().as_secs_f64(),
             fallback: Some(why),
+        }
+    };
+    let (m_g, m_g_img) = match &opt.sam {
+        None => {
+            let m_g = daam.mask().context("no cross-attention was recorded")?; // (1, h, w)
+            let m_g_img = m_g.unsqueeze(1).upsample_nearest2d([req.height, req.width], None, None).squeeze(); // (H, W)
+            (m_g, m_g_img.to_device(Device::Cpu)) // on the CPU with the photos
+        }
+        Some(dir) => {
+            let sam = SamModel::load(dir, sd.device)?;
+            let heat = daam.normalised().context("no cross-attention was recorded")?; // (1, h, w)
+            let heat = heat.unsqueeze(1).upsample_bilinear2d([req.height, req.width], false, None, None).squeeze(); // (H, W)
+            match grounding::mask_from_heat(Some(&sam), &i_g1.get(0), &heat, Path::new("I_g1")) {
+                Ok(m) => {
+                    let lat = m.view([1, 1, req.height, req.width]).adaptive_avg_pool2d([h, w]).ge(0.5); // (1, 1, h, w)
+                    (lat.to_kind(Kind::Float).squeeze_dim(1), m)
+                }
+                Err(e) => return Ok(plain(format!("{e:#}"))),
+            }
         }
     };
     if let Some(what) = degenerate(&m_g) {
@@ -115,7 +137,8 @@ pub fn generate_guided(
         Some(f) => f,
         None => align::fit(&m_r, &m_g_img)?,
     };
-    let warped = align::warp(&photo.image, &fit.theta, req.height, req.width); // (3, H, W) in [-1, 1]
+    // Edge pixels outside the photo: a zero (mid-grey) border would enter the inversion.
+    let warped = align::warp_image(&photo.image, &fit.theta, req.height, req.width); // (3, H, W) in [-1, 1]
     let m_r_star = align::warp_mask(&m_r, &fit.theta, req.height, req.width); // (H, W)
     let m_lat = m_r_star.view([1, 1, req.height, req.width]).adaptive_avg_pool2d([h, w]).ge(0.5).to_kind(Kind::Float);
     if m_lat.sum(Kind::Float).double_value(&[]) == 0.0 {

@@ -50,6 +50,19 @@ impl GuidanceConfig {
     }
 }
 
+/// Eq. 10 optimises φ_h through the unconditional branch of cfg(ε_h, ε_c, w) = ε_h + w·(ε_c − ε_h),
+/// whose derivative in ε_h is (1 − w): at w = 1 it is zero and for w < 1 guidance uses ε_c alone
+/// ([`cfg`]), so φ_h would never move and Algorithm 2 would silently do nothing. Refused.
+pub fn check_guidance_scale(guidance: f64) -> Result<()> {
+    if guidance <= 1.0 {
+        bail!(
+            "reference guidance needs --guidance > 1 (got {guidance}): with w ≤ 1 the guided step uses the \
+             conditional branch only, so φ_h gets no gradient and Eq. 10 would do nothing"
+        );
+    }
+    Ok(())
+}
+
 /// Eq. 10 over the masked cells (mean, so its scale does not depend on the mask's size).
 fn eq10(f: &Tensor, target: &Tensor, mask: &Tensor) -> Tensor {
     ((f - target) * mask).square().sum(Kind::Float) / (mask.sum(Kind::Float) * f.size()[1] as f64).clamp_min(1.0)
@@ -80,6 +93,7 @@ pub fn guided_denoise(
     let Reference { traj, mask } = *reference;
     let n = sched.timesteps.len();
     gc.validate(n)?;
+    check_guidance_scale(guidance)?;
     let bar = crate::progress::bar(n as u64, "guided");
     let mut report = GuidanceReport::default();
     let (mut x, mut phi_h): (Tensor, Option<Tensor>) = (x_t, None);

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod clip_text;
+pub mod sam;
 pub mod unet;
 pub mod vae;
 pub mod vit;

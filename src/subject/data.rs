@@ -22,7 +22,7 @@ pub struct Photo {
 }
 
 /// Image files of a folder by stem, sorted.
-fn images_by_stem(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
+pub fn images_by_stem(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     let rd = std::fs::read_dir(dir).with_context(|| format!("cannot read folder {}", dir.display()))?;
     let mut out = BTreeMap::new();
     for e in rd {
