@@ -8,6 +8,7 @@ mod init_random;
 mod invert;
 mod learn;
 mod replace;
+mod score;
 mod tokenize;
 
 use anyhow::{bail, Result};
@@ -40,6 +41,8 @@ pub enum Command {
     AlignMask(align_mask::Args),
     /// DINO ViT embeddings (CLS of the last hidden state) of images, one JSON array per image.
     Dino(dino::Args),
+    /// DreamBooth's DINO, CLIP-I and CLIP-T of generated images against a subject's photos (JSON).
+    Score(score::Args),
     /// Measure generate / learn / reference-guidance speeds on a model (prints JSON and ratios).
     Bench(bench::Args),
     /// Write a random-weight model in diffusers layout (tests, demos, speed runs).
@@ -55,6 +58,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::AlignMask(a) => align_mask::run(a),
         Command::Dino(a) => dino::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Score(a) => score::run(a),
         Command::Invert(a) => invert::run(a),
         Command::Replace(a) => replace::run(a),
     }
