@@ -31,6 +31,7 @@
 //! | seeded draws (tch has no per-call generator) | [`rng`] |
 
 pub mod attention;
+pub mod benchmark;
 pub mod eval;
 pub mod guidance;
 pub mod hub;

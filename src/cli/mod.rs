@@ -2,12 +2,14 @@
 
 mod align_mask;
 mod bench;
+mod benchmark;
 mod dino;
 mod generate;
 mod init_random;
 mod invert;
 mod learn;
 mod replace;
+mod report;
 mod score;
 mod tokenize;
 
@@ -43,6 +45,10 @@ pub enum Command {
     Dino(dino::Args),
     /// DreamBooth's DINO, CLIP-I and CLIP-T of generated images against a subject's photos (JSON).
     Score(score::Args),
+    /// The DreamBooth benchmark: learn, generate and score each (subject, method) unit; shardable.
+    Benchmark(benchmark::Args),
+    /// Merge benchmark runs into report.html, results.csv, results.json and Markdown tables.
+    Report(report::Args),
     /// Measure generate / learn / reference-guidance speeds on a model (prints JSON and ratios).
     Bench(bench::Args),
     /// Write a random-weight model in diffusers layout (tests, demos, speed runs).
@@ -59,6 +65,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Dino(a) => dino::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Score(a) => score::run(a),
+        Command::Benchmark(a) => benchmark::run_cmd(a),
+        Command::Report(a) => report::run(a),
         Command::Invert(a) => invert::run(a),
         Command::Replace(a) => replace::run(a),
     }
