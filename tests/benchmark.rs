@@ -96,7 +96,8 @@ fn benchmark_shards_skip_redo_and_report() {
         for f in ["scores.json", "log.txt", "prompts.jsonl", "images/p00-0.png", "images/p01-0.png", "real/00.png"] {
             assert!(d.join(f).is_file(), "{} missing", d.join(f).display());
         }
-        let sc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("scores.json")).unwrap()).unwrap();
+        let sc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("scores.json")).unwrap()).unwrap();
         // guidance only for the non-live subject's hifi unit (the paper's rule)
         assert_eq!(sc["guided"].as_bool().unwrap(), subj == "teapot" && m == "hifi", "{subj}/{m}");
         // the generated PNG carries its prompt; CLIP-T scores the class-noun prompt
@@ -144,7 +145,8 @@ fn benchmark_shards_skip_redo_and_report() {
     child.wait().unwrap();
     assert!(!sh1.join("units/dog/hifi").exists(), "a killed unit must not look finished");
     assert!(sh1.join("units/dog/.hifi.partial").is_dir());
-    let o = bench_cmd(root, &sh1, &[]).env("SLURM_ARRAY_TASK_ID", "1").env("SLURM_ARRAY_TASK_COUNT", "2").output().unwrap();
+    let o =
+        bench_cmd(root, &sh1, &[]).env("SLURM_ARRAY_TASK_ID", "1").env("SLURM_ARRAY_TASK_COUNT", "2").output().unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("interrupted"), "{}", String::from_utf8_lossy(&o.stderr));
     let s = ok(o);
     assert_eq!(s["done"], serde_json::json!(["dog/hifi", "teapot/hifi"]), "{s}");

@@ -69,7 +69,8 @@ pub enum Method {
 
 impl Method {
     /// All methods, in the stable order of units and tables.
-    pub const ALL: [Method; 5] = [Method::Ti, Method::TiMask, Method::TiMaskReg, Method::TiMaskRegStepwise, Method::Hifi];
+    pub const ALL: [Method; 5] =
+        [Method::Ti, Method::TiMask, Method::TiMaskReg, Method::TiMaskRegStepwise, Method::Hifi];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -82,9 +83,10 @@ impl Method {
     }
 
     pub fn parse(s: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|m| m.name() == s).with_context(|| {
-            format!("unknown method {s:?} (known: {})", Self::ALL.map(|m| m.name()).join(", "))
-        })
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .with_context(|| format!("unknown method {s:?} (known: {})", Self::ALL.map(|m| m.name()).join(", ")))
     }
 
     pub fn mode(self) -> Mode {
@@ -145,7 +147,10 @@ impl Dataset {
     pub fn open(root: &Path) -> Result<Self> {
         let path = root.join(PROMPTS_FILE);
         let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("cannot read {} (a DreamBooth dataset has one folder per subject and {PROMPTS_FILE})", path.display())
+            format!(
+                "cannot read {} (a DreamBooth dataset has one folder per subject and {PROMPTS_FILE})",
+                path.display()
+            )
         })?;
         let mut subjects = Vec::new();
         let (mut object, mut live) = (Vec::new(), Vec::new());
@@ -184,7 +189,10 @@ impl Dataset {
             bail!("{}: no `subject_name,class` table", path.display());
         }
         if object.is_empty() || live.is_empty() {
-            bail!("{}: expected an object and a live prompt list ('…'.format(unique_token, class_token) lines)", path.display());
+            bail!(
+                "{}: expected an object and a live prompt list ('…'.format(unique_token, class_token) lines)",
+                path.display()
+            );
         }
         for s in &subjects {
             if !root.join(&s.name).is_dir() {
@@ -280,10 +288,16 @@ impl Shard {
         };
         if let (Some(id), Some(count)) = (num("SLURM_ARRAY_TASK_ID")?, num("SLURM_ARRAY_TASK_COUNT")?) {
             let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
-            return Self::new(id.checked_sub(min).context("SLURM_ARRAY_TASK_ID < SLURM_ARRAY_TASK_MIN")?, count, "Slurm array");
+            return Self::new(
+                id.checked_sub(min).context("SLURM_ARRAY_TASK_ID < SLURM_ARRAY_TASK_MIN")?,
+                count,
+                "Slurm array",
+            );
         }
         if let Some(i) = num("JOB_COMPLETION_INDEX")? {
-            let n = shards.context("JOB_COMPLETION_INDEX is set (a Kubernetes Indexed Job): pass --shards N (the Job's completions)")?;
+            let n = shards.context(
+                "JOB_COMPLETION_INDEX is set (a Kubernetes Indexed Job): pass --shards N (the Job's completions)",
+            )?;
             return Self::new(i, n, "JOB_COMPLETION_INDEX");
         }
         if let Some(n) = shards {
@@ -553,7 +567,8 @@ pub fn run_unit(cfg: &BenchmarkConfig, dataset: &Dataset, u: &Unit, ev: &Evaluat
                 cfg.model.display(),
                 m.name()
             );
-            RgbImage::from_hwc_u8(&image.get(0))?.save_png(&tmp.join("images").join(&name), &[("parameters", &params)])?;
+            RgbImage::from_hwc_u8(&image.get(0))?
+                .save_png(&tmp.join("images").join(&name), &[("parameters", &params)])?;
             prompt_lines.push(PromptLine { image: name.clone(), prompt: scored_prompt.clone() });
             names.push(name);
             bar.inc(1);
@@ -562,7 +577,8 @@ pub fn run_unit(cfg: &BenchmarkConfig, dataset: &Dataset, u: &Unit, ev: &Evaluat
     bar.finish_and_clear();
     let gen_s = t1.elapsed().as_secs_f64();
     drop(sd);
-    let jsonl: String = prompt_lines.iter().map(|l| serde_json::to_string(l).map(|s| s + "\n")).collect::<Result<_, _>>()?;
+    let jsonl: String =
+        prompt_lines.iter().map(|l| serde_json::to_string(l).map(|s| s + "\n")).collect::<Result<_, _>>()?;
     write_bytes_atomic(&tmp.join("prompts.jsonl"), jsonl.as_bytes())?;
     // 3. score (the saved PNGs, as `score` would read them)
     let t2 = Instant::now();

@@ -55,7 +55,8 @@ pub fn collect(runs: &[PathBuf]) -> Result<Merged> {
         let mut subjects: Vec<PathBuf> = std::fs::read_dir(&root)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
         subjects.sort();
         for sdir in subjects.into_iter().filter(|p| p.is_dir()) {
-            let mut entries: Vec<PathBuf> = std::fs::read_dir(&sdir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            let mut entries: Vec<PathBuf> =
+                std::fs::read_dir(&sdir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
             entries.sort();
             for e in entries {
                 let name = e.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -70,9 +71,11 @@ pub fn collect(runs: &[PathBuf]) -> Result<Merged> {
                     continue;
                 }
                 let text = std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?;
-                let scores: UnitScores =
-                    serde_json::from_str(&text).with_context(|| format!("{} is not a unit's scores.json", f.display()))?;
-                if let Some(o) = units.iter().find(|u| u.scores.subject == scores.subject && u.scores.method == scores.method) {
+                let scores: UnitScores = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not a unit's scores.json", f.display()))?;
+                if let Some(o) =
+                    units.iter().find(|u| u.scores.subject == scores.subject && u.scores.method == scores.method)
+                {
                     bail!(
                         "unit {}/{} is in two runs: {} and {} (merge runs of disjoint shards)",
                         scores.subject,
@@ -217,12 +220,7 @@ fn img_tag(path: &Path, title: &str) -> Result<String> {
     let img = image::open(path).with_context(|| format!("cannot read image {}", path.display()))?;
     let t = img.thumbnail(128, 128).to_rgb8();
     let png = RgbImage { width: t.width(), height: t.height(), pixels: t.into_raw() }.to_png(&[])?;
-    Ok(format!(
-        "<img src=\"data:image/png;base64,{}\" title=\"{}\" alt=\"{}\">",
-        base64(&png),
-        esc(title),
-        esc(title)
-    ))
+    Ok(format!("<img src=\"data:image/png;base64,{}\" title=\"{}\" alt=\"{}\">", base64(&png), esc(title), esc(title)))
 }
 
 /// Prompts shown per subject in the image grid.

@@ -71,7 +71,8 @@ impl Evaluator {
 
     /// CLIP text features of prompts (n, P) (77 ids each, truncated as transformers does).
     pub fn text_features(&self, prompts: &[String]) -> Result<Tensor> {
-        let rows: Vec<Tensor> = prompts.iter().map(|p| Tensor::from_slice(&self.tokenizer.encode_padded(p).ids)).collect();
+        let rows: Vec<Tensor> =
+            prompts.iter().map(|p| Tensor::from_slice(&self.tokenizer.encode_padded(p).ids)).collect();
         tch::no_grad(|| self.clip.model.text_features(&Tensor::stack(&rows, 0)))
     }
 
@@ -134,10 +135,9 @@ pub fn prompt_of_parameters(params: &str) -> String {
 /// The prompt stored in a PNG's `parameters` chunk (as `generate` writes it).
 pub fn png_prompt(path: &Path) -> Result<String> {
     let text = crate::io::png_text(path)?;
-    let params = text
-        .iter()
-        .find(|(k, _)| k == "parameters")
-        .with_context(|| format!("{} has no `parameters` text chunk with its prompt (pass --prompts)", path.display()))?;
+    let params = text.iter().find(|(k, _)| k == "parameters").with_context(|| {
+        format!("{} has no `parameters` text chunk with its prompt (pass --prompts)", path.display())
+    })?;
     Ok(prompt_of_parameters(&params.1))
 }
 
@@ -171,7 +171,10 @@ pub fn prompts_for(images: &[PathBuf], prompts: Option<&[PromptLine]>, origin: O
             let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             match prompts {
                 Some(lines) => lines.iter().find(|l| l.image == name).map(|l| l.prompt.clone()).with_context(|| {
-                    format!("{} has no prompt for the image {name}", origin.map(|o| o.display().to_string()).unwrap_or_default())
+                    format!(
+                        "{} has no prompt for the image {name}",
+                        origin.map(|o| o.display().to_string()).unwrap_or_default()
+                    )
                 }),
                 None => png_prompt(p),
             }

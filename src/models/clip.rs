@@ -254,7 +254,12 @@ impl ClipModel {
             }
         };
         load_strict_tensors(&model.text.vs, &format!("{what} (text_model.*)"), text, &skip_buffers)?;
-        load_strict_tensors(&model.vs, &format!("{what} (vision_model.*, projections, logit_scale)"), rest, &skip_buffers)?;
+        load_strict_tensors(
+            &model.vs,
+            &format!("{what} (vision_model.*, projections, logit_scale)"),
+            rest,
+            &skip_buffers,
+        )?;
         model.text.vs.freeze();
         model.vs.freeze();
         Ok(model)
@@ -422,7 +427,7 @@ impl ClipImageProcessor {
         p.do_normalize = f.do_normalize.unwrap_or(true);
         p.mean = f.image_mean.unwrap_or(p.mean);
         p.std = f.image_std.unwrap_or(p.std);
-        if p.std.iter().any(|s| *s == 0.0) {
+        if p.std.contains(&0.0) {
             bail!("{origin}: image_std has a zero");
         }
         Ok(p)
