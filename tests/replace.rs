@@ -55,8 +55,8 @@ fn null_text_inversion_matches_the_reference() {
     let (cfg, steps) = fixture_config();
     let sched = sd.scheduler(steps).unwrap();
     assert_eq!(sched.timesteps, Vec::<i64>::try_from(&r["nti.timesteps"]).unwrap());
-    let nti = null_text_optimize(&sd, &sched, &trajectory(&r["nti.latents"]), &r["nti.cond"], &r["nti.uncond"], &cfg)
-        .unwrap();
+    let nti =
+        null_text_optimize(&sd, &sched, &trajectory(&r["nti.latents"]), &r["nti.cond"], &r["nti.uncond"], &cfg).unwrap();
     // Exact: every early-stop decision of the fixture is ≥ 2.8 % away from its threshold
     // (checked by the fixture script), far beyond the ≈1e-6 relative loss differences below.
     let taken: Vec<i64> = nti.log.iter().map(|s| s.losses.len() as i64).collect();
@@ -238,12 +238,7 @@ fn p2p_keeps_exceptions_and_copies_everything_else() {
     assert!(!p2p.wants(&site(AttnKind::Cross, 16)));
 }
 
-fn small_inversion(
-    sd: &StableDiffusion,
-    caption: &str,
-    steps: usize,
-    inner: usize,
-) -> hifi_tuner::replace::job::Inverted {
+fn small_inversion(sd: &StableDiffusion, caption: &str, steps: usize, inner: usize) -> hifi_tuner::replace::job::Inverted {
     let req = InvertRequest {
         image: fixtures().join("photos/dog/00.jpg"),
         caption: caption.into(),
@@ -260,12 +255,7 @@ fn small_inversion(
 fn p2p_with_identical_prompts_gives_the_reconstruction() {
     let sd = sd();
     let inv = small_inversion(&sd, "a photo of a dog", 6, 3);
-    let req = ReplaceRequest {
-        source_word: "dog".into(),
-        target_word: Some("dog".into()),
-        cross_replace: 1.0,
-        self_replace: 0.4,
-    };
+    let req = ReplaceRequest { source_word: "dog".into(), target_word: Some("dog".into()), cross_replace: 1.0, self_replace: 0.4 };
     let r = replace(&sd, &inv.inversion, &req, None).unwrap();
     assert!(r.edited_calls > 0);
     // Source and target are the same computation in two rows of one batch: libtorch's CPU
@@ -331,20 +321,7 @@ fn run(args: &[&str]) -> Output {
 }
 
 fn base_args<'a>(model: &'a str, image: &'a str, caption: &'a str) -> Vec<&'a str> {
-    vec![
-        "--model",
-        model,
-        "--image",
-        image,
-        "--caption",
-        caption,
-        "--steps",
-        "5",
-        "--inner-steps",
-        "2",
-        "--device",
-        "cpu",
-    ]
+    vec!["--model", model, "--image", image, "--caption", caption, "--steps", "5", "--inner-steps", "2", "--device", "cpu"]
 }
 
 fn assert_refused(o: &Output, needle: &str, dir: &Path) {
@@ -403,18 +380,13 @@ fn replace_cli_with_a_subject_and_a_reused_inversion() {
     let inv_dir = tmp.path().join("edit-inversion");
     assert!(inv_dir.join("inversion.safetensors").is_file(), "the inversion is saved next to the output");
     let inter = tmp.path().join("edit-intermediates");
-    for f in
-        ["source.png", "reconstruction.png", "result.png", "map-source-word.png", "map-target-words.png", "strip.png"]
-    {
+    for f in ["source.png", "reconstruction.png", "result.png", "map-source-word.png", "map-target-words.png", "strip.png"] {
         assert!(inter.join(f).is_file(), "{f}");
     }
     let strip = image::open(inter.join("strip.png")).unwrap();
     assert_eq!((strip.width(), strip.height()), (5 * 32, 32), "source, reconstruction, two maps, result");
     let params = hifi_tuner::io::png_text(&out).unwrap();
-    assert!(
-        params.iter().any(|(k, v)| k == "parameters" && v.starts_with("a photo of a dog on a bench")),
-        "{params:?}"
-    );
+    assert!(params.iter().any(|(k, v)| k == "parameters" && v.starts_with("a photo of a dog on a bench")), "{params:?}");
     // Reusing the inversion gives the same image.
     let out2 = tmp.path().join("again.png");
     let mut b = vec!["replace"];
@@ -463,21 +435,8 @@ fn replace_cli_refuses_bad_input_and_writes_nothing() {
     // an inversion made for another caption and step count
     let inv = keep.join("inv");
     let o = run(&[
-        "invert",
-        "--model",
-        s(&model),
-        "--image",
-        s(&image),
-        "--caption",
-        "a photo of a dog",
-        "--steps",
-        "4",
-        "--inner-steps",
-        "1",
-        "--device",
-        "cpu",
-        "--out",
-        s(&inv),
+        "invert", "--model", s(&model), "--image", s(&image), "--caption", "a photo of a dog", "--steps", "4",
+        "--inner-steps", "1", "--device", "cpu", "--out", s(&inv),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = go(&["--source-word", "cat", "--target-word", "dog", "--inversion", s(&inv)], cap, &image);

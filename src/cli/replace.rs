@@ -1,10 +1,10 @@
 use super::invert::InversionArgs;
 use anyhow::{bail, Result};
-use hifi_tuner::io::heat_overlay;
 use hifi_tuner::io::RgbImage;
 use hifi_tuner::replace::job::{
     check_matches, expected_meta, invert, load_inversion, prepare_swap, replace, save_inverted, ReplaceRequest,
 };
+use hifi_tuner::io::heat_overlay;
 use hifi_tuner::subject::file::Subject;
 use hifi_tuner::subject::ti;
 use std::path::{Path, PathBuf};
@@ -92,12 +92,7 @@ pub fn run(a: Args) -> Result<()> {
             let inv = invert(&sd, &inv_req)?;
             let dir = sibling(&a.out, "inversion");
             save_inverted(&dir, &inv)?;
-            eprintln!(
-                "inverted in {:.2}s (null-text {:.2}s), saved in {}",
-                inv.seconds,
-                inv.nti_seconds,
-                dir.display()
-            );
+            eprintln!("inverted in {:.2}s (null-text {:.2}s), saved in {}", inv.seconds, inv.nti_seconds, dir.display());
             (inv.inversion, inv.source)
         }
     };
@@ -122,8 +117,7 @@ pub fn run(a: Args) -> Result<()> {
         for (name, img) in [("source.png", &src), ("reconstruction.png", &rec), ("result.png", &res)] {
             RgbImage::from_hwc_u8(img)?.save_png(&dir.join(name), &[])?;
         }
-        for (k, (name, base)) in [("map-source-word.png", &src), ("map-target-words.png", &res)].into_iter().enumerate()
-        {
+        for (k, (name, base)) in [("map-source-word.png", &src), ("map-target-words.png", &res)].into_iter().enumerate() {
             if let Some(m) = r.maps.get(k) {
                 let o = heat_overlay(base, m);
                 RgbImage::from_hwc_u8(&o)?.save_png(&dir.join(name), &[])?;

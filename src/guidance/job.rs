@@ -14,8 +14,8 @@ use super::reference::{guided_denoise, GuidanceConfig, GuidanceReport, Reference
 use crate::eval::dino::Dino;
 use crate::io::{decoded_to_u8, image_to_u8, mask_to_u8, RgbImage};
 use crate::pipeline::{GenerateRequest, StableDiffusion};
-use crate::subject::conditioning::SubjectSteps;
 use crate::subject::data::{load_photos, MaskFit, Photo};
+use crate::subject::conditioning::SubjectSteps;
 use crate::subject::file::Subject;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};

@@ -11,9 +11,7 @@ use super::nti::{null_text_optimize, NtiConfig, NullTextInversion, StepLog};
 use super::p2p::{align_tokens, PromptToPrompt, WordMaps};
 use crate::attention::Chain;
 use crate::guidance::invert::ddim_invert;
-use crate::io::{
-    decoded_to_u8, file_sha256, image_to_u8, load_image_cover, write_bytes_atomic, write_safetensors_atomic,
-};
+use crate::io::{decoded_to_u8, file_sha256, image_to_u8, load_image_cover, write_bytes_atomic, write_safetensors_atomic};
 use crate::load::{read_safetensors, safetensors_metadata};
 use crate::pipeline::{cfg, StableDiffusion, StepCond, StepConditioning};
 use crate::subject::conditioning::{check_room, SubjectSteps};
@@ -233,9 +231,8 @@ pub fn find_word(text: &str, word: &str) -> Option<(usize, usize)> {
     if word.trim().is_empty() {
         return None;
     }
-    let re =
-        regex::Regex::new(&format!(r"(?i)(?:^|[^\p{{L}}\p{{N}}])({})(?:$|[^\p{{L}}\p{{N}}])", regex::escape(word)))
-            .ok()?;
+    let re = regex::Regex::new(&format!(r"(?i)(?:^|[^\p{{L}}\p{{N}}])({})(?:$|[^\p{{L}}\p{{N}}])", regex::escape(word)))
+        .ok()?;
     re.captures(text).and_then(|c| c.get(1)).map(|m| (m.start(), m.end()))
 }
 
@@ -262,10 +259,7 @@ pub struct WordSwap {
 /// `target_word`, and locates both words' tokens.
 pub fn swap_word(sd: &StableDiffusion, caption: &str, source_word: &str, target_word: &str) -> Result<WordSwap> {
     let Some((a, b)) = find_word(caption, source_word) else {
-        bail!(
-            "the source word {source_word:?} is not in the caption {caption:?} (its words: {})",
-            words(caption).join(", ")
-        );
+        bail!("the source word {source_word:?} is not in the caption {caption:?} (its words: {})", words(caption).join(", "));
     };
     if target_word.trim().is_empty() {
         bail!("the target word is empty");
@@ -285,13 +279,7 @@ pub fn swap_word(sd: &StableDiffusion, caption: &str, source_word: &str, target_
             bail!("could not locate the {what} word's tokens in {text:?}");
         }
     }
-    Ok(WordSwap {
-        source_caption: caption.to_string(),
-        target_caption,
-        start,
-        n_source: src_ids.len(),
-        n_target: tgt_ids.len(),
-    })
+    Ok(WordSwap { source_caption: caption.to_string(), target_caption, start, n_source: src_ids.len(), n_target: tgt_ids.len() })
 }
 
 /// What `replace` is asked, beyond the inversion.
@@ -382,14 +370,8 @@ pub fn replace(
     let frac_steps = |f: f64| ((f * n as f64) + 1e-9).floor() as usize;
     let x_t = &inversion.nti.x_t;
     let (h, w) = (x_t.size()[2], x_t.size()[3]);
-    let mut p2p = PromptToPrompt::new(
-        &alignment,
-        &exceptions,
-        frac_steps(req.cross_replace),
-        frac_steps(req.self_replace),
-        h * w,
-        sd.device,
-    );
+    let mut p2p =
+        PromptToPrompt::new(&alignment, &exceptions, frac_steps(req.cross_replace), frac_steps(req.self_replace), h * w, sd.device);
     let source_tokens: Vec<i64> = (swap.start..swap.start + swap.n_source).map(|p| p as i64).collect();
     let target_tokens: Vec<i64> = exceptions.iter().map(|&p| p as i64).collect();
     let mut maps = WordMaps::new([source_tokens, target_tokens], (h, w));

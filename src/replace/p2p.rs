@@ -154,12 +154,9 @@ impl AttentionController for WordMaps {
                 }
                 let p = probs.get(2 + r as i64); // (heads, HW, L)
                 let idx = Tensor::from_slice(&self.tokens[r]).to_device(p.device());
-                let heat =
-                    p.index_select(2, &idx).sum_dim_intlist(2, false, Kind::Float).mean_dim(0, false, Kind::Float); // (HW,)
+                let heat = p.index_select(2, &idx).sum_dim_intlist(2, false, Kind::Float).mean_dim(0, false, Kind::Float); // (HW,)
                 let heat = heat.view([1, 1, site.height, site.width]); // (1, 1, h, w)
-                let heat = heat
-                    .upsample_bilinear2d([self.size.0, self.size.1], false, None, None)
-                    .view([self.size.0, self.size.1]);
+                let heat = heat.upsample_bilinear2d([self.size.0, self.size.1], false, None, None).view([self.size.0, self.size.1]);
                 self.heat[r] = Some(match &self.heat[r] {
                     Some(acc) => acc + heat,
                     None => heat,
