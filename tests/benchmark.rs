@@ -119,21 +119,21 @@ fn benchmark_shards_skip_redo_and_report() {
     assert!(s["done"].as_array().unwrap().is_empty(), "{s}");
     assert_eq!(mtime(&full.join("units/dog/ti/scores.json")), before);
 
-    // 3. shard 0/2 (units 0 and 2: the ti units); shard 1/2 through Slurm's variables, killed
-    //    while learning its first unit, then rerun: the killed unit is redone.
+    // 3. shard 0/2 (units 0 and 2: dog/ti, dog/hifi); shard 1/2 (teapot) through Slurm's
+    //    variables, killed while learning its first unit, then rerun: the killed unit is redone.
     let sh0 = root.join("shard0");
     let s = ok(bench_cmd(root, &sh0, &["--shard", "0/2"]).output().unwrap());
-    assert_eq!(s["done"], serde_json::json!(["dog/ti", "teapot/ti"]), "{s}");
+    assert_eq!(s["done"], serde_json::json!(["dog/ti", "dog/hifi"]), "{s}");
     let sh1 = root.join("shard1");
     let mut child = bench_cmd(root, &sh1, &[])
         .env("SLURM_ARRAY_TASK_ID", "1")
         .env("SLURM_ARRAY_TASK_COUNT", "2")
-        .env("HIFI_TUNER_STEP_DELAY_MS", "400")
+        .env("HIFI_TUNER_STEP_DELAY_MS", "1000")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let log = sh1.join("units/dog/.hifi.partial/subject/train_log.jsonl");
+    let log = sh1.join("units/teapot/.ti.partial/subject/train_log.jsonl");
     let mut waited = 0;
     while !std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() >= 1) {
         assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
@@ -143,14 +143,14 @@ fn benchmark_shards_skip_redo_and_report() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!sh1.join("units/dog/hifi").exists(), "a killed unit must not look finished");
-    assert!(sh1.join("units/dog/.hifi.partial").is_dir());
+    assert!(!sh1.join("units/teapot/ti").exists(), "a killed unit must not look finished");
+    assert!(sh1.join("units/teapot/.ti.partial").is_dir());
     let o =
         bench_cmd(root, &sh1, &[]).env("SLURM_ARRAY_TASK_ID", "1").env("SLURM_ARRAY_TASK_COUNT", "2").output().unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("interrupted"), "{}", String::from_utf8_lossy(&o.stderr));
     let s = ok(o);
-    assert_eq!(s["done"], serde_json::json!(["dog/hifi", "teapot/hifi"]), "{s}");
-    assert!(!sh1.join("units/dog/.hifi.partial").exists());
+    assert_eq!(s["done"], serde_json::json!(["teapot/ti", "teapot/hifi"]), "{s}");
+    assert!(!sh1.join("units/teapot/.ti.partial").exists());
 
     // 4. the merged shards give exactly the unsharded numbers: each unit is computed the same
     //    way (same binary, thread count, seeds; a fresh model per unit) and the report only
@@ -224,10 +224,10 @@ fn dataset_units_and_shards() {
     assert_eq!(d.prompts(&d.subjects[0])[1], "a {0} {1} wearing a red hat");
     assert_eq!(fill_prompt("a red {0} {1}", "dog", "dog"), "a red dog");
     assert_eq!(fill_prompt("a {0} {1} in the snow", "<dog>", "dog"), "a <dog> in the snow");
-    // stable order: subjects by name, methods in table order whatever the flag order
+    // stable order: method-major (table order whatever the flag order), subjects by name
     let u = units(&d, &[], &[Method::Hifi, Method::Ti]).unwrap();
     let names: Vec<String> = u.iter().map(|u| format!("{}/{}", u.subject.name, u.method.name())).collect();
-    assert_eq!(names, ["dog/ti", "dog/hifi", "teapot/ti", "teapot/hifi"]);
+    assert_eq!(names, ["dog/ti", "teapot/ti", "dog/hifi", "teapot/hifi"]);
     assert!(units(&d, &["cat".into()], &[Method::Ti]).unwrap_err().to_string().contains("cat"));
     // every unit in exactly one shard
     for n in 1..5 {
