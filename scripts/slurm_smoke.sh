@@ -19,14 +19,24 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
 fi
-sinfo --version
+dpkg-query -W slurm-wlm munge
 
 echo "== munge"
 mkdir -p /etc/munge /var/log/munge /var/lib/munge /run/munge
 [ -s /etc/munge/munge.key ] || dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
 chown -R munge:munge /etc/munge /var/log/munge /var/lib/munge /run/munge 2>/dev/null || true
 chmod 400 /etc/munge/munge.key
-pgrep -x munged >/dev/null || runuser -u munge -- munged --force
+STARTED=()
+cleanup() {
+    if [ "${KEEP:-0}" != 1 ]; then
+        for d in "${STARTED[@]}"; do
+            pid=$(cat "/run/$d.pid" 2>/dev/null || pgrep -x "$d" || true)
+            [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+        done
+    fi
+}
+trap cleanup EXIT
+if ! pgrep -x munged >/dev/null; then runuser -u munge -- munged --force; STARTED+=(munged); fi
 sleep 1
 munge -n | unmunge | grep STATUS
 
@@ -53,18 +63,8 @@ SlurmdLogFile=/var/log/slurm/slurmd.log
 NodeName=$(hostname -s) NodeAddr=127.0.0.1 CPUs=$(nproc) State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
-STARTED=()
 if ! pgrep -x slurmctld >/dev/null; then slurmctld; STARTED+=(slurmctld); fi
 if ! pgrep -x slurmd >/dev/null; then slurmd; STARTED+=(slurmd); fi
-cleanup() {
-    if [ "${KEEP:-0}" != 1 ]; then
-        for d in "${STARTED[@]}"; do
-            pid=$(cat "/run/$d.pid" 2>/dev/null || true)
-            [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
-        done
-    fi
-}
-trap cleanup EXIT
 for _ in $(seq 30); do sinfo -h -o %T | grep -qE 'idle|mixed' && break; sleep 1; done
 sinfo
 

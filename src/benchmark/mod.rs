@@ -342,6 +342,15 @@ pub fn units(dataset: &Dataset, subjects: &[String], methods: &[Method]) -> Resu
     Ok(out)
 }
 
+/// The image as RGB, shrunk to fit `max`×`max` if larger (never enlarged).
+pub fn shrink(img: &image::DynamicImage, max: u32) -> image::RgbImage {
+    if img.width() > max || img.height() > max {
+        img.thumbnail(max, max).to_rgb8()
+    } else {
+        img.to_rgb8()
+    }
+}
+
 /// The final folder of a unit.
 pub fn unit_dir(run: &Path, subject: &str, method: Method) -> PathBuf {
     run.join("units").join(subject).join(method.name())
@@ -593,7 +602,7 @@ pub fn run_unit(cfg: &BenchmarkConfig, dataset: &Dataset, u: &Unit, ev: &Evaluat
     let prompts: Vec<String> = prompt_lines.iter().map(|l| l.prompt.clone()).collect();
     let sc = ev.score(&real, &generated, &prompts)?;
     for (i, img) in real.iter().enumerate() {
-        let t = img.thumbnail(128, 128).to_rgb8();
+        let t = shrink(img, 128);
         let rgb = RgbImage { width: t.width(), height: t.height(), pixels: t.into_raw() };
         rgb.save_png(&tmp.join("real").join(format!("{i:02}.png")), &[])?;
     }
