@@ -244,7 +244,23 @@ pub fn html(m: &Merged) -> Result<String> {
     h.push_str("<h2>Methods (mean over subjects)</h2>\n<table id=\"methods\"><tr><th class=\"l\">method</th><th>DINO</th><th>CLIP-I</th><th>CLIP-T</th><th>subjects</th><th class=\"l\">what it runs</th></tr>\n");
     for name in &m.method_order {
         let x = &m.methods[name];
-        let what = Method::parse(name).map(|me| me.describe()).unwrap_or("");
+        let mut what = Method::parse(name).map(|me| me.describe()).unwrap_or("").to_string();
+        if let Some(u) = m.units.iter().find(|u| &u.scores.method == name) {
+            let st = &u.scores.settings;
+            let l = &st["learn"];
+            what.push_str(&format!(
+                " [mode={} masked={} reg_weight={} stepwise_steps={} tokens={} steps={} lr={}; DDIM {} steps, w={}]",
+                l["mode"],
+                l["masked"],
+                l["reg_weight"],
+                l["stepwise_steps"],
+                l["n_tokens"],
+                l["steps"],
+                l["lr"],
+                st["generate"]["steps"],
+                st["generate"]["guidance"]
+            ));
+        }
         let _ = writeln!(
             h,
             "<tr><td class=\"l\">{}</td><td>{:.4}</td><td>{:.4}</td><td>{:.4}</td><td>{}</td><td class=\"l\">{}</td></tr>",
@@ -253,7 +269,7 @@ pub fn html(m: &Merged) -> Result<String> {
             x.clip_i,
             x.clip_t,
             x.subjects,
-            esc(what)
+            esc(&what)
         );
     }
     h.push_str("</table>\n<h2>Per subject</h2>\n<table id=\"units\"><tr><th class=\"l\">subject</th><th class=\"l\">class</th><th class=\"l\">method</th><th>DINO</th><th>CLIP-I</th><th>CLIP-T</th><th>images</th></tr>\n");
