@@ -145,3 +145,71 @@ fn scores_of_identical_images_are_one() {
     assert_eq!((s.n_generated, s.n_real), (1, 1));
     assert!(ev.score(&[], std::slice::from_ref(&img), &[]).is_err());
 }
+
+/// `score` end to end: prompts from the PNG `parameters` chunk that `generate` writes, or from
+/// `--prompts`; an image without either is an error naming it.
+#[test]
+fn score_cli_reads_prompts_from_png_or_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gen = tmp.path().join("gen");
+    let bin = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_hifi-tuner"));
+        c.env_remove("RUST_BACKTRACE");
+        c
+    };
+    let o = bin()
+        .args(["generate", "--model"])
+        .arg(model_dir("tiny-a"))
+        .args(["--prompt", "a dog in the snow", "--steps", "2", "--num-images", "2", "--device", "cpu", "--out"])
+        .arg(&gen)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let score = |extra: &[&std::ffi::OsStr]| {
+        bin()
+            .arg("score")
+            .arg("--clip")
+            .arg(clip_dir())
+            .arg("--dino")
+            .arg(fixtures().join("dino-tiny"))
+            .arg("--real")
+            .arg(fixtures().join("photos/dog"))
+            .arg("--generated")
+            .arg(&gen)
+            .args(["--device", "cpu"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = score(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((v["n_generated"].as_u64(), v["n_real"].as_u64()), (Some(2), Some(3)), "{v}");
+    // the same as the library with the prompt the PNG carries
+    let ev = Evaluator::load(&clip_dir(), &fixtures().join("dino-tiny"), Device::Cpu).unwrap();
+    let real: Vec<DynamicImage> =
+        (0..3).map(|i| image::open(fixtures().join(format!("photos/dog/0{i}.jpg"))).unwrap()).collect();
+    let g: Vec<DynamicImage> = ["0-0.png", "0-1.png"].iter().map(|n| image::open(gen.join(n)).unwrap()).collect();
+    let want = ev.score(&real, &g, &["a dog in the snow".into(), "a dog in the snow".into()]).unwrap();
+    // same images, models and prompts; only the batch layout of the embeddings may differ
+    // (CLI and library both embed all images in one batch here), so f32 rounding at most.
+    assert!((v["clip_t"].as_f64().unwrap() - want.clip_t).abs() < 1e-5, "{v} vs {want:?}");
+    assert!((v["dino"].as_f64().unwrap() - want.dino).abs() < 1e-5);
+    // --prompts overrides the chunk: another prompt, another CLIP-T
+    let pf = tmp.path().join("prompts.jsonl");
+    std::fs::write(
+        &pf,
+        "{\"image\": \"0-0.png\", \"prompt\": \"a red car\"}\n{\"image\": \"0-1.png\", \"prompt\": \"a red car\"}\n",
+    )
+    .unwrap();
+    let o = score(&["--prompts".as_ref(), pf.as_os_str()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let w: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!((w["clip_t"].as_f64().unwrap() - v["clip_t"].as_f64().unwrap()).abs() > 1e-4, "{w} {v}");
+    assert_eq!(w["dino"], v["dino"]);
+    // a prompts file without an image's name is an error naming the file and the image
+    std::fs::write(&pf, "{\"image\": \"0-0.png\", \"prompt\": \"a red car\"}\n").unwrap();
+    let o = score(&["--prompts".as_ref(), pf.as_os_str()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("prompts.jsonl") && err.contains("0-1.png"), "{err}");
+}
