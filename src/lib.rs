@@ -24,16 +24,25 @@
 //! | Algorithm 4, Eq. 8–9 (mask alignment T_θ) | [`guidance::align`] |
 //! | DDIM inversion with w = 1 (Eq. 3) | [`guidance::invert`] |
 //! | Algorithm 2, Eq. 10 (reference-guided denoising) | [`guidance::reference`], [`guidance::job`] |
-//! | DINO ViT-S/16 embeddings (reference choice) | [`eval::dino`], [`models::vit`] |
+//! | DINO ViT-S/16 embeddings (reference choice, DINO metric) | [`eval::dino`], [`models::vit`] |
 //! | SAM (masks of the photos, M_g, M_r): transformers' `SamModel` + `SamProcessor` | [`models::sam`] |
 //! | Grounding SAM's role, by the UNet's own attention: heat map → box, points → SAM mask | [`guidance::grounding`] |
+//! | CLIP ViT-B/32 (transformers `CLIPModel`, `CLIPImageProcessor`) | [`models::clip`] |
+//! | DreamBooth metrics: DINO, CLIP-I, CLIP-T (Tables 1–2) | [`eval::metrics`] |
+//! | the DreamBooth benchmark: Table 2's methods, units, shards (Slurm, Kubernetes) | [`benchmark`] |
+//! | the report (HTML, CSV, JSON, Markdown) | [`benchmark::report`] |
 //! | §3.4, Eq. 4: null-text inversion (the first two loops of Algorithm 3) | [`replace::nti`] |
 //! | Algorithm 3's F̃: prompt-to-prompt attention control, token alignment | [`replace::p2p`] |
 //! | Algorithm 3: subject replacement, the `invert` and `replace` jobs | [`replace::job`] |
 //! | seeded draws (tch has no per-call generator) | [`rng`] |
 //! | `--dtype`: half precision, mixed-precision rules | [`precision`] |
+//! | nested progress bars (units over learn / generate) | [`progress`] |
+//!
+//! Layers: `models` → `pipeline` → algorithms (`subject`, `guidance`, `replace`, `eval`) →
+//! `benchmark` (runs the algorithms per unit) → the CLI (`src/cli`); imports go down only.
 
 pub mod attention;
+pub mod benchmark;
 pub mod eval;
 pub mod guidance;
 pub mod hub;

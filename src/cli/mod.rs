@@ -2,6 +2,7 @@
 
 mod align_mask;
 mod bench;
+mod benchmark;
 mod dino;
 mod generate;
 mod init_random;
@@ -10,6 +11,8 @@ mod learn;
 mod mask;
 mod replace;
 mod sam;
+mod report;
+mod score;
 mod tokenize;
 
 use anyhow::{bail, Result};
@@ -48,6 +51,12 @@ pub enum Command {
     /// Segment Anything on one photo with a box and/or points: writes the best mask, prints the
     /// candidates' predicted IoUs.
     Sam(sam::Args),
+    /// DreamBooth's DINO, CLIP-I and CLIP-T of generated images against a subject's photos (JSON).
+    Score(score::Args),
+    /// The DreamBooth benchmark: learn, generate and score each (subject, method) unit; shardable.
+    Benchmark(benchmark::Args),
+    /// Merge benchmark runs into report.html, results.csv, results.json and Markdown tables.
+    Report(report::Args),
     /// Measure generate / learn / reference-guidance speeds on a model (prints JSON and ratios).
     Bench(bench::Args),
     /// Write a random-weight model in diffusers layout (tests, demos, speed runs).
@@ -63,6 +72,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::AlignMask(a) => align_mask::run(a),
         Command::Dino(a) => dino::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Score(a) => score::run(a),
+        Command::Benchmark(a) => benchmark::run_cmd(a),
+        Command::Report(a) => report::run(a),
         Command::Invert(a) => invert::run(a),
         Command::Replace(a) => replace::run(a),
         Command::Sam(a) => sam::run(a),

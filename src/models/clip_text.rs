@@ -182,35 +182,48 @@ struct ClipAttention {
     heads: i64,
     head_dim: i64,
     scale: f64,
+    causal: bool,
 }
 
 impl ClipAttention {
-    fn new(vs: nn::Path, cfg: &ClipTextConfig) -> Self {
-        let d = cfg.hidden_size;
-        let head_dim = cfg.head_dim();
+    fn new(vs: nn::Path, dims: &EncoderDims) -> Self {
+        let d = dims.hidden_size;
+        let head_dim = d / dims.heads;
         Self {
             q_proj: nn::linear(&vs / "q_proj", d, d, Default::default()),
             k_proj: nn::linear(&vs / "k_proj", d, d, Default::default()),
             v_proj: nn::linear(&vs / "v_proj", d, d, Default::default()),
             out_proj: nn::linear(&vs / "out_proj", d, d, Default::default()),
-            heads: cfg.num_attention_heads,
+            heads: dims.heads,
             head_dim,
             // transformers: `self.scale = self.head_dim**-0.5`, passed to sdpa explicitly.
             scale: (head_dim as f64).powf(-0.5),
+            causal: dims.causal,
         }
     }
 
     /// `x`: (B, L, d) -> (B, L, d)
     fn forward(&self, x: &Tensor) -> Tensor {
         let (q, k, v) = (&self.q_proj, &self.k_proj, &self.v_proj);
-        let out = encoder_self_attention(x, q, k, v, self.heads, self.head_dim, true, self.scale); // (B, L, d)
+        let out = encoder_self_attention(x, q, k, v, self.heads, self.head_dim, self.causal, self.scale); // (B, L, d)
         self.out_proj.forward(&out)
     }
 }
 
-/// `CLIPEncoderLayer`: pre-norm attention and MLP, each with a residual.
+/// The shape of a CLIP encoder (text: causal; vision: not).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EncoderDims {
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub heads: i64,
+    pub layer_norm_eps: f64,
+    pub causal: bool,
+}
+
+/// `CLIPEncoderLayer`: pre-norm attention and MLP, each with a residual (shared by
+/// [`crate::models::clip`]'s vision tower).
 #[derive(Debug)]
-struct ClipEncoderLayer {
+pub(crate) struct ClipEncoderLayer {
     self_attn: ClipAttention,
     layer_norm1: nn::LayerNorm,
     fc1: nn::Linear,
@@ -220,20 +233,20 @@ struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
-    fn new(vs: nn::Path, cfg: &ClipTextConfig, act: Activation) -> Self {
-        let ln = nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
-        let d = cfg.hidden_size;
+    pub(crate) fn new(vs: nn::Path, dims: &EncoderDims, act: Activation) -> Self {
+        let ln = nn::LayerNormConfig { eps: dims.layer_norm_eps, ..Default::default() };
+        let d = dims.hidden_size;
         Self {
-            self_attn: ClipAttention::new(&vs / "self_attn", cfg),
+            self_attn: ClipAttention::new(&vs / "self_attn", dims),
             layer_norm1: nn::layer_norm(&vs / "layer_norm1", vec![d], ln),
-            fc1: nn::linear(&vs / "mlp" / "fc1", d, cfg.intermediate_size, Default::default()),
-            fc2: nn::linear(&vs / "mlp" / "fc2", cfg.intermediate_size, d, Default::default()),
+            fc1: nn::linear(&vs / "mlp" / "fc1", d, dims.intermediate_size, Default::default()),
+            fc2: nn::linear(&vs / "mlp" / "fc2", dims.intermediate_size, d, Default::default()),
             layer_norm2: nn::layer_norm(&vs / "layer_norm2", vec![d], ln),
             act,
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
         let h = x + self.self_attn.forward(&self.layer_norm1.forward(x));
         let m = self.fc2.forward(&self.act.apply(&self.fc1.forward(&self.layer_norm2.forward(&h))));
         h + m
@@ -260,7 +273,7 @@ impl ClipTextModel {
         Self::build(config, device, "text_encoder config")
     }
 
-    fn build(config: ClipTextConfig, device: Device, origin: &str) -> Result<Self> {
+    pub(crate) fn build(config: ClipTextConfig, device: Device, origin: &str) -> Result<Self> {
         let act = config.validate(origin)?;
         let vs = nn::VarStore::new(device);
         let root = vs.root() / "text_model";
@@ -270,8 +283,15 @@ impl ClipTextModel {
         let token_embedding = (&emb / "token_embedding").var("weight", &[config.vocab_size, d], init);
         let position_embedding =
             (&emb / "position_embedding").var("weight", &[config.max_position_embeddings, d], init);
+        let dims = EncoderDims {
+            hidden_size: d,
+            intermediate_size: config.intermediate_size,
+            heads: config.num_attention_heads,
+            layer_norm_eps: config.layer_norm_eps,
+            causal: true,
+        };
         let layers = (0..config.num_hidden_layers)
-            .map(|i| ClipEncoderLayer::new(&root / "encoder" / "layers" / i, &config, act))
+            .map(|i| ClipEncoderLayer::new(&root / "encoder" / "layers" / i, &dims, act))
             .collect();
         let final_layer_norm = nn::layer_norm(
             &root / "final_layer_norm",

@@ -1,0 +1,640 @@
+//! The DreamBooth benchmark (HiFi Tuner Tables 1–2): units of (subject, method) = learn,
+//! generate the prompts × images, score (DINO, CLIP-I, CLIP-T); sharded by unit index for
+//! cluster arrays; merged by [`report`].
+//!
+//! # Methods (the rows of the paper's Table 2)
+//!
+//! | method | learn | generate |
+//! |---|---|---|
+//! | `ti` | textual inversion: n new tokens `<SUBJECT>_i` in the captions "a photo of a {tokens}" (…), initialised at the class noun's mean token embedding, plain MSE | prompt with "{0} {1}" → the tokens |
+//! | `ti+mask` | as `ti`, loss masked by the subject masks (Eq. 5's M) | as `ti` |
+//! | `ti+mask+reg` | HiFi mode: c_s in the last n (padding) positions of captions "a photo of a {class}" (…), initialised at φ_s, masked loss + w_s‖c_s − φ_s‖² (Eq. 6); no Algorithm 1 | prompt with "{0} {1}" → the class noun, c_s spliced in every step |
+//! | `ti+mask+reg+stepwise` | as `ti+mask+reg`, then Algorithm 1 (I = `--stepwise-steps` per DDIM step) | c_s^t per step (Eq. 7) |
+//! | `hifi` | as `ti+mask+reg+stepwise` | + reference guidance (§3.3, Algorithms 2 and 4, reference by DINO) for non-live subjects; live subjects (class cat or dog, DreamBooth's 9 live subjects) generate as `ti+mask+reg+stepwise` (the paper's rule) |
+//!
+//! "+reg" is thus the paper's parameter regularisation: the embedding lives in the padding
+//! positions, starts at φ_s (the empty prompt's padding embeddings) and is pulled towards it.
+//!
+//! # Seeds
+//!
+//! Image j of prompt p uses seed `--seed + p · images_per_prompt + j`, one image per call, for
+//! every method: the methods of a subject start from the same x_T.
+//!
+//! # Units on disk
+//!
+//! `RUN/units/SUBJECT/METHOD/` holds `images/pPP-J.png` (with the PNG `parameters` chunk),
+//! `prompts.jsonl` (the CLIP-T prompt of each image), `subject/` (the learn folder), `real/`
+//! (thumbnails of the real photos, for the report), `scores.json` and `log.txt`. It is built in
+//! `RUN/units/SUBJECT/.METHOD.partial/` and renamed into place when complete, so a unit folder
+//! exists only when finished: a rerun skips it; a killed unit leaves only the `.partial` folder,
+//! which the rerun deletes and redoes. A failed unit writes `RUN/units/SUBJECT/METHOD.error.txt`
+//! and the others go on.
+
+pub mod report;
+
+use crate::eval::metrics::{image_files, open_images, Evaluator, PromptLine};
+use crate::guidance::job::{generate_guided, ReferenceOptions};
+use crate::guidance::reference::GuidanceConfig;
+use crate::io::{write_bytes_atomic, RgbImage};
+use crate::pipeline::{GenerateRequest, LoadOptions, StableDiffusion};
+use crate::subject::file::{Subject, SUBJECT_FILE};
+use crate::subject::job::{captions, learn, LearnJob};
+use crate::subject::learn::LearnArgs;
+use crate::subject::{conditioning, ti, Mode, Space};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::Device;
+
+/// The dataset's prompt and class file.
+pub const PROMPTS_FILE: &str = "prompts_and_classes.txt";
+/// Classes of DreamBooth's live subjects (no reference guidance, the live prompt list).
+pub const LIVE_CLASSES: [&str; 2] = ["cat", "dog"];
+
+/// A row of Table 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Method {
+    #[serde(rename = "ti")]
+    Ti,
+    #[serde(rename = "ti+mask")]
+    TiMask,
+    #[serde(rename = "ti+mask+reg")]
+    TiMaskReg,
+    #[serde(rename = "ti+mask+reg+stepwise")]
+    TiMaskRegStepwise,
+    #[serde(rename = "hifi")]
+    Hifi,
+}
+
+impl Method {
+    /// All methods, in the stable order of units and tables.
+    pub const ALL: [Method; 5] =
+        [Method::Ti, Method::TiMask, Method::TiMaskReg, Method::TiMaskRegStepwise, Method::Hifi];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Ti => "ti",
+            Method::TiMask => "ti+mask",
+            Method::TiMaskReg => "ti+mask+reg",
+            Method::TiMaskRegStepwise => "ti+mask+reg+stepwise",
+            Method::Hifi => "hifi",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .with_context(|| format!("unknown method {s:?} (known: {})", Self::ALL.map(|m| m.name()).join(", ")))
+    }
+
+    pub fn mode(self) -> Mode {
+        match self {
+            Method::Ti | Method::TiMask => Mode::Ti,
+            _ => Mode::Hifi,
+        }
+    }
+
+    pub fn needs_masks(self) -> bool {
+        self != Method::Ti
+    }
+
+    pub fn stepwise(self) -> bool {
+        matches!(self, Method::TiMaskRegStepwise | Method::Hifi)
+    }
+
+    /// One line for the report: what this method runs.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Method::Ti => "learn --mode ti (n new tokens in the caption, initialised at the class noun's mean embedding), unmasked MSE; prompt 'a <tokens> …'",
+            Method::TiMask => "learn --mode ti with --masks: masked MSE; prompt 'a <tokens> …'",
+            Method::TiMaskReg => "learn --mode hifi --stepwise-steps 0: c_s in the last n padding positions, initialised at φ_s, masked loss + w_s‖c_s − φ_s‖²; prompt 'a CLASS …' with c_s",
+            Method::TiMaskRegStepwise => "learn --mode hifi (+ Algorithm 1, step-wise c_s^t); prompt 'a CLASS …' with c_s^t per step (Eq. 7)",
+            Method::Hifi => "as ti+mask+reg+stepwise, generated with --reference-guidance (§3.3) for non-live subjects",
+        }
+    }
+}
+
+/// A subject of the dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubjectInfo {
+    pub name: String,
+    pub class: String,
+}
+
+impl SubjectInfo {
+    pub fn live(&self) -> bool {
+        LIVE_CLASSES.contains(&self.class.as_str())
+    }
+}
+
+/// A DreamBooth-layout dataset: one folder per subject and `prompts_and_classes.txt`.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub root: PathBuf,
+    /// In the file's order.
+    pub subjects: Vec<SubjectInfo>,
+    /// Templates with `{0}` (unique token) and `{1}` (class), as in the file.
+    pub object_prompts: Vec<String>,
+    pub live_prompts: Vec<String>,
+}
+
+impl Dataset {
+    /// Reads `root/prompts_and_classes.txt` (the DreamBooth repository's file: a
+    /// `subject_name,class` table, then the "Object Prompts" and "Live Subject Prompts" lists of
+    /// `'…'.format(unique_token, class_token)` lines) and checks each subject's folder.
+    pub fn open(root: &Path) -> Result<Self> {
+        let path = root.join(PROMPTS_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "cannot read {} (a DreamBooth dataset has one folder per subject and {PROMPTS_FILE})",
+                path.display()
+            )
+        })?;
+        let mut subjects = Vec::new();
+        let (mut object, mut live) = (Vec::new(), Vec::new());
+        let mut in_table = false;
+        let mut live_section = false;
+        for line in text.lines() {
+            let l = line.trim();
+            if l == "subject_name,class" {
+                in_table = true;
+                continue;
+            }
+            if in_table {
+                if let Some((name, class)) = l.split_once(',').filter(|_| !l.contains('\'')) {
+                    subjects.push(SubjectInfo { name: name.trim().into(), class: class.trim().into() });
+                    continue;
+                }
+                in_table = false;
+            }
+            let lower = l.to_ascii_lowercase();
+            if lower.contains("prompts") && !l.contains('\'') {
+                live_section = lower.contains("live");
+                continue;
+            }
+            if let Some(start) = l.find('\'') {
+                if let Some(end) = l[start + 1..].find('\'') {
+                    let p = l[start + 1..start + 1 + end].to_string();
+                    if live_section {
+                        live.push(p)
+                    } else {
+                        object.push(p)
+                    }
+                }
+            }
+        }
+        if subjects.is_empty() {
+            bail!("{}: no `subject_name,class` table", path.display());
+        }
+        if object.is_empty() || live.is_empty() {
+            bail!(
+                "{}: expected an object and a live prompt list ('…'.format(unique_token, class_token) lines)",
+                path.display()
+            );
+        }
+        for s in &subjects {
+            if !root.join(&s.name).is_dir() {
+                bail!("{}: subject {} has no folder {}", path.display(), s.name, root.join(&s.name).display());
+            }
+        }
+        Ok(Self { root: root.to_path_buf(), subjects, object_prompts: object, live_prompts: live })
+    }
+
+    pub fn prompts(&self, s: &SubjectInfo) -> &[String] {
+        if s.live() {
+            &self.live_prompts
+        } else {
+            &self.object_prompts
+        }
+    }
+}
+
+/// Fills a DreamBooth template: `{0} {1}` (and each placeholder alone) with `subject` (the TI
+/// tokens, or the class noun for HiFi and for CLIP-T), `{1}` alone with the class.
+pub fn fill_prompt(template: &str, subject: &str, class: &str) -> String {
+    template.replace("{0} {1}", subject).replace("{0}", subject).replace("{1}", class)
+}
+
+/// Everything a benchmark run needs.
+#[derive(Debug, Clone)]
+pub struct BenchmarkConfig {
+    pub model: PathBuf,
+    pub load: LoadOptions,
+    pub dataset: PathBuf,
+    pub masks: Option<PathBuf>,
+    pub clip: PathBuf,
+    pub dino: PathBuf,
+    pub out: PathBuf,
+    /// Empty = all.
+    pub subjects: Vec<String>,
+    pub methods: Vec<Method>,
+    pub prompts: usize,
+    pub images_per_prompt: usize,
+    pub seed: u64,
+    pub learn_steps: usize,
+    pub stepwise_steps: usize,
+    pub lr: f64,
+    pub reg_weight: f64,
+    pub tokens: i64,
+    /// DDIM steps of generation (and of Algorithm 1's schedule).
+    pub steps: usize,
+    pub guidance: f64,
+    pub t_start: usize,
+    pub t_end: usize,
+    pub guidance_steps: usize,
+    pub guidance_lr: f64,
+    pub shard: Shard,
+    pub device: Device,
+}
+
+/// This process's share of the units: those with index ≡ `index` (mod `count`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    pub const ALL: Shard = Shard { index: 0, count: 1 };
+
+    /// `--shard i/n`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let (i, n) = s.split_once('/').with_context(|| format!("--shard must be i/n, got {s:?}"))?;
+        let (i, n): (usize, usize) = (
+            i.trim().parse().with_context(|| format!("--shard {s:?}: bad index"))?,
+            n.trim().parse().with_context(|| format!("--shard {s:?}: bad count"))?,
+        );
+        Self::new(i, n, "--shard")
+    }
+
+    fn new(index: usize, count: usize, origin: &str) -> Result<Self> {
+        if count == 0 || index >= count {
+            bail!("{origin}: shard {index} of {count} is out of range (0 ≤ i < n)");
+        }
+        Ok(Self { index, count })
+    }
+
+    /// The shard from `--shard`, else Slurm's array variables (`SLURM_ARRAY_TASK_ID` −
+    /// `SLURM_ARRAY_TASK_MIN` of `SLURM_ARRAY_TASK_COUNT`), else a Kubernetes Indexed Job's
+    /// `JOB_COMPLETION_INDEX` with `--shards n`, else everything. `env` reads a variable.
+    pub fn resolve(flag: Option<&str>, shards: Option<usize>, env: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
+        if let Some(s) = flag {
+            return Self::parse(s);
+        }
+        let num = |k: &str| -> Result<Option<usize>> {
+            env(k).map(|v| v.trim().parse::<usize>().with_context(|| format!("{k}={v:?} is not a number"))).transpose()
+        };
+        if let (Some(id), Some(count)) = (num("SLURM_ARRAY_TASK_ID")?, num("SLURM_ARRAY_TASK_COUNT")?) {
+            let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+            return Self::new(
+                id.checked_sub(min).context("SLURM_ARRAY_TASK_ID < SLURM_ARRAY_TASK_MIN")?,
+                count,
+                "Slurm array",
+            );
+        }
+        if let Some(i) = num("JOB_COMPLETION_INDEX")? {
+            let n = shards.context(
+                "JOB_COMPLETION_INDEX is set (a Kubernetes Indexed Job): pass --shards N (the Job's completions)",
+            )?;
+            return Self::new(i, n, "JOB_COMPLETION_INDEX");
+        }
+        if let Some(n) = shards {
+            bail!("--shards {n} without --shard, a Slurm array or JOB_COMPLETION_INDEX");
+        }
+        Ok(Self::ALL)
+    }
+
+    pub fn takes(&self, unit_index: usize) -> bool {
+        unit_index % self.count == self.index
+    }
+}
+
+/// One (subject, method) unit.
+#[derive(Debug, Clone)]
+pub struct Unit {
+    pub index: usize,
+    pub subject: SubjectInfo,
+    pub method: Method,
+}
+
+/// All units in the stable order: method-major (methods in [`Method::ALL`] order, whatever the
+/// flag order), subjects by name within a method. With `--shard i/n`, unit k = m·S + s goes to
+/// shard k mod n: for n = S (a 30-task array on DreamBooth's 30 subjects) task i runs every
+/// method of subject i, so tasks carry equal work (a subject-major order would give the tasks
+/// ≡ 4 mod 5 all the expensive `hifi` units).
+pub fn units(dataset: &Dataset, subjects: &[String], methods: &[Method]) -> Result<Vec<Unit>> {
+    for s in subjects {
+        if !dataset.subjects.iter().any(|d| &d.name == s) {
+            bail!("--subjects: {s:?} is not in {}", dataset.root.join(PROMPTS_FILE).display());
+        }
+    }
+    let mut subs: Vec<&SubjectInfo> =
+        dataset.subjects.iter().filter(|s| subjects.is_empty() || subjects.contains(&s.name)).collect();
+    subs.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut out = Vec::new();
+    for m in Method::ALL.into_iter().filter(|m| methods.contains(m)) {
+        for s in &subs {
+            out.push(Unit { index: out.len(), subject: (*s).clone(), method: m });
+        }
+    }
+    Ok(out)
+}
+
+/// The image as RGB, shrunk to fit `max`×`max` if larger (never enlarged).
+pub fn shrink(img: &image::DynamicImage, max: u32) -> image::RgbImage {
+    if img.width() > max || img.height() > max {
+        img.thumbnail(max, max).to_rgb8()
+    } else {
+        img.to_rgb8()
+    }
+}
+
+/// The final folder of a unit.
+pub fn unit_dir(run: &Path, subject: &str, method: Method) -> PathBuf {
+    run.join("units").join(subject).join(method.name())
+}
+
+fn partial_dir(run: &Path, subject: &str, method: Method) -> PathBuf {
+    run.join("units").join(subject).join(format!(".{}.partial", method.name()))
+}
+
+fn error_file(run: &Path, subject: &str, method: Method) -> PathBuf {
+    run.join("units").join(subject).join(format!("{}.error.txt", method.name()))
+}
+
+/// `scores.json` of a unit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UnitScores {
+    pub subject: String,
+    pub method: String,
+    pub class: String,
+    pub live: bool,
+    pub guided: bool,
+    pub dino: f64,
+    pub clip_i: f64,
+    pub clip_t: f64,
+    pub n_generated: usize,
+    pub n_real: usize,
+    /// Image file names under `images/`, in prompt order.
+    pub images: Vec<String>,
+    pub seconds: serde_json::Value,
+    pub settings: serde_json::Value,
+}
+
+/// What a run did.
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    pub done: Vec<String>,
+    pub skipped: Vec<String>,
+    pub failed: Vec<(String, String)>,
+    pub seconds_per_unit: Vec<f64>,
+}
+
+/// Runs this shard's units (skipping finished ones), with a bar over units.
+pub fn run(cfg: &BenchmarkConfig) -> Result<RunSummary> {
+    if cfg.prompts == 0 || cfg.images_per_prompt == 0 {
+        bail!("--prompts and --images-per-prompt must be at least 1");
+    }
+    if cfg.methods.is_empty() {
+        bail!("--methods is empty");
+    }
+    let dataset = Dataset::open(&cfg.dataset)?;
+    let all = units(&dataset, &cfg.subjects, &cfg.methods)?;
+    let mine: Vec<&Unit> = all.iter().filter(|u| cfg.shard.takes(u.index)).collect();
+    std::fs::create_dir_all(cfg.out.join("units")).with_context(|| format!("cannot create {}", cfg.out.display()))?;
+    eprintln!(
+        "benchmark: {} unit(s) in all, {} in shard {}/{}",
+        all.len(),
+        mine.len(),
+        cfg.shard.index,
+        cfg.shard.count
+    );
+    let mut summary = RunSummary::default();
+    let mut evaluator: Option<Evaluator> = None;
+    let nest = crate::progress::Nest::new(mine.len() as u64, "units");
+    for u in mine {
+        let name = format!("{}/{}", u.subject.name, u.method.name());
+        nest.bar.set_message(name.clone());
+        let dir = unit_dir(&cfg.out, &u.subject.name, u.method);
+        if dir.join("scores.json").is_file() {
+            summary.skipped.push(name);
+            nest.bar.inc(1);
+            continue;
+        }
+        if evaluator.is_none() {
+            evaluator = Some(Evaluator::load(&cfg.clip, &cfg.dino, cfg.device)?);
+        }
+        let started = Instant::now();
+        let err_path = error_file(&cfg.out, &u.subject.name, u.method);
+        match run_unit(cfg, &dataset, u, evaluator.as_ref().expect("loaded")) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&err_path);
+                summary.seconds_per_unit.push(started.elapsed().as_secs_f64());
+                nest.bar.println(format!("{name}: done in {:.1}s", started.elapsed().as_secs_f64()));
+                summary.done.push(name);
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                nest.bar.println(format!("{name}: FAILED: {msg}"));
+                write_bytes_atomic(&err_path, format!("{msg}\n").as_bytes())?;
+                let _ = std::fs::remove_dir_all(partial_dir(&cfg.out, &u.subject.name, u.method));
+                summary.failed.push((name, msg));
+            }
+        }
+        nest.bar.inc(1);
+    }
+    drop(nest);
+    Ok(summary)
+}
+
+/// One unit, built in its `.partial` folder and renamed into place.
+pub fn run_unit(cfg: &BenchmarkConfig, dataset: &Dataset, u: &Unit, ev: &Evaluator) -> Result<()> {
+    let (s, m) = (&u.subject, u.method);
+    let tmp = partial_dir(&cfg.out, &s.name, m);
+    if tmp.exists() {
+        eprintln!("{}/{}: removing the unfinished {} of an interrupted run", s.name, m.name(), tmp.display());
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
+    }
+    let images_dir = dataset.root.join(&s.name);
+    let masks = if m.needs_masks() {
+        let Some(root) = &cfg.masks else {
+            bail!("method {} needs subject masks: pass --masks DIR (DIR/{}/STEM.png)", m.name(), s.name);
+        };
+        let d = root.join(&s.name);
+        if !d.is_dir() {
+            bail!("method {} needs subject masks, but {} does not exist", m.name(), d.display());
+        }
+        Some(d)
+    } else {
+        None
+    };
+    std::fs::create_dir_all(tmp.join("images"))?;
+    let mut log = String::new();
+    let guided = m == Method::Hifi && !s.live();
+    let token = format!("<{}>", s.name);
+    let mode = m.mode();
+    let args = LearnArgs {
+        mode,
+        space: Space::Input,
+        n_tokens: cfg.tokens,
+        token: token.clone(),
+        class_noun: s.class.clone(),
+        captions: captions(mode, &s.class, &token, cfg.tokens),
+        steps: cfg.learn_steps,
+        lr: cfg.lr,
+        reg_weight: if mode == Mode::Hifi { cfg.reg_weight } else { 0.0 },
+        stepwise_steps: if m.stepwise() { cfg.stepwise_steps } else { 0 },
+        ddim_steps: cfg.steps,
+        batch_size: 1,
+        seed: cfg.seed,
+        masked: masks.is_some(),
+    };
+    let settings = serde_json::json!({
+        "method": m.name(), "describe": m.describe(), "learn": &args, "guided": guided,
+        "generate": {"steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed,
+                     "prompts": cfg.prompts, "images_per_prompt": cfg.images_per_prompt},
+        "reference_guidance": guided.then(|| serde_json::json!({"t_start": cfg.t_start, "t_end": cfg.t_end,
+                     "guidance_steps": cfg.guidance_steps, "guidance_lr": cfg.guidance_lr, "dino": cfg.dino})),
+        "model": cfg.model, "dataset": cfg.dataset, "masks": masks,
+    });
+    log.push_str(&format!("settings: {settings}\n"));
+    // 1. learn
+    let t0 = Instant::now();
+    let subject_dir = tmp.join("subject");
+    let job = LearnJob {
+        model: cfg.model.clone(),
+        load: cfg.load.clone(),
+        images: images_dir.clone(),
+        masks: masks.clone(),
+        out: subject_dir.clone(),
+        args,
+        checkpoint_every: 0,
+        resume: false,
+        device: cfg.device,
+    };
+    let learned = learn(&job).with_context(|| format!("learning {} ({})", s.name, m.name()))?;
+    let learn_s = t0.elapsed().as_secs_f64();
+    log.push_str(&format!("learned {} in {learn_s:.2}s\n", learned.display()));
+    // 2. generate
+    let t1 = Instant::now();
+    let mut sd = StableDiffusion::load_with(&cfg.model, &cfg.load, cfg.device)?;
+    let (subject, loaded) = match mode {
+        Mode::Ti => (None, Some(ti::load_embedding(&mut sd, &learned, None)?)),
+        Mode::Hifi => (Some(Subject::load(&subject_dir.join(SUBJECT_FILE))?), None),
+    };
+    let (h, w) = sd.default_hw();
+    let templates: Vec<&String> = dataset.prompts(s).iter().take(cfg.prompts).collect();
+    let n_images = templates.len() * cfg.images_per_prompt;
+    let bar = crate::progress::bar(n_images as u64, "generating");
+    let mut prompt_lines = Vec::new();
+    let mut names = Vec::new();
+    for (p, tpl) in templates.iter().enumerate() {
+        let scored_prompt = fill_prompt(tpl, &s.class, &s.class);
+        let gen_prompt = match &loaded {
+            Some(l) => ti::convert_prompt(&sd, &fill_prompt(tpl, &l.token, &s.class), std::slice::from_ref(l)),
+            None => scored_prompt.clone(),
+        };
+        for j in 0..cfg.images_per_prompt {
+            let seed = cfg.seed + (p * cfg.images_per_prompt + j) as u64;
+            let req = GenerateRequest {
+                prompt: gen_prompt.clone(),
+                negative_prompt: None,
+                seed,
+                steps: cfg.steps,
+                guidance: cfg.guidance,
+                height: h,
+                width: w,
+                num_images: 1,
+            };
+            let image = if guided {
+                let opt = ReferenceOptions {
+                    guidance: GuidanceConfig {
+                        t_start: cfg.t_start,
+                        t_end: cfg.t_end,
+                        steps: cfg.guidance_steps,
+                        lr: cfg.guidance_lr,
+                        substitute: true,
+                    },
+                    dino: Some(cfg.dino.clone()),
+                    reference_caption: None,
+                    references: None,
+                    reference_masks: None,
+                    intermediates: None,
+                    sam: None,
+                };
+                let g = generate_guided(&sd, &req, subject.as_ref().expect("hifi subject"), &subject_dir, &opt)?;
+                if let Some(why) = g.fallback {
+                    log.push_str(&format!("p{p:02}-{j}: reference guidance fell back to plain generation: {why}\n"));
+                }
+                g.image
+            } else {
+                conditioning::generate(&sd, &req, subject.as_ref())?
+            };
+            let name = format!("p{p:02}-{j}.png");
+            let params = format!(
+                "{}\nNegative prompt: \nSteps: {}, Sampler: DDIM, CFG scale: {}, Seed: {seed}, Size: {w}x{h}, Model: {}, Method: {}",
+                gen_prompt,
+                cfg.steps,
+                cfg.guidance,
+                cfg.model.display(),
+                m.name()
+            );
+            RgbImage::from_hwc_u8(&image.get(0))?
+                .save_png(&tmp.join("images").join(&name), &[("parameters", &params)])?;
+            prompt_lines.push(PromptLine { image: name.clone(), prompt: scored_prompt.clone() });
+            names.push(name);
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let gen_s = t1.elapsed().as_secs_f64();
+    drop(sd);
+    let jsonl: String =
+        prompt_lines.iter().map(|l| serde_json::to_string(l).map(|s| s + "\n")).collect::<Result<_, _>>()?;
+    write_bytes_atomic(&tmp.join("prompts.jsonl"), jsonl.as_bytes())?;
+    // 3. score (the saved PNGs, as `score` would read them)
+    let t2 = Instant::now();
+    let real_paths = image_files(&images_dir)?;
+    let real = open_images(&real_paths)?;
+    let gen_paths: Vec<PathBuf> = names.iter().map(|n| tmp.join("images").join(n)).collect();
+    let generated = open_images(&gen_paths)?;
+    let prompts: Vec<String> = prompt_lines.iter().map(|l| l.prompt.clone()).collect();
+    let sc = ev.score(&real, &generated, &prompts)?;
+    for (i, img) in real.iter().enumerate() {
+        let t = shrink(img, 128);
+        let rgb = RgbImage { width: t.width(), height: t.height(), pixels: t.into_raw() };
+        rgb.save_png(&tmp.join("real").join(format!("{i:02}.png")), &[])?;
+    }
+    let score_s = t2.elapsed().as_secs_f64();
+    let total = t0.elapsed().as_secs_f64();
+    let scores = UnitScores {
+        subject: s.name.clone(),
+        method: m.name().into(),
+        class: s.class.clone(),
+        live: s.live(),
+        guided,
+        dino: sc.dino,
+        clip_i: sc.clip_i,
+        clip_t: sc.clip_t,
+        n_generated: sc.n_generated,
+        n_real: sc.n_real,
+        images: names,
+        seconds: serde_json::json!({"learn": learn_s, "generate": gen_s, "score": score_s, "total": total}),
+        settings,
+    };
+    log.push_str(&format!(
+        "generated {n_images} image(s) in {gen_s:.2}s; scored in {score_s:.2}s: dino {:.4} clip_i {:.4} clip_t {:.4}\n",
+        sc.dino, sc.clip_i, sc.clip_t
+    ));
+    write_bytes_atomic(&tmp.join("log.txt"), log.as_bytes())?;
+    write_bytes_atomic(&tmp.join("scores.json"), serde_json::to_string_pretty(&scores)?.as_bytes())?;
+    let dest = unit_dir(&cfg.out, &s.name, m);
+    if dest.exists() {
+        // a folder without scores.json cannot come from a finished unit; replace it
+        std::fs::remove_dir_all(&dest).with_context(|| format!("cannot remove {}", dest.display()))?;
+    }
+    std::fs::rename(&tmp, &dest).with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
+    Ok(())
+}

@@ -1,0 +1,127 @@
+use anyhow::{bail, Result};
+use hifi_tuner::benchmark::{run, BenchmarkConfig, Method, Shard};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The Stable Diffusion 1.x model (folder, single file or Hugging Face id).
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    model_options: super::ModelOptions,
+    /// A DreamBooth-layout dataset: one folder per subject + prompts_and_classes.txt.
+    #[arg(long)]
+    dataset: PathBuf,
+    /// Subject masks: DIR/SUBJECT/STEM.png (white = subject), needed by every method but ti.
+    #[arg(long)]
+    masks: Option<PathBuf>,
+    /// A transformers CLIPModel folder (openai/clip-vit-base-patch32).
+    #[arg(long)]
+    clip: PathBuf,
+    /// A transformers ViTModel folder (facebook/dino-vits16): the DINO metric and hifi's reference choice.
+    #[arg(long)]
+    dino: PathBuf,
+    /// The run folder (units are written to RUN/units/SUBJECT/METHOD/).
+    #[arg(long)]
+    out: PathBuf,
+    /// Comma-separated subject names (default: all).
+    #[arg(long, value_delimiter = ',')]
+    subjects: Vec<String>,
+    /// Comma-separated methods: ti, ti+mask, ti+mask+reg, ti+mask+reg+stepwise, hifi (default: all).
+    #[arg(long, value_delimiter = ',')]
+    methods: Vec<String>,
+    /// The first N prompts of the object or live list.
+    #[arg(long, default_value_t = 25)]
+    prompts: usize,
+    #[arg(long, default_value_t = 4)]
+    images_per_prompt: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Adam steps of phase 0 (learn --steps).
+    #[arg(long, default_value_t = 1000)]
+    learn_steps: usize,
+    /// I of Algorithm 1 (the stepwise methods).
+    #[arg(long, default_value_t = 10)]
+    stepwise_steps: usize,
+    #[arg(long, default_value_t = 5e-3)]
+    lr: f64,
+    /// w_s (the +reg methods).
+    #[arg(long, default_value_t = 1e-3)]
+    reg_weight: f64,
+    /// n, the subject tokens (all methods).
+    #[arg(long, default_value_t = 5)]
+    tokens: i64,
+    /// DDIM steps (generation and Algorithm 1).
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    #[arg(long, default_value_t = 40)]
+    t_start: usize,
+    #[arg(long, default_value_t = 10)]
+    t_end: usize,
+    #[arg(long, default_value_t = 10)]
+    guidance_steps: usize,
+    #[arg(long, default_value_t = 1e-2)]
+    guidance_lr: f64,
+    /// i/n: run the units whose index ≡ i (mod n). Default: SLURM_ARRAY_TASK_ID/COUNT, or
+    /// JOB_COMPLETION_INDEX with --shards, or all units.
+    #[arg(long)]
+    shard: Option<String>,
+    /// The shard count for a Kubernetes Indexed Job (JOB_COMPLETION_INDEX).
+    #[arg(long)]
+    shards: Option<usize>,
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+pub fn run_cmd(a: Args) -> Result<()> {
+    let methods = if a.methods.is_empty() {
+        Method::ALL.to_vec()
+    } else {
+        a.methods.iter().map(|m| Method::parse(m.trim())).collect::<Result<Vec<_>>>()?
+    };
+    let shard = Shard::resolve(a.shard.as_deref(), a.shards, &|k| std::env::var(k).ok())?;
+    let device = super::parse_device(&a.device)?;
+    let cfg = BenchmarkConfig {
+        load: a.model_options.options(device)?,
+        model: a.model,
+        dataset: a.dataset,
+        masks: a.masks,
+        clip: a.clip,
+        dino: a.dino,
+        out: a.out,
+        subjects: a.subjects.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+        methods,
+        prompts: a.prompts,
+        images_per_prompt: a.images_per_prompt,
+        seed: a.seed,
+        learn_steps: a.learn_steps,
+        stepwise_steps: a.stepwise_steps,
+        lr: a.lr,
+        reg_weight: a.reg_weight,
+        tokens: a.tokens,
+        steps: a.steps,
+        guidance: a.guidance,
+        t_start: a.t_start,
+        t_end: a.t_end,
+        guidance_steps: a.guidance_steps,
+        guidance_lr: a.guidance_lr,
+        shard,
+        device,
+    };
+    let s = run(&cfg)?;
+    let mean = if s.seconds_per_unit.is_empty() {
+        0.0
+    } else {
+        s.seconds_per_unit.iter().sum::<f64>() / s.seconds_per_unit.len() as f64
+    };
+    let summary = serde_json::json!({"done": s.done, "skipped": s.skipped,
+        "failed": s.failed.iter().map(|(u, e)| serde_json::json!({"unit": u, "error": e})).collect::<Vec<_>>(),
+        "mean_seconds_per_unit": mean, "shard": cfg.shard});
+    println!("{summary}");
+    if !s.failed.is_empty() {
+        bail!("{} unit(s) failed (see RUN/units/SUBJECT/METHOD.error.txt); rerun to retry them", s.failed.len());
+    }
+    Ok(())
+}

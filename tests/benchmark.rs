@@ -1,0 +1,265 @@
+//! The DreamBooth benchmark on the tiny model: units, sharding, skip / redo, failures, report.
+
+mod common;
+
+use common::*;
+use hifi_tuner::benchmark::report::base64;
+use hifi_tuner::benchmark::{fill_prompt, units, Dataset, Method, Shard};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+const PROMPTS_TXT: &str = "Classes\n\nsubject_name,class\ndog,dog\nteapot,teapot\n\nPrompts\n\nObject Prompts\n\nprompt_list = [\n\
+'a {0} {1} in the jungle'.format(unique_token, class_token),\n'a red {0} {1}'.format(unique_token, class_token),\n\
+'a {0} {1} in the snow'.format(unique_token, class_token)\n]\n\nLive Subject Prompts\n\nprompt_list = [\n\
+'a {0} {1} in the jungle'.format(unique_token, class_token),\n'a {0} {1} wearing a red hat'.format(unique_token, class_token),\n]\n";
+
+/// A two-subject DreamBooth-layout dataset from the fixture photos: `dog` (class dog, live) and
+/// `teapot` (class teapot, an object: reference guidance runs for it), and their masks.
+fn dataset(root: &Path) -> (PathBuf, PathBuf) {
+    let (ds, masks) = (root.join("dataset"), root.join("masks"));
+    for s in ["dog", "teapot"] {
+        for (from, to) in [("dog", ds.join(s)), ("dog-masks", masks.join(s))] {
+            std::fs::create_dir_all(&to).unwrap();
+            for e in std::fs::read_dir(fixtures().join("photos").join(from)).unwrap() {
+                let p = e.unwrap().path();
+                std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    std::fs::write(ds.join("prompts_and_classes.txt"), PROMPTS_TXT).unwrap();
+    (ds, masks)
+}
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hifi-tuner"));
+    for k in ["RUST_BACKTRACE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "JOB_COMPLETION_INDEX"] {
+        c.env_remove(k);
+    }
+    c
+}
+
+/// The tiny benchmark: 2 subjects × {ti, hifi}, 2 prompts × 1 image, few steps.
+fn bench_cmd(root: &Path, out: &Path, extra: &[&str]) -> Command {
+    let (ds, masks) = (root.join("dataset"), root.join("masks"));
+    let mut c = bin();
+    c.args(["benchmark", "--model"]).arg(model_dir("tiny-a")).arg("--dataset").arg(ds).arg("--masks").arg(masks);
+    c.arg("--clip").arg(fixtures().join("clip-tiny")).arg("--dino").arg(fixtures().join("dino-tiny"));
+    c.args(["--methods", "ti,hifi", "--prompts", "2", "--images-per-prompt", "1", "--learn-steps", "3"]);
+    c.args(["--stepwise-steps", "1", "--steps", "6", "--t-start", "5", "--t-end", "2", "--guidance-steps", "2"]);
+    c.args(["--device", "cpu", "--out"]).arg(out).args(extra);
+    c
+}
+
+fn ok(o: Output) -> serde_json::Value {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "benchmark failed: {err}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn report(runs: &[&Path], out: &Path) -> (serde_json::Value, String) {
+    let o = bin().arg("report").args(runs).arg("--out").arg(out).output().unwrap();
+    assert!(o.status.success(), "report failed: {}", String::from_utf8_lossy(&o.stderr));
+    let json = std::fs::read_to_string(out.join("results.json")).unwrap();
+    (serde_json::from_str(&json).unwrap(), String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// (subject, method) -> (dino, clip_i, clip_t)
+fn scores(results: &serde_json::Value) -> HashMap<(String, String), (f64, f64, f64)> {
+    results["units"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            let f = |k: &str| u[k].as_f64().unwrap();
+            (
+                (u["subject"].as_str().unwrap().to_string(), u["method"].as_str().unwrap().to_string()),
+                (f("dino"), f("clip_i"), f("clip_t")),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn benchmark_shards_skip_redo_and_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    dataset(root);
+    // 1. unsharded
+    let full = root.join("full");
+    let s = ok(bench_cmd(root, &full, &[]).output().unwrap());
+    assert_eq!(s["done"].as_array().unwrap().len(), 4, "{s}");
+    eprintln!("unsharded run: {s}");
+    for (subj, m) in [("dog", "ti"), ("dog", "hifi"), ("teapot", "ti"), ("teapot", "hifi")] {
+        let d = full.join("units").join(subj).join(m);
+        for f in ["scores.json", "log.txt", "prompts.jsonl", "images/p00-0.png", "images/p01-0.png", "real/00.png"] {
+            assert!(d.join(f).is_file(), "{} missing", d.join(f).display());
+        }
+        let sc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("scores.json")).unwrap()).unwrap();
+        // guidance only for the non-live subject's hifi unit (the paper's rule)
+        assert_eq!(sc["guided"].as_bool().unwrap(), subj == "teapot" && m == "hifi", "{subj}/{m}");
+        // the generated PNG carries its prompt; CLIP-T scores the class-noun prompt
+        let params = hifi_tuner::io::png_text(&d.join("images/p00-0.png")).unwrap();
+        let p = &params.iter().find(|(k, _)| k == "parameters").unwrap().1;
+        let want = if m == "ti" { format!("<{subj}>") } else { format!("a {} in the jungle", subj) };
+        assert!(p.contains(&want), "{p}");
+        let pl = std::fs::read_to_string(d.join("prompts.jsonl")).unwrap();
+        assert!(pl.contains(&format!("a {subj} in the jungle")), "{pl}");
+    }
+    assert!(full.join("units/dog/hifi/subject/subject.safetensors").is_file());
+    assert!(full.join("units/dog/ti/subject/learned_embeds.safetensors").is_file());
+
+    // 2. a rerun recomputes nothing
+    let mtime = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let before = mtime(&full.join("units/dog/ti/scores.json"));
+    let s = ok(bench_cmd(root, &full, &[]).output().unwrap());
+    assert_eq!(s["skipped"].as_array().unwrap().len(), 4, "{s}");
+    assert!(s["done"].as_array().unwrap().is_empty(), "{s}");
+    assert_eq!(mtime(&full.join("units/dog/ti/scores.json")), before);
+
+    // 3. shard 0/2 (units 0 and 2: dog/ti, dog/hifi); shard 1/2 (teapot) through Slurm's
+    //    variables, killed while learning its first unit, then rerun: the killed unit is redone.
+    let sh0 = root.join("shard0");
+    let s = ok(bench_cmd(root, &sh0, &["--shard", "0/2"]).output().unwrap());
+    assert_eq!(s["done"], serde_json::json!(["dog/ti", "dog/hifi"]), "{s}");
+    let sh1 = root.join("shard1");
+    let mut child = bench_cmd(root, &sh1, &[])
+        .env("SLURM_ARRAY_TASK_ID", "1")
+        .env("SLURM_ARRAY_TASK_COUNT", "2")
+        .env("HIFI_TUNER_STEP_DELAY_MS", "1000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = sh1.join("units/teapot/.ti.partial/subject/train_log.jsonl");
+    let mut waited = 0;
+    while !std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() >= 1) {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        waited += 1;
+        assert!(waited < 6000, "no learning step logged in 5 minutes");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!sh1.join("units/teapot/ti").exists(), "a killed unit must not look finished");
+    assert!(sh1.join("units/teapot/.ti.partial").is_dir());
+    let o =
+        bench_cmd(root, &sh1, &[]).env("SLURM_ARRAY_TASK_ID", "1").env("SLURM_ARRAY_TASK_COUNT", "2").output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("interrupted"), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = ok(o);
+    assert_eq!(s["done"], serde_json::json!(["teapot/ti", "teapot/hifi"]), "{s}");
+    assert!(!sh1.join("units/teapot/.ti.partial").exists());
+
+    // 4. the merged shards give exactly the unsharded numbers: each unit is computed the same
+    //    way (same binary, thread count, seeds; a fresh model per unit) and the report only
+    //    averages the per-unit files.
+    let (r_full, md) = report(&[&full], &root.join("rep-full"));
+    let (r_sh, _) = report(&[&sh0, &sh1], &root.join("rep-sh"));
+    assert_eq!(scores(&r_full), scores(&r_sh));
+    assert_eq!(r_full["methods"], r_sh["methods"]);
+    assert_eq!(r_full["methods"]["hifi"]["subjects"], 2);
+    let (a, b) = (&scores(&r_full)[&("dog".into(), "ti".into())], &scores(&r_full)[&("teapot".into(), "ti".into())]);
+    let mean = (a.0 + b.0) / 2.0;
+    assert!((r_full["methods"]["ti"]["dino"].as_f64().unwrap() - mean).abs() < 1e-12);
+    assert!(md.contains("| method | DINO | CLIP-I | CLIP-T | subjects |") && md.contains("| hifi |"), "{md}");
+    // overlapping runs are refused
+    let o = bin().arg("report").arg(&full).arg(&sh0).arg("--out").arg(root.join("x")).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("two runs"));
+
+    // 5. the report names every unit and embeds its images (and the real photos)
+    let html = std::fs::read_to_string(root.join("rep-sh/report.html")).unwrap();
+    for (subj, m) in [("dog", "ti"), ("dog", "hifi"), ("teapot", "ti"), ("teapot", "hifi")] {
+        assert!(html.contains(&format!("data-subject=\"{subj}\" data-method=\"{m}\"")), "{subj}/{m}");
+    }
+    // 2 subjects × (3 real photos + 2 methods × 2 images)
+    assert_eq!(html.matches("src=\"data:image/png;base64,").count(), 2 * (3 + 2 * 2));
+    assert!(!html.contains("src=\"/") && !html.contains("src=\"file:"), "the report must be self-contained");
+    let csv = std::fs::read_to_string(root.join("rep-sh/results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5, "{csv}");
+}
+
+#[test]
+fn a_method_without_masks_fails_its_unit_and_the_others_go_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (ds, _) = dataset(root);
+    let out = root.join("run");
+    let o = bin()
+        .args(["benchmark", "--model"])
+        .arg(model_dir("tiny-a"))
+        .arg("--dataset")
+        .arg(&ds)
+        .arg("--clip")
+        .arg(fixtures().join("clip-tiny"))
+        .arg("--dino")
+        .arg(fixtures().join("dino-tiny"))
+        .args(["--subjects", "dog", "--methods", "ti+mask,ti", "--prompts", "1", "--images-per-prompt", "1"])
+        .args(["--learn-steps", "1", "--steps", "3", "--device", "cpu", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("1 unit(s) failed"), "{err}");
+    let msg = std::fs::read_to_string(out.join("units/dog/ti+mask.error.txt")).unwrap();
+    assert!(msg.contains("needs subject masks") && msg.contains("--masks"), "{msg}");
+    assert!(out.join("units/dog/ti/scores.json").is_file(), "the other unit must go on");
+    assert!(!out.join("units/dog/ti+mask").exists());
+    let (r, md) = report(&[&out], &out);
+    assert_eq!(r["failed"][0]["method"], "ti+mask");
+    assert!(md.contains("failed"), "{md}");
+}
+
+#[test]
+fn dataset_units_and_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ds, _) = dataset(tmp.path());
+    let d = Dataset::open(&ds).unwrap();
+    assert_eq!(d.subjects.len(), 2);
+    assert_eq!(d.object_prompts.len(), 3);
+    assert_eq!(d.live_prompts.len(), 2);
+    assert!(d.subjects[0].live() && !d.subjects[1].live());
+    assert_eq!(d.prompts(&d.subjects[0])[1], "a {0} {1} wearing a red hat");
+    assert_eq!(fill_prompt("a red {0} {1}", "dog", "dog"), "a red dog");
+    assert_eq!(fill_prompt("a {0} {1} in the snow", "<dog>", "dog"), "a <dog> in the snow");
+    // stable order: method-major (table order whatever the flag order), subjects by name
+    let u = units(&d, &[], &[Method::Hifi, Method::Ti]).unwrap();
+    let names: Vec<String> = u.iter().map(|u| format!("{}/{}", u.subject.name, u.method.name())).collect();
+    assert_eq!(names, ["dog/ti", "teapot/ti", "dog/hifi", "teapot/hifi"]);
+    assert!(units(&d, &["cat".into()], &[Method::Ti]).unwrap_err().to_string().contains("cat"));
+    // every unit in exactly one shard
+    for n in 1..5 {
+        let shards: Vec<Shard> = (0..n).map(|i| Shard::parse(&format!("{i}/{n}")).unwrap()).collect();
+        for k in 0..10 {
+            assert_eq!(shards.iter().filter(|s| s.takes(k)).count(), 1);
+        }
+    }
+    let env = |vars: &'static [(&'static str, &'static str)]| {
+        move |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    };
+    assert_eq!(Shard::resolve(Some("1/3"), None, &env(&[])).unwrap(), Shard { index: 1, count: 3 });
+    assert_eq!(Shard::resolve(None, None, &env(&[])).unwrap(), Shard::ALL);
+    let slurm = env(&[("SLURM_ARRAY_TASK_ID", "5"), ("SLURM_ARRAY_TASK_COUNT", "4"), ("SLURM_ARRAY_TASK_MIN", "3")]);
+    assert_eq!(Shard::resolve(None, None, &slurm).unwrap(), Shard { index: 2, count: 4 });
+    let k8s = env(&[("JOB_COMPLETION_INDEX", "7")]);
+    assert_eq!(Shard::resolve(None, Some(30), &k8s).unwrap(), Shard { index: 7, count: 30 });
+    assert!(Shard::resolve(None, None, &k8s).unwrap_err().to_string().contains("--shards"));
+    assert!(Shard::resolve(None, Some(5), &env(&[("JOB_COMPLETION_INDEX", "5")])).is_err());
+    assert!(Shard::parse("2/2").is_err() && Shard::parse("1").is_err());
+    assert!(Method::parse("dreambooth").is_err());
+    // a bad dataset names its file
+    let e = Dataset::open(tmp.path()).unwrap_err().to_string();
+    assert!(e.contains("prompts_and_classes.txt"), "{e}");
+}
+
+#[test]
+fn base64_matches_rfc4648() {
+    assert_eq!(base64(b""), "");
+    assert_eq!(base64(b"M"), "TQ==");
+    assert_eq!(base64(b"Ma"), "TWE=");
+    assert_eq!(base64(b"Man"), "TWFu");
+    assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    assert_eq!(base64(&[0xff, 0xfe, 0x00]), "//4A");
+}
