@@ -10,8 +10,8 @@ mod invert;
 mod learn;
 mod mask;
 mod replace;
-mod sam;
 mod report;
+mod sam;
 mod score;
 mod tokenize;
 
