@@ -20,6 +20,11 @@ prior preservation, two steps on that batch:
 The learning rate is 1e-3 (not 5e-6) so that θ_2 − θ_0 is resolved in float32. Pinned
 versions: scripts/requirements-fixtures.txt.
 
+`--from-ours BIN`: runs `BIN learn --mode dreambooth` on tiny-a with LEARN_ARGS (as
+tests/dreambooth_cli.rs does), loads the OUT/model folder it writes with diffusers and saves
+the image of GEN_PROMPT as tests/fixtures/dreambooth/diffusers.png (our image from the same
+folder must equal it).
+
 `--check-model DIR`: loads a DreamBooth OUT/model folder written by hifi-tuner with
 StableDiffusionPipeline.from_pretrained and prints the image of `--prompt` (seed 0, 3 DDIM
 steps) as PNG to `--out` (compare it with `hifi-tuner generate --subject`).
@@ -134,6 +139,23 @@ def make_fixture() -> None:
     print(f"wrote {REF.relative_to(ROOT)}")
 
 
+LEARN_ARGS = ["--class-noun", "dog", "--steps", "2", "--no-prior", "--seed", "3", "--device", "cpu"]
+GEN_PROMPT = "a sks dog on the beach"
+
+
+def from_ours(binary: str) -> None:
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "db"
+        subprocess.run([binary, "learn", "--mode", "dreambooth", "--model", str(MODEL), "--images",
+                        str(FIX / "photos" / "dog"), "--out", str(out), *LEARN_ARGS], check=True)
+        dst = FIX / "dreambooth" / "diffusers.png"
+        dst.parent.mkdir(exist_ok=True)
+        check_model(str(out / "model"), GEN_PROMPT, str(dst))
+
+
 def check_model(folder: str, prompt: str, out: str) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -150,10 +172,13 @@ def check_model(folder: str, prompt: str, out: str) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--check-model")
+    ap.add_argument("--from-ours")
     ap.add_argument("--prompt", default="a sks dog on the beach")
     ap.add_argument("--out", default="/tmp/diffusers-db.png")
     a = ap.parse_args()
-    if a.check_model:
+    if a.from_ours:
+        from_ours(a.from_ours)
+    elif a.check_model:
         check_model(a.check_model, a.prompt, a.out)
     else:
         make_fixture()
