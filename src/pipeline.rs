@@ -316,11 +316,7 @@ impl StableDiffusion {
         self.generate_inner(req, Some(make))
     }
 
-    fn generate_inner<'a>(
-        &'a self,
-        req: &GenerateRequest,
-        make: Option<&mut MakeConditioning<'a>>,
-    ) -> Result<Tensor> {
+    fn generate_inner<'a>(&'a self, req: &GenerateRequest, make: Option<&mut MakeConditioning<'a>>) -> Result<Tensor> {
         self.check_size(req.height, req.width)?;
         if req.num_images < 1 {
             bail!("the number of images must be at least 1");

@@ -82,12 +82,22 @@ fn model_folder_has_diffusers_keys_and_gives_diffusers_image() {
     }
     assert!(max_abs_diff(&ours["conv_in.weight"], &base["conv_in.weight"]) > 0.0, "the UNet was not trained");
     // The other components are the base model's files.
-    for f in ["model_index.json", "unet/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "tokenizer/vocab.json", "scheduler/scheduler_config.json"] {
+    for f in [
+        "model_index.json",
+        "unet/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "tokenizer/vocab.json",
+        "scheduler/scheduler_config.json",
+    ] {
         assert_eq!(std::fs::read(model.join(f)).unwrap(), std::fs::read(model_dir("tiny-a").join(f)).unwrap(), "{f}");
     }
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("dreambooth.json")).unwrap()).unwrap();
-    assert_eq!((manifest["mode"].as_str(), manifest["token"].as_str(), manifest["class_noun"].as_str()), (Some("dreambooth"), Some("sks"), Some("dog")));
+    assert_eq!(
+        (manifest["mode"].as_str(), manifest["token"].as_str(), manifest["class_noun"].as_str()),
+        (Some("dreambooth"), Some("sks"), Some("dog"))
+    );
     let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 2);
     assert!(!out.join("checkpoint.safetensors").exists(), "the checkpoint is removed once model/ is complete");
@@ -107,7 +117,18 @@ fn model_folder_has_diffusers_keys_and_gives_diffusers_image() {
     // … and differs from the base model's image.
     let base_img = tmp.path().join("base.png");
     let o = bin()
-        .args(["generate", "--prompt", "a sks dog on the beach", "--steps", "3", "--seed", "0", "--device", "cpu", "--model"])
+        .args([
+            "generate",
+            "--prompt",
+            "a sks dog on the beach",
+            "--steps",
+            "3",
+            "--seed",
+            "0",
+            "--device",
+            "cpu",
+            "--model",
+        ])
         .arg(model_dir("tiny-a"))
         .arg("--out")
         .arg(&base_img)

@@ -106,7 +106,10 @@ pub fn run(a: Args) -> Result<()> {
                 bail!("--embedding does not combine with a DreamBooth --subject");
             }
             if !a.prompt.split(|c: char| !c.is_alphanumeric()).any(|w| w == m.token) {
-                eprintln!("warning: the prompt does not contain the subject's token {:?} (e.g. \"a {} {} on the beach\")", m.token, m.token, m.class_noun);
+                eprintln!(
+                    "warning: the prompt does not contain the subject's token {:?} (e.g. \"a {} {} on the beach\")",
+                    m.token, m.token, m.class_noun
+                );
             }
             Manifest::model_dir(dir)
         }
@@ -114,7 +117,10 @@ pub fn run(a: Args) -> Result<()> {
         (None, None) => bail!("--model is required (except with a DreamBooth --subject, which brings its own)"),
     };
     if dreambooth.is_some() && !model.join("model_index.json").is_file() {
-        bail!("{} has no finished model (was the training interrupted? continue it with learn --resume)", model.display());
+        bail!(
+            "{} has no finished model (was the training interrupted? continue it with learn --resume)",
+            model.display()
+        );
     }
     let mut sd = a.model_options.load(&model, device)?;
     if a.token.is_some() && a.embedding.len() != 1 {
@@ -151,10 +157,9 @@ pub fn run(a: Args) -> Result<()> {
             bail!("--reference-guidance needs --subject");
         };
         let (guided, subject_dir) = match (&dreambooth, subject.as_ref()) {
-            (Some((d, m)), _) => (
-                GuidedSubject::FineTuned { token: m.token.clone(), class_noun: m.class_noun.clone() },
-                d.clone(),
-            ),
+            (Some((d, m)), _) => {
+                (GuidedSubject::FineTuned { token: m.token.clone(), class_noun: m.class_noun.clone() }, d.clone())
+            }
             (None, Some(s)) => {
                 (GuidedSubject::Embedding(s), resolve(dir).parent().map(Path::to_path_buf).unwrap_or_default())
             }

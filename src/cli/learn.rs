@@ -104,7 +104,8 @@ pub fn run(a: Args) -> Result<()> {
     if a.gradient_checkpointing {
         bail!("--gradient-checkpointing applies to --mode dreambooth only (got --mode {})", a.mode);
     }
-    let mode = Mode::parse(&a.mode).map_err(|_| anyhow::anyhow!("--mode must be hifi, ti or dreambooth, got {:?}", a.mode))?;
+    let mode =
+        Mode::parse(&a.mode).map_err(|_| anyhow::anyhow!("--mode must be hifi, ti or dreambooth, got {:?}", a.mode))?;
     let token = a.token.clone().unwrap_or_else(|| "<subject>".into());
     let space = Space::parse(&a.space)?;
     let job = LearnJob {

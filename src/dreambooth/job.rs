@@ -422,7 +422,8 @@ fn read_checkpoint(
             path.display()
         );
     }
-    let num = |k: &str| -> Result<i64> { Ok(meta.get(k).with_context(|| format!("{}: no {k}", path.display()))?.parse()?) };
+    let num =
+        |k: &str| -> Result<i64> { Ok(meta.get(k).with_context(|| format!("{}: no {k}", path.display()))?.parse()?) };
     let mut t: BTreeMap<String, Tensor> = read_safetensors(path)?.into_iter().collect();
     let mut state = DbState::new(params, args);
     let adam_step = num("adam.step")?;

@@ -83,7 +83,7 @@ impl DreamBoothArgs {
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
             bail!("--weight-decay must be ≥ 0");
         }
-        if !(self.max_grad_norm > 0.0) {
+        if self.max_grad_norm.is_nan() || self.max_grad_norm <= 0.0 {
             bail!("--max-grad-norm must be positive");
         }
         if let Some(w) = self.prior_weight {

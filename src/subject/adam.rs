@@ -24,7 +24,16 @@ pub struct Adam {
 impl Adam {
     /// A fresh optimiser for a parameter shaped like `like`.
     pub fn new(like: &Tensor, lr: f64) -> Self {
-        Self { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step: 0, m: like.zeros_like(), v: like.zeros_like() }
+        Self {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            step: 0,
+            m: like.zeros_like(),
+            v: like.zeros_like(),
+        }
     }
 
     /// One update of `param` (a leaf requiring grad) from `grad`, in place, outside autograd.
