@@ -290,3 +290,25 @@ fn bad_inputs_are_refused_and_nothing_is_written() {
     args.extend(["--dtype", "bf16"]);
     assert_fails(&learn_cmd(&tmp.path().join("bf"), &args).output().unwrap(), "float32");
 }
+
+#[test]
+fn train_text_encoder_writes_its_weights_under_the_base_files_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("db");
+    let mut args = FIXTURE_ARGS.to_vec();
+    args.push("--train-text-encoder");
+    assert_ok(&learn_cmd(&out, &args).output().unwrap());
+    let file = "text_encoder/model.safetensors";
+    let ours = read_tensors(&out.join("model").join(file));
+    let base = read_tensors(&model_dir("tiny-a").join(file));
+    let mut k1: Vec<_> = ours.keys().collect();
+    let mut k2: Vec<_> = base.keys().collect();
+    k1.sort();
+    k2.sort();
+    assert_eq!(k1, k2, "text-encoder key names differ from the base model's");
+    let changed = base.iter().filter(|(k, v)| max_abs_diff(&ours[*k], v) > 0.0).count();
+    assert!(changed > 0, "the text encoder was not trained");
+    // Our loader reads it back, and generation runs on it.
+    let o = generate(&out, &tmp.path().join("g.png"), &[]);
+    assert_ok(&o);
+}

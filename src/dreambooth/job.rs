@@ -465,7 +465,14 @@ pub fn write_model(source: &Path, dst: &Path, sd: &StableDiffusion, text_encoder
     };
     write_safetensors_atomic(&tmp.join("unet/diffusion_pytorch_model.safetensors"), &vars(&sd.unet.vs), &meta)?;
     if text_encoder {
-        write_safetensors_atomic(&tmp.join("text_encoder/model.safetensors"), &vars(&sd.text_encoder.vs), &meta)?;
+        // transformers 5's `save_pretrained` layout (no `text_model.` prefix); diffusers 0.42.1 /
+        // transformers 5.24 load it and draw our image (scripts/make_dreambooth_fixture.py
+        // --check-model, by hand).
+        let te: Vec<(String, Tensor)> = vars(&sd.text_encoder.vs)
+            .into_iter()
+            .map(|(k, v)| (k.strip_prefix("text_model.").map(str::to_string).unwrap_or(k), v))
+            .collect();
+        write_safetensors_atomic(&tmp.join("text_encoder/model.safetensors"), &te, &meta)?;
     }
     if dst.exists() {
         std::fs::remove_dir_all(dst).with_context(|| format!("cannot replace {}", dst.display()))?;
