@@ -34,6 +34,7 @@
 //! | §3.4, Eq. 4: null-text inversion (the first two loops of Algorithm 3) | [`replace::nti`] |
 //! | Algorithm 3's F̃: prompt-to-prompt attention control, token alignment | [`replace::p2p`] |
 //! | Algorithm 3: subject replacement, the `invert` and `replace` jobs | [`replace::job`] |
+//! | §4 "Ours (DreamBooth)": full UNet fine-tuning, prior preservation, AdamW + clipping, the model folder | [`dreambooth`], [`dreambooth::job`] |
 //! | seeded draws (tch has no per-call generator) | [`rng`] |
 //! | `--dtype`: half precision, mixed-precision rules | [`precision`] |
 //! | nested progress bars (units over learn / generate) | [`progress`] |
@@ -43,6 +44,7 @@
 
 pub mod attention;
 pub mod benchmark;
+pub mod dreambooth;
 pub mod eval;
 pub mod guidance;
 pub mod hub;

@@ -228,6 +228,11 @@ impl DdimScheduler {
         self.ddim_move(model_output, sample, &self.alpha_cumprod(from), &self.alpha_cumprod(t))
     }
 
+    /// ᾱ_t for every training timestep (T_train,).
+    pub fn alphas_cumprod_table(&self) -> &Tensor {
+        &self.alphas_cumprod
+    }
+
     /// The DDPM forward process q(x_t | x_0): √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, per sample (`t`: (B,)),
     /// as `DDPMScheduler.add_noise`.
     pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, t: &Tensor) -> Tensor {

@@ -33,7 +33,7 @@
 pub mod report;
 
 use crate::eval::metrics::{image_files, open_images, Evaluator, PromptLine};
-use crate::guidance::job::{generate_guided, ReferenceOptions};
+use crate::guidance::job::{generate_guided, GuidedSubject, ReferenceOptions};
 use crate::guidance::reference::GuidanceConfig;
 use crate::io::{write_bytes_atomic, RgbImage};
 use crate::pipeline::{GenerateRequest, LoadOptions, StableDiffusion};
@@ -564,7 +564,8 @@ pub fn run_unit(cfg: &BenchmarkConfig, dataset: &Dataset, u: &Unit, ev: &Evaluat
                     intermediates: None,
                     sam: None,
                 };
-                let g = generate_guided(&sd, &req, subject.as_ref().expect("hifi subject"), &subject_dir, &opt)?;
+                let guided = GuidedSubject::Embedding(subject.as_ref().expect("hifi subject"));
+                let g = generate_guided(&sd, &req, &guided, &subject_dir, &opt)?;
                 if let Some(why) = g.fallback {
                     log.push_str(&format!("p{p:02}-{j}: reference guidance fell back to plain generation: {why}\n"));
                 }

@@ -1,5 +1,6 @@
 use anyhow::{bail, Result};
-use hifi_tuner::guidance::job::{generate_guided, ReferenceOptions};
+use hifi_tuner::dreambooth::job::Manifest;
+use hifi_tuner::guidance::job::{generate_guided, GuidedSubject, ReferenceOptions};
 use hifi_tuner::guidance::reference::GuidanceConfig;
 use hifi_tuner::io::RgbImage;
 use hifi_tuner::pipeline::GenerateRequest;
@@ -11,9 +12,9 @@ use std::time::Instant;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A diffusers Stable Diffusion 1.x folder, a single-file .safetensors checkpoint, or a Hugging
-    /// Face id org/name[@revision].
+    /// Face id org/name[@revision]. Not needed with a DreamBooth --subject (its OUT/model is used).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     #[command(flatten)]
     model_options: super::ModelOptions,
     #[arg(long)]
@@ -41,7 +42,9 @@ pub struct Args {
     #[arg(long, default_value = "auto")]
     device: String,
     /// A learned subject (the folder from `learn` or its subject.safetensors): each step uses
-    /// [c, c_s^t] (Eq. 7). The prompt describes the scene, e.g. "a teapot in the snow".
+    /// [c, c_s^t] (Eq. 7). The prompt describes the scene, e.g. "a teapot in the snow". A
+    /// DreamBooth subject folder instead supplies its fine-tuned model (OUT/model); its prompt
+    /// carries the token, e.g. "a sks dog on the beach".
     #[arg(long)]
     subject: Option<PathBuf>,
     /// A textual-inversion file ({token: (n, d)}), as diffusers' load_textual_inversion reads.
@@ -89,7 +92,41 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let device = super::parse_device(&a.device)?;
     let started = Instant::now();
-    let mut sd = a.model_options.load(&a.model, device)?;
+    let dreambooth = match a.subject.as_deref().filter(|s| s.is_dir()) {
+        Some(dir) => Manifest::read(dir)?.map(|m| (dir.to_path_buf(), m)),
+        None => None,
+    };
+    let model = match (&dreambooth, &a.model) {
+        (Some((dir, m)), given) => {
+            if let Some(g) = given {
+                eprintln!(
+                    "note: {} is a DreamBooth subject: its fine-tuned model (from {}) is used, not {}",
+                    dir.display(),
+                    m.model,
+                    g.display()
+                );
+            }
+            if !a.embedding.is_empty() {
+                bail!("--embedding does not combine with a DreamBooth --subject");
+            }
+            if !a.prompt.split(|c: char| !c.is_alphanumeric()).any(|w| w == m.token) {
+                eprintln!(
+                    "warning: the prompt does not contain the subject's token {:?} (e.g. \"a {} {} on the beach\")",
+                    m.token, m.token, m.class_noun
+                );
+            }
+            Manifest::model_dir(dir)
+        }
+        (None, Some(g)) => g.clone(),
+        (None, None) => bail!("--model is required (except with a DreamBooth --subject, which brings its own)"),
+    };
+    if dreambooth.is_some() && !model.join("model_index.json").is_file() {
+        bail!(
+            "{} has no finished model (was the training interrupted? continue it with learn --resume)",
+            model.display()
+        );
+    }
+    let mut sd = a.model_options.load(&model, device)?;
     if a.token.is_some() && a.embedding.len() != 1 {
         bail!("--token goes with exactly one --embedding");
     }
@@ -97,11 +134,14 @@ pub fn run(a: Args) -> Result<()> {
     for e in &a.embedding {
         loaded.push(ti::load_embedding(&mut sd, e, a.token.as_deref())?);
     }
-    let subject = a.subject.as_deref().map(Subject::load).transpose()?;
+    let subject = match (&dreambooth, a.subject.as_deref()) {
+        (None, Some(p)) => Some(Subject::load(p)?),
+        _ => None,
+    };
     if let Some(s) = &subject {
-        let same = |p: &str| Path::new(p).canonicalize().ok() == a.model.canonicalize().ok();
+        let same = |p: &str| Path::new(p).canonicalize().ok() == model.canonicalize().ok();
         if !same(&s.model) {
-            eprintln!("warning: the subject was learned with the model {}, not {}", s.model, a.model.display());
+            eprintln!("warning: the subject was learned with the model {}, not {}", s.model, model.display());
         }
     }
     let (dh, dw) = sd.default_hw();
@@ -117,10 +157,18 @@ pub fn run(a: Args) -> Result<()> {
     };
     let outs = output_paths(&a.out, a.seed, a.num_images)?;
     let images = if a.reference_guidance {
-        let (Some(subject), Some(dir)) = (subject.as_ref(), a.subject.as_deref()) else {
+        let Some(dir) = a.subject.as_deref() else {
             bail!("--reference-guidance needs --subject");
         };
-        let subject_dir = resolve(dir).parent().map(Path::to_path_buf).unwrap_or_default();
+        let (guided, subject_dir) = match (&dreambooth, subject.as_ref()) {
+            (Some((d, m)), _) => {
+                (GuidedSubject::FineTuned { token: m.token.clone(), class_noun: m.class_noun.clone() }, d.clone())
+            }
+            (None, Some(s)) => {
+                (GuidedSubject::Embedding(s), resolve(dir).parent().map(Path::to_path_buf).unwrap_or_default())
+            }
+            (None, None) => bail!("--reference-guidance needs --subject"),
+        };
         let opt = ReferenceOptions {
             guidance: GuidanceConfig {
                 t_start: a.t_start,
@@ -136,7 +184,7 @@ pub fn run(a: Args) -> Result<()> {
             sam: a.sam.clone(),
             intermediates: a.save_intermediates.then(|| intermediates_dir(&outs[0])),
         };
-        let g = generate_guided(&sd, &req, subject, &subject_dir, &opt)?;
+        let g = generate_guided(&sd, &req, &guided, &subject_dir, &opt)?;
         if g.fallback.is_none() {
             eprintln!(
                 "reference guidance: {:.2}s, of which φ_h optimisation {:.2}s",
@@ -147,7 +195,7 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         hifi_tuner::subject::conditioning::generate(&sd, &req, subject.as_ref())?
     };
-    let mut params = parameters_text(&a.prompt, &req, &a.model);
+    let mut params = parameters_text(&a.prompt, &req, &model);
     if let Some(s) = &a.subject {
         params.push_str(&format!(", Subject: {}", s.display()));
     }

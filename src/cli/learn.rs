@@ -1,4 +1,6 @@
-use anyhow::Result;
+use anyhow::{bail, Result};
+use hifi_tuner::dreambooth::job::{learn as learn_dreambooth, DreamBoothJob};
+use hifi_tuner::dreambooth::DreamBoothArgs;
 use hifi_tuner::subject::job::{captions, learn, LearnJob};
 use hifi_tuner::subject::learn::LearnArgs;
 use hifi_tuner::subject::{Mode, Space};
@@ -30,7 +32,8 @@ pub struct Args {
     /// The subject folder to write.
     #[arg(long)]
     out: PathBuf,
-    /// hifi (the paper's method) or ti (classic textual inversion).
+    /// hifi (the paper's method), ti (classic textual inversion) or dreambooth (full UNet
+    /// fine-tuning with prior preservation, written as a diffusers folder OUT/model).
     #[arg(long, default_value = "hifi")]
     mode: String,
     /// Where c_s is spliced in (hifi): input (token embeddings) or output (encoder output).
@@ -39,13 +42,15 @@ pub struct Args {
     /// n, the number of subject tokens.
     #[arg(long, default_value_t = 5)]
     tokens: i64,
-    /// The new token (ti mode).
-    #[arg(long, default_value = "<subject>")]
-    token: String,
-    #[arg(long, default_value_t = 1000)]
-    steps: usize,
-    #[arg(long, default_value_t = 5e-3)]
-    lr: f64,
+    /// The new token (ti mode; default <subject>) or the rare word (dreambooth; default sks).
+    #[arg(long)]
+    token: Option<String>,
+    /// Default: 1000 (hifi, ti), 400 (dreambooth).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Default: 5e-3 (hifi, ti), 5e-6 (dreambooth).
+    #[arg(long)]
+    lr: Option<f64>,
     /// w_s, the weight of ‖c_s − φ_s‖² (Eq. 6).
     #[arg(long, default_value_t = 1e-3)]
     reg_weight: f64,
@@ -67,24 +72,62 @@ pub struct Args {
     resume: bool,
     #[arg(long, default_value = "auto")]
     device: String,
+    /// dreambooth: class images for prior preservation, generated into OUT/class_images/ (reused).
+    #[arg(long, default_value_t = 100)]
+    class_images: usize,
+    /// dreambooth: DDIM steps of each class image.
+    #[arg(long, default_value_t = 50)]
+    class_steps: usize,
+    /// dreambooth: the weight of the prior-preservation loss.
+    #[arg(long, default_value_t = 1.0)]
+    prior_weight: f64,
+    /// dreambooth: no prior preservation (no class images).
+    #[arg(long)]
+    no_prior: bool,
+    /// dreambooth: also fine-tune the text encoder.
+    #[arg(long)]
+    train_text_encoder: bool,
+    /// dreambooth: AdamW's decoupled weight decay.
+    #[arg(long, default_value_t = 1e-2)]
+    weight_decay: f64,
+    /// dreambooth: clip the gradients' total L2 norm to this.
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// dreambooth: gradient checkpointing of the UNet blocks — not available (tch has no
+    /// torch.utils.checkpoint); accepted and refused with an explanation.
+    #[arg(long)]
+    gradient_checkpointing: bool,
 }
 
 pub fn run(mut a: Args) -> Result<()> {
-    let mode = Mode::parse(&a.mode)?;
+    if a.mode != "dreambooth" {
+        if a.train_text_encoder {
+            bail!("--train-text-encoder applies to --mode dreambooth only (got --mode {})", a.mode);
+        }
+        if a.gradient_checkpointing {
+            bail!("--gradient-checkpointing applies to --mode dreambooth only (got --mode {})", a.mode);
+        }
+    }
     if let Some(sam) = a.sam.clone() {
         a.masks = Some(sam_masks(&a, &sam)?);
     }
+    if a.mode == "dreambooth" {
+        return run_dreambooth(a);
+    }
+    let mode =
+        Mode::parse(&a.mode).map_err(|_| anyhow::anyhow!("--mode must be hifi, ti or dreambooth, got {:?}", a.mode))?;
+    let token = a.token.clone().unwrap_or_else(|| "<subject>".into());
     let space = Space::parse(&a.space)?;
     let job = LearnJob {
         args: LearnArgs {
             mode,
             space,
             n_tokens: a.tokens,
-            token: a.token.clone(),
+            token: token.clone(),
             class_noun: a.class_noun.clone(),
-            captions: captions(mode, &a.class_noun, &a.token, a.tokens),
-            steps: a.steps,
-            lr: a.lr,
+            captions: captions(mode, &a.class_noun, &token, a.tokens),
+            steps: a.steps.unwrap_or(1000),
+            lr: a.lr.unwrap_or(5e-3),
             reg_weight: a.reg_weight,
             stepwise_steps: if mode == Mode::Hifi { a.stepwise_steps } else { 0 },
             ddim_steps: a.ddim_steps,
@@ -129,4 +172,49 @@ fn sam_masks(a: &Args, sam: &std::path::Path) -> Result<PathBuf> {
     }
     eprintln!("computed the subject masks with SAM: {} (check them; pass --masks to use your own)", dir.display());
     Ok(dir)
+}
+
+fn run_dreambooth(a: Args) -> Result<()> {
+    let device = super::parse_device(&a.device)?;
+    if a.gradient_checkpointing {
+        bail!(
+            "--gradient-checkpointing is not available: tch has no torch.utils.checkpoint, and recomputing the UNet \
+             blocks by hand is not implemented; see docs/perf.md for the memory plan without it"
+        );
+    }
+    let mut args = DreamBoothArgs::new(a.token.as_deref().unwrap_or("sks"), &a.class_noun);
+    args.steps = a.steps.unwrap_or(args.steps);
+    args.lr = a.lr.unwrap_or(args.lr);
+    args.weight_decay = a.weight_decay;
+    args.max_grad_norm = a.max_grad_norm;
+    args.prior_weight = (!a.no_prior).then_some(a.prior_weight);
+    args.class_images = a.class_images;
+    args.class_steps = a.class_steps;
+    args.train_text_encoder = a.train_text_encoder;
+    args.masked = a.masks.is_some();
+    args.seed = a.seed;
+    if a.batch_size != 1 {
+        bail!("--mode dreambooth trains with batch size 1 (as the paper), got --batch-size {}", a.batch_size);
+    }
+    // DreamBooth trains fp32 weights: --dtype auto means fp32 here, on every device.
+    let mut load = a.model_options.options(device)?;
+    if a.model_options.dtype == "auto" {
+        load.dtype = Some(tch::Kind::Float);
+    }
+    let job = DreamBoothJob {
+        model: a.model,
+        load,
+        images: a.images,
+        masks: a.masks,
+        out: a.out,
+        args,
+        checkpoint_every: a.checkpoint_every,
+        resume: a.resume,
+        device,
+    };
+    let started = Instant::now();
+    let path = learn_dreambooth(&job)?;
+    eprintln!("fine-tuned in {:.1}s", started.elapsed().as_secs_f64());
+    println!("{}", path.display());
+    Ok(())
 }

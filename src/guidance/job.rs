@@ -15,7 +15,8 @@ use super::reference::{guided_denoise, GuidanceConfig, GuidanceReport, Reference
 use crate::eval::dino::Dino;
 use crate::io::{decoded_to_u8, image_to_u8, mask_to_u8, RgbImage};
 use crate::models::sam::SamModel;
-use crate::pipeline::{GenerateRequest, StableDiffusion};
+use crate::pipeline::{Fixed, GenerateRequest, StableDiffusion, StepCond, StepConditioning};
+use crate::scheduler::DdimScheduler;
 use crate::subject::conditioning::SubjectSteps;
 use crate::subject::data::{load_photos, MaskFit, Photo};
 use crate::subject::file::Subject;
@@ -51,6 +52,67 @@ pub struct Guided {
     pub fallback: Option<String>,
 }
 
+/// The subject reference guidance draws: a learned embedding (Eq. 7's [c, c_s^t]) or a
+/// DreamBooth model fine-tuned on "a {token} {class}" (the plain prompt on the fine-tuned
+/// UNet: the paper's "Ours (DreamBooth)").
+pub enum GuidedSubject<'a> {
+    Embedding(&'a Subject),
+    FineTuned { token: String, class_noun: String },
+}
+
+impl GuidedSubject<'_> {
+    fn class_noun(&self) -> &str {
+        match self {
+            GuidedSubject::Embedding(s) => &s.class_noun,
+            GuidedSubject::FineTuned { class_noun, .. } => class_noun,
+        }
+    }
+
+    /// The token positions whose cross-attention makes M_g.
+    fn tokens(&self, sd: &StableDiffusion, prompt: &str) -> Vec<i64> {
+        match self {
+            GuidedSubject::Embedding(s) => subject_tokens(sd, prompt, &s.class_noun, s.n_tokens()),
+            GuidedSubject::FineTuned { token, class_noun } => {
+                let mut t = word_positions(sd, prompt, token);
+                t.extend(word_positions(sd, prompt, class_noun));
+                t
+            }
+        }
+    }
+
+    fn steps<'s>(
+        &self,
+        sd: &'s StableDiffusion,
+        prompt: &str,
+        sched: &DdimScheduler,
+        uncond: Tensor,
+    ) -> Result<Box<dyn StepConditioning + 's>> {
+        Ok(match self {
+            GuidedSubject::Embedding(s) => Box::new(SubjectSteps::new(sd, prompt, s, sched, uncond, 1)?),
+            GuidedSubject::FineTuned { .. } => {
+                let cond = tch::no_grad(|| sd.encode_prompt(prompt));
+                Box::new(Fixed(StepCond { cond, uncond }))
+            }
+        })
+    }
+}
+
+/// Positions of a word's tokens in a prompt's padded ids (every occurrence).
+pub fn word_positions(sd: &StableDiffusion, prompt: &str, word: &str) -> Vec<i64> {
+    let ids = sd.tokenizer.encode_padded(prompt).ids;
+    let w = sd.tokenizer.encode(word);
+    let w = &w[1..w.len().saturating_sub(1)];
+    let mut out = vec![];
+    if !w.is_empty() {
+        for s in 0..ids.len().saturating_sub(w.len()) {
+            if &ids[s..s + w.len()] == w {
+                out.extend((s..s + w.len()).map(|p| p as i64));
+            }
+        }
+    }
+    out
+}
+
 /// Token positions of the subject in a prompt's conditioning: the c_s^t rows (the last n) and
 /// the class noun's tokens in the prompt.
 pub fn subject_tokens(sd: &StableDiffusion, prompt: &str, class_noun: &str, n: i64) -> Vec<i64> {
@@ -73,7 +135,7 @@ pub fn subject_tokens(sd: &StableDiffusion, prompt: &str, class_noun: &str, n: i
 pub fn generate_guided(
     sd: &StableDiffusion,
     req: &GenerateRequest,
-    subject: &Subject,
+    subject: &GuidedSubject,
     subject_dir: &Path,
     opt: &ReferenceOptions,
 ) -> Result<Guided> {
@@ -90,11 +152,14 @@ pub fn generate_guided(
     let x_t = sd.initial_latents(req.seed, 1, req.height, req.width);
     let (h, w) = (x_t.size()[2], x_t.size()[3]);
     // 1. I_g1 and M_g.
-    let tokens = subject_tokens(sd, &req.prompt, &subject.class_noun, subject.n_tokens());
+    let tokens = subject.tokens(sd, &req.prompt);
+    if tokens.is_empty() {
+        bail!("the prompt {:?} does not name the subject ({}): M_g needs its tokens", req.prompt, subject.class_noun());
+    }
     let mut daam = CrossAttnAggregator::new(tokens, (h, w), req.guidance > 1.0);
     let x0_g1 = tch::no_grad(|| -> Result<Tensor> {
-        let mut steps = SubjectSteps::new(sd, &req.prompt, subject, &sched, uncond.shallow_clone(), 1)?;
-        sd.denoise(x_t.shallow_clone(), &sched, &mut steps, req.guidance, Some(&mut daam))
+        let mut steps = subject.steps(sd, &req.prompt, &sched, uncond.shallow_clone())?;
+        sd.denoise(x_t.shallow_clone(), &sched, steps.as_mut(), req.guidance, Some(&mut daam))
     })?;
     let i_g1 = tch::no_grad(|| decoded_to_u8(&sd.decode(&x0_g1)));
     let plain = |why: String| {
@@ -145,18 +210,18 @@ pub fn generate_guided(
         return Ok(plain("the aligned reference mask M_r* is empty at latent size".into()));
     }
     // 4. Inversion of T_θ*(I_r) under c_r, w = 1.
-    let caption = opt.reference_caption.clone().unwrap_or_else(|| format!("a photo of a {}", subject.class_noun));
+    let caption = opt.reference_caption.clone().unwrap_or_else(|| format!("a photo of a {}", subject.class_noun()));
     let traj = tch::no_grad(|| {
         let x0 = sd.vae.encode(&warped.unsqueeze(0).to_device(sd.device)).mean * sd.vae.scaling_factor();
         ddim_invert(sd, &sched, &x0, &sd.encode_prompt(&caption))
     });
     // 5. Algorithm 2.
-    let mut steps = SubjectSteps::new(sd, &req.prompt, subject, &sched, uncond, 1)?;
+    let mut steps = subject.steps(sd, &req.prompt, &sched, uncond)?;
     let (x0, report) = guided_denoise(
         sd,
         &sched,
         x_t,
-        &mut steps,
+        steps.as_mut(),
         req.guidance,
         &Reference { traj: &traj, mask: &m_lat.to_device(sd.device) },
         &opt.guidance,

@@ -63,6 +63,9 @@ pub fn captions(mode: Mode, class_noun: &str, token: &str, n: i64) -> Vec<String
 /// Runs a `learn` job to the end; returns the path of the written subject or embedding file.
 pub fn learn(job: &LearnJob) -> Result<PathBuf> {
     validate(job)?;
+    if job.out.join(crate::dreambooth::job::MANIFEST_FILE).exists() {
+        bail!("--out {} already holds another subject (a DreamBooth model); choose another --out", job.out.display());
+    }
     let ckpt_path = job.out.join(CHECKPOINT_FILE);
     let identity = identity(job)?;
     if !job.resume && ckpt_path.exists() {
@@ -194,7 +197,7 @@ pub fn encode(sd: &StableDiffusion, photos: &[super::data::Photo]) -> TrainSet {
 }
 
 /// Keeps the resized photos and masks next to the result.
-fn save_photos(out: &Path, photos: &[super::data::Photo]) -> Result<()> {
+pub(crate) fn save_photos(out: &Path, photos: &[super::data::Photo]) -> Result<()> {
     for p in photos {
         let stem = p.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         RgbImage::from_hwc_u8(&image_to_u8(&p.image))?
@@ -285,7 +288,7 @@ fn read_checkpoint(path: &Path, identity: &serde_json::Value, lr: f64, device: D
 
 /// Opens the log for appending, keeping only entries before `from_step` (a resumed run
 /// rewrites what the interrupted run logged after its checkpoint).
-fn open_log(path: &Path, from_step: usize) -> Result<std::fs::File> {
+pub(crate) fn open_log(path: &Path, from_step: usize) -> Result<std::fs::File> {
     let kept: Vec<String> = match std::fs::read_to_string(path) {
         Ok(text) => text
             .lines()

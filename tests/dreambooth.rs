@@ -1,0 +1,173 @@
+//! The DreamBooth training step against diffusers' train_dreambooth.py (two steps of
+//! torch.optim.AdamW + clip_grad_norm_ on tiny-a, with and without prior preservation), the
+//! optimiser pieces on their own, and a gradient check of the masked instance loss.
+
+mod common;
+
+use common::*;
+use hifi_tuner::dreambooth::{loss, step_on, DbBatch, DbState, DreamBoothArgs, Params};
+use hifi_tuner::pipeline::StableDiffusion;
+use hifi_tuner::rng::seeded;
+use hifi_tuner::subject::adam::{adamw, clip_grad_norm};
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
+
+const REF: &str = "dreambooth";
+
+fn sd() -> StableDiffusion {
+    StableDiffusion::load(&model_dir("tiny-a"), Device::Cpu).unwrap()
+}
+
+fn scalar(r: &HashMap<String, Tensor>, k: &str) -> f64 {
+    r.get(k).unwrap_or_else(|| panic!("{REF}.ref.safetensors has no {k}")).double_value(&[])
+}
+
+/// Two steps on the fixture's batch; compares losses, gradient norms and θ_2 − θ_0.
+fn parity(prior: bool) {
+    let r = reference(REF);
+    let meta = reference_meta(REF);
+    let v = if prior { "prior" } else { "noprior" };
+    let mut sd = sd();
+    let sched = sd.scheduler(1).unwrap();
+    let rows = if prior { 2 } else { 1 };
+    let b = DbBatch {
+        latents: r["latents"].narrow(0, 0, rows),
+        noise: r["noise"].narrow(0, 0, rows),
+        t: r["timesteps"].narrow(0, 0, rows),
+        ids: r["ids"].narrow(0, 0, rows),
+        mask: None,
+        n_instance: 1,
+    };
+    // Our tokenizer gives the ids the fixture used.
+    let ours = Tensor::cat(&[sd.tokenize("a sks dog"), sd.tokenize("a photo of a dog")], 0);
+    assert!(ours.equal(&r["ids"]), "prompt ids differ from transformers'");
+    let mut args = DreamBoothArgs::new("sks", "dog");
+    args.lr = meta["lr"].parse().unwrap();
+    args.prior_weight = prior.then_some(meta["prior_weight"].parse().unwrap());
+    let mut params = Params::unfreeze(&mut sd, false);
+    let start: Vec<Tensor> = params.tensors.iter().map(|t| t.detach().copy()).collect();
+    let mut state = DbState::new(&params, &args);
+    for step in 0..2 {
+        let rep = step_on(&sd, &sched, &mut params, &mut state, &b, &args).unwrap();
+        // The forward pass matches diffusers to ~1e-6 relative (tests/unet.rs); after one
+        // AdamW step of lr 1e-3 the second loss moves by ~0.5, so 1e-4 relative still
+        // distinguishes a wrong update while allowing float32 summation-order noise.
+        let want = scalar(&r, &format!("{v}.loss{step}"));
+        assert!((rep.loss - want).abs() <= 1e-4 * want.abs(), "{v} step {step}: loss {} vs {want}", rep.loss);
+        let want = scalar(&r, &format!("{v}.grad_norm{step}"));
+        assert!((rep.grad_norm - want).abs() <= 1e-3 * want, "{v} step {step}: grad norm {} vs {want}", rep.grad_norm);
+        if prior && step == 0 {
+            let want = scalar(&r, "prior.prior0");
+            assert!((rep.prior - want).abs() <= 1e-4 * want, "prior loss {} vs {want}", rep.prior);
+        }
+    }
+    // θ_2 − θ_0: AdamW's steps are ≈ lr·sign(g) per element, so the deltas are O(lr) = 1e-3;
+    // a gradient flipped by rounding where g ≈ 0 would move one element by up to 2·lr, so
+    // compare at 2e-2·lr per element on watched weights and 1e-3 relative on the totals.
+    let lr: f64 = meta["lr"].parse().unwrap();
+    let index: HashMap<&str, usize> = params.names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+    for name in meta["watch"].split(',') {
+        let i = index[name];
+        let d = &params.tensors[i].detach() - &start[i];
+        let want = &r[&format!("{v}.delta.{name}")];
+        let diff = max_abs_diff(&d, want);
+        assert!(diff <= 2e-2 * lr, "{v}: Δ{name} differs by {diff:e}");
+        assert!(want.abs().max().double_value(&[]) > 0.5 * lr, "{v}: Δ{name} must be an actual step");
+    }
+    let (mut l1, mut sum) = (0.0, 0.0);
+    for (p, s) in params.tensors.iter().zip(&start) {
+        let d = (p.detach() - s).to_kind(Kind::Double);
+        l1 += d.abs().sum(Kind::Double).double_value(&[]);
+        sum += d.sum(Kind::Double).double_value(&[]);
+    }
+    let want_l1 = scalar(&r, &format!("{v}.delta_l1"));
+    assert!((l1 - want_l1).abs() <= 1e-3 * want_l1, "{v}: Σ|Δ| {l1} vs {want_l1}");
+    let want_sum = scalar(&r, &format!("{v}.delta_sum"));
+    assert!((sum - want_sum).abs() <= 1e-3 * want_l1, "{v}: ΣΔ {sum} vs {want_sum}");
+}
+
+#[test]
+fn two_steps_equal_diffusers_with_prior_preservation() {
+    parity(true);
+}
+
+#[test]
+fn two_steps_equal_diffusers_without_prior_preservation() {
+    parity(false);
+}
+
+#[test]
+fn clip_grad_norm_scales_to_the_max_norm_and_leaves_small_gradients() {
+    let mut g = vec![Tensor::from_slice(&[3.0f32]), Tensor::from_slice(&[0.0f32, 4.0])];
+    let total = clip_grad_norm(&mut g, 1.0);
+    assert!((total - 5.0).abs() < 1e-6);
+    // coefficient 1 / (5 + 1e-6), as torch
+    let want = 3.0 / (5.0 + 1e-6);
+    assert!((g[0].double_value(&[0]) - want).abs() < 1e-7, "{}", g[0].double_value(&[0]));
+    let mut small = vec![Tensor::from_slice(&[0.3f32, 0.4])];
+    let before = small[0].copy();
+    assert!((clip_grad_norm(&mut small, 1.0) - 0.5).abs() < 1e-6);
+    assert!(small[0].equal(&before), "a norm below max_norm is not changed");
+}
+
+#[test]
+fn adamw_decays_the_weights_decoupled_from_the_gradient() {
+    // With a zero gradient Adam's step is 0, so only the decay θ·(1 − lr·λ) remains.
+    let mut p = Tensor::from_slice(&[2.0f32, -4.0]);
+    let mut opt = adamw(&p, 0.1, 0.5);
+    opt.update(&mut p, &Tensor::zeros([2], (Kind::Float, Device::Cpu)));
+    let got: Vec<f32> = Vec::try_from(&p).unwrap();
+    assert_eq!(got, vec![2.0 * 0.95, -4.0 * 0.95]);
+}
+
+/// Loss as a function of conv_out.bias (which enters the prediction linearly, so the loss is
+/// quadratic in it and central differences are exact up to float32 rounding).
+#[test]
+fn gradient_of_the_masked_instance_loss_matches_finite_differences() {
+    let mut sd = sd();
+    let sched = sd.scheduler(1).unwrap();
+    let params = Params::unfreeze(&mut sd, false);
+    let i = params.names.iter().position(|n| n == "conv_out.bias").unwrap();
+    let bias = params.tensors[i].shallow_clone();
+    let (c, s) = (sd.unet.config.in_channels, 16);
+    let (latents, noise, mask) = seeded(5, || {
+        let l = Tensor::randn([2, c, s, s], (Kind::Float, Device::Cpu));
+        let n = Tensor::randn([2, c, s, s], (Kind::Float, Device::Cpu));
+        let m = Tensor::rand([1, 1, s, s], (Kind::Float, Device::Cpu)).gt(0.6).to_kind(Kind::Float);
+        (l, n, m)
+    });
+    let ids = Tensor::cat(&[sd.tokenize("a sks dog"), sd.tokenize("a photo of a dog")], 0);
+    let b = DbBatch {
+        latents,
+        noise,
+        t: Tensor::from_slice(&[300i64, 600]),
+        ids,
+        mask: Some(mask.shallow_clone()),
+        n_instance: 1,
+    };
+    let w = Some(0.7);
+    let l = loss(&sd, &sched, &b, w).unwrap();
+    let g = Tensor::run_backward(&[&l.total], &[&bias], false, false).remove(0);
+    let v = seeded(6, || Tensor::randn(bias.size().as_slice(), (Kind::Float, Device::Cpu)));
+    let v = &v / v.norm().double_value(&[]);
+    let analytic = (&g * &v).sum(Kind::Double).double_value(&[]);
+    let b0 = bias.detach().copy();
+    let at = |x: &Tensor| {
+        tch::no_grad(|| {
+            let mut bb = bias.shallow_clone();
+            bb.copy_(x);
+            loss(&sd, &sched, &b, w).unwrap().total.double_value(&[])
+        })
+    };
+    let h = 1e-2;
+    let fd = (at(&(&b0 + &v * h)) - at(&(&b0 - &v * h))) / (2.0 * h);
+    tch::no_grad(|| bias.shallow_clone().copy_(&b0));
+    // float32 losses of O(1) differenced over 2h = 2e-2: ~1e-5 absolute noise, well below 1%.
+    let rel = (fd - analytic).abs() / analytic.abs().max(1e-3);
+    assert!(rel < 1e-2, "finite difference {fd:.6e} vs autograd {analytic:.6e} (rel {rel:.2e})");
+    assert!(analytic.abs() > 1e-4, "the gradient must not vanish ({analytic:e})");
+    // The mask matters: without it the loss differs.
+    let unmasked = DbBatch { mask: None, ..b };
+    let l2 = tch::no_grad(|| loss(&sd, &sched, &unmasked, w).unwrap().instance.double_value(&[]));
+    assert!((l2 - tch::no_grad(|| l.instance.double_value(&[]))).abs() > 1e-4, "the mask changed nothing");
+}
