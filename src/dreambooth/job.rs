@@ -179,12 +179,7 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
     })();
     bar.finish_and_clear();
     if let Err(e) = result {
-        let kept = if ckpt_path.exists() {
-            format!("the last good checkpoint {} is kept", ckpt_path.display())
-        } else {
-            "no checkpoint was written yet".into()
-        };
-        return Err(e.context(format!("training stopped; {kept}")));
+        return Err(crate::subject::job::stopped(e, &ckpt_path, "training"));
     }
     let steps_per_s = (args.steps - first_step) as f64 / started.elapsed().as_secs_f64().max(1e-9);
     eprintln!("trained at {steps_per_s:.2} steps/s");

@@ -112,12 +112,7 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
     });
     bar.finish_and_clear();
     if let Err(e) = result {
-        let kept = if ckpt_path.exists() {
-            format!("the last good checkpoint {} is kept", ckpt_path.display())
-        } else {
-            "no checkpoint was written yet".into()
-        };
-        return Err(e.context(format!("learning stopped; {kept}")));
+        return Err(stopped(e, &ckpt_path, "learning"));
     }
     write_checkpoint(&ckpt_path, &state, &identity)?;
     write_result(job, &obj, &state)
@@ -349,4 +344,14 @@ fn write_result(job: &LearnJob, obj: &Objective, state: &State) -> Result<PathBu
             Ok(path)
         }
     }
+}
+
+/// A training loop's error, saying what became of its checkpoint (`what` = "learning", …).
+pub fn stopped(e: anyhow::Error, ckpt_path: &Path, what: &str) -> anyhow::Error {
+    let kept = if ckpt_path.exists() {
+        format!("the last good checkpoint {} is kept", ckpt_path.display())
+    } else {
+        "no checkpoint was written yet".into()
+    };
+    e.context(format!("{what} stopped; {kept}"))
 }
