@@ -11,7 +11,7 @@
 
 use super::{draw, step_on, DbData, DbState, DbStepReport, DreamBoothArgs, Params};
 use crate::io::{write_bytes_atomic, write_safetensors_atomic, RgbImage};
-use crate::load::{read_safetensors, safetensors_metadata, ModelDir};
+use crate::load::{read_safetensors, ModelDir};
 use crate::pipeline::{GenerateRequest, LoadOptions, StableDiffusion};
 use crate::subject::data::{load_photos, MaskFit};
 use crate::subject::job::{encode, open_log, save_photos, CHECKPOINT_FILE, LOG_FILE};
@@ -398,25 +398,12 @@ fn read_checkpoint(
     params: &mut Params,
     args: &DreamBoothArgs,
 ) -> Result<DbState> {
-    let meta = safetensors_metadata(path)?;
-    if meta.get("format").map(String::as_str) != Some(CHECKPOINT_FORMAT) {
-        bail!("{} is not a hifi-tuner DreamBooth checkpoint", path.display());
-    }
-    let saved: serde_json::Value = serde_json::from_str(meta.get("args").map(String::as_str).unwrap_or("null"))?;
-    if &saved != identity {
-        let changed: Vec<String> = identity
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(k, v)| saved.get(k.as_str()) != Some(v))
-            .map(|(k, v)| format!("{k}: {} → {v}", saved.get(k.as_str()).unwrap_or(&serde_json::Value::Null)))
-            .collect();
-        bail!(
-            "--resume with changed arguments ({}); {} was made with other settings",
-            changed.join(", "),
-            path.display()
-        );
-    }
+    let meta = crate::subject::job::checkpoint_metadata(
+        path,
+        CHECKPOINT_FORMAT,
+        "hifi-tuner DreamBooth checkpoint",
+        identity,
+    )?;
     let num =
         |k: &str| -> Result<i64> { Ok(meta.get(k).with_context(|| format!("{}: no {k}", path.display()))?.parse()?) };
     let mut t: BTreeMap<String, Tensor> = read_safetensors(path)?.into_iter().collect();

@@ -14,7 +14,7 @@ use crate::io::{image_to_u8, mask_to_u8, write_atomic, write_safetensors_atomic,
 use crate::load::{read_safetensors, safetensors_metadata};
 use crate::pipeline::{LoadOptions, StableDiffusion};
 use anyhow::{bail, Context, Result};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -237,26 +237,7 @@ fn write_checkpoint(path: &Path, s: &State, identity: &serde_json::Value) -> Res
 }
 
 fn read_checkpoint(path: &Path, identity: &serde_json::Value, lr: f64, device: Device) -> Result<State> {
-    let meta = safetensors_metadata(path)?;
-    if meta.get("format").map(String::as_str) != Some(CHECKPOINT_FORMAT) {
-        bail!("{} is not a hifi-tuner checkpoint", path.display());
-    }
-    let saved: serde_json::Value = serde_json::from_str(meta.get("args").map(String::as_str).unwrap_or("null"))?;
-    let now = identity;
-    if &saved != now {
-        let changed: Vec<String> = now
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(k, v)| saved.get(k.as_str()) != Some(v))
-            .map(|(k, v)| format!("{k}: {} → {v}", saved.get(k.as_str()).unwrap_or(&serde_json::Value::Null)))
-            .collect();
-        bail!(
-            "--resume with changed arguments ({}); {} was made with other settings",
-            changed.join(", "),
-            path.display()
-        );
-    }
+    let meta = checkpoint_metadata(path, CHECKPOINT_FORMAT, "hifi-tuner checkpoint", identity)?;
     let t: BTreeMap<String, Tensor> =
         read_safetensors(path)?.into_iter().map(|(k, v)| (k, v.to_device(device))).collect();
     let get = |k: &str| t.get(k).map(|x| x.shallow_clone()).with_context(|| format!("{}: no {k}", path.display()));
@@ -354,4 +335,34 @@ pub fn stopped(e: anyhow::Error, ckpt_path: &Path, what: &str) -> anyhow::Error 
         "no checkpoint was written yet".into()
     };
     e.context(format!("{what} stopped; {kept}"))
+}
+
+/// A checkpoint's metadata, after checking its format and that it was made with the same
+/// arguments (`identity`); a mismatch names each changed argument.
+pub fn checkpoint_metadata(
+    path: &Path,
+    format: &str,
+    what: &str,
+    identity: &serde_json::Value,
+) -> Result<HashMap<String, String>> {
+    let meta = safetensors_metadata(path)?;
+    if meta.get("format").map(String::as_str) != Some(format) {
+        bail!("{} is not a {what}", path.display());
+    }
+    let saved: serde_json::Value = serde_json::from_str(meta.get("args").map(String::as_str).unwrap_or("null"))?;
+    if &saved != identity {
+        let changed: Vec<String> = identity
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| saved.get(k.as_str()) != Some(v))
+            .map(|(k, v)| format!("{k}: {} → {v}", saved.get(k.as_str()).unwrap_or(&serde_json::Value::Null)))
+            .collect();
+        bail!(
+            "--resume with changed arguments ({}); {} was made with other settings",
+            changed.join(", "),
+            path.display()
+        );
+    }
+    Ok(meta)
 }
