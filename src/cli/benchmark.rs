@@ -56,14 +56,8 @@ pub struct Args {
     steps: usize,
     #[arg(long, default_value_t = 7.5)]
     guidance: f64,
-    #[arg(long, default_value_t = 40)]
-    t_start: usize,
-    #[arg(long, default_value_t = 10)]
-    t_end: usize,
-    #[arg(long, default_value_t = 10)]
-    guidance_steps: usize,
-    #[arg(long, default_value_t = 1e-2)]
-    guidance_lr: f64,
+    #[command(flatten)]
+    reference: super::ReferenceGuidanceArgs,
     /// i/n: run the units whose index ≡ i (mod n). Default: SLURM_ARRAY_TASK_ID/COUNT, or
     /// JOB_COMPLETION_INDEX with --shards, or all units.
     #[arg(long)]
@@ -103,10 +97,10 @@ pub fn run_cmd(a: Args) -> Result<()> {
         tokens: a.tokens,
         steps: a.steps,
         guidance: a.guidance,
-        t_start: a.t_start,
-        t_end: a.t_end,
-        guidance_steps: a.guidance_steps,
-        guidance_lr: a.guidance_lr,
+        t_start: a.reference.t_start,
+        t_end: a.reference.t_end,
+        guidance_steps: a.reference.guidance_steps,
+        guidance_lr: a.reference.guidance_lr,
         shard,
         device,
     };

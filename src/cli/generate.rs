@@ -57,17 +57,8 @@ pub struct Args {
     /// Reference-guided generation (paper §3.3, Algorithms 2 and 4); needs --subject.
     #[arg(long)]
     reference_guidance: bool,
-    /// t_s: the DDIM step (counted T … 1) where the reference latents are substituted.
-    #[arg(long, default_value_t = 40)]
-    t_start: usize,
-    /// t_e: the last DDIM step of the φ_h optimisation.
-    #[arg(long, default_value_t = 10)]
-    t_end: usize,
-    /// J: Adam steps on φ_h per guided DDIM step.
-    #[arg(long, default_value_t = 10)]
-    guidance_steps: usize,
-    #[arg(long, default_value_t = 1e-2)]
-    guidance_lr: f64,
+    #[command(flatten)]
+    reference: super::ReferenceGuidanceArgs,
     /// DINO ViT folder (Hugging Face ViTModel layout) to choose the reference photo.
     #[arg(long)]
     dino: Option<PathBuf>,
@@ -171,10 +162,10 @@ pub fn run(a: Args) -> Result<()> {
         };
         let opt = ReferenceOptions {
             guidance: GuidanceConfig {
-                t_start: a.t_start,
-                t_end: a.t_end,
-                steps: a.guidance_steps,
-                lr: a.guidance_lr,
+                t_start: a.reference.t_start,
+                t_end: a.reference.t_end,
+                steps: a.reference.guidance_steps,
+                lr: a.reference.guidance_lr,
                 substitute: true,
             },
             dino: a.dino.clone(),

@@ -126,3 +126,19 @@ impl ModelOptions {
         StableDiffusion::load_with(model, &self.options(device)?, device)
     }
 }
+
+/// Algorithm 2's settings, shared by `generate --reference-guidance` and `benchmark`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReferenceGuidanceArgs {
+    /// t_s: the DDIM step (counted T … 1) where the reference latents are substituted.
+    #[arg(long, default_value_t = 40)]
+    pub t_start: usize,
+    /// t_e: the last DDIM step of the φ_h optimisation.
+    #[arg(long, default_value_t = 10)]
+    pub t_end: usize,
+    /// J: Adam steps on φ_h per guided DDIM step.
+    #[arg(long, default_value_t = 10)]
+    pub guidance_steps: usize,
+    #[arg(long, default_value_t = 1e-2)]
+    pub guidance_lr: f64,
+}
