@@ -8,8 +8,9 @@
 //! [c^g, c_s^t] (Eq. 7).
 
 use super::nti::{null_text_optimize, NtiConfig, NullTextInversion, StepLog};
-use super::p2p::{align_tokens, PromptToPrompt, WordMaps};
+use super::p2p::{align_tokens, PromptToPrompt};
 use crate::attention::Chain;
+use crate::guidance::daam::CrossAttnAggregator;
 use crate::guidance::invert::ddim_invert;
 use crate::io::{
     decoded_to_u8, file_sha256, image_to_u8, load_image_cover, write_bytes_atomic, write_safetensors_atomic,
@@ -107,7 +108,8 @@ pub fn invert(sd: &StableDiffusion, req: &InvertRequest) -> Result<Inverted> {
     let nti_started = Instant::now();
     let nti = null_text_optimize(sd, &sched, &traj, &cond, &uncond, &req.nti)?;
     let nti_seconds = nti_started.elapsed().as_secs_f64();
-    let reconstruction = tch::no_grad(|| decoded_to_u8(&sd.decode(&nti.x0)));
+    let x0_rec = nti.x0.as_ref().expect("the optimisation ends at its reconstruction");
+    let reconstruction = tch::no_grad(|| decoded_to_u8(&sd.decode(x0_rec)));
     Ok(Inverted {
         inversion: Inversion { nti, meta },
         source: image_to_u8(&pixels).unsqueeze(0),
@@ -205,7 +207,7 @@ pub fn load_inversion(path: &Path, device: Device) -> Result<Inversion> {
     }
     let phi: Vec<Tensor> = phi.to_device(device).split(1, 0); // T × (1, 77, d)
     let x_t = x_t.to_device(device);
-    Ok(Inversion { nti: NullTextInversion { x0: x_t.zeros_like(), x_t, phi, timesteps, log: Vec::new() }, meta })
+    Ok(Inversion { nti: NullTextInversion { x0: None, x_t, phi, timesteps, log: Vec::new() }, meta })
 }
 
 /// Refuses an inversion made from anything else than what is asked, naming each difference.
@@ -392,7 +394,10 @@ pub fn replace(
     );
     let source_tokens: Vec<i64> = (swap.start..swap.start + swap.n_source).map(|p| p as i64).collect();
     let target_tokens: Vec<i64> = exceptions.iter().map(|&p| p as i64).collect();
-    let mut maps = WordMaps::new([source_tokens, target_tokens], (h, w));
+    // The conditional rows are [source; target]: the source word's map is row 0 of the first,
+    // [w_g, c_s]'s row 1 of the second.
+    let mut source_map = CrossAttnAggregator::new(source_tokens, (h, w), true);
+    let mut target_map = CrossAttnAggregator::new(target_tokens, (h, w), true);
     let latents = tch::no_grad(|| -> Result<Tensor> {
         let c_r = sd.encode_prompt(&swap.source_caption); // (1, 77, d)
         let bar = crate::progress::bar(n as u64, "replacing");
@@ -402,7 +407,7 @@ pub fn replace(
             let phi = &inversion.nti.phi[i]; // (1, 77, d)
             let c = StepCond { cond: Tensor::cat(&[&c_r, &c_g], 0), uncond: Tensor::cat(&[phi, phi], 0) };
             p2p.step = i;
-            let mut chain = Chain(vec![&mut maps, &mut p2p]);
+            let mut chain = Chain(vec![&mut source_map, &mut target_map, &mut p2p]);
             let (eps_u, eps_c) = sd.eps_pair(&x, t, &c, Some(&mut chain));
             x = sched.step(&cfg(&eps_u, &eps_c, m.guidance), t, &x);
             bar.inc(1);
@@ -411,7 +416,10 @@ pub fn replace(
         Ok(x)
     })?;
     let images = tch::no_grad(|| decoded_to_u8(&sd.decode(&latents))); // (2, H, W, 3)
-    let maps = (0..2).filter_map(|r| maps.normalised(r)).collect();
+    let maps = [(&source_map, 0), (&target_map, 1)]
+        .into_iter()
+        .filter_map(|(agg, row)| agg.normalised().map(|m| m.get(row)))
+        .collect(); // each (h, w)
     Ok(Replaced {
         image: images.narrow(0, 1, 1),
         reconstruction: images.narrow(0, 0, 1),

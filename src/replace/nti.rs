@@ -85,8 +85,9 @@ pub struct NullTextInversion {
     pub phi: Vec<Tensor>,
     pub timesteps: Vec<i64>,
     pub log: Vec<StepLog>,
-    /// x_0 at the end of the NTI trajectory: the reconstruction's latent (1, C, h, w).
-    pub x0: Tensor,
+    /// x_0 at the end of the NTI trajectory: the reconstruction's latent (1, C, h, w); None for an
+    /// inversion read from a file (which holds x_T* and φ*_t only).
+    pub x0: Option<Tensor>,
 }
 
 /// Eq. 4 at one step: mean (x*_{t−1} − F^(t)(x_t, c^r, φ_t))², with ε_c = ε_θ(x_t, t, c^r)
@@ -164,7 +165,7 @@ pub fn null_text_optimize(
         bar.inc(1);
     }
     bar.finish_and_clear();
-    Ok(NullTextInversion { x_t, phi: phis, timesteps: sched.timesteps.clone(), log, x0: x })
+    Ok(NullTextInversion { x_t, phi: phis, timesteps: sched.timesteps.clone(), log, x0: Some(x) })
 }
 
 /// Sampling with a per-step unconditional embedding: step i uses (c, φ*_i). Denoising x_T*

@@ -17,7 +17,7 @@
 //!   keeps the cat's outline); 0 (the paper's choice) lets the new subject take its own shape.
 
 use crate::attention::{AttentionController, AttnKind, AttnSite};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// Alignment of the target prompt's token positions to the source's when one word of
 /// `n_src` tokens starting at position `start` is replaced by one of `n_tgt` tokens.
@@ -115,57 +115,5 @@ impl AttentionController for PromptToPrompt {
         };
         self.edited += 1;
         Tensor::cat(&[probs.narrow(0, 0, 3), new_tgt.unsqueeze(0).to_kind(probs.kind())], 0)
-    }
-}
-
-/// Aggregated cross-attention heat of chosen tokens for each conditional row of a P2P batch,
-/// as a mask-free picture for `--save-intermediates`: row 0 = the source with `tokens[0]`, row
-/// 1 = the target with `tokens[1]`; each map (h, w) is summed over sites and steps, at latent
-/// size.
-pub struct WordMaps {
-    pub tokens: [Vec<i64>; 2],
-    pub size: (i64, i64),
-    pub heat: [Option<Tensor>; 2],
-}
-
-impl WordMaps {
-    pub fn new(tokens: [Vec<i64>; 2], size: (i64, i64)) -> Self {
-        Self { tokens, size, heat: [None, None] }
-    }
-
-    /// Row r's heat min–max normalised to [0, 1], (h, w).
-    pub fn normalised(&self, r: usize) -> Option<Tensor> {
-        let h = self.heat[r].as_ref()?;
-        let min = h.min();
-        Some((h - &min) / (h.max() - &min).clamp_min(1e-12))
-    }
-}
-
-impl AttentionController for WordMaps {
-    fn wants(&self, site: &AttnSite) -> bool {
-        site.kind == AttnKind::Cross
-    }
-
-    fn on_probs(&mut self, site: &AttnSite, probs: Tensor) -> Tensor {
-        tch::no_grad(|| {
-            for r in 0..2 {
-                if self.tokens[r].is_empty() {
-                    continue;
-                }
-                let p = probs.get(2 + r as i64); // (heads, HW, L)
-                let idx = Tensor::from_slice(&self.tokens[r]).to_device(p.device());
-                let heat =
-                    p.index_select(2, &idx).sum_dim_intlist(2, false, Kind::Float).mean_dim(0, false, Kind::Float); // (HW,)
-                let heat = heat.view([1, 1, site.height, site.width]); // (1, 1, h, w)
-                let heat = heat
-                    .upsample_bilinear2d([self.size.0, self.size.1], false, None, None)
-                    .view([self.size.0, self.size.1]);
-                self.heat[r] = Some(match &self.heat[r] {
-                    Some(acc) => acc + heat,
-                    None => heat,
-                });
-            }
-        });
-        probs
     }
 }
