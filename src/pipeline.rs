@@ -309,7 +309,10 @@ impl StableDiffusion {
     /// guidance_scale, height, width, num_images_per_prompt, generator)`; returns (B, H, W, 3)
     /// uint8 images.
     pub fn generate(&self, req: &GenerateRequest) -> Result<Tensor> {
-        self.generate_inner(req, None)
+        self.generate_conditioned(req, &mut |_, uncond, n| {
+            let cond = self.encode_prompt(&req.prompt).repeat([n, 1, 1]);
+            Ok(Box::new(Fixed(StepCond { cond, uncond: uncond.repeat([n, 1, 1]) })))
+        })
     }
 
     /// [`generate`](Self::generate) with a per-step conditioning made by `make(scheduler, φ, n)`
@@ -319,10 +322,6 @@ impl StableDiffusion {
         req: &GenerateRequest,
         make: &mut MakeConditioning<'a>,
     ) -> Result<Tensor> {
-        self.generate_inner(req, Some(make))
-    }
-
-    fn generate_inner<'a>(&'a self, req: &GenerateRequest, make: Option<&mut MakeConditioning<'a>>) -> Result<Tensor> {
         self.check_size(req.height, req.width)?;
         if req.num_images < 1 {
             bail!("the number of images must be at least 1");
@@ -332,17 +331,8 @@ impl StableDiffusion {
             let n = req.num_images;
             let uncond = self.encode_prompt(req.negative_prompt.as_deref().unwrap_or(""));
             let x_t = self.initial_latents(req.seed, n, req.height, req.width);
-            let x0 = match make {
-                None => {
-                    let cond = self.encode_prompt(&req.prompt).repeat([n, 1, 1]);
-                    let mut fixed = Fixed(StepCond { cond, uncond: uncond.repeat([n, 1, 1]) });
-                    self.denoise(x_t, &sched, &mut fixed, req.guidance, None)?
-                }
-                Some(make) => {
-                    let mut steps = make(&sched, uncond, n)?;
-                    self.denoise(x_t, &sched, steps.as_mut(), req.guidance, None)?
-                }
-            };
+            let mut steps = make(&sched, uncond, n)?;
+            let x0 = self.denoise(x_t, &sched, steps.as_mut(), req.guidance, None)?;
             Ok(crate::io::decoded_to_u8(&self.decode(&x0)))
         })
     }
