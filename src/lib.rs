@@ -60,5 +60,6 @@ pub mod scheduler;
 pub mod single_file;
 pub mod subject;
 pub mod tokenizer;
+pub mod world;
 
 pub use anyhow::{Error, Result};

@@ -38,7 +38,7 @@ use crate::guidance::reference::GuidanceConfig;
 use crate::io::{write_bytes_atomic, RgbImage};
 use crate::pipeline::{GenerateRequest, LoadOptions, StableDiffusion};
 use crate::subject::file::{Subject, SUBJECT_FILE};
-use crate::subject::job::{captions, learn, LearnJob};
+use crate::subject::job::{captions, captions_from, learn, LearnJob};
 use crate::subject::learn::LearnArgs;
 use crate::subject::{conditioning, ti, Mode, Space};
 use anyhow::{bail, Context, Result};
@@ -224,8 +224,11 @@ pub struct BenchmarkConfig {
     pub load: LoadOptions,
     pub dataset: PathBuf,
     pub masks: Option<PathBuf>,
-    pub clip: PathBuf,
-    pub dino: PathBuf,
+    /// CLIP and DINO encoders (the DreamBooth metrics; DINO also picks hifi's reference).
+    /// Required for a DreamBooth dataset; optional on a world dataset, which is scored against
+    /// its ground truth.
+    pub clip: Option<PathBuf>,
+    pub dino: Option<PathBuf>,
     pub out: PathBuf,
     /// Empty = all.
     pub subjects: Vec<String>,
@@ -238,6 +241,8 @@ pub struct BenchmarkConfig {
     pub lr: f64,
     pub reg_weight: f64,
     pub tokens: i64,
+    /// Learning captions (`{}` = the subject); default [`crate::subject::job::TEMPLATES`].
+    pub caption_templates: Vec<String>,
     /// DDIM steps of generation (and of Algorithm 1's schedule).
     pub steps: usize,
     pub guidance: f64,
@@ -372,9 +377,15 @@ pub struct UnitScores {
     pub class: String,
     pub live: bool,
     pub guided: bool,
-    pub dino: f64,
-    pub clip_i: f64,
-    pub clip_t: f64,
+    pub dino: Option<f64>,
+    pub clip_i: Option<f64>,
+    pub clip_t: Option<f64>,
+    /// World datasets: the mean ground-truth fidelity ([`crate::world::score`]): masked RMSE
+    /// (lower is better) and colour-histogram intersection (higher is better).
+    #[serde(default)]
+    pub gt_rmse: Option<f64>,
+    #[serde(default)]
+    pub gt_hist: Option<f64>,
     pub n_generated: usize,
     pub n_real: usize,
     /// Image file names under `images/`, in prompt order.
@@ -401,6 +412,10 @@ pub fn run(cfg: &BenchmarkConfig) -> Result<RunSummary> {
         bail!("--methods is empty");
     }
     let dataset = Dataset::open(&cfg.dataset)?;
+    let world = crate::world::dataset::ground_truth_dir(&cfg.dataset);
+    if world.is_none() && (cfg.clip.is_none() || cfg.dino.is_none()) {
+        bail!("a DreamBooth dataset is scored with CLIP and DINO: pass --clip and --dino (only a world dataset, scored against its ground truth, can go without)");
+    }
     let all = units(&dataset, &cfg.subjects, &cfg.methods)?;
     let mine: Vec<&Unit> = all.iter().filter(|u| cfg.shard.takes(u.index)).collect();
     std::fs::create_dir_all(cfg.out.join("units")).with_context(|| format!("cannot create {}", cfg.out.display()))?;
@@ -424,11 +439,13 @@ pub fn run(cfg: &BenchmarkConfig) -> Result<RunSummary> {
             continue;
         }
         if evaluator.is_none() {
-            evaluator = Some(Evaluator::load(&cfg.clip, &cfg.dino, cfg.device)?);
+            if let (Some(clip), Some(dino)) = (&cfg.clip, &cfg.dino) {
+                evaluator = Some(Evaluator::load(clip, dino, cfg.device)?);
+            }
         }
         let started = Instant::now();
         let err_path = error_file(&cfg.out, &u.subject.name, u.method);
-        match run_unit(cfg, &dataset, u, evaluator.as_ref().expect("loaded")) {
+        match run_unit(cfg, &dataset, u, evaluator.as_ref(), world.as_deref()) {
             Ok(()) => {
                 let _ = std::fs::remove_file(&err_path);
                 summary.seconds_per_unit.push(started.elapsed().as_secs_f64());
@@ -449,8 +466,15 @@ pub fn run(cfg: &BenchmarkConfig) -> Result<RunSummary> {
     Ok(summary)
 }
 
-/// One unit, built in its `.partial` folder and renamed into place.
-pub fn run_unit(cfg: &BenchmarkConfig, dataset: &Dataset, u: &Unit, ev: &Evaluator) -> Result<()> {
+/// One unit, built in its `.partial` folder and renamed into place; scored by `ev` (DINO,
+/// CLIP) when given and against the ground truth in `gt` (a world's `ground_truth/`) when given.
+pub fn run_unit(
+    cfg: &BenchmarkConfig,
+    dataset: &Dataset,
+    u: &Unit,
+    ev: Option<&Evaluator>,
+    gt: Option<&Path>,
+) -> Result<()> {
     let (s, m) = (&u.subject, u.method);
     let tmp = partial_dir(&cfg.out, &s.name, m);
     if tmp.exists() {
@@ -481,7 +505,11 @@ pub fn run_unit(cfg: &BenchmarkConfig, dataset: &Dataset, u: &Unit, ev: &Evaluat
         n_tokens: cfg.tokens,
         token: token.clone(),
         class_noun: s.class.clone(),
-        captions: captions(mode, &s.class, &token, cfg.tokens),
+        captions: if cfg.caption_templates.is_empty() {
+            captions(mode, &s.class, &token, cfg.tokens)
+        } else {
+            captions_from(&cfg.caption_templates, mode, &s.class, &token, cfg.tokens)
+        },
         steps: cfg.learn_steps,
         lr: cfg.lr,
         reg_weight: if mode == Mode::Hifi { cfg.reg_weight } else { 0.0 },
@@ -557,8 +585,9 @@ pub fn run_unit(cfg: &BenchmarkConfig, dataset: &Dataset, u: &Unit, ev: &Evaluat
                         lr: cfg.guidance_lr,
                         substitute: true,
                     },
-                    dino: Some(cfg.dino.clone()),
-                    reference_caption: None,
+                    dino: cfg.dino.clone(),
+                    // c_r in the captions' language (the first template with the class noun)
+                    reference_caption: cfg.caption_templates.first().map(|t| t.replace("{}", &s.class)),
                     references: None,
                     reference_masks: None,
                     intermediates: None,
@@ -602,7 +631,23 @@ pub fn run_unit(cfg: &BenchmarkConfig, dataset: &Dataset, u: &Unit, ev: &Evaluat
     let gen_paths: Vec<PathBuf> = names.iter().map(|n| tmp.join("images").join(n)).collect();
     let generated = open_images(&gen_paths)?;
     let prompts: Vec<String> = prompt_lines.iter().map(|l| l.prompt.clone()).collect();
-    let sc = ev.score(&real, &generated, &prompts)?;
+    let sc = ev.map(|ev| ev.score(&real, &generated, &prompts)).transpose()?;
+    let (mut gt_rmse, mut gt_hist) = (None, None);
+    if let Some(gt) = gt {
+        let mut fid = Vec::new();
+        for name in &names {
+            let p = &name[..3]; // "pPP"
+            let f = crate::world::dataset::score_file(&tmp.join("images").join(name), &gt.join(&s.name), p)?;
+            log.push_str(&format!(
+                "{name}: ground truth rmse {:.4} hist {:.4} (scale {}, at {},{})\n",
+                f.rmse, f.hist, f.scale, f.x, f.y
+            ));
+            fid.push(f);
+        }
+        let n = fid.len().max(1) as f64;
+        gt_rmse = Some(fid.iter().map(|f| f.rmse).sum::<f64>() / n);
+        gt_hist = Some(fid.iter().map(|f| f.hist).sum::<f64>() / n);
+    }
     for (i, img) in real.iter().enumerate() {
         let t = shrink(img, 128);
         let rgb = RgbImage { width: t.width(), height: t.height(), pixels: t.into_raw() };
@@ -616,18 +661,24 @@ pub fn run_unit(cfg: &BenchmarkConfig, dataset: &Dataset, u: &Unit, ev: &Evaluat
         class: s.class.clone(),
         live: s.live(),
         guided,
-        dino: sc.dino,
-        clip_i: sc.clip_i,
-        clip_t: sc.clip_t,
-        n_generated: sc.n_generated,
-        n_real: sc.n_real,
+        dino: sc.as_ref().map(|x| x.dino),
+        clip_i: sc.as_ref().map(|x| x.clip_i),
+        clip_t: sc.as_ref().map(|x| x.clip_t),
+        gt_rmse,
+        gt_hist,
+        n_generated: generated.len(),
+        n_real: real.len(),
         images: names,
         seconds: serde_json::json!({"learn": learn_s, "generate": gen_s, "score": score_s, "total": total}),
         settings,
     };
     log.push_str(&format!(
-        "generated {n_images} image(s) in {gen_s:.2}s; scored in {score_s:.2}s: dino {:.4} clip_i {:.4} clip_t {:.4}\n",
-        sc.dino, sc.clip_i, sc.clip_t
+        "generated {n_images} image(s) in {gen_s:.2}s; scored in {score_s:.2}s: {}\n",
+        report::METRICS
+            .iter()
+            .map(|m| format!("{} {}", m.key, report::fmt(m.of(&scores))))
+            .collect::<Vec<_>>()
+            .join(" ")
     ));
     write_bytes_atomic(&tmp.join("log.txt"), log.as_bytes())?;
     write_bytes_atomic(&tmp.join("scores.json"), serde_json::to_string_pretty(&scores)?.as_bytes())?;

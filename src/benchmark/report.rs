@@ -17,13 +17,48 @@ pub struct FoundUnit {
     pub dir: PathBuf,
 }
 
-/// Mean scores of a method over its subjects.
+/// A score column: its key (JSON, CSV), its table label and which way is better.
+#[derive(Debug)]
+pub struct Metric {
+    pub key: &'static str,
+    pub label: &'static str,
+    pub higher_is_better: bool,
+    get: fn(&UnitScores) -> Option<f64>,
+}
+
+impl Metric {
+    pub fn of(&self, s: &UnitScores) -> Option<f64> {
+        (self.get)(s)
+    }
+}
+
+/// Every score a unit can have: DreamBooth's metrics (with CLIP and DINO encoders) and the
+/// world's ground-truth fidelity (world datasets). Tables show the columns some unit has.
+pub const METRICS: [Metric; 5] = [
+    Metric { key: "dino", label: "DINO", higher_is_better: true, get: |s| s.dino },
+    Metric { key: "clip_i", label: "CLIP-I", higher_is_better: true, get: |s| s.clip_i },
+    Metric { key: "clip_t", label: "CLIP-T", higher_is_better: true, get: |s| s.clip_t },
+    Metric { key: "gt_rmse", label: "GT RMSE ↓", higher_is_better: false, get: |s| s.gt_rmse },
+    Metric { key: "gt_hist", label: "GT colours ↑", higher_is_better: true, get: |s| s.gt_hist },
+];
+
+/// A score to 4 decimals, "–" when absent.
+pub fn fmt(x: Option<f64>) -> String {
+    x.map_or_else(|| "–".to_string(), |v| format!("{v:.4}"))
+}
+
+/// Mean scores of a method over its subjects (key → mean over the units that have it).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct MethodMeans {
-    pub dino: f64,
-    pub clip_i: f64,
-    pub clip_t: f64,
+    #[serde(flatten)]
+    pub means: BTreeMap<&'static str, f64>,
     pub subjects: usize,
+}
+
+impl MethodMeans {
+    pub fn get(&self, key: &str) -> Option<f64> {
+        self.means.get(key).copied()
+    }
 }
 
 /// The merged results.
@@ -36,6 +71,8 @@ pub struct Merged {
     pub methods: BTreeMap<String, MethodMeans>,
     /// Method names in table order.
     pub method_order: Vec<String>,
+    /// The [`METRICS`] some unit has, in that order.
+    pub metrics: Vec<&'static Metric>,
 }
 
 fn method_rank(name: &str) -> usize {
@@ -110,18 +147,17 @@ pub fn collect(runs: &[PathBuf]) -> Result<Merged> {
     let mut methods = BTreeMap::new();
     for m in &method_order {
         let us: Vec<&UnitScores> = units.iter().map(|u| &u.scores).filter(|s| &s.method == m).collect();
-        let n = us.len() as f64;
-        methods.insert(
-            m.clone(),
-            MethodMeans {
-                dino: us.iter().map(|s| s.dino).sum::<f64>() / n,
-                clip_i: us.iter().map(|s| s.clip_i).sum::<f64>() / n,
-                clip_t: us.iter().map(|s| s.clip_t).sum::<f64>() / n,
-                subjects: us.len(),
-            },
-        );
+        let mut means = BTreeMap::new();
+        for k in &METRICS {
+            let v: Vec<f64> = us.iter().filter_map(|s| k.of(s)).collect();
+            if !v.is_empty() {
+                means.insert(k.key, v.iter().sum::<f64>() / v.len() as f64);
+            }
+        }
+        methods.insert(m.clone(), MethodMeans { means, subjects: us.len() });
     }
-    Ok(Merged { units, failed, methods, method_order })
+    let metrics = METRICS.iter().filter(|k| units.iter().any(|u| k.of(&u.scores).is_some())).collect();
+    Ok(Merged { units, failed, methods, method_order, metrics })
 }
 
 /// `results.json`: `{"units": [...], "methods": {...}}`.
@@ -131,9 +167,12 @@ pub fn results_json(m: &Merged) -> serde_json::Value {
         .iter()
         .map(|u| {
             let s = &u.scores;
-            serde_json::json!({"subject": s.subject, "method": s.method, "class": s.class, "live": s.live,
-                "guided": s.guided, "dino": s.dino, "clip_i": s.clip_i, "clip_t": s.clip_t,
-                "images": s.images, "n_real": s.n_real, "dir": u.dir})
+            let mut v = serde_json::json!({"subject": s.subject, "method": s.method, "class": s.class, "live": s.live,
+                "guided": s.guided, "images": s.images, "n_real": s.n_real, "dir": u.dir});
+            for k in &m.metrics {
+                v[k.key] = k.of(s).into();
+            }
+            v
         })
         .collect();
     let failed: Vec<serde_json::Value> =
@@ -143,23 +182,26 @@ pub fn results_json(m: &Merged) -> serde_json::Value {
 
 /// `results.csv`: one row per unit.
 pub fn results_csv(m: &Merged) -> String {
-    let mut out = String::from("subject,method,class,live,guided,dino,clip_i,clip_t,n_generated,n_real\n");
+    let mut out = String::from("subject,method,class,live,guided");
+    for k in &m.metrics {
+        let _ = write!(out, ",{}", k.key);
+    }
+    out.push_str(",n_generated,n_real\n");
     for u in &m.units {
         let s = &u.scores;
-        let _ = writeln!(
+        let _ = write!(
             out,
-            "{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{}",
             csv_field(&s.subject),
             csv_field(&s.method),
             csv_field(&s.class),
             s.live,
-            s.guided,
-            s.dino,
-            s.clip_i,
-            s.clip_t,
-            s.n_generated,
-            s.n_real
+            s.guided
         );
+        for k in &m.metrics {
+            let _ = write!(out, ",{}", k.of(s).map(|v| v.to_string()).unwrap_or_default());
+        }
+        let _ = writeln!(out, ",{},{}", s.n_generated, s.n_real);
     }
     out
 }
@@ -174,22 +216,27 @@ fn csv_field(s: &str) -> String {
 
 /// The two tables as Markdown: per method (Table 1/2 style) and per subject.
 pub fn markdown(m: &Merged) -> String {
-    let mut out = String::from("| method | DINO | CLIP-I | CLIP-T | subjects |\n|---|---|---|---|---|\n");
+    let labels: String = m.metrics.iter().map(|k| format!(" {} |", k.label)).collect();
+    let rule: String = m.metrics.iter().map(|_| "---|").collect();
+    let mut out = format!("| method |{labels} subjects |\n|---|{rule}---|\n");
     for name in &m.method_order {
         let x = &m.methods[name];
-        let _ = writeln!(out, "| {name} | {:.4} | {:.4} | {:.4} | {} |", x.dino, x.clip_i, x.clip_t, x.subjects);
+        let cells: String = m.metrics.iter().map(|k| format!(" {} |", fmt(x.get(k.key)))).collect();
+        let _ = writeln!(out, "| {name} |{cells} {} |", x.subjects);
     }
-    out.push_str("\n| subject | method | DINO | CLIP-I | CLIP-T | images |\n|---|---|---|---|---|---|\n");
+    let _ = write!(out, "\n| subject | method |{labels} images |\n|---|---|{rule}---|\n");
     for u in &m.units {
         let s = &u.scores;
-        let _ = writeln!(
-            out,
-            "| {} | {} | {:.4} | {:.4} | {:.4} | {} |",
-            s.subject, s.method, s.dino, s.clip_i, s.clip_t, s.n_generated
-        );
+        let cells: String = m.metrics.iter().map(|k| format!(" {} |", fmt(k.of(s)))).collect();
+        let _ = writeln!(out, "| {} | {} |{cells} {} |", s.subject, s.method, s.n_generated);
     }
     for (s, me, e) in &m.failed {
-        let _ = writeln!(out, "| {s} | {me} | failed: {} | | | |", e.lines().next().unwrap_or(""));
+        let _ = writeln!(
+            out,
+            "| {s} | {me} | failed: {} |{} |",
+            e.lines().next().unwrap_or(""),
+            " |".repeat(m.metrics.len())
+        );
     }
     out
 }
@@ -235,13 +282,21 @@ pub fn html(m: &Merged) -> Result<String> {
          img{margin:1px;vertical-align:top}.row{margin:4px 0}.label{display:inline-block;width:14em;vertical-align:top}\
          </style></head><body>\n<h1>hifi-tuner benchmark report</h1>\n",
     );
+    if m.metrics.iter().any(|k| k.key.starts_with("gt_")) {
+        h.push_str(
+            "<p>GT RMSE: the best masked RMSE (0–1) of the subject's ground-truth render, template-matched over \
+             positions and scales in each generated image (lower is better); GT colours: the colour-histogram \
+             intersection at that match (higher is better). See the crate docs of <code>world::score</code>.</p>\n",
+        );
+    }
     h.push_str(
         "<p>DINO and CLIP-I: mean cosine over all (generated, real) pairs of DINO ViT CLS / CLIP image \
          embeddings; CLIP-T: mean cosine of each generated image's CLIP image embedding with the CLIP text \
          embedding of its prompt, where the subject placeholder is replaced by the class noun \
          (\"a dog in the snow\").</p>\n",
     );
-    h.push_str("<h2>Methods (mean over subjects)</h2>\n<table id=\"methods\"><tr><th class=\"l\">method</th><th>DINO</th><th>CLIP-I</th><th>CLIP-T</th><th>subjects</th><th class=\"l\">what it runs</th></tr>\n");
+    let heads: String = m.metrics.iter().map(|k| format!("<th>{}</th>", esc(k.label))).collect();
+    let _ = writeln!(h, "<h2>Methods (mean over subjects)</h2>\n<table id=\"methods\"><tr><th class=\"l\">method</th>{heads}<th>subjects</th><th class=\"l\">what it runs</th></tr>");
     for name in &m.method_order {
         let x = &m.methods[name];
         let mut what = Method::parse(name).map(|me| me.describe()).unwrap_or("").to_string();
@@ -261,41 +316,38 @@ pub fn html(m: &Merged) -> Result<String> {
                 st["generate"]["guidance"]
             ));
         }
+        let cells: String = m.metrics.iter().map(|k| format!("<td>{}</td>", fmt(x.get(k.key)))).collect();
         let _ = writeln!(
             h,
-            "<tr><td class=\"l\">{}</td><td>{:.4}</td><td>{:.4}</td><td>{:.4}</td><td>{}</td><td class=\"l\">{}</td></tr>",
+            "<tr><td class=\"l\">{}</td>{cells}<td>{}</td><td class=\"l\">{}</td></tr>",
             esc(name),
-            x.dino,
-            x.clip_i,
-            x.clip_t,
             x.subjects,
             esc(&what)
         );
     }
-    h.push_str("</table>\n<h2>Per subject</h2>\n<table id=\"units\"><tr><th class=\"l\">subject</th><th class=\"l\">class</th><th class=\"l\">method</th><th>DINO</th><th>CLIP-I</th><th>CLIP-T</th><th>images</th></tr>\n");
+    let _ = writeln!(h, "</table>\n<h2>Per subject</h2>\n<table id=\"units\"><tr><th class=\"l\">subject</th><th class=\"l\">class</th><th class=\"l\">method</th>{heads}<th>images</th></tr>");
     for u in &m.units {
         let s = &u.scores;
         let _ = writeln!(
             h,
-            "<tr class=\"unit\" data-subject=\"{}\" data-method=\"{}\"><td class=\"l\">{}</td><td class=\"l\">{}{}</td><td class=\"l\">{}</td><td>{:.4}</td><td>{:.4}</td><td>{:.4}</td><td>{}</td></tr>",
+            "<tr class=\"unit\" data-subject=\"{}\" data-method=\"{}\"><td class=\"l\">{}</td><td class=\"l\">{}{}</td><td class=\"l\">{}</td>{}<td>{}</td></tr>",
             esc(&s.subject),
             esc(&s.method),
             esc(&s.subject),
             esc(&s.class),
             if s.live { " (live)" } else { "" },
             esc(&s.method),
-            s.dino,
-            s.clip_i,
-            s.clip_t,
+            m.metrics.iter().map(|k| format!("<td>{}</td>", fmt(k.of(s)))).collect::<String>(),
             s.n_generated
         );
     }
     for (s, me, e) in &m.failed {
         let _ = writeln!(
             h,
-            "<tr class=\"failed\"><td class=\"l\">{}</td><td></td><td class=\"l\">{}</td><td colspan=\"4\" class=\"l\">failed: {}</td></tr>",
+            "<tr class=\"failed\"><td class=\"l\">{}</td><td></td><td class=\"l\">{}</td><td colspan=\"{}\" class=\"l\">failed: {}</td></tr>",
             esc(s),
             esc(me),
+            m.metrics.len() + 1,
             esc(e)
         );
     }

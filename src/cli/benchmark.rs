@@ -15,12 +15,14 @@ pub struct Args {
     /// Subject masks: DIR/SUBJECT/STEM.png (white = subject), needed by every method but ti.
     #[arg(long)]
     masks: Option<PathBuf>,
-    /// A transformers CLIPModel folder (openai/clip-vit-base-patch32).
+    /// A transformers CLIPModel folder (openai/clip-vit-base-patch32). Required for a DreamBooth
+    /// dataset; a world dataset (`hifi-tuner world`) is scored against its ground truth without.
     #[arg(long)]
-    clip: PathBuf,
-    /// A transformers ViTModel folder (facebook/dino-vits16): the DINO metric and hifi's reference choice.
+    clip: Option<PathBuf>,
+    /// A transformers ViTModel folder (facebook/dino-vits16): the DINO metric and hifi's
+    /// reference choice (without it, the reference is the best mask alignment).
     #[arg(long)]
-    dino: PathBuf,
+    dino: Option<PathBuf>,
     /// The run folder (units are written to RUN/units/SUBJECT/METHOD/).
     #[arg(long)]
     out: PathBuf,
@@ -51,6 +53,11 @@ pub struct Args {
     /// n, the subject tokens (all methods).
     #[arg(long, default_value_t = 5)]
     tokens: i64,
+    /// A learning caption template, `{}` = the subject (repeat the flag for several; default
+    /// the six "a photo of a {}"-style ones). A world model knows only its own captions: use
+    /// "a {}" there.
+    #[arg(long = "caption-template")]
+    caption_templates: Vec<String>,
     /// DDIM steps (generation and Algorithm 1).
     #[arg(long, default_value_t = 50)]
     steps: usize,
@@ -95,6 +102,7 @@ pub fn run_cmd(a: Args) -> Result<()> {
         lr: a.lr,
         reg_weight: a.reg_weight,
         tokens: a.tokens,
+        caption_templates: a.caption_templates,
         steps: a.steps,
         guidance: a.guidance,
         t_start: a.reference.t_start,

@@ -14,6 +14,10 @@ mod report;
 mod sam;
 mod score;
 mod tokenize;
+mod train_base;
+mod world;
+mod world_demo;
+mod world_eval;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
@@ -61,6 +65,16 @@ pub enum Command {
     Bench(bench::Args),
     /// Write a random-weight model in diffusers layout (tests, demos, speed runs).
     InitRandom(init_random::Args),
+    /// The procedural world: its held-out subjects as a dataset with masks and ground truth.
+    World(world::Args),
+    /// Train a small SD-architecture model from scratch on the world (VAE, then UNet).
+    TrainBase(train_base::Args),
+    /// How often a world model draws the colour, shape and scene its caption asks for (held-out
+    /// caption combinations and seen ones), read back by a classifier trained on renders.
+    WorldEval(world_eval::Args),
+    /// The main job on a world model with ground truth: learn a held-out subject from 4 renders,
+    /// draw it in 4 new scenes (plain and reference-guided), write a strip next to the truth.
+    WorldDemo(world_demo::Args),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -79,6 +93,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Replace(a) => replace::run(a),
         Command::Sam(a) => sam::run(a),
         Command::Mask(a) => mask::run(a),
+        Command::World(a) => world::run(a),
+        Command::TrainBase(a) => train_base::run(a),
+        Command::WorldEval(a) => world_eval::run(a),
+        Command::WorldDemo(a) => world_demo::run(a),
     }
 }
 

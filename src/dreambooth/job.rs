@@ -11,8 +11,9 @@
 
 use super::{draw, step_on, DbData, DbState, DbStepReport, DreamBoothArgs, Params};
 use crate::io::{write_bytes_atomic, write_safetensors_atomic, RgbImage};
-use crate::load::{read_safetensors, ModelDir};
+use crate::load::ModelDir;
 use crate::pipeline::{GenerateRequest, LoadOptions, StableDiffusion};
+use crate::subject::adam::{read_adam_checkpoint, write_adam_checkpoint};
 use crate::subject::data::{load_photos, MaskFit};
 use crate::subject::job::{encode, open_log, save_photos, CHECKPOINT_FILE, LOG_FILE};
 use anyhow::{bail, Context, Result};
@@ -376,18 +377,11 @@ fn write_log(f: &mut std::fs::File, r: &DbStepReport, lr: f64, seconds: f64) -> 
 /// The checkpoint: `param.NAME`, `adam.m.NAME`, `adam.v.NAME` for every trained weight, the
 /// step and the AdamW step count; written atomically over the previous one.
 fn write_checkpoint(path: &Path, params: &Params, s: &DbState, identity: &serde_json::Value) -> Result<()> {
-    let mut t = Vec::with_capacity(params.names.len() * 3);
-    for ((name, p), adam) in params.names.iter().zip(&params.tensors).zip(&s.adam) {
-        t.push((format!("param.{name}"), p.detach()));
-        t.push((format!("adam.m.{name}"), adam.m.shallow_clone()));
-        t.push((format!("adam.v.{name}"), adam.v.shallow_clone()));
-    }
     let mut meta = BTreeMap::new();
     meta.insert("format".into(), CHECKPOINT_FORMAT.into());
     meta.insert("step".into(), s.step.to_string());
-    meta.insert("adam.step".into(), s.adam.first().map_or(0, |a| a.step).to_string());
     meta.insert("args".into(), serde_json::to_string(identity)?);
-    write_safetensors_atomic(path, &t, &meta)
+    write_adam_checkpoint(path, &params.names, &params.tensors, &s.adam, meta)
 }
 
 /// Restores the weights (in place) and the AdamW state of a checkpoint made with the same
@@ -404,20 +398,9 @@ fn read_checkpoint(
         "hifi-tuner DreamBooth checkpoint",
         identity,
     )?;
-    let num =
-        |k: &str| -> Result<i64> { Ok(meta.get(k).with_context(|| format!("{}: no {k}", path.display()))?.parse()?) };
-    let mut t: BTreeMap<String, Tensor> = read_safetensors(path)?.into_iter().collect();
     let mut state = DbState::new(params, args);
-    let adam_step = num("adam.step")?;
-    for ((name, p), adam) in params.names.iter().zip(params.tensors.iter_mut()).zip(state.adam.iter_mut()) {
-        let mut take = |k: String| t.remove(&k).with_context(|| format!("{}: no {k}", path.display()));
-        let value = take(format!("param.{name}"))?;
-        tch::no_grad(|| p.f_copy_(&value)).with_context(|| format!("{}: cannot restore {name}", path.display()))?;
-        adam.m = take(format!("adam.m.{name}"))?.to_device(p.device());
-        adam.v = take(format!("adam.v.{name}"))?.to_device(p.device());
-        adam.step = adam_step;
-    }
-    state.step = num("step")? as usize;
+    read_adam_checkpoint(path, &meta, &params.names, &mut params.tensors, &mut state.adam)?;
+    state.step = meta.get("step").with_context(|| format!("{}: no step", path.display()))?.parse()?;
     Ok(state)
 }
 

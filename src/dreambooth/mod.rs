@@ -17,7 +17,7 @@ pub mod job;
 
 use crate::pipeline::StableDiffusion;
 use crate::scheduler::DdimScheduler;
-use crate::subject::adam::{adamw, clip_grad_norm, Adam};
+use crate::subject::adam::{adamw, step_all, Adam};
 use crate::subject::learn::{masked_mse, step_seed};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -252,16 +252,7 @@ pub fn loss(sd: &StableDiffusion, sched: &DdimScheduler, b: &DbBatch, prior_weig
 
 /// Backward, gradient clipping and one AdamW update of every parameter, in place.
 pub fn optimise(params: &mut Params, state: &mut DbState, l: &DbLosses, max_grad_norm: f64) -> Result<f64> {
-    let refs: Vec<&Tensor> = params.tensors.iter().collect();
-    let mut grads = Tensor::run_backward(&[&l.total], &refs, false, false);
-    let norm = clip_grad_norm(&mut grads, max_grad_norm);
-    if !norm.is_finite() {
-        bail!("the gradient norm became {norm}");
-    }
-    for ((p, g), adam) in params.tensors.iter_mut().zip(&grads).zip(state.adam.iter_mut()) {
-        adam.update(p, g);
-    }
-    Ok(norm)
+    step_all(&mut params.tensors, &mut state.adam, &l.total, max_grad_norm)
 }
 
 /// One training step on a given batch.

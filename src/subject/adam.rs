@@ -76,3 +76,60 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> f64 {
         total.double_value(&[])
     })
 }
+
+/// Backward of `loss` into `params`, [`clip_grad_norm`] at `max_norm`, and one update of each
+/// parameter by its optimiser, in place; returns the gradients' total norm before clipping.
+pub fn step_all(params: &mut [Tensor], adam: &mut [Adam], loss: &Tensor, max_norm: f64) -> anyhow::Result<f64> {
+    let refs: Vec<&Tensor> = params.iter().collect();
+    let mut grads = Tensor::run_backward(&[loss], &refs, false, false);
+    let norm = clip_grad_norm(&mut grads, max_norm);
+    if !norm.is_finite() {
+        anyhow::bail!("the gradient norm became {norm}");
+    }
+    for ((p, g), a) in params.iter_mut().zip(&grads).zip(adam.iter_mut()) {
+        a.update(p, g);
+    }
+    Ok(norm)
+}
+
+/// Writes `param.NAME`, `adam.m.NAME`, `adam.v.NAME` for every parameter, with `meta` plus the
+/// optimisers' step count (`adam.step`), atomically over the previous checkpoint.
+pub fn write_adam_checkpoint(
+    path: &std::path::Path,
+    names: &[String],
+    params: &[Tensor],
+    adam: &[Adam],
+    mut meta: std::collections::BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    let mut t = Vec::with_capacity(names.len() * 3);
+    for ((name, p), a) in names.iter().zip(params).zip(adam) {
+        t.push((format!("param.{name}"), p.detach()));
+        t.push((format!("adam.m.{name}"), a.m.shallow_clone()));
+        t.push((format!("adam.v.{name}"), a.v.shallow_clone()));
+    }
+    meta.insert("adam.step".into(), adam.first().map_or(0, |a| a.step).to_string());
+    crate::io::write_safetensors_atomic(path, &t, &meta)
+}
+
+/// Restores the weights (in place) and the optimiser moments written by
+/// [`write_adam_checkpoint`]; `meta` is the checkpoint's metadata (already checked).
+pub fn read_adam_checkpoint(
+    path: &std::path::Path,
+    meta: &std::collections::HashMap<String, String>,
+    names: &[String],
+    params: &mut [Tensor],
+    adam: &mut [Adam],
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let adam_step: i64 = meta.get("adam.step").with_context(|| format!("{}: no adam.step", path.display()))?.parse()?;
+    let mut t: std::collections::BTreeMap<String, Tensor> = crate::load::read_safetensors(path)?.into_iter().collect();
+    for ((name, p), a) in names.iter().zip(params.iter_mut()).zip(adam.iter_mut()) {
+        let mut take = |k: String| t.remove(&k).with_context(|| format!("{}: no {k}", path.display()));
+        let value = take(format!("param.{name}"))?;
+        tch::no_grad(|| p.f_copy_(&value)).with_context(|| format!("{}: cannot restore {name}", path.display()))?;
+        a.m = take(format!("adam.m.{name}"))?.to_device(p.device());
+        a.v = take(format!("adam.v.{name}"))?.to_device(p.device());
+        a.step = adam_step;
+    }
+    Ok(())
+}

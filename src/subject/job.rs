@@ -51,13 +51,18 @@ pub struct LearnJob {
     pub device: Device,
 }
 
-/// The captions for a run.
+/// The captions for a run: [`TEMPLATES`] filled with the class noun (hifi) or the n tokens (ti).
 pub fn captions(mode: Mode, class_noun: &str, token: &str, n: i64) -> Vec<String> {
+    captions_from(&TEMPLATES, mode, class_noun, token, n)
+}
+
+/// [`captions`] from other templates (`{}` = the subject).
+pub fn captions_from<S: AsRef<str>>(templates: &[S], mode: Mode, class_noun: &str, token: &str, n: i64) -> Vec<String> {
     let fill = match mode {
         Mode::Hifi => class_noun.to_string(),
         Mode::Ti => ti::expanded_tokens(token, n).join(" "),
     };
-    TEMPLATES.iter().map(|t| t.replace("{}", &fill)).collect()
+    templates.iter().map(|t| t.as_ref().replace("{}", &fill)).collect()
 }
 
 /// Runs a `learn` job to the end; returns the path of the written subject or embedding file.
