@@ -35,12 +35,17 @@
 //! | Algorithm 3's F̃: prompt-to-prompt attention control, token alignment | [`replace::p2p`] |
 //! | Algorithm 3: subject replacement, the `invert` and `replace` jobs | [`replace::job`] |
 //! | §4 "Ours (DreamBooth)": full UNet fine-tuning, prior preservation, AdamW + clipping, the model folder | [`dreambooth`], [`dreambooth::job`] |
+//! | the procedural world: shapes × colours × scenes, captions, masks, held-out patterned subjects | [`world`] |
+//! | its ground truth as a benchmark dataset; the template-matched ground-truth fidelity | [`world::dataset`], [`world::score`] |
+//! | a small SD-architecture model trained from scratch on it (VAE, then UNet; `train-base`) | [`world::train`] |
+//! | does a world model follow its prompts? (a classifier of colour, shape, scene) | [`world::classify`] |
 //! | seeded draws (tch has no per-call generator) | [`rng`] |
 //! | `--dtype`: half precision, mixed-precision rules | [`precision`] |
 //! | nested progress bars (units over learn / generate) | [`progress`] |
 //!
-//! Layers: `models` → `pipeline` → algorithms (`subject`, `guidance`, `replace`, `eval`) →
-//! `benchmark` (runs the algorithms per unit) → the CLI (`src/cli`); imports go down only.
+//! Layers: `models` → `pipeline` → algorithms (`subject`, `guidance`, `replace`, `eval`,
+//! `dreambooth`, `world`) → `benchmark` (runs the algorithms per unit; scores world datasets
+//! with `world::score`) → the CLI (`src/cli`); imports go down only.
 
 pub mod attention;
 pub mod benchmark;

@@ -263,3 +263,93 @@ fn base64_matches_rfc4648() {
     assert_eq!(base64(b"foobar"), "Zm9vYmFy");
     assert_eq!(base64(&[0xff, 0xfe, 0x00]), "//4A");
 }
+
+/// The DreamBooth rows (issue 11): `db` fine-tunes the UNet and generates "a sks teapot …" from
+/// the fine-tuned folder; `db+guidance` adds reference guidance for the object subject.
+#[test]
+fn dreambooth_rows_fine_tune_and_generate_from_the_fine_tuned_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    dataset(root);
+    let out = root.join("run");
+    let mut c = bin();
+    c.args(["benchmark", "--model"]).arg(model_dir("tiny-a"));
+    c.arg("--dataset").arg(root.join("dataset")).arg("--masks").arg(root.join("masks"));
+    c.arg("--clip").arg(fixtures().join("clip-tiny")).arg("--dino").arg(fixtures().join("dino-tiny"));
+    c.args(["--subjects", "teapot", "--methods", "db,db+guidance", "--prompts", "1", "--images-per-prompt", "1"]);
+    c.args(["--db-steps", "2", "--db-class-images", "1", "--steps", "6", "--t-start", "5", "--t-end", "2"]);
+    c.args(["--guidance-steps", "2", "--device", "cpu", "--out"]).arg(&out);
+    let s = ok(c.output().unwrap());
+    assert_eq!(s["done"].as_array().unwrap().len(), 2, "{s}");
+    for m in ["db", "db+guidance"] {
+        let u = out.join("units/teapot").join(m);
+        let sc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(u.join("scores.json")).unwrap()).unwrap();
+        assert_eq!(sc["guided"], m == "db+guidance");
+        assert!(sc["dino"].as_f64().unwrap().is_finite());
+        assert!(u.join("subject/model/unet/diffusion_pytorch_model.safetensors").is_file(), "{m}: no fine-tuned model");
+        let text = hifi_tuner::io::png_text(&u.join("images/p00-0.png")).unwrap();
+        let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+        assert!(params.starts_with("a sks teapot in the jungle"), "{m}: {params}");
+        assert!(params.contains("subject/model"), "{m} must generate from the fine-tuned model: {params}");
+    }
+    let (r, md) = report(&[&out], &out);
+    assert_eq!(r["methods"]["db+guidance"]["subjects"], 1);
+    assert!(md.contains("| db+guidance |"), "{md}");
+}
+
+/// A world dataset needs no CLIP / DINO and is scored against its ground truth; a DreamBooth
+/// dataset without them is refused before any work.
+#[test]
+fn a_world_dataset_is_scored_against_ground_truth() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = tmp.path().join("world");
+    hifi_tuner::world::dataset::write_world(&w, 0, 3, 0).unwrap();
+    // the world model's shapes (64×64) with random weights: the score is defined, not good
+    let model = tmp.path().join("m");
+    let o = bin()
+        .args(["train-base", "--device", "cpu", "--images", "8", "--vae-steps", "1", "--unet-steps", "1"])
+        .arg("--unet-config")
+        .arg(fixtures().join("world/unet.json"))
+        .arg("--vae-config")
+        .arg(fixtures().join("world/vae.json"))
+        .arg("--out")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = tmp.path().join("run");
+    let run = |extra: &[&str], ds: &Path| {
+        bin()
+            .args(["benchmark", "--model"])
+            .arg(&model)
+            .arg("--dataset")
+            .arg(ds)
+            .arg("--masks")
+            .arg(w.join("masks"))
+            .args(["--subjects", "striped_cube", "--prompts", "2", "--images-per-prompt", "1", "--learn-steps", "2"])
+            .args(["--stepwise-steps", "1", "--steps", "4", "--t-start", "3", "--t-end", "1", "--guidance-steps", "1"])
+            .args(["--caption-template", "a {}", "--device", "cpu", "--out"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let s = ok(run(&["--methods", "ti+mask,hifi"], &w.join("dataset")));
+    assert_eq!(s["done"].as_array().unwrap().len(), 2, "{s}");
+    let sc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("units/striped_cube/hifi/scores.json")).unwrap())
+            .unwrap();
+    let rmse = sc["gt_rmse"].as_f64().unwrap();
+    assert!(rmse > 0.0 && rmse < 1.0, "{sc}");
+    assert!(sc["dino"].is_null() && sc["clip_t"].is_null());
+    assert_eq!(sc["settings"]["learn"]["captions"][0], "a cube");
+    let (r, md) = report(&[&out], &out);
+    assert!(r["methods"]["hifi"]["gt_rmse"].as_f64().is_some());
+    assert!(md.contains("GT RMSE") && !md.contains("DINO"), "{md}");
+    // the DreamBooth-layout dataset of the tiny test: CLIP and DINO are required
+    let (ds, _) = dataset(tmp.path());
+    let o = run(&["--methods", "ti"], &ds);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("--clip and --dino"), "{e}");
+}

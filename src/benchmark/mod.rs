@@ -65,12 +65,25 @@ pub enum Method {
     TiMaskRegStepwise,
     #[serde(rename = "hifi")]
     Hifi,
+    /// Table 1's DreamBooth row: the whole UNet fine-tuned (`learn --mode dreambooth`).
+    #[serde(rename = "db")]
+    Db,
+    /// "Ours (DreamBooth)": reference guidance on the fine-tuned model.
+    #[serde(rename = "db+guidance")]
+    DbGuidance,
 }
 
 impl Method {
     /// All methods, in the stable order of units and tables.
-    pub const ALL: [Method; 5] =
-        [Method::Ti, Method::TiMask, Method::TiMaskReg, Method::TiMaskRegStepwise, Method::Hifi];
+    pub const ALL: [Method; 7] = [
+        Method::Ti,
+        Method::TiMask,
+        Method::TiMaskReg,
+        Method::TiMaskRegStepwise,
+        Method::Hifi,
+        Method::Db,
+        Method::DbGuidance,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -79,7 +92,19 @@ impl Method {
             Method::TiMaskReg => "ti+mask+reg",
             Method::TiMaskRegStepwise => "ti+mask+reg+stepwise",
             Method::Hifi => "hifi",
+            Method::Db => "db",
+            Method::DbGuidance => "db+guidance",
         }
+    }
+
+    /// A DreamBooth row (a fine-tuned model per subject, not an embedding).
+    pub fn dreambooth(self) -> bool {
+        matches!(self, Method::Db | Method::DbGuidance)
+    }
+
+    /// Generated with reference guidance (for non-live subjects).
+    pub fn guided(self) -> bool {
+        matches!(self, Method::Hifi | Method::DbGuidance)
     }
 
     pub fn parse(s: &str) -> Result<Self> {
@@ -96,8 +121,9 @@ impl Method {
         }
     }
 
+    /// The masked loss, or (db+guidance) the reference mask M_r.
     pub fn needs_masks(self) -> bool {
-        self != Method::Ti
+        !matches!(self, Method::Ti | Method::Db)
     }
 
     pub fn stepwise(self) -> bool {
@@ -112,6 +138,8 @@ impl Method {
             Method::TiMaskReg => "learn --mode hifi --stepwise-steps 0: c_s in the last n padding positions, initialised at φ_s, masked loss + w_s‖c_s − φ_s‖²; prompt 'a CLASS …' with c_s",
             Method::TiMaskRegStepwise => "learn --mode hifi (+ Algorithm 1, step-wise c_s^t); prompt 'a CLASS …' with c_s^t per step (Eq. 7)",
             Method::Hifi => "as ti+mask+reg+stepwise, generated with --reference-guidance (§3.3) for non-live subjects",
+            Method::Db => "learn --mode dreambooth (every UNet weight, prior preservation, AdamW 5e-6); prompt 'a sks CLASS …' on the fine-tuned model",
+            Method::DbGuidance => "as db, generated with --reference-guidance (§3.3; M_g from the token + class attention) for non-live subjects: the paper's 'Ours (DreamBooth)'",
         }
     }
 }
@@ -241,6 +269,9 @@ pub struct BenchmarkConfig {
     pub lr: f64,
     pub reg_weight: f64,
     pub tokens: i64,
+    /// DreamBooth rows: fine-tuning steps and class images (prior preservation).
+    pub db_steps: usize,
+    pub db_class_images: usize,
     /// Learning captions (`{}` = the subject); default [`crate::subject::job::TEMPLATES`].
     pub caption_templates: Vec<String>,
     /// DDIM steps of generation (and of Algorithm 1's schedule).
@@ -496,7 +527,7 @@ pub fn run_unit(
     };
     std::fs::create_dir_all(tmp.join("images"))?;
     let mut log = String::new();
-    let guided = m == Method::Hifi && !s.live();
+    let guided = m.guided() && !s.live();
     let token = format!("<{}>", s.name);
     let mode = m.mode();
     let args = LearnArgs {
@@ -519,8 +550,21 @@ pub fn run_unit(
         seed: cfg.seed,
         masked: masks.is_some(),
     };
+    let db_args = m.dreambooth().then(|| {
+        let mut d = crate::dreambooth::DreamBoothArgs::new("sks", &s.class);
+        d.steps = cfg.db_steps;
+        d.class_images = cfg.db_class_images;
+        d.class_steps = cfg.steps;
+        d.seed = cfg.seed;
+        if let Some(t) = cfg.caption_templates.first() {
+            d.class_prompt = t.replace("{}", &s.class); // the class images in the captions' language
+        }
+        d
+    });
     let settings = serde_json::json!({
-        "method": m.name(), "describe": m.describe(), "learn": &args, "guided": guided,
+        "method": m.name(), "describe": m.describe(),
+        "learn": if let Some(d) = &db_args { serde_json::to_value(d)? } else { serde_json::to_value(&args)? },
+        "guided": guided,
         "generate": {"steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed,
                      "prompts": cfg.prompts, "images_per_prompt": cfg.images_per_prompt},
         "reference_guidance": guided.then(|| serde_json::json!({"t_start": cfg.t_start, "t_end": cfg.t_end,
@@ -542,15 +586,37 @@ pub fn run_unit(
         resume: false,
         device: cfg.device,
     };
-    let learned = learn(&job).with_context(|| format!("learning {} ({})", s.name, m.name()))?;
+    let learned = match &db_args {
+        Some(d) => {
+            // DreamBooth trains float32 weights whatever --dtype says
+            let mut load = cfg.load.clone();
+            load.dtype = Some(tch::Kind::Float);
+            let job = crate::dreambooth::job::DreamBoothJob {
+                model: cfg.model.clone(),
+                load,
+                images: images_dir.clone(),
+                masks: masks.clone(),
+                out: subject_dir.clone(),
+                args: d.clone(),
+                checkpoint_every: 0,
+                resume: false,
+                device: cfg.device,
+            };
+            crate::dreambooth::job::learn(&job)
+        }
+        None => learn(&job),
+    }
+    .with_context(|| format!("learning {} ({})", s.name, m.name()))?;
     let learn_s = t0.elapsed().as_secs_f64();
     log.push_str(&format!("learned {} in {learn_s:.2}s\n", learned.display()));
-    // 2. generate
+    // 2. generate (a DreamBooth row on its fine-tuned model)
     let t1 = Instant::now();
-    let mut sd = StableDiffusion::load_with(&cfg.model, &cfg.load, cfg.device)?;
-    let (subject, loaded) = match mode {
-        Mode::Ti => (None, Some(ti::load_embedding(&mut sd, &learned, None)?)),
-        Mode::Hifi => (Some(Subject::load(&subject_dir.join(SUBJECT_FILE))?), None),
+    let model = if m.dreambooth() { learned.clone() } else { cfg.model.clone() };
+    let mut sd = StableDiffusion::load_with(&model, &cfg.load, cfg.device)?;
+    let (subject, loaded) = match (m.dreambooth(), mode) {
+        (true, _) => (None, None),
+        (false, Mode::Ti) => (None, Some(ti::load_embedding(&mut sd, &learned, None)?)),
+        (false, Mode::Hifi) => (Some(Subject::load(&subject_dir.join(SUBJECT_FILE))?), None),
     };
     let (h, w) = sd.default_hw();
     let templates: Vec<&String> = dataset.prompts(s).iter().take(cfg.prompts).collect();
@@ -560,9 +626,10 @@ pub fn run_unit(
     let mut names = Vec::new();
     for (p, tpl) in templates.iter().enumerate() {
         let scored_prompt = fill_prompt(tpl, &s.class, &s.class);
-        let gen_prompt = match &loaded {
-            Some(l) => ti::convert_prompt(&sd, &fill_prompt(tpl, &l.token, &s.class), std::slice::from_ref(l)),
-            None => scored_prompt.clone(),
+        let gen_prompt = match (&loaded, &db_args) {
+            (Some(l), _) => ti::convert_prompt(&sd, &fill_prompt(tpl, &l.token, &s.class), std::slice::from_ref(l)),
+            (None, Some(d)) => fill_prompt(tpl, &format!("{} {}", d.token, s.class), &s.class),
+            (None, None) => scored_prompt.clone(),
         };
         for j in 0..cfg.images_per_prompt {
             let seed = cfg.seed + (p * cfg.images_per_prompt + j) as u64;
@@ -593,7 +660,11 @@ pub fn run_unit(
                     intermediates: None,
                     sam: None,
                 };
-                let guided = GuidedSubject::Embedding(subject.as_ref().expect("hifi subject"));
+                let guided = match (&db_args, subject.as_ref()) {
+                    (Some(d), _) => GuidedSubject::FineTuned { token: d.token.clone(), class_noun: s.class.clone() },
+                    (None, Some(subject)) => GuidedSubject::Embedding(subject),
+                    (None, None) => bail!("{}: reference guidance needs a learned subject", m.name()),
+                };
                 let g = generate_guided(&sd, &req, &guided, &subject_dir, &opt)?;
                 if let Some(why) = g.fallback {
                     log.push_str(&format!("p{p:02}-{j}: reference guidance fell back to plain generation: {why}\n"));
@@ -608,7 +679,7 @@ pub fn run_unit(
                 gen_prompt,
                 cfg.steps,
                 cfg.guidance,
-                cfg.model.display(),
+                model.display(),
                 m.name()
             );
             RgbImage::from_hwc_u8(&image.get(0))?

@@ -303,15 +303,17 @@ pub fn html(m: &Merged) -> Result<String> {
         if let Some(u) = m.units.iter().find(|u| &u.scores.method == name) {
             let st = &u.scores.settings;
             let l = &st["learn"];
+            // the learn settings as recorded (key=value), then the generation's
+            let learn: Vec<String> = l
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| !v.is_array() && !v.is_object() && k.as_str() != "seed")
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             what.push_str(&format!(
-                " [mode={} masked={} reg_weight={} stepwise_steps={} tokens={} steps={} lr={}; DDIM {} steps, w={}]",
-                l["mode"],
-                l["masked"],
-                l["reg_weight"],
-                l["stepwise_steps"],
-                l["n_tokens"],
-                l["steps"],
-                l["lr"],
+                " [{}; DDIM {} steps, w={}]",
+                learn.join(" "),
                 st["generate"]["steps"],
                 st["generate"]["guidance"]
             ));

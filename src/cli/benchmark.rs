@@ -29,7 +29,8 @@ pub struct Args {
     /// Comma-separated subject names (default: all).
     #[arg(long, value_delimiter = ',')]
     subjects: Vec<String>,
-    /// Comma-separated methods: ti, ti+mask, ti+mask+reg, ti+mask+reg+stepwise, hifi (default: all).
+    /// Comma-separated methods: ti, ti+mask, ti+mask+reg, ti+mask+reg+stepwise, hifi, db,
+    /// db+guidance (default: all).
     #[arg(long, value_delimiter = ',')]
     methods: Vec<String>,
     /// The first N prompts of the object or live list.
@@ -53,6 +54,12 @@ pub struct Args {
     /// n, the subject tokens (all methods).
     #[arg(long, default_value_t = 5)]
     tokens: i64,
+    /// DreamBooth rows (db, db+guidance): fine-tuning steps.
+    #[arg(long, default_value_t = 400)]
+    db_steps: usize,
+    /// DreamBooth rows: class images for prior preservation (generated per unit).
+    #[arg(long, default_value_t = 100)]
+    db_class_images: usize,
     /// A learning caption template, `{}` = the subject (repeat the flag for several; default
     /// the six "a photo of a {}"-style ones). A world model knows only its own captions: use
     /// "a {}" there.
@@ -103,6 +110,8 @@ pub fn run_cmd(a: Args) -> Result<()> {
         reg_weight: a.reg_weight,
         tokens: a.tokens,
         caption_templates: a.caption_templates,
+        db_steps: a.db_steps,
+        db_class_images: a.db_class_images,
         steps: a.steps,
         guidance: a.guidance,
         t_start: a.reference.t_start,
