@@ -260,10 +260,6 @@ fn bad_inputs_are_refused_and_nothing_is_written() {
     let o = learn_cmd(&out, &FIXTURE_ARGS).env("HIFI_TUNER_FREE_BYTES", "1000000").output().unwrap();
     assert_fails(&o, "not enough disk space");
     assert!(!out.exists(), "nothing may be written");
-    // --gradient-checkpointing is refused with the reason.
-    let mut args = FIXTURE_ARGS.to_vec();
-    args.push("--gradient-checkpointing");
-    assert_fails(&learn_cmd(&tmp.path().join("gc"), &args).output().unwrap(), "not available");
     // An --out holding another subject: a HiFi subject, or a DreamBooth one of another token.
     let other = tmp.path().join("other");
     std::fs::create_dir_all(&other).unwrap();

@@ -272,6 +272,7 @@ pub struct BenchmarkConfig {
     /// DreamBooth rows: fine-tuning steps and class images (prior preservation).
     pub db_steps: usize,
     pub db_class_images: usize,
+    pub db_lr: f64,
     /// Learning captions (`{}` = the subject); default [`crate::subject::job::TEMPLATES`].
     pub caption_templates: Vec<String>,
     /// DDIM steps of generation (and of Algorithm 1's schedule).
@@ -553,6 +554,7 @@ pub fn run_unit(
     let db_args = m.dreambooth().then(|| {
         let mut d = crate::dreambooth::DreamBoothArgs::new("sks", &s.class);
         d.steps = cfg.db_steps;
+        d.lr = cfg.db_lr;
         d.class_images = cfg.db_class_images;
         d.class_steps = cfg.steps;
         d.seed = cfg.seed;

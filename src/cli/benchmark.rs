@@ -57,6 +57,9 @@ pub struct Args {
     /// DreamBooth rows (db, db+guidance): fine-tuning steps.
     #[arg(long, default_value_t = 400)]
     db_steps: usize,
+    /// DreamBooth rows: the AdamW learning rate (diffusers' default for SD).
+    #[arg(long, default_value_t = 5e-6)]
+    db_lr: f64,
     /// DreamBooth rows: class images for prior preservation (generated per unit).
     #[arg(long, default_value_t = 100)]
     db_class_images: usize,
@@ -111,6 +114,7 @@ pub fn run_cmd(a: Args) -> Result<()> {
         tokens: a.tokens,
         caption_templates: a.caption_templates,
         db_steps: a.db_steps,
+        db_lr: a.db_lr,
         db_class_images: a.db_class_images,
         steps: a.steps,
         guidance: a.guidance,

@@ -93,10 +93,11 @@ pub struct Args {
     /// dreambooth: clip the gradients' total L2 norm to this.
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f64,
-    /// dreambooth: gradient checkpointing of the UNet blocks — not available (tch has no
-    /// torch.utils.checkpoint); accepted and refused with an explanation.
-    #[arg(long)]
-    gradient_checkpointing: bool,
+    /// dreambooth: gradient checkpointing of the UNet blocks (recomputed in the backward pass:
+    /// less activation memory, one more forward). Default: on with CUDA, off on the CPU;
+    /// `--gradient-checkpointing false` turns it off.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    gradient_checkpointing: Option<bool>,
 }
 
 pub fn run(mut a: Args) -> Result<()> {
@@ -104,7 +105,7 @@ pub fn run(mut a: Args) -> Result<()> {
         if a.train_text_encoder {
             bail!("--train-text-encoder applies to --mode dreambooth only (got --mode {})", a.mode);
         }
-        if a.gradient_checkpointing {
+        if a.gradient_checkpointing.is_some() {
             bail!("--gradient-checkpointing applies to --mode dreambooth only (got --mode {})", a.mode);
         }
     }
@@ -176,17 +177,12 @@ fn sam_masks(a: &Args, sam: &std::path::Path) -> Result<PathBuf> {
 
 fn run_dreambooth(a: Args) -> Result<()> {
     let device = super::parse_device(&a.device)?;
-    if a.gradient_checkpointing {
-        bail!(
-            "--gradient-checkpointing is not available: tch has no torch.utils.checkpoint, and recomputing the UNet \
-             blocks by hand is not implemented; see docs/perf.md for the memory plan without it"
-        );
-    }
     let mut args = DreamBoothArgs::new(a.token.as_deref().unwrap_or("sks"), &a.class_noun);
     args.steps = a.steps.unwrap_or(args.steps);
     args.lr = a.lr.unwrap_or(args.lr);
     args.weight_decay = a.weight_decay;
     args.max_grad_norm = a.max_grad_norm;
+    args.gradient_checkpointing = a.gradient_checkpointing.unwrap_or(device.is_cuda());
     args.prior_weight = (!a.no_prior).then_some(a.prior_weight);
     args.class_images = a.class_images;
     args.class_steps = a.class_steps;

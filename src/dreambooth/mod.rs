@@ -17,7 +17,7 @@ pub mod job;
 
 use crate::pipeline::StableDiffusion;
 use crate::scheduler::DdimScheduler;
-use crate::subject::adam::{adamw, step_all, Adam};
+use crate::subject::adam::{adamw, step_all, update_all, Adam};
 use crate::subject::learn::{masked_mse, step_seed};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -46,6 +46,10 @@ pub struct DreamBoothArgs {
     /// The masked instance loss of Eq. 5 (`--masks`).
     pub masked: bool,
     pub seed: u64,
+    /// Recompute the UNet's blocks in the backward pass instead of storing their activations
+    /// ([`crate::models::unet::checkpoint`]).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 impl DreamBoothArgs {
@@ -67,6 +71,7 @@ impl DreamBoothArgs {
             train_text_encoder: false,
             masked: false,
             seed: 0,
+            gradient_checkpointing: false,
         }
     }
 
@@ -235,6 +240,11 @@ pub fn loss(sd: &StableDiffusion, sched: &DdimScheduler, b: &DbBatch, prior_weig
     let ctx = sd.text_encoder.forward(&b.ids);
     let pred = sd.unet.forward(&x_t, &b.t, &ctx, None);
     let tgt = target(sched, &b.latents, &b.noise, &b.t)?;
+    Ok(losses_of(&pred, &tgt, b, prior_weight))
+}
+
+/// The loss of a prediction of the batch `b` against its target.
+pub fn losses_of(pred: &Tensor, tgt: &Tensor, b: &DbBatch, prior_weight: Option<f64>) -> DbLosses {
     let n = b.n_instance;
     let rows = pred.size()[0];
     let instance = masked_mse(&pred.narrow(0, 0, n), &tgt.narrow(0, 0, n), b.mask.as_ref());
@@ -247,7 +257,48 @@ pub fn loss(sd: &StableDiffusion, sched: &DdimScheduler, b: &DbBatch, prior_weig
         }
         _ => (zero(), instance.shallow_clone()),
     };
-    Ok(DbLosses { total, instance, prior })
+    DbLosses { total, instance, prior }
+}
+
+/// The step's gradients with the UNet's blocks checkpointed: the same loss as [`loss`], its
+/// gradient accumulated block by block ([`crate::models::unet::checkpoint`]); returns the
+/// (detached) losses and the gradient of each parameter.
+pub fn checkpointed_grads(
+    sd: &StableDiffusion,
+    sched: &DdimScheduler,
+    params: &mut Params,
+    b: &DbBatch,
+    prior_weight: Option<f64>,
+) -> Result<(DbLosses, Vec<Tensor>)> {
+    for p in params.tensors.iter_mut() {
+        p.zero_grad();
+    }
+    let x_t = sched.add_noise(&b.latents, &b.noise, &b.t);
+    let ctx = sd.text_encoder.forward(&b.ids);
+    let tgt = target(sched, &b.latents, &b.noise, &b.t)?;
+    let parts = std::cell::RefCell::new(None);
+    let total = sd.unet.backward_checkpointed(&x_t, &b.t, &ctx, &|pred| {
+        let l = losses_of(pred, &tgt, b, prior_weight);
+        *parts.borrow_mut() = Some((l.instance.detach(), l.prior.detach()));
+        l.total
+    });
+    let (instance, prior) = parts.into_inner().expect("the loss was computed");
+    let grads = params
+        .tensors
+        .iter()
+        .map(|p| {
+            let g = p.grad();
+            if g.defined() {
+                g.detach().copy()
+            } else {
+                p.zeros_like()
+            }
+        })
+        .collect();
+    for p in params.tensors.iter_mut() {
+        p.zero_grad();
+    }
+    Ok((DbLosses { total, instance, prior }, grads))
 }
 
 /// Backward, gradient clipping and one AdamW update of every parameter, in place.
@@ -264,12 +315,20 @@ pub fn step_on(
     b: &DbBatch,
     args: &DreamBoothArgs,
 ) -> Result<DbStepReport> {
-    let l = loss(sd, sched, b, args.prior_weight)?;
+    let (l, grads) = if args.gradient_checkpointing {
+        let (l, g) = checkpointed_grads(sd, sched, params, b, args.prior_weight)?;
+        (l, Some(g))
+    } else {
+        (loss(sd, sched, b, args.prior_weight)?, None)
+    };
     let value = l.total.double_value(&[]);
     if !value.is_finite() {
         bail!("the loss became {value} at step {}: stopping (lower --lr?)", state.step);
     }
-    let grad_norm = optimise(params, state, &l, args.max_grad_norm)?;
+    let grad_norm = match grads {
+        Some(g) => update_all(&mut params.tensors, &mut state.adam, g, args.max_grad_norm)?,
+        None => optimise(params, state, &l, args.max_grad_norm)?,
+    };
     let report = DbStepReport {
         step: state.step,
         loss: value,

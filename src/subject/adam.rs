@@ -81,7 +81,18 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> f64 {
 /// parameter by its optimiser, in place; returns the gradients' total norm before clipping.
 pub fn step_all(params: &mut [Tensor], adam: &mut [Adam], loss: &Tensor, max_norm: f64) -> anyhow::Result<f64> {
     let refs: Vec<&Tensor> = params.iter().collect();
-    let mut grads = Tensor::run_backward(&[loss], &refs, false, false);
+    let grads = Tensor::run_backward(&[loss], &refs, false, false);
+    update_all(params, adam, grads, max_norm)
+}
+
+/// [`clip_grad_norm`] of the given gradients at `max_norm` and one update of each parameter by
+/// its optimiser; returns the gradients' total norm before clipping.
+pub fn update_all(
+    params: &mut [Tensor],
+    adam: &mut [Adam],
+    mut grads: Vec<Tensor>,
+    max_norm: f64,
+) -> anyhow::Result<f64> {
     let norm = clip_grad_norm(&mut grads, max_norm);
     if !norm.is_finite() {
         anyhow::bail!("the gradient norm became {norm}");

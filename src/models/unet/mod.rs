@@ -12,6 +12,7 @@
 //! (`forward_upsample_size`).
 
 pub mod blocks;
+pub mod checkpoint;
 pub mod config;
 pub mod embeddings;
 pub mod resnet;
