@@ -12,7 +12,7 @@ BIN := target/release/hifi-tuner
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: build test test-threads demo fixtures device-wheels clean-venv
+.PHONY: build test test-threads demo world-benchmark fixtures device-wheels clean-venv
 
 $(TORCH_STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,17 +37,37 @@ test-threads: $(TORCH_STAMP)
 	OMP_NUM_THREADS=2 cargo test --no-fail-fast -- --test-threads=1
 
 # The main job: photos + masks -> learn (HiFi Tuner) -> a reference-guided image of the subject.
-#   make demo                          a tiny model with RANDOM weights (made by init-random) and
-#                                      the three test photos: shows that everything runs; the
-#                                      images are noise.
+#   make demo                          the small model trained here on the procedural world
+#                                      (assets/world-model): learns a held-out subject from 4
+#                                      renders + masks, draws it in 4 new scenes plain and with
+#                                      reference guidance, next to the ground truth (strip.png).
 #   make demo MODEL=path/to/sd-1.x     text-to-image with a real model (diffusers layout), and with
 #     IMAGES=dir MASKS=dir CLASS=noun  the full job on your subject's photos and masks; with
 #     PHOTO=file CAPTION=... WORD=noun  also the subject put into PHOTO in place of WORD.
+#   make demo MODEL=random             the old smoke run: a tiny RANDOM-weight model (noise images)
+#                                      through learn, guided generation and replace.
 DEMO_OUT := demo-out
 DEMO_PROMPT := a photo of a dog on the beach
+WORLD_MODEL := assets/world-model
 demo: build
 	@mkdir -p $(DEMO_OUT)
-	@set -e; if [ -n "$(MODEL)" ]; then \
+	@set -e; if [ -z "$(MODEL)" ]; then \
+	  $(BIN) generate --model $(WORLD_MODEL) --prompt "a red cube on the grass" --seed 0 --steps 25 --guidance 5 --num-images 4 --out $(DEMO_OUT)/demo.png; \
+	  $(BIN) world-demo --model $(WORLD_MODEL) --subject quartered_ball --out $(DEMO_OUT); \
+	  echo "demo images: $(DEMO_OUT)/demo-*.png (\"a red cube on the grass\"), $(DEMO_OUT)/strip.png (rows: the 4 photos; ground truth; base model; HiFi; HiFi + reference guidance)"; \
+	elif [ "$(MODEL)" = random ]; then \
+	  echo "MODEL=random: a tiny model with RANDOM weights (its images are noise)."; \
+	  rm -rf $(DEMO_OUT)/tiny-random $(DEMO_OUT)/subject; \
+	  $(BIN) init-random --config tiny --tokenizer tests/fixtures/tokenizers/clip --out $(DEMO_OUT)/tiny-random --seed 0 >/dev/null; \
+	  $(BIN) generate --model $(DEMO_OUT)/tiny-random --prompt "$(DEMO_PROMPT)" --seed 0 --steps 20 --out $(DEMO_OUT)/demo.png; \
+	  $(BIN) learn --model $(DEMO_OUT)/tiny-random --images tests/fixtures/photos/dog --masks tests/fixtures/photos/dog-masks \
+	    --class-noun dog --steps 100 --stepwise-steps 2 --ddim-steps 20 --out $(DEMO_OUT)/subject >/dev/null; \
+	  $(BIN) generate --model $(DEMO_OUT)/tiny-random --subject $(DEMO_OUT)/subject --prompt "$(DEMO_PROMPT)" --seed 0 \
+	    --steps 20 --t-start 16 --t-end 4 --reference-guidance --save-intermediates --out $(DEMO_OUT)/subject.png; \
+	  $(BIN) replace --model $(DEMO_OUT)/tiny-random --subject $(DEMO_OUT)/subject --image tests/fixtures/photos/dog/01.jpg \
+	    --caption "a photo of a dog" --source-word dog --steps 20 --save-intermediates --out $(DEMO_OUT)/replaced.png >/dev/null; \
+	  echo "demo images: $(DEMO_OUT)/demo.png, $(DEMO_OUT)/subject.png (stages in $(DEMO_OUT)/subject-intermediates/), $(DEMO_OUT)/replaced.png"; \
+	else \
 	  $(BIN) generate --model "$(MODEL)" --prompt "$(DEMO_PROMPT)" --seed 0 --out $(DEMO_OUT)/demo.png; \
 	  if [ -n "$(IMAGES)" ]; then \
 	    rm -rf $(DEMO_OUT)/subject; \
@@ -59,19 +79,18 @@ demo: build
 	        --source-word "$(WORD)" --save-intermediates --out $(DEMO_OUT)/replaced.png; \
 	    fi; \
 	  fi; \
-	else \
-	  echo "No MODEL=path given: a tiny model with RANDOM weights (its images are noise)."; \
-	  rm -rf $(DEMO_OUT)/tiny-random $(DEMO_OUT)/subject; \
-	  $(BIN) init-random --config tiny --tokenizer tests/fixtures/tokenizers/clip --out $(DEMO_OUT)/tiny-random --seed 0 >/dev/null; \
-	  $(BIN) generate --model $(DEMO_OUT)/tiny-random --prompt "$(DEMO_PROMPT)" --seed 0 --steps 20 --out $(DEMO_OUT)/demo.png; \
-	  $(BIN) learn --model $(DEMO_OUT)/tiny-random --images tests/fixtures/photos/dog --masks tests/fixtures/photos/dog-masks \
-	    --class-noun dog --steps 100 --stepwise-steps 2 --ddim-steps 20 --out $(DEMO_OUT)/subject >/dev/null; \
-	  $(BIN) generate --model $(DEMO_OUT)/tiny-random --subject $(DEMO_OUT)/subject --prompt "$(DEMO_PROMPT)" --seed 0 \
-	    --steps 20 --t-start 16 --t-end 4 --reference-guidance --save-intermediates --out $(DEMO_OUT)/subject.png; \
-	  $(BIN) replace --model $(DEMO_OUT)/tiny-random --subject $(DEMO_OUT)/subject --image tests/fixtures/photos/dog/01.jpg \
-	    --caption "a photo of a dog" --source-word dog --steps 20 --save-intermediates --out $(DEMO_OUT)/replaced.png >/dev/null; \
+	  echo "demo images: $(DEMO_OUT)/demo.png$(if $(IMAGES), $(DEMO_OUT)/subject.png (stages in $(DEMO_OUT)/subject-intermediates/))$(if $(PHOTO), and $(DEMO_OUT)/replaced.png (stages in $(DEMO_OUT)/replaced-intermediates/))"; \
 	fi
-	@echo "demo images: $(DEMO_OUT)/demo.png$(if $(or $(IMAGES),$(if $(MODEL),,x)), $(DEMO_OUT)/subject.png (stages in $(DEMO_OUT)/subject-intermediates/))$(if $(or $(PHOTO),$(if $(MODEL),,x)), and $(DEMO_OUT)/replaced.png (stages in $(DEMO_OUT)/replaced-intermediates/))"
+
+# The world benchmark (docs/experiments.md): the held-out subjects x Table 2's methods on the
+# world model, scored against ground truth. About 25 min on 2 CPU cores.
+WORLD_RUN := runs/world
+world-benchmark: build
+	rm -rf $(WORLD_RUN)/world && $(BIN) world --out $(WORLD_RUN)/world --samples 0
+	$(BIN) benchmark --model $(WORLD_MODEL) --dataset $(WORLD_RUN)/world/dataset --masks $(WORLD_RUN)/world/masks \
+	  --out $(WORLD_RUN)/run --caption-template "a {}" --prompts 4 --images-per-prompt 1 --learn-steps 400 \
+	  --stepwise-steps 5 --steps 25 --guidance 5 --t-start 20 --t-end 5 --db-class-images 20 --db-lr 2.5e-5
+	$(BIN) report $(WORLD_RUN)/run --out $(WORLD_RUN)/report
 
 # Regenerate the parity fixtures (by hand; needs the pinned diffusers/transformers).
 fixtures: $(TORCH_STAMP)
