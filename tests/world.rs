@@ -90,7 +90,7 @@ fn the_mask_is_exactly_where_the_object_changes_the_image() {
     // a transparent object would leave the render unchanged: compare renders with two
     // different paints at the same placement and background
     let place = Placement { cx: 30.0, cy: 33.0, r: 15.0 };
-    for shape in 0..SHAPES.len() {
+    for (shape, shape_name) in SHAPES.iter().enumerate() {
         for scene in [0usize, 2, 5, 7] {
             let a = render(Object { shape, paint: Paint::Solid(0) }, scene, place, 9);
             let b = render(Object { shape, paint: Paint::Solid(4) }, scene, place, 9);
@@ -98,7 +98,7 @@ fn the_mask_is_exactly_where_the_object_changes_the_image() {
             for k in 0..SIZE * SIZE {
                 let differs = (0..3).any(|c| a.rgb[3 * k + c] != b.rgb[3 * k + c]);
                 if a.mask[k] == 0 {
-                    assert!(!differs, "{} in {}: pixel {k} changed outside the mask", SHAPES[shape], SCENES[scene].0);
+                    assert!(!differs, "{shape_name} in {}: pixel {k} changed outside the mask", SCENES[scene].0);
                 }
                 if a.mask[k] == 255 {
                     assert!(

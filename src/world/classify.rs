@@ -16,7 +16,7 @@ use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 /// The world seed of the classifier's renders (distinct from any training world).
-const CLASSIFIER_WORLD: u64 = 0xC1A5_5;
+const CLASSIFIER_WORLD: u64 = 0x000C_1A55;
 
 pub struct Classifier {
     _vs: nn::VarStore,

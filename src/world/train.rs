@@ -292,7 +292,7 @@ pub fn train_base(job: &TrainBaseJob) -> Result<PathBuf> {
             tr.step += 1;
             bar.set_position(tr.step as u64);
             bar.set_message(format!("mse {:.4}", mse.double_value(&[])));
-            if job.checkpoint_every > 0 && tr.step % job.checkpoint_every == 0 && tr.step < a.vae_steps {
+            if job.checkpoint_every > 0 && tr.step.is_multiple_of(job.checkpoint_every) && tr.step < a.vae_steps {
                 tr.checkpoint(&ckpt, "vae", &identity)?;
             }
             step_delay();
@@ -370,7 +370,7 @@ pub fn train_base(job: &TrainBaseJob) -> Result<PathBuf> {
             tr.step += 1;
             bar.set_position(tr.step as u64);
             bar.set_message(format!("loss {value:.4}"));
-            if job.checkpoint_every > 0 && tr.step % job.checkpoint_every == 0 && tr.step < a.unet_steps {
+            if job.checkpoint_every > 0 && tr.step.is_multiple_of(job.checkpoint_every) && tr.step < a.unet_steps {
                 tr.checkpoint(&ckpt, "unet", &identity)?;
             }
             step_delay();
@@ -412,9 +412,9 @@ pub fn caption_contexts(model: &Path, dev: Device) -> Result<Tensor> {
             }
         }
     }
-    for s in 0..SHAPES.len() {
-        for e in 0..SCENES.len() {
-            texts.push(format!("a {} {}", SHAPES[s], SCENES[e].1));
+    for shape in SHAPES {
+        for (_, phrase) in SCENES {
+            texts.push(format!("a {shape} {phrase}"));
         }
     }
     texts.push(String::new());
