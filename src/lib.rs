@@ -35,6 +35,7 @@
 //! | Algorithm 3's F̃: prompt-to-prompt attention control, token alignment | [`replace::p2p`] |
 //! | Algorithm 3: subject replacement, the `invert` and `replace` jobs | [`replace::job`] |
 //! | §4 "Ours (DreamBooth)": full UNet fine-tuning, prior preservation, AdamW + clipping, the model folder | [`dreambooth`], [`dreambooth::job`] |
+//! | gradient checkpointing of the UNet blocks (hand-chained backward; DreamBooth) | [`models::unet::checkpoint`] |
 //! | the procedural world: shapes × colours × scenes, captions, masks, held-out patterned subjects | [`world`] |
 //! | its ground truth as a benchmark dataset; the template-matched ground-truth fidelity | [`world::dataset`], [`world::score`] |
 //! | a small SD-architecture model trained from scratch on it (VAE, then UNet; `train-base`) | [`world::train`] |
