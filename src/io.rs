@@ -35,6 +35,17 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, |f| Ok(f.write_all(bytes)?))
 }
 
+/// A network's variables under their (upstream) key names, as float32 or, with `fp16`, float16,
+/// written atomically by [`write_safetensors_atomic`] (keys sorted, no metadata).
+pub fn write_var_store_atomic(vs: &tch::nn::VarStore, path: &Path, fp16: bool) -> Result<()> {
+    let vars: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(k, t)| (k, if fp16 { t.detach().to_kind(Kind::Half) } else { t.detach() }))
+        .collect();
+    write_safetensors_atomic(path, &vars, &Default::default())
+}
+
 /// Saves named tensors as safetensors with string metadata in the header, atomically.
 ///
 /// The bytes are a function of the inputs only (keys sorted, no timestamps), so two equal

@@ -1,11 +1,11 @@
 use anyhow::{bail, Context, Result};
-use hifi_tuner::io::{write_bytes_atomic, write_safetensors_atomic};
+use hifi_tuner::io::{write_bytes_atomic, write_var_store_atomic};
 use hifi_tuner::load::read_json;
 use hifi_tuner::models::{clip_text::ClipTextModel, unet::UNet2DConditionModel, vae::AutoencoderKL};
 use hifi_tuner::tokenizer::ClipTokenizer;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use tch::{nn, Device, Kind};
+use tch::Device;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -73,17 +73,17 @@ pub fn run(a: Args) -> Result<()> {
     let cfg = |c: &str| a.out.join(c).join("config.json");
     let dev = Device::Cpu;
     hifi_tuner::rng::seeded(a.seed as i64, || -> Result<()> {
-        save(
+        write_var_store_atomic(
             &ClipTextModel::new(read_json(&cfg("text_encoder"))?, dev)?.vs,
             &a.out.join("text_encoder/model.safetensors"),
             a.fp16,
         )?;
-        save(
+        write_var_store_atomic(
             &AutoencoderKL::new(read_json(&cfg("vae"))?, dev)?.vs,
             &a.out.join("vae/diffusion_pytorch_model.safetensors"),
             a.fp16,
         )?;
-        save(
+        write_var_store_atomic(
             &UNet2DConditionModel::new(read_json(&cfg("unet"))?, dev)?.vs,
             &a.out.join("unet/diffusion_pytorch_model.safetensors"),
             a.fp16,
@@ -92,17 +92,6 @@ pub fn run(a: Args) -> Result<()> {
     eprintln!("wrote a {} model with RANDOM weights (seed {}) to {}", a.config, a.seed, a.out.display());
     println!("{}", a.out.display());
     Ok(())
-}
-
-fn save(vs: &nn::VarStore, path: &Path, fp16: bool) -> Result<()> {
-    let mut vars: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
-    vars.sort_by(|x, y| x.0.cmp(&y.0));
-    if fp16 {
-        for (_, t) in vars.iter_mut() {
-            *t = t.to_kind(Kind::Half);
-        }
-    }
-    write_safetensors_atomic(path, &vars, &Default::default())
 }
 
 fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {

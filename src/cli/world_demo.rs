@@ -11,8 +11,8 @@ use hifi_tuner::subject::job::{learn, LearnJob};
 use hifi_tuner::subject::learn::LearnArgs;
 use hifi_tuner::subject::{Mode, Space};
 use hifi_tuner::world::dataset::{ground_truth, rgb_image, subject_photo, write_world, PROMPT_SCENES};
-use hifi_tuner::world::score::fidelity;
-use hifi_tuner::world::{SCENES, SHAPES, SIZE, SUBJECTS};
+use hifi_tuner::world::score::{fidelity, render_tensors};
+use hifi_tuner::world::{SCENES, SHAPES, SUBJECTS};
 use std::path::PathBuf;
 use tch::{Kind, Tensor};
 
@@ -103,7 +103,7 @@ pub fn run(a: Args) -> Result<()> {
     );
     let to_chw = |img: &Tensor| img.get(0).permute([2, 0, 1]).to_kind(Kind::Float) / 255.0;
     for k in 0..4 {
-        rows[0].push(render_chw(&rgb_image(&subject_photo(0, si, k))));
+        rows[0].push(render_tensors(&subject_photo(0, si, k)).0);
     }
     for &scene in PROMPT_SCENES.iter() {
         let prompt = format!("a {class} {}", SCENES[scene].1);
@@ -118,7 +118,7 @@ pub fn run(a: Args) -> Result<()> {
             num_images: 1,
         };
         let gt = ground_truth(0, subj.object, scene);
-        let (gt_img, gt_mask) = hifi_tuner::world::score::render_tensors(&gt);
+        let (gt_img, gt_mask) = render_tensors(&gt);
         let base = sd.generate(&req)?;
         let plain = generate(&sd, &req, Some(&subject))?;
         let opt = ReferenceOptions {
@@ -164,10 +164,4 @@ pub fn run(a: Args) -> Result<()> {
     print!("{table}");
     println!("{}", strip.display());
     Ok(())
-}
-
-/// An RGB image as (3, S, S) in [0, 1].
-fn render_chw(img: &RgbImage) -> Tensor {
-    let s = SIZE as i64;
-    Tensor::from_slice(&img.pixels).view([s, s, 3]).permute([2, 0, 1]).to_kind(Kind::Float) / 255.0
 }

@@ -15,7 +15,7 @@ use crate::load::ModelDir;
 use crate::pipeline::{GenerateRequest, LoadOptions, StableDiffusion};
 use crate::subject::adam::{read_adam_checkpoint, write_adam_checkpoint};
 use crate::subject::data::{load_photos, MaskFit};
-use crate::subject::job::{encode, open_log, save_photos, CHECKPOINT_FILE, LOG_FILE};
+use crate::subject::job::{encode, open_log, save_photos, LOG_FILE};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -99,16 +99,7 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
         train_text_encoder: args.train_text_encoder,
     };
     check_out(&job.out, &manifest)?;
-    let ckpt_path = job.out.join(CHECKPOINT_FILE);
-    if !job.resume && ckpt_path.exists() {
-        bail!(
-            "{} already holds a run ({CHECKPOINT_FILE}); pass --resume to continue it or choose another --out",
-            job.out.display()
-        );
-    }
-    if job.resume && !ckpt_path.exists() {
-        bail!("--resume: no {CHECKPOINT_FILE} in {}", job.out.display());
-    }
+    let ckpt_path = crate::subject::job::checkpoint_path(&job.out, job.resume)?;
     let mut sd = StableDiffusion::load_with(&job.model, &job.load, job.device)?;
     if sd.dtype() != Kind::Float {
         bail!(
@@ -159,7 +150,7 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
     let mut log = open_log(&log_path, state.step)?;
     let bar = crate::progress::bar(args.steps as u64, "dreambooth");
     bar.set_position(state.step as u64);
-    let delay = std::env::var("HIFI_TUNER_STEP_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok());
+    let delay = crate::subject::job::step_delay();
     let started = Instant::now();
     let first_step = state.step;
     let result = (|| -> Result<()> {
@@ -172,8 +163,8 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
             if job.checkpoint_every > 0 && state.step % job.checkpoint_every == 0 {
                 write_checkpoint(&ckpt_path, &params, &state, &identity)?;
             }
-            if let Some(ms) = delay {
-                std::thread::sleep(std::time::Duration::from_millis(ms));
+            if let Some(d) = delay {
+                std::thread::sleep(d);
             }
         }
         Ok(())

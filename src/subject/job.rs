@@ -71,17 +71,8 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
     if job.out.join(crate::dreambooth::job::MANIFEST_FILE).exists() {
         bail!("--out {} already holds another subject (a DreamBooth model); choose another --out", job.out.display());
     }
-    let ckpt_path = job.out.join(CHECKPOINT_FILE);
+    let ckpt_path = checkpoint_path(&job.out, job.resume)?;
     let identity = identity(job)?;
-    if !job.resume && ckpt_path.exists() {
-        bail!(
-            "{} already holds a run ({CHECKPOINT_FILE}); pass --resume to continue it or choose another --out",
-            job.out.display()
-        );
-    }
-    if job.resume && !ckpt_path.exists() {
-        bail!("--resume: no {CHECKPOINT_FILE} in {}", job.out.display());
-    }
     let mut sd = StableDiffusion::load_with(&job.model, &job.load, job.device)?;
     let photos = load_photos(&job.images, job.masks.as_deref(), sd.default_size() as u32, MaskFit::SameAspect)?;
     let args = &job.args;
@@ -100,7 +91,7 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
     let mut log = open_log(&log_path, obj.global_step(state.phase, state.step))?;
     let bar = crate::progress::bar(obj.total_steps() as u64, "learning");
     bar.set_position(obj.global_step(state.phase, state.step) as u64);
-    let delay = std::env::var("HIFI_TUNER_STEP_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok());
+    let delay = step_delay();
     let started = Instant::now();
     let result = super::learn::run(&obj, &mut state, |state, r| {
         let g = obj.global_step(state.phase, state.step);
@@ -110,8 +101,8 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
         if job.checkpoint_every > 0 && g % job.checkpoint_every == 0 {
             write_checkpoint(&ckpt_path, state, &identity)?;
         }
-        if let Some(ms) = delay {
-            std::thread::sleep(std::time::Duration::from_millis(ms));
+        if let Some(d) = delay {
+            std::thread::sleep(d);
         }
         Ok(())
     });
@@ -330,6 +321,29 @@ fn write_result(job: &LearnJob, obj: &Objective, state: &State) -> Result<PathBu
             Ok(path)
         }
     }
+}
+
+/// The checkpoint of a run in `out`: refused when one is there without `--resume` (another
+/// run's), or missing with it.
+pub(crate) fn checkpoint_path(out: &Path, resume: bool) -> Result<PathBuf> {
+    let path = out.join(CHECKPOINT_FILE);
+    if !resume && path.exists() {
+        bail!(
+            "{} already holds a run ({CHECKPOINT_FILE}); pass --resume to continue it or choose another --out",
+            out.display()
+        );
+    }
+    if resume && !path.exists() {
+        bail!("--resume: no {CHECKPOINT_FILE} in {}", out.display());
+    }
+    Ok(path)
+}
+
+/// `HIFI_TUNER_STEP_DELAY_MS`: a pause after each training step, so that tests can kill a run
+/// mid-way.
+pub(crate) fn step_delay() -> Option<std::time::Duration> {
+    let ms = std::env::var("HIFI_TUNER_STEP_DELAY_MS").ok()?.parse::<u64>().ok()?;
+    Some(std::time::Duration::from_millis(ms))
 }
 
 /// A training loop's error, saying what became of its checkpoint (`what` = "learning", …).

@@ -17,7 +17,7 @@
 //! over the previous one every `checkpoint_every` steps and removed when the phase ends.
 
 use super::{caption, sample, COLOURS, N_COMBOS, SCENES, SHAPES, SIZE};
-use crate::io::{write_bytes_atomic, write_safetensors_atomic};
+use crate::io::{write_bytes_atomic, write_var_store_atomic};
 use crate::load::read_json;
 use crate::models::clip_text::ClipTextModel;
 use crate::models::unet::UNet2DConditionModel;
@@ -216,13 +216,6 @@ fn log(
     Ok(())
 }
 
-/// `HIFI_TUNER_STEP_DELAY_MS`: sleep after each step (tests kill a run mid-way).
-fn step_delay() {
-    if let Some(ms) = std::env::var("HIFI_TUNER_STEP_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-    }
-}
-
 /// Runs the job (or resumes it) to the end; returns the model folder.
 pub fn train_base(job: &TrainBaseJob) -> Result<PathBuf> {
     let a = &job.args;
@@ -262,6 +255,7 @@ pub fn train_base(job: &TrainBaseJob) -> Result<PathBuf> {
         // the log keeps the lines before the step the run continues from
         let mut logf = crate::subject::job::open_log(&log_path, tr.step)?;
         let n = a.images as i64;
+        let delay = crate::subject::job::step_delay();
         let bar = crate::progress::bar(a.vae_steps as u64, "vae");
         bar.set_position(tr.step as u64);
         while tr.step < a.vae_steps {
@@ -295,7 +289,9 @@ pub fn train_base(job: &TrainBaseJob) -> Result<PathBuf> {
             if job.checkpoint_every > 0 && tr.step.is_multiple_of(job.checkpoint_every) && tr.step < a.vae_steps {
                 tr.checkpoint(&ckpt, "vae", &identity)?;
             }
-            step_delay();
+            if let Some(d) = delay {
+                std::thread::sleep(d);
+            }
         }
         bar.finish_and_clear();
         // LDM's scaling factor: 1 / std of the posterior means on (up to) 1024 training images
@@ -304,7 +300,7 @@ pub fn train_base(job: &TrainBaseJob) -> Result<PathBuf> {
         let mut cfg = a.vae_config.clone();
         cfg["scaling_factor"] = (1.0 / std.double_value(&[])).into();
         write_bytes_atomic(&out.join("vae/config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
-        save_weights(&vae.vs, &vae_weights, job.fp16)?;
+        write_var_store_atomic(&vae.vs, &vae_weights, job.fp16)?;
         let _ = std::fs::remove_file(&ckpt);
         eprintln!("VAE trained ({} steps)", a.vae_steps);
     }
@@ -333,6 +329,7 @@ pub fn train_base(job: &TrainBaseJob) -> Result<PathBuf> {
         let shape = [b, latents.size()[1], latents.size()[2], latents.size()[3]];
         let colourless = N_COMBOS as i64; // + shape·8 + scene
         let empty = colourless + (SHAPES.len() * SCENES.len()) as i64;
+        let delay = crate::subject::job::step_delay();
         let bar = crate::progress::bar(a.unet_steps as u64, "unet");
         bar.set_position(tr.step as u64);
         while tr.step < a.unet_steps {
@@ -373,10 +370,12 @@ pub fn train_base(job: &TrainBaseJob) -> Result<PathBuf> {
             if job.checkpoint_every > 0 && tr.step.is_multiple_of(job.checkpoint_every) && tr.step < a.unet_steps {
                 tr.checkpoint(&ckpt, "unet", &identity)?;
             }
-            step_delay();
+            if let Some(d) = delay {
+                std::thread::sleep(d);
+            }
         }
         bar.finish_and_clear();
-        save_weights(&unet.vs, &unet_weights, job.fp16)?;
+        write_var_store_atomic(&unet.vs, &unet_weights, job.fp16)?;
         let _ = std::fs::remove_file(&ckpt);
         eprintln!("UNet trained ({} steps)", a.unet_steps);
     }
@@ -445,17 +444,5 @@ fn write_skeleton(out: &Path, a: &TrainBaseArgs, fp16: bool) -> Result<()> {
     let te = crate::rng::seeded(a.seed as i64 + 2, || {
         ClipTextModel::new(serde_json::from_value(a.text_encoder_config.clone())?, Device::Cpu)
     })?;
-    save_weights(&te.vs, &out.join("text_encoder/model.safetensors"), fp16)
-}
-
-/// A network's weights under their upstream key names, sorted, as float32 or float16.
-pub fn save_weights(vs: &nn::VarStore, path: &Path, fp16: bool) -> Result<()> {
-    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(k, t)| (k, t.detach())).collect();
-    vars.sort_by(|x, y| x.0.cmp(&y.0));
-    if fp16 {
-        for (_, t) in vars.iter_mut() {
-            *t = t.to_kind(Kind::Half);
-        }
-    }
-    write_safetensors_atomic(path, &vars, &Default::default())
+    write_var_store_atomic(&te.vs, &out.join("text_encoder/model.safetensors"), fp16)
 }
