@@ -5,7 +5,8 @@
 mod common;
 
 use common::*;
-use hifi_tuner::dreambooth::{checkpointed_grads, loss, step_on, DbBatch, DbState, DreamBoothArgs, Params};
+use hifi_tuner::dreambooth::{checkpointed_grads, draw, loss, step_on, DbBatch, DbData, DbState, DreamBoothArgs, Params};
+use hifi_tuner::models::vae::LatentDist;
 use hifi_tuner::pipeline::StableDiffusion;
 use hifi_tuner::rng::seeded;
 use hifi_tuner::subject::adam::{adamw, clip_grad_norm};
@@ -54,12 +55,12 @@ fn parity(prior: bool, checkpointing: bool) {
         // AdamW step of lr 1e-3 the second loss moves by ~0.5, so 1e-4 relative still
         // distinguishes a wrong update while allowing float32 summation-order noise.
         let want = scalar(&r, &format!("{v}.loss{step}"));
-        assert!((rep.loss - want).abs() <= 1e-4 * want.abs(), "{v} step {step}: loss {} vs {want}", rep.loss);
+        check_tol(&format!("{v} step {step}: loss"), (rep.loss - want).abs(), 1e-4 * want.abs());
         let want = scalar(&r, &format!("{v}.grad_norm{step}"));
-        assert!((rep.grad_norm - want).abs() <= 1e-3 * want, "{v} step {step}: grad norm {} vs {want}", rep.grad_norm);
+        check_tol(&format!("{v} step {step}: grad norm"), (rep.grad_norm - want).abs(), 1e-3 * want);
         if prior && step == 0 {
             let want = scalar(&r, "prior.prior0");
-            assert!((rep.prior - want).abs() <= 1e-4 * want, "prior loss {} vs {want}", rep.prior);
+            check_tol(&format!("{v} step {step}: prior loss"), (rep.prior - want).abs(), 1e-4 * want);
         }
     }
     // θ_2 − θ_0: AdamW's steps are ≈ lr·sign(g) per element, so the deltas are O(lr) = 1e-3;
@@ -72,7 +73,7 @@ fn parity(prior: bool, checkpointing: bool) {
         let d = &params.tensors[i].detach() - &start[i];
         let want = &r[&format!("{v}.delta.{name}")];
         let diff = max_abs_diff(&d, want);
-        assert!(diff <= 2e-2 * lr, "{v}: Δ{name} differs by {diff:e}");
+        check_tol(&format!("{v}: Δ{name}"), diff, 2e-2 * lr);
         assert!(want.abs().max().double_value(&[]) > 0.5 * lr, "{v}: Δ{name} must be an actual step");
     }
     let (mut l1, mut sum) = (0.0, 0.0);
@@ -82,9 +83,9 @@ fn parity(prior: bool, checkpointing: bool) {
         sum += d.sum(Kind::Double).double_value(&[]);
     }
     let want_l1 = scalar(&r, &format!("{v}.delta_l1"));
-    assert!((l1 - want_l1).abs() <= 1e-3 * want_l1, "{v}: Σ|Δ| {l1} vs {want_l1}");
+    check_tol(&format!("{v}: Σ|Δ|"), (l1 - want_l1).abs(), 1e-3 * want_l1);
     let want_sum = scalar(&r, &format!("{v}.delta_sum"));
-    assert!((sum - want_sum).abs() <= 1e-3 * want_l1, "{v}: ΣΔ {sum} vs {want_sum}");
+    check_tol(&format!("{v}: ΣΔ"), (sum - want_sum).abs(), 1e-3 * want_l1);
 }
 
 #[test]
@@ -165,12 +166,12 @@ fn gradient_of_the_masked_instance_loss_matches_finite_differences() {
     tch::no_grad(|| bias.shallow_clone().copy_(&b0));
     // float32 losses of O(1) differenced over 2h = 2e-2: ~1e-5 absolute noise, well below 1%.
     let rel = (fd - analytic).abs() / analytic.abs().max(1e-3);
-    assert!(rel < 1e-2, "finite difference {fd:.6e} vs autograd {analytic:.6e} (rel {rel:.2e})");
-    assert!(analytic.abs() > 1e-4, "the gradient must not vanish ({analytic:e})");
+    check_tol("finite difference vs autograd (rel)", rel, 1e-2);
+    check_min("the gradient does not vanish", analytic.abs(), 1e-4);
     // The mask matters: without it the loss differs.
     let unmasked = DbBatch { mask: None, ..b };
     let l2 = tch::no_grad(|| loss(&sd, &sched, &unmasked, w).unwrap().instance.double_value(&[]));
-    assert!((l2 - tch::no_grad(|| l.instance.double_value(&[]))).abs() > 1e-4, "the mask changed nothing");
+    check_min("the mask changes the loss", (l2 - tch::no_grad(|| l.instance.double_value(&[]))).abs(), 1e-4);
 }
 
 /// diffusers' reference steps with the UNet's blocks checkpointed (recomputed in the backward).
@@ -216,5 +217,43 @@ fn checkpointed_gradients_equal_the_plain_backward() {
             );
         }
         assert!(params.names.iter().any(|n| n.starts_with("text_encoder.")) == text_encoder);
+    }
+}
+
+/// diffusers' train_dreambooth.py draws x_0 = `latent_dist.sample()` × scaling factor at every
+/// step: a step's latents are the posterior mean plus std · z with a fresh z per step, the same
+/// z for the same (seed, step) (a resumed run draws what an unbroken one drew).
+#[test]
+fn each_step_samples_the_vae_posterior_as_diffusers_does() {
+    let sd = sd();
+    let (c, s) = (sd.unet.config.in_channels, 8);
+    let (mean, class_mean) = seeded(3, || {
+        (Tensor::randn([1, c, s, s], (Kind::Float, Device::Cpu)), Tensor::randn([1, c, s, s], (Kind::Float, Device::Cpu)))
+    });
+    let std = 0.5f64;
+    let logvar = Tensor::full([1, c, s, s], 2.0 * std.ln(), (Kind::Float, Device::Cpu));
+    let sf = 0.25;
+    let data = DbData {
+        instance: LatentDist { mean: mean.shallow_clone(), logvar: logvar.shallow_clone() },
+        masks: None,
+        class: Some(LatentDist { mean: class_mean.shallow_clone(), logvar }),
+        scaling_factor: sf,
+        instance_ids: sd.tokenize("a sks dog"),
+        class_ids: sd.tokenize("a photo of a dog"),
+    };
+    let args = DreamBoothArgs::new("sks", "dog");
+    let (a, b, a2) = (draw(&sd, &data, &args, 0), draw(&sd, &data, &args, 1), draw(&sd, &data, &args, 0));
+    assert!(a.latents.equal(&a2.latents) && a.noise.equal(&a2.noise), "one (seed, step), one draw");
+    assert_eq!(a.latents.size(), vec![2, c, s, s], "[instance; class] with prior preservation");
+    for (row, m) in [(0, &mean), (1, &class_mean)] {
+        // z = (x_0 / sf − mean) / std is a standard normal draw: 256 values, so its mean is
+        // within 4/16 and its std within 25 % of 1 (both > 4 standard errors), and z differs
+        // between steps and from ε.
+        let z = |bt: &DbBatch| (bt.latents.get(row) / sf - m.get(0)) / std;
+        let (za, zb) = (z(&a), z(&b));
+        let (mu, sd_) = (za.mean(Kind::Double).double_value(&[]), za.std(true).double_value(&[]));
+        assert!(mu.abs() < 0.25 && (sd_ - 1.0).abs() < 0.25, "row {row}: z has mean {mu}, std {sd_}");
+        assert!(max_abs_diff(&za, &zb) > 0.5, "row {row}: steps 0 and 1 drew the same x_0");
+        assert!(max_abs_diff(&za, &a.noise.get(row)) > 0.5, "row {row}: z is ε");
     }
 }

@@ -12,10 +12,11 @@
 use super::{draw, step_on, DbData, DbState, DbStepReport, DreamBoothArgs, Params};
 use crate::io::{write_bytes_atomic, write_safetensors_atomic, RgbImage};
 use crate::load::ModelDir;
+use crate::models::vae::LatentDist;
 use crate::pipeline::{GenerateRequest, LoadOptions, StableDiffusion};
 use crate::subject::adam::{read_adam_checkpoint, write_adam_checkpoint};
 use crate::subject::data::{load_photos, MaskFit};
-use crate::subject::job::{encode, open_log, save_photos, LOG_FILE};
+use crate::subject::job::{open_log, photo_masks, save_photos, LOG_FILE};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -128,12 +129,15 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
         None => vec![],
     };
     let data = tch::no_grad(|| -> Result<DbData> {
-        let set = encode(&sd, &photos);
+        let imgs: Vec<Tensor> = photos.iter().map(|p| p.image.shallow_clone()).collect();
+        let instance = sd.vae.encode(&Tensor::stack(&imgs, 0).to_device(sd.device));
+        let (h, w) = (instance.mean.size()[2], instance.mean.size()[3]);
         let class = if class_files.is_empty() { None } else { Some(encode_files(&sd, &class_files)?) };
         Ok(DbData {
-            instance: set.latents,
-            masks: if args.masked { set.masks } else { None },
+            instance,
+            masks: if args.masked { photo_masks(&photos, h, w, sd.device) } else { None },
             class,
+            scaling_factor: sd.vae.scaling_factor(),
             instance_ids: sd.tokenize(&args.instance_prompt),
             class_ids: sd.tokenize(&args.class_prompt),
         })
@@ -336,15 +340,17 @@ pub fn ensure_class_images(
     Ok(files)
 }
 
-/// VAE latents (posterior mean × scaling factor) of image files, one at a time.
-fn encode_files(sd: &StableDiffusion, files: &[PathBuf]) -> Result<Tensor> {
+/// The VAE posteriors of image files (unscaled), encoded one at a time.
+fn encode_files(sd: &StableDiffusion, files: &[PathBuf]) -> Result<LatentDist> {
     let (h, w) = sd.default_hw();
-    let mut out = Vec::new();
+    let (mut mean, mut logvar) = (Vec::new(), Vec::new());
     for f in files {
         let x = crate::io::load_image_cover(f, h, w)?.unsqueeze(0).to_device(sd.device);
-        out.push(sd.vae.encode(&x).mean * sd.vae.scaling_factor());
+        let d = sd.vae.encode(&x);
+        mean.push(d.mean);
+        logvar.push(d.logvar);
     }
-    Ok(Tensor::cat(&out, 0))
+    Ok(LatentDist { mean: Tensor::cat(&mean, 0), logvar: Tensor::cat(&logvar, 0) })
 }
 
 fn identity(job: &DreamBoothJob) -> Result<serde_json::Value> {

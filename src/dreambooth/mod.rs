@@ -8,13 +8,16 @@
 //! One step (diffusers' order): the batch is [instance; class] (the class half only with prior
 //! preservation), x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, one UNet call on the whole batch, the
 //! prediction split in two, loss = MSE(instance) + w_prior·MSE(class), backward,
-//! `clip_grad_norm_(params, max_norm)`, `AdamW.step()`. The step's draw (instance photo, class
-//! image, ε, t) comes from a generator seeded by (seed, step) alone, so a resumed run is
-//! bit-identical to an unbroken one. The job (class images, checkpoints, the model folder) is
+//! `clip_grad_norm_(params, max_norm)`, `AdamW.step()`. Like diffusers, each step's x_0 is a fresh
+//! draw from the VAE posterior (`latent_dist.sample()`: mean + std·z, × the scaling factor), not
+//! its mean; the photos are encoded once and only z is drawn per step. The step's draw (instance
+//! photo, class image, z, ε, t) comes from a generator seeded by (seed, step) alone, so a resumed
+//! run is bit-identical to an unbroken one. The job (class images, checkpoints, the model folder) is
 //! [`job`].
 
 pub mod job;
 
+use crate::models::vae::LatentDist;
 use crate::pipeline::StableDiffusion;
 use crate::scheduler::DdimScheduler;
 use crate::subject::adam::{adamw, step_all, update_all, Adam};
@@ -134,14 +137,17 @@ impl Params {
     }
 }
 
-/// The training data, encoded once: instance latents (and masks), class latents.
+/// The training data, encoded once: the VAE posteriors of the instance photos (and their
+/// masks) and of the class images; each step samples its x_0 from them ([`draw`]).
 pub struct DbData {
-    /// (N, C, h, w) × the VAE scaling factor.
-    pub instance: Tensor,
+    /// (N, C, h, w), unscaled (x_0 = sample × `scaling_factor`).
+    pub instance: LatentDist,
     /// (N, 1, h, w) in [0, 1] with `--masks`.
     pub masks: Option<Tensor>,
-    /// (K, C, h, w), empty without prior preservation.
-    pub class: Option<Tensor>,
+    /// (K, C, h, w), `None` without prior preservation.
+    pub class: Option<LatentDist>,
+    /// The VAE's scaling factor.
+    pub scaling_factor: f64,
     /// Ids (1, 77) of the instance and class prompts.
     pub instance_ids: Tensor,
     pub class_ids: Tensor,
@@ -204,30 +210,36 @@ pub fn target(sched: &DdimScheduler, x0: &Tensor, noise: &Tensor, t: &Tensor) ->
 }
 
 /// The step's draw, seeded by (seed, step): an instance photo, a class image (with prior
-/// preservation), ε for each and t for each.
+/// preservation), the posterior draw z and ε for each, and t for each. x_0 = (mean + std·z) ×
+/// the scaling factor, as diffusers' `vae.encode(x).latent_dist.sample() * scaling_factor`.
 pub fn draw(sd: &StableDiffusion, data: &DbData, args: &DreamBoothArgs, step: usize) -> DbBatch {
     let cpu = (Kind::Int64, Device::Cpu);
-    let n = data.instance.size()[0];
+    let n = data.instance.mean.size()[0];
     let n_train = sd.scheduler_config.num_train_timesteps;
     let prior = args.prior_weight.is_some() && data.class.is_some();
     let rows = if prior { 2 } else { 1 };
-    let mut shape = data.instance.size();
+    let mut shape = data.instance.mean.size();
     shape[0] = rows;
-    let (photo, class, noise, t) = crate::rng::seeded(step_seed(args.seed, 0, step as u64), || {
+    let (photo, class, noise, t, z) = crate::rng::seeded(step_seed(args.seed, 0, step as u64), || {
         let photo = Tensor::randint(n, [1], cpu);
-        let class = data.class.as_ref().map(|c| Tensor::randint(c.size()[0], [1], cpu));
+        let class = data.class.as_ref().map(|c| Tensor::randint(c.mean.size()[0], [1], cpu));
         let noise = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu));
-        (photo, class, noise, Tensor::randint(n_train, [rows], cpu))
+        let t = Tensor::randint(n_train, [rows], cpu);
+        (photo, class, noise, t, Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu)))
     });
     let dev = sd.device;
-    let photo = photo.to_device(dev);
-    let inst = data.instance.index_select(0, &photo);
-    let mask = data.masks.as_ref().map(|m| m.index_select(0, &photo));
+    let z = z.to_device(dev);
+    let sample = |d: &LatentDist, i: &Tensor, row: i64| {
+        let i = i.to_device(dev);
+        let post = LatentDist { mean: d.mean.index_select(0, &i), logvar: d.logvar.index_select(0, &i) };
+        post.sample_with_noise(&z.narrow(0, row, 1)) * data.scaling_factor
+    };
+    let inst = sample(&data.instance, &photo, 0);
+    let mask = data.masks.as_ref().map(|m| m.index_select(0, &photo.to_device(dev)));
     let (latents, ids) = match (prior, &data.class, class) {
-        (true, Some(c), Some(k)) => (
-            Tensor::cat(&[inst, c.index_select(0, &k.to_device(dev))], 0),
-            Tensor::cat(&[&data.instance_ids, &data.class_ids], 0),
-        ),
+        (true, Some(c), Some(k)) => {
+            (Tensor::cat(&[inst, sample(c, &k, 1)], 0), Tensor::cat(&[&data.instance_ids, &data.class_ids], 0))
+        }
         _ => (inst, data.instance_ids.shallow_clone()),
     };
     DbBatch { latents, noise: noise.to_device(dev), t: t.to_device(dev), ids, mask, n_instance: 1 }

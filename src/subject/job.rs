@@ -178,13 +178,13 @@ pub fn encode(sd: &StableDiffusion, photos: &[super::data::Photo]) -> TrainSet {
     let x = Tensor::stack(&imgs, 0).to_device(sd.device); // (N, 3, S, S)
     let latents = sd.vae.encode(&x).mean * sd.vae.scaling_factor(); // (N, C, h, w)
     let (h, w) = (latents.size()[2], latents.size()[3]);
-    let masks = if photos.iter().all(|p| p.mask.is_some()) {
-        let m: Vec<Tensor> = photos.iter().map(|p| p.mask.as_ref().unwrap().shallow_clone()).collect();
-        Some(latent_masks(&Tensor::stack(&m, 0), h, w).to_device(sd.device))
-    } else {
-        None
-    };
-    TrainSet { latents, masks }
+    TrainSet { latents, masks: photo_masks(photos, h, w, sd.device) }
+}
+
+/// The photos' masks at latent size (N, 1, h, w) on `device`; `None` unless every photo has one.
+pub fn photo_masks(photos: &[super::data::Photo], h: i64, w: i64, device: Device) -> Option<Tensor> {
+    let m: Option<Vec<Tensor>> = photos.iter().map(|p| p.mask.as_ref().map(|m| m.shallow_clone())).collect();
+    m.map(|m| latent_masks(&Tensor::stack(&m, 0), h, w).to_device(device))
 }
 
 /// Keeps the resized photos and masks next to the result.
