@@ -272,8 +272,13 @@ fn p2p_with_identical_prompts_gives_the_reconstruction() {
     // kernels may round rows differently by an ulp, amplified over 6 steps; 1e-5 of the
     // latents' scale is far below any edit (the subject test below moves them by > 1e-2).
     assert_close(&r.latents.get(1), &r.latents.get(0), 1e-5, "target vs source row");
-    // And the source row is NTI's own reconstruction (a batch of 4 vs 1 and 2: same bound).
-    assert_close(&r.latents.get(0).unsqueeze(0), inv.inversion.nti.x0.as_ref().unwrap(), 1e-5, "source row vs NTI");
+    // And the source row is NTI's own reconstruction, but computed in a batch of 4 rows where
+    // NTI ran batches of 1 and 2: other GEMM blockings, so other roundings, amplified through 6
+    // CFG steps. Measured max |diff| (latents' scale 13.65): 1.38e-4 on an AMD EPYC without
+    // AVX-512 (1.39e-4 at ATEN_CPU_CAPABILITY=default), which failed the old 1e-5 relative
+    // bound (1.37e-4). 1e-4 relative (1.37e-3) keeps ~10x over that; `make test-portable`
+    // records the margin on every run. Still 7x below the smallest edit (1e-2) we assert.
+    assert_close(&r.latents.get(0).unsqueeze(0), inv.inversion.nti.x0.as_ref().unwrap(), 1e-4, "source row vs NTI");
 }
 
 fn tiny_subject(dir: &Path, n: i64) -> PathBuf {
