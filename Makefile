@@ -12,7 +12,7 @@ BIN := target/release/hifi-tuner
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: build test test-threads demo world-benchmark fixtures device-wheels clean-venv
+.PHONY: build test test-portable demo world-benchmark fixtures device-wheels clean-venv
 
 $(TORCH_STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,12 +29,30 @@ build: $(TORCH_STAMP)
 test: $(TORCH_STAMP)
 	cargo test --no-fail-fast -- --test-threads=1
 
-# The suite at 1 and at 2 libtorch intra-op threads (libtorch reads OMP_NUM_THREADS when it
-# starts, in the test binaries and in the CLI they spawn): results that depend on the thread
-# count must only be compared with tolerances, and this run shows they are.
-test-threads: $(TORCH_STAMP)
-	OMP_NUM_THREADS=1 cargo test --no-fail-fast -- --test-threads=1
-	OMP_NUM_THREADS=2 cargo test --no-fail-fast -- --test-threads=1
+# The suite as other CPUs and thread counts compute it: libtorch's kernels at ATEN_CPU_CAPABILITY
+# `default` (no vector unit) and `avx2` (an AMD or older Intel CPU without AVX-512), MKL and
+# oneDNN held to the same instruction sets, each at OMP_NUM_THREADS 1 and 2 (libtorch reads
+# these when it starts, in the test binaries and in the CLI they spawn). Every rounding
+# tolerance of the tests is recorded (tests/common: check_tol, check_min, assert_close), and
+# scripts/tolerance_margins.py fails when any keeps a margin under 5x over the worst run.
+# About 4x `make test`'s time; run it before resolving an issue.
+PORTABLE_DIR := target/portable
+PORTABLE_RUNS := default-1 default-2 avx2-1 avx2-2
+ISA_default := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41
+ISA_avx2 := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+test-portable: $(TORCH_STAMP)
+	cargo test --no-run
+	rm -rf $(PORTABLE_DIR) && mkdir -p $(PORTABLE_DIR)
+	@fail=0; for run in $(PORTABLE_RUNS); do \
+	  isa=$${run%-*}; threads=$${run#*-}; \
+	  case $$isa in default) env="$(ISA_default)";; avx2) env="$(ISA_avx2)";; esac; \
+	  echo "== $$env OMP_NUM_THREADS=$$threads (log: $(PORTABLE_DIR)/$$run.out)"; \
+	  env $$env OMP_NUM_THREADS=$$threads HIFI_TOL_LOG=$(abspath $(PORTABLE_DIR))/$$run.tsv \
+	    cargo test --no-fail-fast -- --test-threads=1 > $(PORTABLE_DIR)/$$run.out 2>&1 || { fail=1; echo "   FAILED:"; grep -E "^test .* FAILED|panicked" $(PORTABLE_DIR)/$$run.out | head -20; }; \
+	  grep -E "^test result" $(PORTABLE_DIR)/$$run.out | awk '{p+=$$4; f+=$$6} END {print "   " p " passed, " f " failed"}'; \
+	done; \
+	$(PY) scripts/tolerance_margins.py $(foreach r,$(PORTABLE_RUNS),$(PORTABLE_DIR)/$(r).tsv) || fail=1; \
+	exit $$fail
 
 # The main job: photos + masks -> learn (HiFi Tuner) -> a reference-guided image of the subject.
 #   make demo                          the small model trained here on the procedural world

@@ -2,6 +2,9 @@
 //! transforms, why the literal one-sided objective is not used, masks of different sizes, errors
 //! and the `align-mask` command. CPU only.
 
+mod common;
+use common::check_tol;
+
 use hifi_tuner::guidance::align::{
     fit, iou, load_mask_png, objective, save_mask_png, warp, warp_image, warp_mask, Similarity,
 };
@@ -369,8 +372,8 @@ fn warped_photo_is_padded_with_its_edge_pixels_not_grey() {
     assert_eq!(zeros.double_value(&[0, 0, 0]), 0.0, "warp keeps zero padding (masks rely on it)");
     // Column 0 of the output lies outside the shrunk photo: its value is the photo's left edge
     // (the ramp's first column), to float precision of the bilinear weights.
-    assert!((edge.double_value(&[0, 8, 0]) - (-0.9)).abs() < 1e-5, "{}", edge.double_value(&[0, 8, 0]));
-    assert!((edge.double_value(&[2, 0, 15]) - 0.9).abs() < 1e-5, "{}", edge.double_value(&[2, 0, 15]));
+    check_tol("edge value at (0, 8, 0)", (edge.double_value(&[0, 8, 0]) - (-0.9)).abs(), 1e-5);
+    check_tol("edge value at (2, 0, 15)", (edge.double_value(&[2, 0, 15]) - 0.9).abs(), 1e-5);
     // Inside the photo both agree.
-    assert!((edge.get(0).get(8).get(8) - zeros.get(0).get(8).get(8)).abs().double_value(&[]) < 1e-6);
+    check_tol("centre vs zeros", (edge.get(0).get(8).get(8) - zeros.get(0).get(8).get(8)).abs().double_value(&[]), 1e-6);
 }

@@ -60,7 +60,7 @@ fn processor_crop_and_normalise_match_exactly() {
     let ours = p.preprocess(&image_from_hwc(&r["photo.resized_u8"])).unwrap().unsqueeze(0);
     let d = max_abs_diff(&ours, &r["photo.pixel_values"]);
     // PIL's resized pixels in, so only the crop and (x/255 − mean)/std remain: f32 rounding.
-    assert!(d <= 1e-5, "crop/normalise differ by {d:.2e}");
+    check_tol("crop/normalise", d, 1e-5);
 }
 
 /// The `image` crate's bicubic against PIL's (see the module docs of models::clip): close, and
@@ -140,7 +140,8 @@ fn scores_of_identical_images_are_one() {
     let img = image::open(fixtures().join("photos/dog/00.jpg")).unwrap();
     let s = ev.score(std::slice::from_ref(&img), std::slice::from_ref(&img), &["a dog".into()]).unwrap();
     // the same preprocessed pixels through the same model: cosine 1 up to f32 rounding.
-    assert!((s.dino - 1.0).abs() < 1e-6 && (s.clip_i - 1.0).abs() < 1e-6, "{s:?}");
+    check_tol("dino self-similarity", (s.dino - 1.0).abs(), 1e-6);
+    check_tol("clip_i self-similarity", (s.clip_i - 1.0).abs(), 1e-6);
     assert!(s.clip_t.abs() <= 1.0);
     assert_eq!((s.n_generated, s.n_real), (1, 1));
     assert!(ev.score(&[], std::slice::from_ref(&img), &[]).is_err());
@@ -193,8 +194,8 @@ fn score_cli_reads_prompts_from_png_or_file() {
     let want = ev.score(&real, &g, &["a dog in the snow".into(), "a dog in the snow".into()]).unwrap();
     // same images, models and prompts; only the batch layout of the embeddings may differ
     // (CLI and library both embed all images in one batch here), so f32 rounding at most.
-    assert!((v["clip_t"].as_f64().unwrap() - want.clip_t).abs() < 1e-5, "{v} vs {want:?}");
-    assert!((v["dino"].as_f64().unwrap() - want.dino).abs() < 1e-5);
+    check_tol("CLI clip_t vs library", (v["clip_t"].as_f64().unwrap() - want.clip_t).abs(), 1e-5);
+    check_tol("CLI dino vs library", (v["dino"].as_f64().unwrap() - want.dino).abs(), 1e-5);
     // --prompts overrides the chunk: another prompt, another CLIP-T
     let pf = tmp.path().join("prompts.jsonl");
     std::fs::write(
@@ -205,7 +206,7 @@ fn score_cli_reads_prompts_from_png_or_file() {
     let o = score(&["--prompts".as_ref(), pf.as_os_str()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let w: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!((w["clip_t"].as_f64().unwrap() - v["clip_t"].as_f64().unwrap()).abs() > 1e-4, "{w} {v}");
+    check_min("clip_t moves with the prompts", (w["clip_t"].as_f64().unwrap() - v["clip_t"].as_f64().unwrap()).abs(), 1e-4);
     assert_eq!(w["dino"], v["dino"]);
     // a prompts file without an image's name is an error naming the file and the image
     std::fs::write(&pf, "{\"image\": \"0-0.png\", \"prompt\": \"a red car\"}\n").unwrap();

@@ -91,7 +91,7 @@ fn crop_and_normalisation_match_torchvision_exactly() {
     let resized = image_from_hwc(&r["photo.resized_u8"]); // PIL's 37×37 bicubic result
     let ours = preprocess(&resized, 32).unwrap().unsqueeze(0);
     let d = max_abs_diff(&ours, &r["photo.pixel_values"]);
-    assert!(d <= 1e-6, "crop/normalise differ from torchvision by {d:.2e}");
+    check_tol("crop/normalise vs torchvision", d, 1e-6);
 }
 
 /// The `image` crate's CatmullRom resize (and JPEG decoder) against PIL's bicubic (and
@@ -148,7 +148,7 @@ fn preprocess_shape_and_errors() {
     assert_eq!(x.size(), vec![3, 32, 32]);
     // constant colour survives the resize: red channel = (1 − 0.485) / 0.229
     let red = x.get(0).mean(Kind::Double).double_value(&[]);
-    assert!((red - (1.0 - 0.485) / 0.229).abs() < 1e-5, "{red}");
+    check_tol("normalised red", (red - (1.0 - 0.485) / 0.229).abs(), 1e-5);
     let empty = DynamicImage::ImageRgb8(image::RgbImage::new(0, 5));
     assert!(preprocess(&empty, 32).unwrap_err().to_string().contains("empty"));
     assert!(preprocess(&img, 0).is_err());
@@ -183,7 +183,7 @@ fn most_similar_picks_the_identical_copy() {
         eprintln!("query {q}: candidates {order:?}, cosines {sims:?}");
         assert_eq!(best, at);
         assert_eq!(sims.len(), 3);
-        assert!((sims[at] - 1.0).abs() < 1e-6, "{sims:?}");
+        check_tol("self-similarity", (sims[at] - 1.0).abs(), 1e-6);
         for (i, s) in sims.iter().enumerate() {
             if i != at {
                 assert!(*s < sims[at] - 1e-4, "{sims:?}");
@@ -389,15 +389,15 @@ fn cli_prints_one_array_per_image_in_order() {
     for (row, p) in rows.iter().zip([&p2, &p0, &p1, &p0]) {
         let want = dino.embed_image(&open(p)).unwrap();
         let got = Tensor::from_slice(row).to_kind(Kind::Float);
-        assert!(max_abs_diff(&got, &want) < 1e-5, "{}", p.display());
+        check_tol(&p.display().to_string(), max_abs_diff(&got, &want), 1e-5);
     }
     // The same photo at batch positions 1 and 3: libtorch's CPU kernels may block a batch
     // differently per position, CPU vendor and thread count, so the rows agree only to float32
     // rounding (seen: 1.2e-7 on an AMD EPYC). 1e-5 on embeddings of size O(1) is ~100 ulps; a
     // wrong order or a wrong photo moves them by more than 1e-2 (checked on rows 0 and 1).
     let diff = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-    assert!(diff(&rows[1], &rows[3]) < 1e-5, "{}", diff(&rows[1], &rows[3]));
-    assert!(diff(&rows[0], &rows[1]) > 1e-2);
+    check_tol("rows 1 and 3", diff(&rows[1], &rows[3]), 1e-5);
+    check_min("rows 0 and 1 differ", diff(&rows[0], &rows[1]), 1e-2);
 }
 
 #[test]

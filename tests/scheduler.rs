@@ -2,6 +2,9 @@
 //! `tests/schedulers/test_scheduler_ddim.py`: the full-loop sums and means, and the timesteps),
 //! plus weight-free invariants of F^(t) and F^-1.
 
+mod common;
+use common::check_tol;
+
 use hifi_tuner::scheduler::{DdimScheduler, SchedulerConfig};
 use tch::{Kind, Tensor};
 
@@ -51,8 +54,8 @@ fn full_loop_matches_diffusers_published_values() {
     ];
     for (extra, sum, mean) in cases {
         let (s, m) = full_loop(extra);
-        assert!((s - sum).abs() < 1e-2, "{extra}: sum {s} vs {sum}");
-        assert!((m - mean).abs() < 1e-3, "{extra}: mean {m} vs {mean}");
+        check_tol(&format!("{extra}: sum"), (s - sum).abs(), 1e-2);
+        check_tol(&format!("{extra}: mean"), (m - mean).abs(), 1e-3);
     }
 }
 
@@ -97,11 +100,11 @@ fn step_and_inverse_step_are_consistent() {
     let x_prev = s.step(&eps, t, &xt);
     let expect = s.add_noise(&x0, &eps, &Tensor::from_slice(&[prev, prev]));
     let err = (&x_prev - &expect).abs().max().double_value(&[]);
-    assert!(err < 1e-5, "DDIM step with the true ε misses q(x_prev|x0) by {err}");
+    check_tol("DDIM step with the true ε", err, 1e-5);
     // F^-1 at t maps x_{t-stride} back to x_t for the same ε.
     let back = s.inverse_step(&eps, t, &x_prev);
     let err = (&back - &xt).abs().max().double_value(&[]);
-    assert!(err < 1e-5, "inverse step misses x_t by {err}");
+    check_tol("inverse step", err, 1e-5);
 }
 
 #[test]
