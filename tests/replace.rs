@@ -71,13 +71,15 @@ fn null_text_inversion_matches_the_reference() {
     assert_close(&last, &r["nti.losses_last"], 1e-4, "last loss per step");
     // φ*_t: Adam divides each gradient coordinate by its own running RMS, so a coordinate
     // whose gradient is ≈ 0 (padding rows the UNet barely reads) takes lr-sized steps in a
-    // direction set by rounding noise. Hence two bounds: relative L2 ≤ 1e-4 over all of φ
-    // (the fixture script measured 1.3e-5 between two Adam formulas), and max |diff| ≤ 2e-3,
-    // a fifth of one step at lr 1e-2, while φ moves by up to ≈ 0.5 in total.
+    // direction set by rounding noise. Hence two bounds: relative L2 over all of φ, and max
+    // |diff|. Measured with libtorch's AVX2 kernels (as on an AMD EPYC; `make test-portable`):
+    // 2.8e-5 and 1.07e-3 (AVX-512: less), which left only 3.5x and 1.9x under the old bounds
+    // 1e-4 and 2e-3. Now 3e-4 (> 10x; a wrong lr schedule moves φ by ~1e-2 relative) and 1e-2,
+    // one Adam step at lr 1e-2 (> 9x; φ moves by up to ≈ 0.5 in total, asserted > 0.1 below).
     let phi = Tensor::cat(&nti.phi, 0);
     let rel_l2 = (&phi - &r["nti.phi"]).norm().double_value(&[]) / r["nti.phi"].norm().double_value(&[]);
-    assert!(rel_l2 < 1e-4, "φ*_t: relative L2 difference {rel_l2:.3e}");
-    assert!(max_abs_diff(&phi, &r["nti.phi"]) < 2e-3, "φ*_t: max |diff| {:.3e}", max_abs_diff(&phi, &r["nti.phi"]));
+    check_tol("φ*_t relative L2", rel_l2, 3e-4);
+    check_tol("φ*_t max", max_abs_diff(&phi, &r["nti.phi"]), 1e-2);
     let moved = max_abs_diff(&r["nti.phi"], &r["nti.uncond"].expand_as(&r["nti.phi"]));
     assert!(moved > 0.1, "the fixture's φ must move well beyond the tolerance ({moved})");
     assert_close(nti.x0.as_ref().unwrap(), &r["nti.x0_rec"], 1e-4, "reconstruction latent");
@@ -147,8 +149,8 @@ fn gradient_of_the_nti_loss_matches_finite_differences() {
     let fd = (at(&p0 + &v * h) - at(&p0 - &v * h)) / (2.0 * h);
     let rel = (fd - analytic).abs() / analytic.abs().max(1e-6);
     // 2e-2: f32 central differences at h = 1e-2 on a loss of O(1) (as the subject tests).
-    assert!(rel < 2e-2, "finite difference {fd:.6e} vs autograd {analytic:.6e} (rel {rel:.2e})");
-    assert!(analytic.abs() > 1e-6, "the gradient must not vanish ({analytic:e})");
+    check_tol("finite difference vs autograd (rel)", rel, 2e-2);
+    check_min("the gradient does not vanish", analytic.abs(), 1e-6);
 }
 
 #[test]
@@ -227,9 +229,13 @@ fn p2p_keeps_exceptions_and_copies_everything_else() {
         assert_eq!(keep[j], alignment[j].is_none() || exceptions.contains(&j), "token {j}");
     }
     // Which calls are edited: cross-attention for the first 3 steps; self-attention only for
-    // step 0 and only at coarse sites (≤ 1/16 of the 16×16 latent's cells).
+    // step 0 and only at coarse sites (≤ 1/4 of the 16×16 latent's cells: 8×8 and below).
     assert!(p2p.wants(&site(AttnKind::Cross, 16)) && p2p.wants(&site(AttnKind::SelfAttn, 4)));
-    assert!(!p2p.wants(&site(AttnKind::SelfAttn, 8)), "fine self-attention is never replaced");
+    assert!(p2p.wants(&site(AttnKind::SelfAttn, 8)), "8×8 = 1/4 of the cells is replaced");
+    assert!(!p2p.wants(&site(AttnKind::SelfAttn, 16)), "fine self-attention is never replaced");
+    // SD at 512² (64×64 latent): the NTI notebook's `≤ 32²` rule.
+    let sd512 = PromptToPrompt::new(&alignment, &exceptions, 3, 1, 64 * 64, Device::Cpu);
+    assert!(sd512.wants(&site(AttnKind::SelfAttn, 32)) && !sd512.wants(&site(AttnKind::SelfAttn, 64)));
     let self_out = p2p.on_probs(&site(AttnKind::SelfAttn, 4), probs.copy());
     assert!(self_out.get(3).equal(&probs.get(2)), "self-attention injection copies the source's map");
     p2p.step = 1;
@@ -309,7 +315,7 @@ fn a_subject_changes_the_target_and_only_through_its_tokens() {
     let r = replace(&sd, &inv.inversion, &req, Some(&subject)).unwrap();
     assert_eq!(r.swap.target_caption, "a photo of a dog on a bench", "the target word defaults to the class noun");
     let moved = (r.latents.get(1) - r.latents.get(0)).abs().max().double_value(&[]);
-    assert!(moved > 1e-2, "the subject did not change the image ({moved})");
+    check_min("the subject moves the target row", moved, 1e-2);
     assert_eq!(r.maps.len(), 2);
     // Saved and reloaded, the inversion gives the same edit, bit for bit (same ops, same shapes).
     save_inverted(tmp.path(), &inv).unwrap();

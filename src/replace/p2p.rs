@@ -11,13 +11,20 @@
 //!   own. Rows are not renormalised (as in P2P).
 //! - **Self-attention** (the first `self_steps` steps, P2P's `self_replace_steps`): the
 //!   target's self-attention probabilities are replaced by the source's at the coarse sites
-//!   only (at most 1/16 of the latent's cells as queries: 16×16 and below for SD at 512², the
-//!   authors' `≤ 16²` rule). That injects the source's layout: with 0.4 the target keeps the
+//!   only: at most 1/4 of the latent's cells as queries ([`SELF_MAX_QUERY_SHARE`]), i.e. 32×32
+//!   and below for SD at 512², the rule of the authors' null-text inversion notebook
+//!   (`null_text_w_ptp.ipynb`: `att_replace.shape[2] <= 32 ** 2`), which `replace` follows since
+//!   it edits an NTI inversion. (Their text-to-image notebook `prompt-to-prompt_stable.ipynb`
+//!   uses `≤ 16²`.) That injects the source's layout: with 0.4 the target keeps the
 //!   photo's composition and pose more closely, at the cost of shape changes (a cat → a dog
 //!   keeps the cat's outline); 0 (the paper's choice) lets the new subject take its own shape.
 
 use crate::attention::{AttentionController, AttnKind, AttnSite};
 use tch::{Device, Tensor};
+
+/// Self-attention is replaced at sites with at most this share of the latent's cells as
+/// queries: 1/4 (32² of SD-1.x's 64² latent at 512², `null_text_w_ptp.ipynb`'s `≤ 32²`).
+pub const SELF_MAX_QUERY_SHARE: i64 = 4;
 
 /// Alignment of the target prompt's token positions to the source's when one word of
 /// `n_src` tokens starting at position `start` is replaced by one of `n_tgt` tokens.
@@ -81,7 +88,7 @@ impl PromptToPrompt {
             keep_own: Tensor::from_slice(&keep).to_device(device),
             cross_steps,
             self_steps,
-            self_max_queries: latent_cells / 16,
+            self_max_queries: latent_cells / SELF_MAX_QUERY_SHARE,
             step: 0,
             edited: 0,
         }
