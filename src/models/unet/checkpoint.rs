@@ -1,6 +1,11 @@
-//! Gradient checkpointing of the UNet's blocks (diffusers' `enable_gradient_checkpointing`:
-//! `torch.utils.checkpoint` around each down, mid and up block), written by hand because tch has
-//! no `autograd.Function` or `torch.utils.checkpoint`.
+//! Gradient checkpointing of the UNet, one segment per block (conv_in, each down block, the mid
+//! block, each up block, the head), written by hand because tch has no `autograd.Function` or
+//! `torch.utils.checkpoint`. This is coarser than diffusers' `enable_gradient_checkpointing`,
+//! which wraps `torch.utils.checkpoint` around each resnet and each transformer block *inside* a
+//! block (`CrossAttnDownBlock2D.forward` and `Transformer2DModel.forward` check
+//! `self.gradient_checkpointing` per layer): ours
+//! stores fewer segment inputs but holds one whole block's graph at a time during the backward
+//! pass, so its peak is one block's activations where diffusers' is one layer's.
 //!
 //! The forward pass runs without a graph and keeps only what enters each segment (conv_in,
 //! each down block, the mid block, each up block, the output head): the hidden state and the
