@@ -46,7 +46,10 @@ fn initial_latents_are_torch_cpu_randn_of_the_seed() {
     for name in MODELS {
         let (sd, r, req) = (load(name), reference(name), request(name));
         let x = sd.initial_latents(req.seed, req.num_images, req.height, req.width);
-        assert!(x.equal(&r["gen.latents_init"]), "{name}: x_T differs from diffusers' generator draw");
+        // The same generator stream; the Box–Muller transform is vectorised (AVX2 / AVX-512:
+        // equal bits) or scalar (ATEN_CPU_CAPABILITY=default: differs by ≤ 1.8e-6, seen in
+        // `make test-portable`), so the bound is 2e-5 (11x); another seed differs by O(1).
+        check_tol(&format!("{name}: x_T vs diffusers' generator draw"), max_abs_diff(&x, &r["gen.latents_init"]), 2e-5);
         assert_eq!(sd.scheduler(req.steps).unwrap().timesteps, Vec::<i64>::try_from(&r["gen.timesteps"]).unwrap());
     }
 }

@@ -44,7 +44,9 @@ fn mean_abs(a: &Tensor, b: &Tensor) -> f64 {
 fn bf16_generation_matches_diffusers_bf16_pipeline() {
     let r = reference("bf16");
     let x_t = sd(Kind::Float).initial_latents(reference_meta("bf16")["seed"].parse().unwrap(), 1, 32, 32);
-    assert!(x_t.equal(&r["bf16.x_T"]), "x_T must be the fixture's float32 draw");
+    // x_T is the fixture's float32 draw (to the ≤ 1.8e-6 by which libtorch's scalar Box–Muller
+    // differs from its vectorised one; tests/pipeline.rs says more).
+    check_tol("x_T vs the fixture's draw", max_abs_diff(&x_t, &r["bf16.x_T"]), 2e-5);
     let (ours_bf16, ours_fp32) = (image(&sd(Kind::BFloat16)), image(&sd(Kind::Float)));
     let theirs_own = mean_abs(&r["bf16.image_bf16"], &r["bf16.image_fp32"]);
     let to_theirs = mean_abs(&ours_bf16, &r["bf16.image_bf16"]);
