@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-pub const MANIFEST_FILE: &str = "dreambooth.json";
+pub use crate::subject::file::MANIFEST_FILE;
 pub const MODEL_DIR: &str = "model";
 pub const CLASS_DIR: &str = "class_images";
 const CLASS_INFO: &str = "class_images.json";

@@ -7,7 +7,7 @@
 //! from (`photos/`, `masks/`), so it is self-contained.
 
 use super::data::{latent_masks, load_photos, MaskFit};
-use super::file::{a1111_file_name, save_a1111_embedding, save_learned_embeds, Subject, SUBJECT_FILE};
+use super::file::{a1111_file_name, save_a1111_embedding, save_learned_embeds, Subject, MANIFEST_FILE, SUBJECT_FILE};
 use super::learn::{LearnArgs, Objective, State, StepReport, TrainSet};
 use super::{conditioning, ti, Mode};
 use crate::io::{image_to_u8, mask_to_u8, write_atomic, write_safetensors_atomic, RgbImage};
@@ -68,7 +68,7 @@ pub fn captions_from<S: AsRef<str>>(templates: &[S], mode: Mode, class_noun: &st
 /// Runs a `learn` job to the end; returns the path of the written subject or embedding file.
 pub fn learn(job: &LearnJob) -> Result<PathBuf> {
     validate(job)?;
-    if job.out.join(crate::dreambooth::job::MANIFEST_FILE).exists() {
+    if job.out.join(MANIFEST_FILE).exists() {
         bail!("--out {} already holds another subject (a DreamBooth model); choose another --out", job.out.display());
     }
     let ckpt_path = checkpoint_path(&job.out, job.resume)?;
