@@ -69,8 +69,9 @@ pub fn fidelity(generated: &Tensor, gt: &Tensor, gt_mask: &Tensor) -> Result<Fid
             let a = g2.conv2d(&ms, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1); // Σ M·G²: (1, 1, H−h+1, W−w+1)
             let b = g.conv2d(&(&ts * &ms), None::<Tensor>, [1, 1], [0, 0], [1, 1], 1); // Σ M·T·G
             let c = (ts.square() * &ms).sum(Kind::Float); // Σ M·T²
-            // (H−h+1, W−w+1); either side may be 1 (a template as tall or as wide as the image)
-            let sse = (a - b * 2.0 + c).clamp_min(0.0).squeeze_dim(0).squeeze_dim(0);
+            let sse = (a - b * 2.0 + c).clamp_min(0.0);
+            // (H−h+1, W−w+1): either side may be 1 (a template as tall or as wide as the image)
+            let sse = sse.squeeze_dim(0).squeeze_dim(0);
             let flat = sse.view([-1]);
             let i = flat.argmin(0, false).int64_value(&[]);
             let rmse = (flat.double_value(&[i]) / (3.0 * area)).sqrt();
