@@ -16,6 +16,7 @@
 //! | single-file SD-1.x checkpoints (LDM key names), converted in memory | [`single_file`] |
 //! | `--model` forms: folder, single file, Hugging Face id (cache, downloads) | [`hub`] |
 //! | images, PNG metadata, atomic writes | [`io`] |
+//! | output folders: one run at a time (an `flock` lock naming its holder), settings compared | [`outdir`] |
 //! | §3.2: [c, c_s], φ_s, Eq. 5–6 (masked, regularised loss), Eq. 7 | [`subject::conditioning`], [`subject::learn`] |
 //! | Algorithm 1 (step-wise c_s^t), checkpoints, the `learn` job | [`subject::learn`], [`subject::job`] |
 //! | Eq. 7 sampling with a subject ([c, c_s^t] per step) | [`subject::conditioning`] |
@@ -57,6 +58,7 @@ pub mod hub;
 pub mod io;
 pub mod load;
 pub mod models;
+pub mod outdir;
 pub mod pipeline;
 pub mod precision;
 pub mod progress;

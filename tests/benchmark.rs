@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use hifi_tuner::benchmark::report::base64;
-use hifi_tuner::benchmark::{fill_prompt, units, Dataset, Method, Shard};
+use hifi_tuner::benchmark::{fill_prompt, run_with, units, BenchmarkConfig, Dataset, Method, Shard};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -352,4 +352,151 @@ fn a_world_dataset_is_scored_against_ground_truth() {
     let o = run(&["--methods", "ti"], &ds);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("--clip and --dino"), "{e}");
+}
+
+/// The tiny benchmark's settings as a library config (no work: the tests run stand-in units).
+fn config(root: &Path, out: &Path) -> BenchmarkConfig {
+    BenchmarkConfig {
+        model: model_dir("tiny-a"),
+        load: Default::default(),
+        dataset: root.join("dataset"),
+        masks: Some(root.join("masks")),
+        clip: Some(fixtures().join("clip-tiny")),
+        dino: Some(fixtures().join("dino-tiny")),
+        out: out.to_path_buf(),
+        subjects: vec![],
+        methods: vec![Method::Ti],
+        prompts: 1,
+        images_per_prompt: 1,
+        seed: 0,
+        learn_steps: 1,
+        stepwise_steps: 1,
+        lr: 5e-3,
+        reg_weight: 1e-3,
+        tokens: 5,
+        db_steps: 1,
+        db_class_images: 1,
+        db_lr: 5e-6,
+        caption_templates: vec![],
+        steps: 3,
+        guidance: 7.5,
+        t_start: 2,
+        t_end: 1,
+        guidance_steps: 1,
+        guidance_lr: 1e-2,
+        shard: Shard::ALL,
+        device: tch::Device::Cpu,
+        redo_mismatched: false,
+    }
+}
+
+/// A panic inside a unit (issue 18: the world score's squeeze aborted every unit and left
+/// `.partial/` behind) fails that unit like any error: its `.partial` folder is removed, its
+/// error file names the panic, and the other units go on.
+#[test]
+fn a_panic_inside_a_unit_fails_that_unit_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    dataset(root);
+    let out = root.join("run");
+    let cfg = config(root, &out);
+    let mut seen = Vec::new();
+    let s = run_with(&cfg, &mut |cfg, _ds, u, _ev, _gt| {
+        seen.push(u.subject.name.clone());
+        let partial = cfg.out.join("units").join(&u.subject.name).join(".ti.partial");
+        std::fs::create_dir_all(&partial)?;
+        std::fs::write(partial.join("half.png"), b"x")?;
+        if u.subject.name == "dog" {
+            let v: Vec<i64> = vec![];
+            let _ = v[3]; // a bug deep in a unit
+        }
+        let done = cfg.out.join("units").join(&u.subject.name).join("ti");
+        std::fs::rename(&partial, &done)?;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(seen, ["dog", "teapot"], "the other unit must go on");
+    assert_eq!(s.done, ["teapot/ti"]);
+    assert_eq!(s.failed.len(), 1, "{:?}", s.failed);
+    assert!(s.failed[0].1.contains("panicked") && s.failed[0].1.contains("index out of bounds"), "{:?}", s.failed);
+    assert!(!out.join("units/dog/.ti.partial").exists(), "the panicked unit's .partial must be removed");
+    let msg = std::fs::read_to_string(out.join("units/dog/ti.error.txt")).unwrap();
+    assert!(msg.contains("panicked"), "{msg}");
+    assert!(out.join("units/teapot/ti/half.png").is_file());
+}
+
+/// A rerun with other settings is refused (issue 18: the old units were kept and reported as
+/// skipped), or with --redo-mismatched redone; `report` refuses to average units made with
+/// different settings unless --allow-mixed-settings; a unit another process holds is not run.
+#[test]
+fn other_settings_are_refused_or_redone_and_not_averaged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    dataset(root);
+    let small = |out: &Path, extra: &[&str]| {
+        let mut c = bin();
+        c.args(["benchmark", "--model"]).arg(model_dir("tiny-a")).arg("--dataset").arg(root.join("dataset"));
+        c.arg("--clip").arg(fixtures().join("clip-tiny")).arg("--dino").arg(fixtures().join("dino-tiny"));
+        c.args(["--methods", "ti", "--prompts", "1", "--images-per-prompt", "1"]);
+        c.args(["--steps", "3", "--device", "cpu", "--out"]).arg(out).args(extra);
+        c.output().unwrap()
+    };
+    let a = root.join("a");
+    let s = ok(small(&a, &["--subjects", "dog", "--learn-steps", "1"]));
+    assert_eq!(s["done"], serde_json::json!(["dog/ti"]), "{s}");
+    let scores = a.join("units/dog/ti/scores.json");
+    let before = std::fs::read(&scores).unwrap();
+    // the same settings: skipped
+    let s = ok(small(&a, &["--subjects", "dog", "--learn-steps", "1"]));
+    assert_eq!(s["skipped"], serde_json::json!(["dog/ti"]), "{s}");
+    // another --learn-steps: refused before any work, naming the unit and the setting
+    let o = small(&a, &["--subjects", "dog", "--learn-steps", "2"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    eprintln!("{e}");
+    assert!(!o.status.success(), "{e}");
+    assert!(e.contains("dog/ti") && e.contains("learn.steps: 1 → 2") && e.contains("--redo-mismatched"), "{e}");
+    assert_eq!(std::fs::read(&scores).unwrap(), before, "the finished unit must be kept");
+    // … or redone with --redo-mismatched
+    let s = ok(small(&a, &["--subjects", "dog", "--learn-steps", "2", "--redo-mismatched"]));
+    assert_eq!(
+        (s["done"].clone(), s["redone"].clone()),
+        (serde_json::json!(["dog/ti"]), serde_json::json!(["dog/ti"]))
+    );
+    let sc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&scores).unwrap()).unwrap();
+    assert_eq!(sc["settings"]["learn"]["steps"], 2);
+    assert_eq!(sc["method_settings"]["learn"]["class_noun"], "{class}");
+
+    // another run (teapot) with --learn-steps 1: the report refuses to average the two
+    let b = root.join("b");
+    ok(small(&b, &["--subjects", "teapot", "--learn-steps", "1"]));
+    let o = bin().arg("report").arg(&a).arg(&b).arg("--out").arg(root.join("rep")).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    eprintln!("{e}");
+    assert!(!o.status.success(), "{e}");
+    assert!(
+        e.contains("different settings") && e.contains("learn.steps: 2 → 1") && e.contains("--allow-mixed-settings"),
+        "{e}"
+    );
+    assert!(!root.join("rep/results.json").exists());
+    let o = bin()
+        .arg("report")
+        .arg(&a)
+        .arg(&b)
+        .arg("--allow-mixed-settings")
+        .arg("--out")
+        .arg(root.join("rep"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // a unit another process holds is not run; the holder is named
+    std::fs::create_dir_all(b.join("units/dog")).unwrap();
+    let held = hifi_tuner::outdir::lock_file(&b.join("units/dog/.ti.lock"), "unit").unwrap();
+    let o = small(&b, &["--learn-steps", "1"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    eprintln!("{e}");
+    assert!(!o.status.success(), "{e}");
+    assert!(e.contains("another process holds") && e.contains(&format!("pid {}", std::process::id())), "{e}");
+    assert!(!b.join("units/dog/ti").exists() && !b.join("units/dog/.ti.partial").exists());
+    drop(held);
 }

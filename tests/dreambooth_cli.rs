@@ -150,9 +150,15 @@ fn class_images_are_generated_once_and_reused() {
     let files: Vec<PathBuf> = (0..2).map(|i| out.join(format!("class_images/{i:04}.png"))).collect();
     let first: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
     let mtimes: Vec<_> = files.iter().map(|f| std::fs::metadata(f).unwrap().modified().unwrap()).collect();
-    // The same subject again into the same folder (more steps): the class images are reused.
+    // The same subject again into the finished folder (more steps) is refused, as hifi / ti
+    // refuse a finished run, naming the argument that differs; once model/ is deleted, it
+    // trains there again and the class images are reused.
     let mut args = SMALL_PRIOR.to_vec();
     args.push("2");
+    let o = learn_cmd(&out, &args).output().unwrap();
+    assert_fails(&o, "already holds a finished DreamBooth model");
+    assert!(err(&o).contains("steps: 1 → 2") && !err(&o).contains("seed"), "only what differs: {}", err(&o));
+    std::fs::remove_dir_all(out.join("model")).unwrap();
     let o = learn_cmd(&out, &args).output().unwrap();
     assert_ok(&o);
     assert!(err(&o).contains("2 reused, 0 to generate"), "{}", err(&o));
@@ -164,6 +170,7 @@ fn class_images_are_generated_once_and_reused() {
     assert_eq!(log.lines().count(), 2, "the second run's log");
     assert!(log.lines().all(|l| l.contains("\"loss_prior\"")));
     // Other class-image settings are refused rather than mixed in.
+    std::fs::remove_dir_all(out.join("model")).unwrap();
     let mut args = SMALL_PRIOR.to_vec();
     args.push("1");
     args[5] = "3"; // --class-steps 3
@@ -267,9 +274,25 @@ fn bad_inputs_are_refused_and_nothing_is_written() {
     assert_fails(&learn_cmd(&other, &FIXTURE_ARGS).output().unwrap(), "already holds another subject");
     let db = tmp.path().join("db");
     assert_ok(&learn_cmd(&db, &FIXTURE_ARGS).output().unwrap());
+    let model = std::fs::read(db.join("model/unet/diffusion_pytorch_model.safetensors")).unwrap();
     let mut args = FIXTURE_ARGS.to_vec();
     args.extend(["--token", "zwx"]);
-    assert_fails(&learn_cmd(&db, &args).output().unwrap(), "already holds another DreamBooth subject");
+    let o = learn_cmd(&db, &args).output().unwrap();
+    assert_fails(&o, "already holds another DreamBooth subject");
+    // the message shows what differs (old → new), not the fields that agree
+    assert!(err(&o).contains(r#"token: "sks" → "zwx""#) && !err(&o).contains("class_noun"), "{}", err(&o));
+    // The finished model with another --seed (issue 18: it was retrained and overwritten).
+    let mut args = FIXTURE_ARGS.to_vec();
+    args[6] = "4"; // --seed 4
+    let o = learn_cmd(&db, &args).output().unwrap();
+    assert_fails(&o, "already holds a finished DreamBooth model");
+    assert!(err(&o).contains("seed: 3 → 4") && !err(&o).contains("steps"), "{}", err(&o));
+    // the same arguments again, or --resume: refused too
+    assert_fails(&learn_cmd(&db, &FIXTURE_ARGS).output().unwrap(), "with the same arguments");
+    let mut args = FIXTURE_ARGS.to_vec();
+    args.push("--resume");
+    assert_fails(&learn_cmd(&db, &args).output().unwrap(), "finished DreamBooth model");
+    assert!(model == std::fs::read(db.join("model/unet/diffusion_pytorch_model.safetensors")).unwrap());
     let o = bin()
         .args(["learn", "--class-noun", "dog", "--device", "cpu", "--steps", "1", "--model"])
         .arg(model_dir("tiny-a"))

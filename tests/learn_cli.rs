@@ -199,3 +199,92 @@ fn a_diverging_loss_stops_and_keeps_the_last_checkpoint() {
     assert!(out.join("checkpoint.safetensors").exists());
     assert!(!out.join("subject.safetensors").exists());
 }
+
+/// One run per output folder (issue 18): a second `learn` (any mode) or `train-base` into a
+/// folder another run holds is refused before it writes anything, naming the holder; the lock
+/// file a dead run leaves behind blocks nobody, and a finished run removes it.
+#[test]
+fn a_folder_another_run_holds_is_refused_naming_the_holder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("held");
+    let lock = hifi_tuner::outdir::lock_dir(&out, "--out").unwrap(); // this test is the holder
+    let holder = format!("pid {}", std::process::id());
+    let lock_file = out.join(hifi_tuner::outdir::LOCK_FILE);
+    let only_the_lock = || {
+        let names: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, [hifi_tuner::outdir::LOCK_FILE], "nothing may be written next to the lock");
+    };
+    for mode in ["hifi", "ti", "dreambooth"] {
+        let o = run(learn_cmd(&out, &["--mode", mode, "--steps", "1", "--stepwise-steps", "0"]));
+        assert_fails(&o, "is in use by another run");
+        assert!(err(&o).contains(&holder) && err(&o).contains(&out.display().to_string()), "{mode}: {}", err(&o));
+        only_the_lock();
+    }
+    let o = run({
+        let mut c = Command::new(env!("CARGO_BIN_EXE_hifi-tuner"));
+        c.args(["train-base", "--device", "cpu", "--images", "8", "--out"]).arg(&out);
+        c
+    });
+    assert_fails(&o, &holder);
+    only_the_lock();
+    drop(lock);
+    assert!(!out.exists(), "the folder the lock created is removed when left empty");
+
+    // A lock file left by a run that died (no process holds its lock) blocks nobody.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(&lock_file, r#"{"pid": 999999, "host": "gone", "command": "hifi-tuner learn", "started": "?"}"#)
+        .unwrap();
+    let mut c = learn_cmd(&out, &SMALL);
+    c.args(with_masks(&masks()));
+    let o = run(c);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(out.join("subject.safetensors").is_file());
+    assert!(!lock_file.exists(), "a finished run removes its lock file");
+}
+
+/// `--resume` refuses photos or masks changed in place since the checkpoint (issue 18), naming
+/// the file, before anything is written.
+#[test]
+fn resume_refuses_a_photo_or_mask_changed_since_the_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (photos, m) = (tmp.path().join("photos"), tmp.path().join("masks"));
+    for (from, to) in [(fixtures().join("photos/dog"), &photos), (masks(), &m)] {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let out = tmp.path().join("subj");
+    let go = |extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_hifi-tuner"));
+        c.env_remove("RUST_BACKTRACE").args(["learn", "--model"]).arg(model_dir("tiny-a"));
+        c.arg("--images").arg(&photos).arg("--masks").arg(&m);
+        c.args(["--class-noun", "dog", "--device", "cpu", "--out"]).arg(&out).args(SMALL).args(extra);
+        run(c)
+    };
+    let o = go(&[]);
+    assert!(o.status.success(), "{}", err(&o));
+    let kept = std::fs::read(out.join("photos/01.png")).unwrap();
+    let meta = hifi_tuner::load::safetensors_metadata(&out.join("checkpoint.safetensors")).unwrap();
+    assert!(meta["inputs"].contains("01.jpg"), "{}", meta["inputs"]);
+    let o = go(&["--resume"]);
+    assert!(o.status.success(), "unchanged inputs resume: {}", err(&o));
+
+    // The photo 01.jpg changed in place (mirrored).
+    let photo = photos.join("01.jpg");
+    let original = std::fs::read(&photo).unwrap();
+    image::open(&photo).unwrap().fliph().save(&photo).unwrap();
+    let o = go(&["--resume"]);
+    assert_fails(&o, &photo.display().to_string());
+    assert!(err(&o).contains("changed since"), "{}", err(&o));
+    assert_eq!(std::fs::read(out.join("photos/01.png")).unwrap(), kept, "nothing may be rewritten");
+    std::fs::write(&photo, original).unwrap();
+
+    // A mask changed in place.
+    let mask = m.join("02.png");
+    image::open(&mask).unwrap().fliph().save(&mask).unwrap();
+    let o = go(&["--resume"]);
+    assert_fails(&o, &mask.display().to_string());
+    assert!(err(&o).contains("mask"), "{}", err(&o));
+}

@@ -27,8 +27,14 @@
 //! (thumbnails of the real photos, for the report), `scores.json` and `log.txt`. It is built in
 //! `RUN/units/SUBJECT/.METHOD.partial/` and renamed into place when complete, so a unit folder
 //! exists only when finished: a rerun skips it; a killed unit leaves only the `.partial` folder,
-//! which the rerun deletes and redoes. A failed unit writes `RUN/units/SUBJECT/METHOD.error.txt`
-//! and the others go on.
+//! which the rerun deletes and redoes. A failed unit (an error, or a panic inside it) writes
+//! `RUN/units/SUBJECT/METHOD.error.txt` and the others go on.
+//!
+//! A unit runs under a lock (`RUN/units/SUBJECT/.METHOD.lock`, [`crate::outdir`]): shards may
+//! share a run folder, but a second process never works on a unit another one holds; it
+//! reports the holder. A rerun skips finished units only when they were made with its settings
+//! (the `settings` of `scores.json`); otherwise it is refused before any work, or, with
+//! `--redo-mismatched`, those units are redone.
 
 pub mod report;
 
@@ -284,6 +290,9 @@ pub struct BenchmarkConfig {
     pub guidance_lr: f64,
     pub shard: Shard,
     pub device: Device,
+    /// Redo the finished units whose recorded settings differ from this run's (else such a
+    /// run is refused).
+    pub redo_mismatched: bool,
 }
 
 /// This process's share of the units: those with index ≡ `index` (mod `count`).
@@ -397,6 +406,111 @@ fn partial_dir(run: &Path, subject: &str, method: Method) -> PathBuf {
     run.join("units").join(subject).join(format!(".{}.partial", method.name()))
 }
 
+fn lock_path(run: &Path, subject: &str, method: Method) -> PathBuf {
+    run.join("units").join(subject).join(format!(".{}.lock", method.name()))
+}
+
+/// `f()`, with a panic inside it (a libtorch error surfaces as one in tch) turned into an error
+/// like any other, so that one unit's bug fails that unit only.
+pub fn catch_panic<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "(no message)".into());
+            bail!("panicked: {msg}")
+        }
+    }
+}
+
+/// For a finished unit (its `scores.json` exists): None when it was made with this run's
+/// settings, else the settings that differ (old → new).
+fn finished_with_other_settings(cfg: &BenchmarkConfig, u: &Unit) -> Result<Option<Vec<String>>> {
+    let f = unit_dir(&cfg.out, &u.subject.name, u.method).join("scores.json");
+    if !f.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?;
+    let have: UnitScores =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a unit's scores.json", f.display()))?;
+    let (_, _, want) = unit_settings(cfg, &u.subject, u.method)?;
+    let changed = crate::outdir::changed_settings(&have.settings, &want);
+    Ok((!changed.is_empty()).then_some(changed))
+}
+
+/// A unit's arguments: `learn`'s (the HiFi / TI rows), DreamBooth's (the db rows), and the
+/// settings recorded in its `scores.json` (everything its result depends on).
+pub fn unit_settings(
+    cfg: &BenchmarkConfig,
+    s: &SubjectInfo,
+    m: Method,
+) -> Result<(LearnArgs, Option<crate::dreambooth::DreamBoothArgs>, serde_json::Value)> {
+    let masks = if m.needs_masks() { cfg.masks.as_ref().map(|r| r.join(&s.name)) } else { None };
+    let guided = m.guided() && !s.live();
+    let token = format!("<{}>", s.name);
+    let mode = m.mode();
+    let args = LearnArgs {
+        mode,
+        space: Space::Input,
+        n_tokens: cfg.tokens,
+        token: token.clone(),
+        class_noun: s.class.clone(),
+        captions: if cfg.caption_templates.is_empty() {
+            captions(mode, &s.class, &token, cfg.tokens)
+        } else {
+            captions_from(&cfg.caption_templates, mode, &s.class, &token, cfg.tokens)
+        },
+        steps: cfg.learn_steps,
+        lr: cfg.lr,
+        reg_weight: if mode == Mode::Hifi { cfg.reg_weight } else { 0.0 },
+        stepwise_steps: if m.stepwise() { cfg.stepwise_steps } else { 0 },
+        ddim_steps: cfg.steps,
+        batch_size: 1,
+        seed: cfg.seed,
+        masked: masks.is_some(),
+    };
+    let db_args = m.dreambooth().then(|| {
+        let mut d = crate::dreambooth::DreamBoothArgs::new("sks", &s.class);
+        d.steps = cfg.db_steps;
+        d.lr = cfg.db_lr;
+        d.class_images = cfg.db_class_images;
+        d.class_steps = cfg.steps;
+        d.seed = cfg.seed;
+        if let Some(t) = cfg.caption_templates.first() {
+            d.class_prompt = t.replace("{}", &s.class); // the class images in the captions' language
+        }
+        d
+    });
+    let mut settings = serde_json::json!({
+        "method": m.name(), "describe": m.describe(),
+        "learn": if let Some(d) = &db_args { serde_json::to_value(d)? } else { serde_json::to_value(&args)? },
+        "guided": guided,
+        "generate": {"steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed,
+                     "prompts": cfg.prompts, "images_per_prompt": cfg.images_per_prompt},
+        "reference_guidance": guided.then(|| serde_json::json!({"t_start": cfg.t_start, "t_end": cfg.t_end,
+                     "guidance_steps": cfg.guidance_steps, "guidance_lr": cfg.guidance_lr, "dino": cfg.dino})),
+        "model": cfg.model, "dataset": cfg.dataset, "masks": masks,
+    });
+    // --dtype / --variant / --config, recorded only when not the defaults (older runs lack them)
+    let l = &cfg.load;
+    if l.dtype.is_some_and(|k| k != tch::Kind::Float) || l.variant.is_some() || l.config.is_some() {
+        settings["load"] = serde_json::json!({"dtype": l.dtype.map(|k| format!("{k:?}")), "variant": l.variant,
+            "config": l.config});
+    }
+    Ok((args, db_args, settings))
+}
+
+/// The settings of method `m` in this run with the subject left out (those of a placeholder
+/// object subject `{subject}` of class `{class}`): equal for every unit of the method, and what
+/// `report` compares between the units it averages.
+pub fn method_settings(cfg: &BenchmarkConfig, m: Method) -> Result<serde_json::Value> {
+    let placeholder = SubjectInfo { name: "{subject}".into(), class: "{class}".into() };
+    Ok(unit_settings(cfg, &placeholder, m)?.2)
+}
+
 fn error_file(run: &Path, subject: &str, method: Method) -> PathBuf {
     run.join("units").join(subject).join(format!("{}.error.txt", method.name()))
 }
@@ -424,6 +538,10 @@ pub struct UnitScores {
     pub images: Vec<String>,
     pub seconds: serde_json::Value,
     pub settings: serde_json::Value,
+    /// The method's settings with the subject left out ([`method_settings`]): what `report`
+    /// requires to agree between the units it averages. Null in units of older versions.
+    #[serde(default)]
+    pub method_settings: serde_json::Value,
 }
 
 /// What a run did.
@@ -432,11 +550,25 @@ pub struct RunSummary {
     pub done: Vec<String>,
     pub skipped: Vec<String>,
     pub failed: Vec<(String, String)>,
+    /// Units another process holds (its lock): (unit, who).
+    pub busy: Vec<(String, String)>,
+    /// Finished units redone because their settings differed (`redo_mismatched`).
+    pub redone: Vec<String>,
     pub seconds_per_unit: Vec<f64>,
 }
 
+/// What runs one unit: [`run_unit`], or (tests) a stand-in.
+pub type UnitRunner<'a> =
+    dyn FnMut(&BenchmarkConfig, &Dataset, &Unit, Option<&Evaluator>, Option<&Path>) -> Result<()> + 'a;
+
 /// Runs this shard's units (skipping finished ones), with a bar over units.
 pub fn run(cfg: &BenchmarkConfig) -> Result<RunSummary> {
+    run_with(cfg, &mut run_unit)
+}
+
+/// [`run`] with `unit` running each unit (in its lock, with errors and panics caught: a failed
+/// unit's `.partial` folder is removed and its error written).
+pub fn run_with(cfg: &BenchmarkConfig, unit: &mut UnitRunner) -> Result<RunSummary> {
     if cfg.prompts == 0 || cfg.images_per_prompt == 0 {
         bail!("--prompts and --images-per-prompt must be at least 1");
     }
@@ -450,6 +582,25 @@ pub fn run(cfg: &BenchmarkConfig) -> Result<RunSummary> {
     }
     let all = units(&dataset, &cfg.subjects, &cfg.methods)?;
     let mine: Vec<&Unit> = all.iter().filter(|u| cfg.shard.takes(u.index)).collect();
+    // Finished units made with other settings are refused (or, with `redo_mismatched`, redone)
+    // before anything is written.
+    let mut mismatched = Vec::new();
+    for u in &mine {
+        if let Some(changed) = finished_with_other_settings(cfg, u)? {
+            mismatched.push((format!("{}/{}", u.subject.name, u.method.name()), changed));
+        }
+    }
+    if !mismatched.is_empty() && !cfg.redo_mismatched {
+        let list: Vec<String> = mismatched.iter().take(5).map(|(n, c)| format!("{n} ({})", c.join(", "))).collect();
+        bail!(
+            "--out {} holds {} finished unit(s) made with other settings than this run's: {}{}; pass \
+             --redo-mismatched to redo them, or choose another --out",
+            cfg.out.display(),
+            mismatched.len(),
+            list.join("; "),
+            if mismatched.len() > 5 { "; …" } else { "" }
+        );
+    }
     std::fs::create_dir_all(cfg.out.join("units")).with_context(|| format!("cannot create {}", cfg.out.display()))?;
     eprintln!(
         "benchmark: {} unit(s) in all, {} in shard {}/{}",
@@ -465,7 +616,22 @@ pub fn run(cfg: &BenchmarkConfig) -> Result<RunSummary> {
         let name = format!("{}/{}", u.subject.name, u.method.name());
         nest.bar.set_message(name.clone());
         let dir = unit_dir(&cfg.out, &u.subject.name, u.method);
-        if dir.join("scores.json").is_file() {
+        // one process per unit: shards of one run may share the folder, never a unit
+        std::fs::create_dir_all(dir.parent().context("unit folder")?)?;
+        let _lock = match crate::outdir::lock_file(
+            &lock_path(&cfg.out, &u.subject.name, u.method),
+            &format!("benchmark unit {name}"),
+        ) {
+            Ok(l) => l,
+            Err(e) => {
+                nest.bar.println(format!("{name}: not run: {e:#}"));
+                summary.busy.push((name, format!("{e:#}")));
+                nest.bar.inc(1);
+                continue;
+            }
+        };
+        let redo = mismatched.iter().any(|(n, _)| n == &name);
+        if dir.join("scores.json").is_file() && !redo {
             summary.skipped.push(name);
             nest.bar.inc(1);
             continue;
@@ -477,8 +643,11 @@ pub fn run(cfg: &BenchmarkConfig) -> Result<RunSummary> {
         }
         let started = Instant::now();
         let err_path = error_file(&cfg.out, &u.subject.name, u.method);
-        match run_unit(cfg, &dataset, u, evaluator.as_ref(), world.as_deref()) {
+        match catch_panic(|| unit(cfg, &dataset, u, evaluator.as_ref(), world.as_deref())) {
             Ok(()) => {
+                if redo {
+                    summary.redone.push(name.clone());
+                }
                 let _ = std::fs::remove_file(&err_path);
                 summary.seconds_per_unit.push(started.elapsed().as_secs_f64());
                 nest.bar.println(format!("{name}: done in {:.1}s", started.elapsed().as_secs_f64()));
@@ -529,50 +698,8 @@ pub fn run_unit(
     std::fs::create_dir_all(tmp.join("images"))?;
     let mut log = String::new();
     let guided = m.guided() && !s.live();
-    let token = format!("<{}>", s.name);
     let mode = m.mode();
-    let args = LearnArgs {
-        mode,
-        space: Space::Input,
-        n_tokens: cfg.tokens,
-        token: token.clone(),
-        class_noun: s.class.clone(),
-        captions: if cfg.caption_templates.is_empty() {
-            captions(mode, &s.class, &token, cfg.tokens)
-        } else {
-            captions_from(&cfg.caption_templates, mode, &s.class, &token, cfg.tokens)
-        },
-        steps: cfg.learn_steps,
-        lr: cfg.lr,
-        reg_weight: if mode == Mode::Hifi { cfg.reg_weight } else { 0.0 },
-        stepwise_steps: if m.stepwise() { cfg.stepwise_steps } else { 0 },
-        ddim_steps: cfg.steps,
-        batch_size: 1,
-        seed: cfg.seed,
-        masked: masks.is_some(),
-    };
-    let db_args = m.dreambooth().then(|| {
-        let mut d = crate::dreambooth::DreamBoothArgs::new("sks", &s.class);
-        d.steps = cfg.db_steps;
-        d.lr = cfg.db_lr;
-        d.class_images = cfg.db_class_images;
-        d.class_steps = cfg.steps;
-        d.seed = cfg.seed;
-        if let Some(t) = cfg.caption_templates.first() {
-            d.class_prompt = t.replace("{}", &s.class); // the class images in the captions' language
-        }
-        d
-    });
-    let settings = serde_json::json!({
-        "method": m.name(), "describe": m.describe(),
-        "learn": if let Some(d) = &db_args { serde_json::to_value(d)? } else { serde_json::to_value(&args)? },
-        "guided": guided,
-        "generate": {"steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed,
-                     "prompts": cfg.prompts, "images_per_prompt": cfg.images_per_prompt},
-        "reference_guidance": guided.then(|| serde_json::json!({"t_start": cfg.t_start, "t_end": cfg.t_end,
-                     "guidance_steps": cfg.guidance_steps, "guidance_lr": cfg.guidance_lr, "dino": cfg.dino})),
-        "model": cfg.model, "dataset": cfg.dataset, "masks": masks,
-    });
+    let (args, db_args, settings) = unit_settings(cfg, s, m)?;
     log.push_str(&format!("settings: {settings}\n"));
     // 1. learn
     let t0 = Instant::now();
@@ -744,6 +871,7 @@ pub fn run_unit(
         images: names,
         seconds: serde_json::json!({"learn": learn_s, "generate": gen_s, "score": score_s, "total": total}),
         settings,
+        method_settings: method_settings(cfg, m)?,
     };
     log.push_str(&format!(
         "generated {n_images} image(s) in {gen_s:.2}s; scored in {score_s:.2}s: {}\n",
@@ -757,7 +885,8 @@ pub fn run_unit(
     write_bytes_atomic(&tmp.join("scores.json"), serde_json::to_string_pretty(&scores)?.as_bytes())?;
     let dest = unit_dir(&cfg.out, &s.name, m);
     if dest.exists() {
-        // a folder without scores.json cannot come from a finished unit; replace it
+        // a folder without scores.json cannot come from a finished unit, and one with it is
+        // redone only when its settings differ (`redo_mismatched`): replace it
         std::fs::remove_dir_all(&dest).with_context(|| format!("cannot remove {}", dest.display()))?;
     }
     std::fs::rename(&tmp, &dest).with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;

@@ -80,8 +80,9 @@ fn method_rank(name: &str) -> usize {
 }
 
 /// Reads every finished unit (`units/*/*/scores.json`) of the runs. The same unit in two runs is
-/// an error (the runs overlap).
-pub fn collect(runs: &[PathBuf]) -> Result<Merged> {
+/// an error (the runs overlap), and so are units made with different settings
+/// ([`check_settings`]) unless `allow_mixed`.
+pub fn collect(runs: &[PathBuf], allow_mixed: bool) -> Result<Merged> {
     let mut units: Vec<FoundUnit> = Vec::new();
     let mut errors = Vec::new();
     for run in runs {
@@ -125,6 +126,7 @@ pub fn collect(runs: &[PathBuf]) -> Result<Merged> {
             }
         }
     }
+    check_settings(&units, allow_mixed)?;
     units.sort_by(|a, b| {
         (a.scores.subject.as_str(), method_rank(&a.scores.method), a.scores.method.as_str()).cmp(&(
             b.scores.subject.as_str(),
@@ -158,6 +160,66 @@ pub fn collect(runs: &[PathBuf]) -> Result<Merged> {
     }
     let metrics = METRICS.iter().filter(|k| units.iter().any(|u| k.of(&u.scores).is_some())).collect();
     Ok(Merged { units, failed, methods, method_order, metrics })
+}
+
+/// Refuses (or, with `allow_mixed`, warns about) units that were made with different settings:
+/// the units of a method must have equal [`super::method_settings`], and all units the same
+/// model, dataset, model options and generation settings. Units of older versions (no recorded
+/// method settings) are not compared.
+pub fn check_settings(units: &[FoundUnit], allow_mixed: bool) -> Result<()> {
+    let common = |v: &serde_json::Value| serde_json::json!({"model": v["model"], "dataset": v["dataset"], "generate": v["generate"], "load": v.get("load")});
+    let mut problems: Vec<String> = Vec::new();
+    let mut first_of: BTreeMap<&str, &FoundUnit> = BTreeMap::new();
+    let mut first: Option<&FoundUnit> = None;
+    let mut unchecked = 0;
+    for u in units {
+        let ms = &u.scores.method_settings;
+        if ms.is_null() {
+            unchecked += 1;
+            continue;
+        }
+        let mut compare = |f: &FoundUnit, a: &serde_json::Value, b: &serde_json::Value| {
+            let c = crate::outdir::changed_settings(a, b);
+            if !c.is_empty() {
+                problems.push(format!(
+                    "{}/{} in {} vs {}/{} in {} ({})",
+                    f.scores.subject,
+                    f.scores.method,
+                    f.dir.display(),
+                    u.scores.subject,
+                    u.scores.method,
+                    u.dir.display(),
+                    c.join(", ")
+                ));
+            }
+        };
+        match first_of.get(u.scores.method.as_str()) {
+            Some(f) => compare(f, &f.scores.method_settings, ms),
+            None => {
+                if let Some(f) = first {
+                    compare(f, &common(&f.scores.method_settings), &common(ms));
+                }
+                first_of.insert(&u.scores.method, u);
+            }
+        }
+        first.get_or_insert(u);
+    }
+    if unchecked > 0 {
+        eprintln!("warning: {unchecked} unit(s) were made by an older version that did not record their settings: not compared");
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let n = problems.len();
+    let list = problems.into_iter().take(5).collect::<Vec<_>>().join("; ") + if n > 5 { "; …" } else { "" };
+    if allow_mixed {
+        eprintln!("warning: merging units made with different settings (--allow-mixed-settings): {list}");
+        return Ok(());
+    }
+    bail!(
+        "the units were made with different settings, so they cannot be averaged: {list}; pass \
+         --allow-mixed-settings to merge them anyway (a model or dataset at another path counts as another setting)"
+    )
 }
 
 /// `results.json`: `{"units": [...], "methods": {...}}`.
@@ -394,8 +456,9 @@ fn read_prompt_map(dir: &Path) -> BTreeMap<String, String> {
 }
 
 /// Writes `report.html`, `results.csv`, `results.json` into `out`; returns the Markdown tables.
-pub fn write(runs: &[PathBuf], out: &Path) -> Result<String> {
-    let m = collect(runs)?;
+/// Units made with different settings are refused unless `allow_mixed` ([`check_settings`]).
+pub fn write(runs: &[PathBuf], out: &Path, allow_mixed: bool) -> Result<String> {
+    let m = collect(runs, allow_mixed)?;
     if m.units.is_empty() {
         bail!("no finished units in {}", runs.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", "));
     }

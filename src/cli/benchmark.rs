@@ -84,6 +84,10 @@ pub struct Args {
     shards: Option<usize>,
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Redo the finished units of --out that were made with other settings (without it, such a
+    /// rerun is refused).
+    #[arg(long)]
+    redo_mismatched: bool,
 }
 
 pub fn run_cmd(a: Args) -> Result<()> {
@@ -124,6 +128,7 @@ pub fn run_cmd(a: Args) -> Result<()> {
         guidance_lr: a.reference.guidance_lr,
         shard,
         device,
+        redo_mismatched: a.redo_mismatched,
     };
     let s = run(&cfg)?;
     let mean = if s.seconds_per_unit.is_empty() {
@@ -131,12 +136,20 @@ pub fn run_cmd(a: Args) -> Result<()> {
     } else {
         s.seconds_per_unit.iter().sum::<f64>() / s.seconds_per_unit.len() as f64
     };
-    let summary = serde_json::json!({"done": s.done, "skipped": s.skipped,
+    let summary = serde_json::json!({"done": s.done, "skipped": s.skipped, "redone": s.redone,
         "failed": s.failed.iter().map(|(u, e)| serde_json::json!({"unit": u, "error": e})).collect::<Vec<_>>(),
+        "busy": s.busy.iter().map(|(u, e)| serde_json::json!({"unit": u, "error": e})).collect::<Vec<_>>(),
         "mean_seconds_per_unit": mean, "shard": cfg.shard});
     println!("{summary}");
     if !s.failed.is_empty() {
         bail!("{} unit(s) failed (see RUN/units/SUBJECT/METHOD.error.txt); rerun to retry them", s.failed.len());
+    }
+    if !s.busy.is_empty() {
+        bail!(
+            "{} unit(s) were not run: another process holds them ({})",
+            s.busy.len(),
+            s.busy.iter().map(|(_, e)| e.as_str()).collect::<Vec<_>>().join("; ")
+        );
     }
     Ok(())
 }

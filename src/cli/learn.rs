@@ -109,6 +109,8 @@ pub fn run(mut a: Args) -> Result<()> {
             bail!("--gradient-checkpointing applies to --mode dreambooth only (got --mode {})", a.mode);
         }
     }
+    // SAM's masks go into --out: lock it first (the job takes the lock again, re-entrantly)
+    let _lock = a.sam.is_some().then(|| hifi_tuner::outdir::lock_dir(&a.out, "--out")).transpose()?;
     if let Some(sam) = a.sam.clone() {
         a.masks = Some(sam_masks(&a, &sam)?);
     }

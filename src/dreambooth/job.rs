@@ -25,12 +25,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-pub const MANIFEST_FILE: &str = "dreambooth.json";
+pub use crate::subject::file::MANIFEST_FILE;
 pub const MODEL_DIR: &str = "model";
 pub const CLASS_DIR: &str = "class_images";
 const CLASS_INFO: &str = "class_images.json";
 pub const FORMAT: &str = "hifi-tuner-dreambooth/1";
 const CHECKPOINT_FORMAT: &str = "hifi-tuner-dreambooth-checkpoint/1";
+const CHECKPOINT_WHAT: &str = "hifi-tuner DreamBooth checkpoint";
 /// Classifier-free guidance of the class images (diffusers' pipeline default).
 const CLASS_GUIDANCE: f64 = 7.5;
 
@@ -62,6 +63,10 @@ pub struct Manifest {
     pub model: String,
     pub images: String,
     pub train_text_encoder: bool,
+    /// Every argument of the run (those its checkpoint must match), so that another run
+    /// pointed at this folder is told which differ; absent in folders of older versions.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub args: serde_json::Value,
 }
 
 impl Manifest {
@@ -88,6 +93,8 @@ impl Manifest {
 pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
     let args = &job.args;
     args.validate()?;
+    let _lock = crate::outdir::lock_dir(&job.out, "--out")?;
+    let identity = identity(job)?;
     let manifest = Manifest {
         format: FORMAT.into(),
         mode: "dreambooth".into(),
@@ -98,6 +105,7 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
         model: job.model.display().to_string(),
         images: job.images.display().to_string(),
         train_text_encoder: args.train_text_encoder,
+        args: identity.clone(),
     };
     check_out(&job.out, &manifest)?;
     let ckpt_path = crate::subject::job::checkpoint_path(&job.out, job.resume)?;
@@ -119,6 +127,17 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
         if sd.tokenizer.encode_padded(prompt).truncated {
             bail!("the {what} prompt {prompt:?} is too long for the text encoder");
         }
+    }
+    let inputs = crate::subject::job::input_hashes(&photos)?;
+    if job.resume {
+        // before anything is written: the checkpoint must come from these arguments and inputs
+        crate::subject::job::checkpoint_metadata(
+            &ckpt_path,
+            CHECKPOINT_FORMAT,
+            CHECKPOINT_WHAT,
+            &identity,
+            Some(&inputs),
+        )?;
     }
     check_disk_space(&job.out, &sd, args)?;
     std::fs::create_dir_all(&job.out).with_context(|| format!("cannot create {}", job.out.display()))?;
@@ -142,10 +161,9 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
             class_ids: sd.tokenize(&args.class_prompt),
         })
     })?;
-    let identity = identity(job)?;
     let mut params = Params::unfreeze(&mut sd, args.train_text_encoder);
     let mut state = if job.resume {
-        read_checkpoint(&ckpt_path, &identity, &mut params, args)?
+        read_checkpoint(&ckpt_path, &identity, &inputs, &mut params, args)?
     } else {
         DbState::new(&params, args)
     };
@@ -165,7 +183,7 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
             bar.set_position(state.step as u64);
             bar.set_message(format!("loss {:.4}", r.loss));
             if job.checkpoint_every > 0 && state.step % job.checkpoint_every == 0 {
-                write_checkpoint(&ckpt_path, &params, &state, &identity)?;
+                write_checkpoint(&ckpt_path, &params, &state, &identity, &inputs)?;
             }
             if let Some(d) = delay {
                 std::thread::sleep(d);
@@ -186,27 +204,48 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
     Ok(model)
 }
 
-/// Refuses an `--out` that holds another subject: a HiFi / TI result, or a DreamBooth one of
-/// another token, class, base model or photo folder.
+/// Refuses an `--out` that holds another subject (a HiFi / TI result, or a DreamBooth one of
+/// another token, class, base model, photo folder or text-encoder choice) or a finished model
+/// (as `learn` refuses a finished HiFi / TI run: the model would be overwritten). The message
+/// names each argument that differs, old → new.
 fn check_out(out: &Path, want: &Manifest) -> Result<()> {
     for f in [crate::subject::file::SUBJECT_FILE, "learned_embeds.safetensors"] {
         if out.join(f).exists() {
             bail!("--out {} already holds another subject ({f}); choose another --out", out.display());
         }
     }
-    if let Some(have) = Manifest::read(out)? {
-        let same = (&have.token, &have.class_noun, &have.model, &have.images, have.train_text_encoder)
-            == (&want.token, &want.class_noun, &want.model, &want.images, want.train_text_encoder);
-        if !same {
-            bail!(
-                "--out {} already holds another DreamBooth subject ({} {}, from {} and {}); choose another --out",
-                out.display(),
-                have.token,
-                have.class_noun,
-                have.images,
-                have.model
-            );
-        }
+    let Some(have) = Manifest::read(out)? else {
+        return Ok(());
+    };
+    let subject = |m: &Manifest| {
+        serde_json::json!({"token": m.token, "class_noun": m.class_noun, "model": m.model, "images": m.images,
+            "train_text_encoder": m.train_text_encoder})
+    };
+    let changed = crate::outdir::changed_settings(&subject(&have), &subject(want));
+    if !changed.is_empty() {
+        bail!(
+            "--out {} already holds another DreamBooth subject ({}); choose another --out",
+            out.display(),
+            changed.join(", ")
+        );
+    }
+    let model = out.join(MODEL_DIR);
+    if model.is_dir() {
+        let how = if have.args.is_null() {
+            "by an older version, which did not record its arguments".to_string()
+        } else {
+            match crate::outdir::changed_settings(&have.args, &want.args) {
+                c if c.is_empty() => "with the same arguments".to_string(),
+                c => format!("with other arguments ({})", c.join(", ")),
+            }
+        };
+        bail!(
+            "--out {} already holds a finished DreamBooth model ({}), trained {how}; choose another --out, or delete {} \
+             to train there again (its class images are reused)",
+            out.display(),
+            model.display(),
+            model.display()
+        );
     }
     Ok(())
 }
@@ -373,11 +412,18 @@ fn write_log(f: &mut std::fs::File, r: &DbStepReport, lr: f64, seconds: f64) -> 
 
 /// The checkpoint: `param.NAME`, `adam.m.NAME`, `adam.v.NAME` for every trained weight, the
 /// step and the AdamW step count; written atomically over the previous one.
-fn write_checkpoint(path: &Path, params: &Params, s: &DbState, identity: &serde_json::Value) -> Result<()> {
+fn write_checkpoint(
+    path: &Path,
+    params: &Params,
+    s: &DbState,
+    identity: &serde_json::Value,
+    inputs: &serde_json::Value,
+) -> Result<()> {
     let mut meta = BTreeMap::new();
     meta.insert("format".into(), CHECKPOINT_FORMAT.into());
     meta.insert("step".into(), s.step.to_string());
     meta.insert("args".into(), serde_json::to_string(identity)?);
+    meta.insert(crate::subject::job::INPUTS_KEY.into(), serde_json::to_string(inputs)?);
     write_adam_checkpoint(path, &params.names, &params.tensors, &s.adam, meta)
 }
 
@@ -386,15 +432,12 @@ fn write_checkpoint(path: &Path, params: &Params, s: &DbState, identity: &serde_
 fn read_checkpoint(
     path: &Path,
     identity: &serde_json::Value,
+    inputs: &serde_json::Value,
     params: &mut Params,
     args: &DreamBoothArgs,
 ) -> Result<DbState> {
-    let meta = crate::subject::job::checkpoint_metadata(
-        path,
-        CHECKPOINT_FORMAT,
-        "hifi-tuner DreamBooth checkpoint",
-        identity,
-    )?;
+    let meta =
+        crate::subject::job::checkpoint_metadata(path, CHECKPOINT_FORMAT, CHECKPOINT_WHAT, identity, Some(inputs))?;
     let mut state = DbState::new(params, args);
     read_adam_checkpoint(path, &meta, &params.names, &mut params.tensors, &mut state.adam)?;
     state.step = meta.get("step").with_context(|| format!("{}: no step", path.display()))?.parse()?;
@@ -411,6 +454,9 @@ pub fn write_model(source: &Path, dst: &Path, sd: &StableDiffusion, text_encoder
         std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
     }
     let trained = |rel: &Path| {
+        if rel.file_name().is_some_and(|n| n == crate::outdir::LOCK_FILE) {
+            return true; // not a model file: a lock another run holds (or a killed one left)
+        }
         let first = rel.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned());
         let is_config = rel.file_name().is_some_and(|n| n == "config.json");
         match first.as_deref() {

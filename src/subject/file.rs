@@ -15,6 +15,10 @@ use tch::{Kind, Tensor};
 
 pub const FORMAT: &str = "hifi-tuner-subject/1";
 pub const SUBJECT_FILE: &str = "subject.safetensors";
+/// `dreambooth.json`, the manifest of a DreamBooth subject folder (`dreambooth::job`).
+/// Named here, in the lower module, so that the `learn` job can refuse such a folder without
+/// importing `dreambooth` (imports go one way: `dreambooth` → `subject`).
+pub const MANIFEST_FILE: &str = "dreambooth.json";
 
 /// A learned subject: c_s and the step-wise c_s^t of Algorithm 1.
 #[derive(Debug)]

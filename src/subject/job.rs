@@ -7,7 +7,7 @@
 //! from (`photos/`, `masks/`), so it is self-contained.
 
 use super::data::{latent_masks, load_photos, MaskFit};
-use super::file::{a1111_file_name, save_a1111_embedding, save_learned_embeds, Subject, SUBJECT_FILE};
+use super::file::{a1111_file_name, save_a1111_embedding, save_learned_embeds, Subject, MANIFEST_FILE, SUBJECT_FILE};
 use super::learn::{LearnArgs, Objective, State, StepReport, TrainSet};
 use super::{conditioning, ti, Mode};
 use crate::io::{image_to_u8, mask_to_u8, write_atomic, write_safetensors_atomic, RgbImage};
@@ -34,6 +34,9 @@ pub const TEMPLATES: [&str; 6] = [
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const LOG_FILE: &str = "train_log.jsonl";
 const CHECKPOINT_FORMAT: &str = "hifi-tuner-checkpoint/1";
+const CHECKPOINT_WHAT: &str = "hifi-tuner checkpoint";
+/// The checkpoint metadata key of [`input_hashes`].
+pub const INPUTS_KEY: &str = "inputs";
 
 /// A `learn` invocation.
 #[derive(Debug, Clone)]
@@ -68,13 +71,19 @@ pub fn captions_from<S: AsRef<str>>(templates: &[S], mode: Mode, class_noun: &st
 /// Runs a `learn` job to the end; returns the path of the written subject or embedding file.
 pub fn learn(job: &LearnJob) -> Result<PathBuf> {
     validate(job)?;
-    if job.out.join(crate::dreambooth::job::MANIFEST_FILE).exists() {
+    let _lock = crate::outdir::lock_dir(&job.out, "--out")?;
+    if job.out.join(MANIFEST_FILE).exists() {
         bail!("--out {} already holds another subject (a DreamBooth model); choose another --out", job.out.display());
     }
     let ckpt_path = checkpoint_path(&job.out, job.resume)?;
     let identity = identity(job)?;
     let mut sd = StableDiffusion::load_with(&job.model, &job.load, job.device)?;
     let photos = load_photos(&job.images, job.masks.as_deref(), sd.default_size() as u32, MaskFit::SameAspect)?;
+    let inputs = input_hashes(&photos)?;
+    if job.resume {
+        // before anything is written: the checkpoint must come from these arguments and inputs
+        checkpoint_metadata(&ckpt_path, CHECKPOINT_FORMAT, CHECKPOINT_WHAT, &identity, Some(&inputs))?;
+    }
     let args = &job.args;
     let (ti_base, init_ti) = if args.mode == Mode::Ti { setup_ti(&mut sd, args)? } else { (0, None) };
     let caption_ids = caption_ids(&sd, args)?;
@@ -83,7 +92,7 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
     save_photos(&job.out, &photos)?;
     let obj = Objective::new(&sd, args.clone(), data, caption_ids, ti_base)?;
     let mut state = if job.resume {
-        read_checkpoint(&ckpt_path, &identity, args.lr, job.device)?
+        read_checkpoint(&ckpt_path, &identity, &inputs, args.lr, job.device)?
     } else {
         State::new(init_ti.as_ref().unwrap_or(&obj.phi_s), args.lr)
     };
@@ -99,7 +108,7 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
         bar.set_position(g as u64);
         bar.set_message(format!("loss {:.4}", r.loss));
         if job.checkpoint_every > 0 && g % job.checkpoint_every == 0 {
-            write_checkpoint(&ckpt_path, state, &identity)?;
+            write_checkpoint(&ckpt_path, state, &identity, &inputs)?;
         }
         if let Some(d) = delay {
             std::thread::sleep(d);
@@ -110,7 +119,7 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
     if let Err(e) = result {
         return Err(stopped(e, &ckpt_path, "learning"));
     }
-    write_checkpoint(&ckpt_path, &state, &identity)?;
+    write_checkpoint(&ckpt_path, &state, &identity, &inputs)?;
     write_result(job, &obj, &state)
 }
 
@@ -211,7 +220,7 @@ fn identity(job: &LearnJob) -> Result<serde_json::Value> {
     Ok(v)
 }
 
-fn write_checkpoint(path: &Path, s: &State, identity: &serde_json::Value) -> Result<()> {
+fn write_checkpoint(path: &Path, s: &State, identity: &serde_json::Value, inputs: &serde_json::Value) -> Result<()> {
     let mut t = vec![
         ("param".to_string(), s.param.detach()),
         ("adam.m".into(), s.adam.m.shallow_clone()),
@@ -229,11 +238,18 @@ fn write_checkpoint(path: &Path, s: &State, identity: &serde_json::Value) -> Res
     meta.insert("step".into(), s.step.to_string());
     meta.insert("adam.step".into(), s.adam.step.to_string());
     meta.insert("args".into(), serde_json::to_string(identity)?);
+    meta.insert(INPUTS_KEY.into(), serde_json::to_string(inputs)?);
     write_safetensors_atomic(path, &t, &meta)
 }
 
-fn read_checkpoint(path: &Path, identity: &serde_json::Value, lr: f64, device: Device) -> Result<State> {
-    let meta = checkpoint_metadata(path, CHECKPOINT_FORMAT, "hifi-tuner checkpoint", identity)?;
+fn read_checkpoint(
+    path: &Path,
+    identity: &serde_json::Value,
+    inputs: &serde_json::Value,
+    lr: f64,
+    device: Device,
+) -> Result<State> {
+    let meta = checkpoint_metadata(path, CHECKPOINT_FORMAT, CHECKPOINT_WHAT, identity, Some(inputs))?;
     let t: BTreeMap<String, Tensor> =
         read_safetensors(path)?.into_iter().map(|(k, v)| (k, v.to_device(device))).collect();
     let get = |k: &str| t.get(k).map(|x| x.shallow_clone()).with_context(|| format!("{}: no {k}", path.display()));
@@ -356,13 +372,16 @@ pub fn stopped(e: anyhow::Error, ckpt_path: &Path, what: &str) -> anyhow::Error 
     e.context(format!("{what} stopped; {kept}"))
 }
 
-/// A checkpoint's metadata, after checking its format and that it was made with the same
-/// arguments (`identity`); a mismatch names each changed argument.
+/// A checkpoint's metadata, after checking its format, that it was made with the same
+/// arguments (`identity`; a mismatch names each changed argument) and, for runs that read
+/// photos, from the same photos and masks (`inputs`, [`input_hashes`]; a mismatch names the
+/// file).
 pub fn checkpoint_metadata(
     path: &Path,
     format: &str,
     what: &str,
     identity: &serde_json::Value,
+    inputs: Option<&serde_json::Value>,
 ) -> Result<HashMap<String, String>> {
     let meta = safetensors_metadata(path)?;
     if meta.get("format").map(String::as_str) != Some(format) {
@@ -370,18 +389,69 @@ pub fn checkpoint_metadata(
     }
     let saved: serde_json::Value = serde_json::from_str(meta.get("args").map(String::as_str).unwrap_or("null"))?;
     if &saved != identity {
-        let changed: Vec<String> = identity
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(k, v)| saved.get(k.as_str()) != Some(v))
-            .map(|(k, v)| format!("{k}: {} → {v}", saved.get(k.as_str()).unwrap_or(&serde_json::Value::Null)))
-            .collect();
         bail!(
             "--resume with changed arguments ({}); {} was made with other settings",
-            changed.join(", "),
+            crate::outdir::changed_settings(&saved, identity).join(", "),
             path.display()
         );
     }
+    match (inputs, meta.get(INPUTS_KEY)) {
+        (None, _) => {}
+        (Some(inputs), Some(text)) => check_inputs(path, &serde_json::from_str(text)?, inputs)?,
+        (Some(_), None) => eprintln!(
+            "warning: {} records no hashes of its photos (an older version wrote it): cannot check that they are unchanged",
+            path.display()
+        ),
+    }
     Ok(meta)
+}
+
+/// The SHA-256 of each photo and mask a run learns from, by path:
+/// `{"photos": {PATH: HEX}, "masks": {PATH: HEX}}`. Stored in the checkpoints, so that
+/// `--resume` refuses inputs changed since (a resumed run would mix the old and the new).
+pub fn input_hashes(photos: &[super::data::Photo]) -> Result<serde_json::Value> {
+    let mut p = serde_json::Map::new();
+    let mut m = serde_json::Map::new();
+    for photo in photos {
+        p.insert(photo.path.display().to_string(), crate::io::file_sha256(&photo.path)?.into());
+        if let Some(mp) = &photo.mask_path {
+            m.insert(mp.display().to_string(), crate::io::file_sha256(mp)?.into());
+        }
+    }
+    Ok(serde_json::json!({"photos": p, "masks": m}))
+}
+
+/// The first 12 hex digits of a hash, for messages.
+fn short_hash(h: &serde_json::Value) -> String {
+    h.as_str().unwrap_or("?").chars().take(12).collect::<String>() + "…"
+}
+
+/// Refuses inputs that differ from those the checkpoint `path` recorded, naming the first file.
+fn check_inputs(path: &Path, saved: &serde_json::Value, now: &serde_json::Value) -> Result<()> {
+    for (kind, one) in [("photos", "photo"), ("masks", "mask")] {
+        let empty = serde_json::Map::new();
+        let (was, is) = (saved[kind].as_object().unwrap_or(&empty), now[kind].as_object().unwrap_or(&empty));
+        let fix = "restore it, or start a new run (without --resume, in another --out)";
+        for (file, hash) in is {
+            match was.get(file) {
+                Some(h) if h == hash => {}
+                Some(h) => bail!(
+                    "--resume: the {one} {file} changed since {} was written (SHA-256 {} then, {} now); a resumed run \
+                     would mix the two: {fix}",
+                    path.display(),
+                    short_hash(h),
+                    short_hash(hash),
+                ),
+                None => bail!(
+                    "--resume: the {one} {file} is new: {} was made without it; remove it, or start a new run \
+                     (without --resume, in another --out)",
+                    path.display()
+                ),
+            }
+        }
+        if let Some(file) = was.keys().find(|f| !is.contains_key(*f)) {
+            bail!("--resume: the {one} {file} that {} was made from is gone; {fix}", path.display());
+        }
+    }
+    Ok(())
 }

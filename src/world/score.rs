@@ -69,7 +69,9 @@ pub fn fidelity(generated: &Tensor, gt: &Tensor, gt_mask: &Tensor) -> Result<Fid
             let a = g2.conv2d(&ms, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1); // Σ M·G²: (1, 1, H−h+1, W−w+1)
             let b = g.conv2d(&(&ts * &ms), None::<Tensor>, [1, 1], [0, 0], [1, 1], 1); // Σ M·T·G
             let c = (ts.square() * &ms).sum(Kind::Float); // Σ M·T²
-            let sse = (a - b * 2.0 + c).clamp_min(0.0).squeeze(); // (H−h+1, W−w+1)
+            let sse = (a - b * 2.0 + c).clamp_min(0.0);
+            // (H−h+1, W−w+1): either side may be 1 (a template as tall or as wide as the image)
+            let sse = sse.squeeze_dim(0).squeeze_dim(0);
             let flat = sse.view([-1]);
             let i = flat.argmin(0, false).int64_value(&[]);
             let rmse = (flat.double_value(&[i]) / (3.0 * area)).sqrt();
@@ -103,4 +105,30 @@ pub fn render_tensors(r: &super::Render) -> (Tensor, Tensor) {
     let img = Tensor::from_slice(&r.rgb).view([s, s, 3]).permute([2, 0, 1]).to_kind(Kind::Float) / 255.0;
     let mask = Tensor::from_slice(&r.mask).view([1, s, s]).to_kind(Kind::Float) / 255.0;
     (img, mask)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A generated image exactly as tall (or as wide) as the scaled template: one row (column)
+    /// of positions, which a plain `squeeze` dropped (issue 18).
+    #[test]
+    fn a_template_as_tall_or_as_wide_as_the_image_is_scored() {
+        let cpu = (Kind::Float, tch::Device::Cpu);
+        // an 8×8 patterned subject (only scale 1 matches it exactly) in a 16×16 ground truth
+        let pattern: Vec<f32> = (0..3 * 64).map(|k| ((k * 7 + k / 8 * 3) % 11) as f32 / 10.0).collect();
+        let p = Tensor::from_slice(&pattern).view([3, 8, 8]);
+        let gt = Tensor::zeros([3, 16, 16], cpu);
+        let mask = Tensor::zeros([1, 16, 16], cpu);
+        gt.narrow(1, 4, 8).narrow(2, 4, 8).copy_(&p);
+        let _ = mask.narrow(1, 4, 8).narrow(2, 4, 8).fill_(1.0);
+        for (h, w, y, x) in [(8, 20, 0, 5), (20, 8, 5, 0), (8, 8, 0, 0)] {
+            let g = Tensor::zeros([3, h, w], cpu);
+            g.narrow(1, y, 8).narrow(2, x, 8).copy_(&p);
+            let f = fidelity(&g, &gt, &mask).unwrap();
+            assert!(f.rmse < 1e-3, "{h}×{w}: {f:?}");
+            assert_eq!((f.scale, f.x, f.y), (1.0, x, y), "{h}×{w}");
+        }
+    }
 }

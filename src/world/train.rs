@@ -189,7 +189,7 @@ impl Trainable {
 
     fn restore(&mut self, path: &Path, identity: &serde_json::Value) -> Result<()> {
         let meta =
-            crate::subject::job::checkpoint_metadata(path, CHECKPOINT_FORMAT, "train-base checkpoint", identity)?;
+            crate::subject::job::checkpoint_metadata(path, CHECKPOINT_FORMAT, "train-base checkpoint", identity, None)?;
         read_adam_checkpoint(path, &meta, &self.names, &mut self.tensors, &mut self.adam)?;
         self.step = meta.get("step").context("checkpoint: no step")?.parse()?;
         Ok(())
@@ -223,13 +223,21 @@ pub fn train_base(job: &TrainBaseJob) -> Result<PathBuf> {
     let out = &job.out;
     let identity = serde_json::to_value(a)?;
     let args_path = out.join(ARGS_FILE);
+    let _lock = crate::outdir::lock_dir(out, "--out")?;
     if job.resume {
         let saved: serde_json::Value =
             read_json(&args_path).with_context(|| format!("--resume: {} is not a train-base run", out.display()))?;
         if saved != identity {
-            bail!("--resume with other arguments than {} holds; use the same flags", args_path.display());
+            bail!(
+                "--resume with other arguments than {} holds ({}); use the same flags",
+                args_path.display(),
+                crate::outdir::changed_settings(&saved, &identity).join(", ")
+            );
         }
-    } else if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+    } else if std::fs::read_dir(out)
+        .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name() != crate::outdir::LOCK_FILE))
+        .unwrap_or(true)
+    {
         bail!("--out {} already exists and is not empty (pass --resume to continue a run there)", out.display());
     }
     if !job.resume {
