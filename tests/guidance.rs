@@ -157,7 +157,9 @@ fn round_trip(sd: &StableDiffusion) -> (f64, f64, f64) {
 /// (its round trip misses by an rms of ≈1.8 on latents of std 0.5), so the test tames it:
 /// with ε_θ ≡ 0 every F^-1 step must pair exactly with the F step that undoes it (the
 /// bookkeeping, to float precision), and with ε_θ scaled by 0.01 the round trip must stay
-/// within an rms of 3e-3 (measured 1.4e-3; the error grows as the scale^1.4).
+/// within an rms of 1e-2 and a max of 3e-2 (measured 1.41e-3 and 5.1e-3 at
+/// ATEN_CPU_CAPABILITY=default, the most of `make test-portable`'s runs: ≥ 5.9x; the error
+/// grows as the scale^1.4, and at scale 1 it is ≈ 1.8).
 #[test]
 fn ddim_invert_then_sample_reconstructs_the_latent() {
     let sd = sd();
@@ -169,8 +171,8 @@ fn ddim_invert_then_sample_reconstructs_the_latent() {
     scale_eps(&sd, 0.01);
     let (max, rms, _) = round_trip(&sd);
     eprintln!("invert→sample with ε×0.01: max |err| {max:.3e}, rms {rms:.3e}");
-    check_tol("round trip rms", rms, 3e-3);
-    check_tol("round trip max", max, 1.5e-2);
+    check_tol("round trip rms", rms, 1e-2);
+    check_tol("round trip max", max, 3e-2);
 }
 
 fn subject() -> Subject {

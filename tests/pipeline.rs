@@ -65,7 +65,9 @@ fn scheduler_steps_match_diffusers() {
         let t = |k: &str| r[k].int64_value(&[0]);
         assert_close(&s.step(eps, t("sched.t"), x), &r["sched.prev_sample"], 1e-6, "step");
         assert_close(&s.step(eps, t("sched.t_last"), x), &r["sched.prev_sample_last"], 1e-6, "last step");
-        assert_close(&s.inverse_step(eps, t("sched_inv.t"), x), &r["sched_inv.next_sample"], 1e-6, "inverse");
+        // 1e-5: the inverse step divides by √ᾱ of an early t, and was seen 7.2e-7 off (default
+        // ISA) against a bound of 2.9e-6 at 1e-6; 1e-5 keeps 40x.
+        assert_close(&s.inverse_step(eps, t("sched_inv.t"), x), &r["sched_inv.next_sample"], 1e-5, "inverse");
         assert_close(
             &s.inverse_step(eps, t("sched_inv.t_first"), x),
             &r["sched_inv.next_sample_first"],
@@ -128,7 +130,8 @@ fn batch_of_two_equals_two_singles() {
         );
         // Not bit-identical: libtorch's CPU conv2d sums in a batch-size-dependent order (diffusers
         // shows the same ~3e-6 on the raw UNet output); guidance w = 5 amplifies it (1 + w)-fold.
+        // Seen: 1.43e-5 at ATEN_CPU_CAPABILITY=default, so 5e-5 × (1 + w) keeps 21x.
         let d = max_abs_diff(&both, &singles);
-        check_tol("batch of 2 vs two singles", d, 1e-5 * (1.0 + 5.0));
+        check_tol("batch of 2 vs two singles", d, 5e-5 * (1.0 + 5.0));
     });
 }

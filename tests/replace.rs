@@ -72,14 +72,15 @@ fn null_text_inversion_matches_the_reference() {
     // φ*_t: Adam divides each gradient coordinate by its own running RMS, so a coordinate
     // whose gradient is ≈ 0 (padding rows the UNet barely reads) takes lr-sized steps in a
     // direction set by rounding noise. Hence two bounds: relative L2 over all of φ, and max
-    // |diff|. Measured with libtorch's AVX2 kernels (as on an AMD EPYC; `make test-portable`):
-    // 2.8e-5 and 1.07e-3 (AVX-512: less), which left only 3.5x and 1.9x under the old bounds
-    // 1e-4 and 2e-3. Now 3e-4 (> 10x; a wrong lr schedule moves φ by ~1e-2 relative) and 1e-2,
-    // one Adam step at lr 1e-2 (> 9x; φ moves by up to ≈ 0.5 in total, asserted > 0.1 below).
+    // |diff|. Measured over `make test-portable`'s runs: 2.8e-5 and 1.07e-3 with AVX2 kernels
+    // (as on an AMD EPYC), 2.6e-3 max at ATEN_CPU_CAPABILITY=default, which left 3.5x and 1.9x
+    // under the old bounds 1e-4 and 2e-3. Now 3e-4 (> 10x; a wrong lr schedule moves φ by ~1e-2
+    // relative) and 2e-2, two Adam steps at lr 1e-2 (7.7x; φ moves by up to ≈ 0.5 in total,
+    // asserted > 0.1 below).
     let phi = Tensor::cat(&nti.phi, 0);
     let rel_l2 = (&phi - &r["nti.phi"]).norm().double_value(&[]) / r["nti.phi"].norm().double_value(&[]);
     check_tol("φ*_t relative L2", rel_l2, 3e-4);
-    check_tol("φ*_t max", max_abs_diff(&phi, &r["nti.phi"]), 1e-2);
+    check_tol("φ*_t max", max_abs_diff(&phi, &r["nti.phi"]), 2e-2);
     let moved = max_abs_diff(&r["nti.phi"], &r["nti.uncond"].expand_as(&r["nti.phi"]));
     assert!(moved > 0.1, "the fixture's φ must move well beyond the tolerance ({moved})");
     assert_close(nti.x0.as_ref().unwrap(), &r["nti.x0_rec"], 1e-4, "reconstruction latent");

@@ -50,8 +50,12 @@ fn preprocessing_matches_the_processor() {
         let d = max_abs_diff(&p.pixel_values, want);
         let mean = (&p.pixel_values - want).abs().mean(Kind::Float).double_value(&[]);
         eprintln!("{name}: pixel values max |diff| {d:.2e}, mean {mean:.2e}");
-        check_tol(&format!("{name}: max"), d, 0.0176 + 1e-5);
-        check_tol(&format!("{name}: mean"), mean, 1e-4);
+        // The max is one 8-bit step whenever any pixel rounds the other way: a structural bound,
+        // not a rounding tolerance (it is that step on every CPU).
+        assert!(d <= 0.0176 + 1e-5, "{name}: max |diff| {d:.3e} is more than one 8-bit step");
+        // The mean counts how many pixels flip: 5.9e-5 at ATEN_CPU_CAPABILITY=default (the
+        // most), so 5e-4 (8x); a float filter rounded afterwards (2.6e-3) is still 5x above it.
+        check_tol(&format!("{name}: mean"), mean, 5e-4);
     }
 }
 

@@ -68,7 +68,10 @@ fn check_gradient(obj: &Objective, p0: &Tensor, what: &str) {
     let h = 1e-2;
     let fd = (loss_at(obj, &(p0 + &v * h), &b) - loss_at(obj, &(p0 - &v * h), &b)) / (2.0 * h);
     let rel = (fd - analytic).abs() / analytic.abs().max(1e-3);
-    check_tol(&format!("{what}: finite difference vs autograd (rel)"), rel, 2e-2);
+    // float32 losses differenced over 2h: the TI case misses by up to 7.9e-3 (at
+    // ATEN_CPU_CAPABILITY=default; the spaces by < 2e-4), so 5e-2 (6x); a wrong gradient is off
+    // by O(1).
+    check_tol(&format!("{what}: finite difference vs autograd (rel)"), rel, 5e-2);
     check_min(&format!("{what}: the gradient does not vanish"), analytic.abs(), 1e-5);
 }
 

@@ -131,7 +131,8 @@ fn recording_controller_sees_every_site_once_with_probabilities() {
         "recording controller vs sdpa: max abs diff {diff:.3e}; worst |row sum − 1| {:.3e}",
         rec.worst_row_sum_error
     );
-    check_tol("explicit softmax vs sdpa", diff, 1e-5);
+    // Two kernels, two summation orders: 2.4e-6 at ATEN_CPU_CAPABILITY=default; 2e-5 keeps 8x.
+    check_tol("explicit softmax vs sdpa", diff, 2e-5);
     check_tol("probability row sums", rec.worst_row_sum_error, 1e-5);
 
     let mut expected = BTreeMap::new();
@@ -190,7 +191,8 @@ fn batch_of_two_matches_two_single_runs() {
             "batch element {i}: max abs diff batched vs single {diff:.3e} (bit-identical: {})",
             one(&both).equal(&single)
         );
-        check_tol("batched vs single runs", diff, 1e-5);
+        // 2.4e-6 at ATEN_CPU_CAPABILITY=default; 2e-5 keeps 8x.
+        check_tol("batched vs single runs", diff, 2e-5);
     }
 }
 
