@@ -1,4 +1,4 @@
-use anyhow::{Context, Result};
+use anyhow::Result;
 use hifi_tuner::eval::dino::Dino;
 use std::path::PathBuf;
 
@@ -21,7 +21,7 @@ pub fn run(a: Args) -> Result<()> {
     let images = a
         .images
         .iter()
-        .map(|p| image::open(p).with_context(|| format!("cannot read image {}", p.display())))
+        .map(|p| hifi_tuner::io::open_image(p))
         .collect::<Result<Vec<_>>>()?;
     let dino = Dino::load(&a.model, device)?;
     let emb = dino.embed_images(&images)?.to_device(tch::Device::Cpu); // (n, d)

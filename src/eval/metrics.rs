@@ -117,7 +117,7 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Opens images, naming the file on error.
 pub fn open_images(paths: &[PathBuf]) -> Result<Vec<DynamicImage>> {
-    paths.iter().map(|p| image::open(p).with_context(|| format!("cannot read image {}", p.display()))).collect()
+    paths.iter().map(|p| crate::io::open_image(p)).collect()
 }
 
 /// The prompt of an AUTOMATIC1111-style `parameters` text: everything before the

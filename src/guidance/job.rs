@@ -272,7 +272,7 @@ fn choose_reference(
         let query = to_dynamic(&i_g1.get(0))?;
         let cands = photos
             .iter()
-            .map(|p| image::open(&p.path).with_context(|| format!("cannot read {}", p.path.display())))
+            .map(|p| crate::io::open_photo(&p.path))
             .collect::<Result<Vec<_>>>()?;
         let (best, sims) = dino.most_similar(&query, &cands)?;
         eprintln!("reference: {} (DINO cosine {:.3})", photos[best].path.display(), sims[best]);
