@@ -69,6 +69,17 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     })
 }
 
+/// [`read_safetensors`] for hifi-tuner's own files (subjects, embeddings, inversions,
+/// checkpoints): every tensor must be finite ([`check_finite`]; the error names the file and
+/// the first bad key).
+pub fn read_safetensors_finite(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let tensors = read_safetensors(path)?;
+    for (key, t) in &tensors {
+        check_finite(t, &path.display().to_string(), key)?;
+    }
+    Ok(tensors)
+}
+
 /// What to do with one key of a weight file before it is matched against the model.
 pub enum KeyAction {
     /// Load it under this (possibly renamed) name.
@@ -123,6 +134,7 @@ pub fn load_strict_tensors(
         if !matches!(value.kind(), Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
             bail!("{what}: tensor {key} has dtype {:?}, expected a float type", value.kind());
         }
+        check_finite(&value, what, &key)?;
         tch::no_grad(|| var.f_copy_(&value)).with_context(|| format!("{what}: cannot copy tensor {key}"))?;
         seen.insert(name, key);
     }
@@ -140,6 +152,27 @@ pub fn load_strict_tensors(
     }
     if !problems.is_empty() {
         bail!("{what} does not match the model: {}", problems.join("; "));
+    }
+    Ok(())
+}
+
+/// The number of NaN or ±inf values of a tensor, when it has any (one pass over the values).
+pub fn non_finite(value: &Tensor) -> Option<i64> {
+    if value.numel() == 0 || bool::try_from(value.isfinite().all()).unwrap_or(false) {
+        return None;
+    }
+    Some(value.isfinite().logical_not().sum(Kind::Int64).int64_value(&[]))
+}
+
+/// Refuses a loaded tensor holding NaN or ±inf: a model with one draws black images without
+/// any other sign. As cheap as the copy that follows; the error names the file (`what`) and the
+/// key (the first bad one, in the file's order).
+pub fn check_finite(value: &Tensor, what: &str, key: &str) -> Result<()> {
+    if let Some(bad) = non_finite(value) {
+        bail!(
+            "{what}: tensor {key} holds {bad} NaN or infinite value(s) (the file is damaged, or was saved from a \
+             training run that diverged)"
+        );
     }
     Ok(())
 }
