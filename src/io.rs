@@ -8,26 +8,33 @@ use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 /// Writes `path` atomically: `write` fills a temporary file in the same folder, which is then
-/// synced and renamed over `path`.
+/// synced and renamed over `path`. Every error (a full disk, a read-only folder) names `path`,
+/// and the temporary file is removed.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::fs::File) -> Result<()>) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
+    create_dir_all(&dir)?;
     let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
     let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        write(&mut f)?;
-        f.flush()?;
-        f.sync_all()?;
+        let written = || format!("cannot write {}", path.display());
+        write(&mut f).with_context(written)?;
+        f.flush().with_context(written)?;
+        f.sync_all().with_context(written)?;
         std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// `std::fs::create_dir_all` with an error that names the folder.
+pub fn create_dir_all(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))
 }
 
 /// Writes bytes atomically.
@@ -224,15 +231,13 @@ pub const MAX_PHOTO_ASPECT: f64 = 4.0;
 pub fn open_image(path: &Path) -> Result<image::DynamicImage> {
     use image::ImageDecoder;
     let what = || format!("cannot read image {}", path.display());
-    let reader = image::ImageReader::open(path).with_context(what)?.with_guessed_format().with_context(what)?;
-    let mut limits = image::Limits::default();
-    // Width and height are checked below with a clearer message; the allocation bound covers
-    // the largest image allowed, at 16 bits per channel with alpha.
-    limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8);
-    let mut reader = reader;
-    reader.limits(limits);
-    let mut decoder = reader.into_decoder().with_context(what)?;
-    let (w, h) = decoder.dimensions();
+    let reader = || -> Result<_> {
+        Ok(image::ImageReader::open(path).with_context(what)?.with_guessed_format().with_context(what)?)
+    };
+    // The size, from the header alone (no limits: nothing is allocated for the pixels yet).
+    let mut probe = reader()?;
+    probe.no_limits();
+    let (w, h) = probe.into_dimensions().with_context(what)?;
     if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE || (w as u64) * (h as u64) > MAX_IMAGE_PIXELS {
         bail!(
             "image {} is {w}x{h} pixels: hifi-tuner reads images of at most {MAX_IMAGE_SIDE} pixels a side and {} \
@@ -244,6 +249,13 @@ pub fn open_image(path: &Path) -> Result<image::DynamicImage> {
     if w == 0 || h == 0 {
         bail!("image {} has no pixels ({w}x{h})", path.display());
     }
+    let mut reader = reader()?;
+    let mut limits = image::Limits::default();
+    // The bound on what the decoder allocates covers the largest image allowed, at 16 bits per
+    // channel with alpha.
+    limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8);
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().with_context(what)?;
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = image::DynamicImage::from_decoder(decoder).with_context(what)?;
     img.apply_orientation(orientation);
