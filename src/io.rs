@@ -231,9 +231,8 @@ pub const MAX_PHOTO_ASPECT: f64 = 4.0;
 pub fn open_image(path: &Path) -> Result<image::DynamicImage> {
     use image::ImageDecoder;
     let what = || format!("cannot read image {}", path.display());
-    let reader = || -> Result<_> {
-        Ok(image::ImageReader::open(path).with_context(what)?.with_guessed_format().with_context(what)?)
-    };
+    let reader =
+        || -> Result<_> { image::ImageReader::open(path).with_context(what)?.with_guessed_format().with_context(what) };
     // The size, from the header alone (no limits: nothing is allocated for the pixels yet).
     let mut probe = reader()?;
     probe.no_limits();

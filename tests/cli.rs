@@ -278,7 +278,10 @@ fn bad_numbers_are_refused_when_the_command_line_is_parsed() {
 fn non_finite_weights_are_refused_naming_the_file_and_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("x.png");
-    for (component, file, value) in [("unet", "diffusion_pytorch_model.safetensors", f32::NAN), ("vae", "diffusion_pytorch_model.safetensors", f32::INFINITY)] {
+    for (component, file, value) in [
+        ("unet", "diffusion_pytorch_model.safetensors", f32::NAN),
+        ("vae", "diffusion_pytorch_model.safetensors", f32::INFINITY),
+    ] {
         let m = copy_model("tiny-b", &tmp.path().join(component));
         let w = m.join(component).join(file);
         let mut t = tch::Tensor::read_safetensors(&w).unwrap();
@@ -288,7 +291,19 @@ fn non_finite_weights_are_refused_naming_the_file_and_the_key() {
         let t: Vec<(String, tch::Tensor)> =
             t.into_iter().map(|(k, v)| if k == key { (k, bad.shallow_clone()) } else { (k, v) }).collect();
         hifi_tuner::io::write_safetensors_atomic(&w, &t, &Default::default()).unwrap();
-        let o = run(&["generate", "--model", s(&m), "--prompt", "a dog", "--steps", "2", "--out", s(&out), "--device", "cpu"]);
+        let o = run(&[
+            "generate",
+            "--model",
+            s(&m),
+            "--prompt",
+            "a dog",
+            "--steps",
+            "2",
+            "--out",
+            s(&out),
+            "--device",
+            "cpu",
+        ]);
         assert_clean_error(&o, &format!("{component}/{file}"));
         let e = stderr(&o);
         assert!(e.contains(&format!("tensor {key} holds 1 NaN or infinite value")), "names the key {key}: {e}");
@@ -317,13 +332,36 @@ fn huge_tiny_and_elongated_images_are_refused() {
     for (img, needle) in
         [(&huge, "16384"), (&tiny, "at least 16 pixels"), (&thin, "at least 16 pixels"), (&long, "at most 4:1")]
     {
-        let o = run(&["sam", "--model", s(&sam), "--image", s(img), "--box", "0,0,5,5", "--out", s(&out), "--device", "cpu"]);
+        let o = run(&[
+            "sam",
+            "--model",
+            s(&sam),
+            "--image",
+            s(img),
+            "--box",
+            "0,0,5,5",
+            "--out",
+            s(&out),
+            "--device",
+            "cpu",
+        ]);
         assert_clean_error(&o, needle);
         assert!(stderr(&o).contains(s(img)), "names the file: {}", stderr(&o));
     }
     let o = run(&[
-        "invert", "--model", s(&model_dir("tiny-a")), "--image", s(&long), "--caption", "a cat", "--steps", "2",
-        "--out", s(&t.join("inv")), "--device", "cpu",
+        "invert",
+        "--model",
+        s(&model_dir("tiny-a")),
+        "--image",
+        s(&long),
+        "--caption",
+        "a cat",
+        "--steps",
+        "2",
+        "--out",
+        s(&t.join("inv")),
+        "--device",
+        "cpu",
     ]);
     assert_clean_error(&o, "long.png");
     assert!(!out.exists() && !t.join("inv").exists(), "nothing written");
@@ -374,8 +412,17 @@ fn write_errors_name_the_path() {
 fn score_of_jpegs_without_prompts_asks_for_them() {
     let photos = fixtures().join("photos/dog");
     let o = run(&[
-        "score", "--clip", "no-clip", "--dino", "no-dino", "--real", s(&photos), "--generated", s(&photos),
-        "--device", "cpu",
+        "score",
+        "--clip",
+        "no-clip",
+        "--dino",
+        "no-dino",
+        "--real",
+        s(&photos),
+        "--generated",
+        s(&photos),
+        "--device",
+        "cpu",
     ]);
     assert_clean_error(&o, "--prompts");
     assert!(stderr(&o).contains("00.jpg is not a PNG"), "{}", stderr(&o));

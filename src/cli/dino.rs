@@ -18,11 +18,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let device = super::parse_device(&a.device)?;
     // Read every image before printing anything, so an unreadable one leaves no partial output.
-    let images = a
-        .images
-        .iter()
-        .map(|p| hifi_tuner::io::open_image(p))
-        .collect::<Result<Vec<_>>>()?;
+    let images = a.images.iter().map(|p| hifi_tuner::io::open_image(p)).collect::<Result<Vec<_>>>()?;
     let dino = Dino::load(&a.model, device)?;
     let emb = dino.embed_images(&images)?.to_device(tch::Device::Cpu); // (n, d)
     let mut out = String::new();

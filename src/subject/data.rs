@@ -38,7 +38,6 @@ pub fn images_by_stem(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     Ok(out)
 }
 
-
 /// Resizes the shorter side to `size` and crops the centre square.
 fn fit(img: &DynamicImage, size: u32, filter: FilterType) -> DynamicImage {
     crate::io::fit_cover(img, size, size, filter)
