@@ -8,26 +8,33 @@ use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 /// Writes `path` atomically: `write` fills a temporary file in the same folder, which is then
-/// synced and renamed over `path`.
+/// synced and renamed over `path`. Every error (a full disk, a read-only folder) names `path`,
+/// and the temporary file is removed.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::fs::File) -> Result<()>) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
+    create_dir_all(&dir)?;
     let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
     let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        write(&mut f)?;
-        f.flush()?;
-        f.sync_all()?;
+        let written = || format!("cannot write {}", path.display());
+        write(&mut f).with_context(written)?;
+        f.flush().with_context(written)?;
+        f.sync_all().with_context(written)?;
         std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// `std::fs::create_dir_all` with an error that names the folder.
+pub fn create_dir_all(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))
 }
 
 /// Writes bytes atomically.
@@ -202,10 +209,92 @@ pub fn fit_cover(
     r.crop_imm((nw - width) / 2, (nh - height) / 2, width, height)
 }
 
+/// The largest side, in pixels, of an image hifi-tuner reads. Checked from the file's header
+/// before anything is decoded, so a huge (or hostile) file costs nothing.
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+/// The most pixels an image may have: 100 megapixels, more than any camera photo; decoded it is
+/// 300 MB (8-bit RGB). Every photo is resized to the model's size (512 px for SD-1.x) anyway.
+pub const MAX_IMAGE_PIXELS: u64 = 100_000_000;
+/// The shortest side of a photo: below 16 px a photo holds next to nothing of its subject
+/// (SD's VAE maps 8 px to one latent cell, so a 16 px photo is 2×2 latent cells) and would be
+/// enlarged 32× to SD-1.x's 512 px.
+pub const MIN_PHOTO_SIDE: u32 = 16;
+/// The most elongated photo: photos are centre-cropped to the model's (square) shape, and past
+/// 4:1 that crop keeps less than a quarter of the photo, most likely missing the subject.
+pub const MAX_PHOTO_ASPECT: f64 = 4.0;
+
+/// Opens an image file (PNG or JPEG, recognised by its content): its size is checked from
+/// the header against [`MAX_IMAGE_SIDE`] and [`MAX_IMAGE_PIXELS`] before decoding, and its
+/// EXIF orientation is applied (a phone photo stored sideways comes out upright, as PIL's
+/// `ImageOps.exif_transpose` in diffusers' `train_dreambooth.py`). Every image hifi-tuner
+/// reads goes through here; errors name the file.
+pub fn open_image(path: &Path) -> Result<image::DynamicImage> {
+    use image::ImageDecoder;
+    let what = || format!("cannot read image {}", path.display());
+    let reader =
+        || -> Result<_> { image::ImageReader::open(path).with_context(what)?.with_guessed_format().with_context(what) };
+    // The size, from the header alone (no limits: nothing is allocated for the pixels yet).
+    let mut probe = reader()?;
+    probe.no_limits();
+    let (w, h) = probe.into_dimensions().with_context(what)?;
+    if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE || (w as u64) * (h as u64) > MAX_IMAGE_PIXELS {
+        bail!(
+            "image {} is {w}x{h} pixels: hifi-tuner reads images of at most {MAX_IMAGE_SIDE} pixels a side and {} \
+             megapixels (photos are resized to the model's size, 512 px for SD-1.x, anyway); downscale it first",
+            path.display(),
+            MAX_IMAGE_PIXELS / 1_000_000
+        );
+    }
+    if w == 0 || h == 0 {
+        bail!("image {} has no pixels ({w}x{h})", path.display());
+    }
+    let mut reader = reader()?;
+    let mut limits = image::Limits::default();
+    // The bound on what the decoder allocates covers the largest image allowed, at 16 bits per
+    // channel with alpha.
+    limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8);
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().with_context(what)?;
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = image::DynamicImage::from_decoder(decoder).with_context(what)?;
+    img.apply_orientation(orientation);
+    Ok(img)
+}
+
+/// [`open_image`] for a photo of a subject or a scene: also refuses a shorter side below
+/// [`MIN_PHOTO_SIDE`] and an aspect ratio beyond [`MAX_PHOTO_ASPECT`] (both say why).
+pub fn open_photo(path: &Path) -> Result<image::DynamicImage> {
+    let img = open_image(path)?;
+    check_photo_shape(path, img.width(), img.height())?;
+    Ok(img)
+}
+
+/// The shape rules of [`open_photo`].
+pub fn check_photo_shape(path: &Path, w: u32, h: u32) -> Result<()> {
+    let (short, long) = (w.min(h), w.max(h));
+    if short < MIN_PHOTO_SIDE {
+        bail!(
+            "photo {} is {w}x{h} pixels: a photo needs at least {MIN_PHOTO_SIDE} pixels on its shorter side (it \
+             is resized to the model's size, 512 px for SD-1.x, and below that holds next to nothing of its subject)",
+            path.display()
+        );
+    }
+    if long as f64 > MAX_PHOTO_ASPECT * short as f64 {
+        bail!(
+            "photo {} is {w}x{h} pixels (aspect ratio {:.1}:1): at most {MAX_PHOTO_ASPECT}:1 is accepted, because \
+             photos are centre-cropped to the model's shape and beyond that the crop keeps under a quarter of \
+             the photo; crop it around the subject first",
+            path.display(),
+            long as f64 / short as f64
+        );
+    }
+    Ok(())
+}
+
 /// A photo resized to cover (height, width) and centre-cropped (Catmull-Rom), as (3, H, W) in
 /// [-1, 1]; the error names the file.
 pub fn load_image_cover(path: &Path, height: i64, width: i64) -> Result<Tensor> {
-    let img = image::open(path).with_context(|| format!("cannot read image {}", path.display()))?;
+    let img = open_photo(path)?;
     let rgb = fit_cover(&img, width as u32, height as u32, image::imageops::FilterType::CatmullRom).to_rgb8();
     let t = Tensor::from_slice(&rgb.into_raw()).view([height, width, 3]).permute([2, 0, 1]); // (3, H, W) u8
     Ok(t.to_kind(Kind::Float) / 127.5 - 1.0)
@@ -213,11 +302,8 @@ pub fn load_image_cover(path: &Path, height: i64, width: i64) -> Result<Tensor> 
 
 /// A photo at its own size as (H, W, 3) uint8; the error names the file.
 pub fn load_rgb_u8(path: &Path) -> Result<Tensor> {
-    let img = image::open(path).with_context(|| format!("cannot read image {}", path.display()))?.to_rgb8();
+    let img = open_photo(path)?.to_rgb8();
     let (w, h) = img.dimensions();
-    if w == 0 || h == 0 {
-        bail!("image {} has no pixels", path.display());
-    }
     Ok(Tensor::from_slice(img.as_raw()).view([h as i64, w as i64, 3]))
 }
 

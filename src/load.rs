@@ -69,6 +69,17 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     })
 }
 
+/// [`read_safetensors`] for hifi-tuner's own files (subjects, embeddings, inversions,
+/// checkpoints): every tensor must be finite ([`check_finite`]; the error names the file and
+/// the first bad key).
+pub fn read_safetensors_finite(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let tensors = read_safetensors(path)?;
+    for (key, t) in &tensors {
+        check_finite(t, &path.display().to_string(), key)?;
+    }
+    Ok(tensors)
+}
+
 /// What to do with one key of a weight file before it is matched against the model.
 pub enum KeyAction {
     /// Load it under this (possibly renamed) name.
@@ -124,6 +135,9 @@ pub fn load_strict_tensors(
             bail!("{what}: tensor {key} has dtype {:?}, expected a float type", value.kind());
         }
         tch::no_grad(|| var.f_copy_(&value)).with_context(|| format!("{what}: cannot copy tensor {key}"))?;
+        // Checked in the model's dtype and on its device (fast there; catches an fp32 value
+        // that overflows fp16 too).
+        check_finite(var, what, &key)?;
         seen.insert(name, key);
     }
     unused.sort();
@@ -140,6 +154,36 @@ pub fn load_strict_tensors(
     }
     if !problems.is_empty() {
         bail!("{what} does not match the model: {}", problems.join("; "));
+    }
+    Ok(())
+}
+
+/// The number of NaN or ±inf values of a tensor, when it has any.
+///
+/// The fast path is a float32 sum: any NaN or ±inf makes it NaN or ±inf, so a finite sum proves
+/// every value finite. It costs 0.04 s per 10⁸ float32 values on 2 CPU threads (a tenth of
+/// copying them; `isfinite().all()` takes 1 s); only a non-finite sum (a bad value, or finite
+/// values overflowing float32) pays for the exact count.
+pub fn non_finite(value: &Tensor) -> Option<i64> {
+    if value.numel() == 0 || !value.is_floating_point() {
+        return None;
+    }
+    if value.sum(Kind::Float).double_value(&[]).is_finite() {
+        return None;
+    }
+    let bad = value.isfinite().logical_not().sum(Kind::Int64).int64_value(&[]);
+    (bad > 0).then_some(bad)
+}
+
+/// Refuses a loaded tensor holding NaN or ±inf: a model with one draws black images without
+/// any other sign. Cheaper than the copy that loads it ([`non_finite`]); the error names the
+/// file (`what`) and the key (the first bad one, in the file's order).
+pub fn check_finite(value: &Tensor, what: &str, key: &str) -> Result<()> {
+    if let Some(bad) = non_finite(value) {
+        bail!(
+            "{what}: tensor {key} holds {bad} NaN or infinite value(s) (the file is damaged, or was saved from a \
+             training run that diverged)"
+        );
     }
     Ok(())
 }

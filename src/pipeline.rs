@@ -223,9 +223,11 @@ impl StableDiffusion {
     pub fn tokenize(&self, text: &str) -> Tensor {
         let enc = self.tokenizer.encode_padded(text);
         if enc.truncated {
+            // enc.n_tokens counts what was kept; the warning gives the prompt's own length.
             eprintln!(
-                "warning: the prompt is {} tokens long; CLIP can only handle {} — the rest was truncated",
-                enc.n_tokens,
+                "warning: the prompt is {} tokens long (with <bos> and <eos>); CLIP can only handle {} — the rest \
+                 was truncated",
+                self.tokenizer.encode(text).len(),
                 self.tokenizer.model_max_length()
             );
         }
@@ -333,7 +335,16 @@ impl StableDiffusion {
             let x_t = self.initial_latents(req.seed, n, req.height, req.width);
             let mut steps = make(&sched, uncond, n)?;
             let x0 = self.denoise(x_t, &sched, steps.as_mut(), req.guidance, None)?;
-            Ok(crate::io::decoded_to_u8(&self.decode(&x0)))
+            let images = self.decode(&x0);
+            // NaN would be written as a black image and the run would look fine.
+            if !bool::try_from(images.isfinite().all())? {
+                bail!(
+                    "the generated image holds NaN or infinite values (guidance scale {} too large, or a damaged \
+                     model or subject?); nothing was written",
+                    req.guidance
+                );
+            }
+            Ok(crate::io::decoded_to_u8(&images))
         })
     }
 }

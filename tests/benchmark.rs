@@ -247,6 +247,11 @@ fn dataset_units_and_shards() {
     assert_eq!(Shard::resolve(None, Some(30), &k8s).unwrap(), Shard { index: 7, count: 30 });
     assert!(Shard::resolve(None, None, &k8s).unwrap_err().to_string().contains("--shards"));
     assert!(Shard::resolve(None, Some(5), &env(&[("JOB_COMPLETION_INDEX", "5")])).is_err());
+    // --shards must agree with the count of --shard or of a Slurm array
+    let e = Shard::resolve(Some("1/4"), Some(8), &env(&[])).unwrap_err().to_string();
+    assert!(e.contains("--shards 8") && e.contains("--shard 1/4"), "{e}");
+    assert_eq!(Shard::resolve(Some("1/4"), Some(4), &env(&[])).unwrap(), Shard { index: 1, count: 4 });
+    assert!(Shard::resolve(None, Some(3), &slurm).unwrap_err().to_string().contains("SLURM_ARRAY_TASK_COUNT=4"));
     assert!(Shard::parse("2/2").is_err() && Shard::parse("1").is_err());
     assert!(Method::parse("dreambooth").is_err());
     // a bad dataset names its file

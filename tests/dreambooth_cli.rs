@@ -331,3 +331,20 @@ fn train_text_encoder_writes_its_weights_under_the_base_files_keys() {
     let o = generate(&out, &tmp.path().join("g.png"), &[]);
     assert_ok(&o);
 }
+
+/// A fine-tuning whose loss becomes NaN (here at lr 1e30) stops with an error that says its last
+/// checkpoint (all finite) is kept, and writes no model.
+#[test]
+fn a_diverging_fine_tuning_stops_and_keeps_its_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("db");
+    let o = learn_cmd(&out, &FIXTURE_ARGS[..2])
+        .args(["--no-prior", "--steps", "6", "--lr", "1e30", "--checkpoint-every", "1", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert_fails(&o, "loss became NaN");
+    assert!(err(&o).contains("last good checkpoint"), "{}", err(&o));
+    let ckpt = out.join("checkpoint.safetensors");
+    assert!(ckpt.is_file() && hifi_tuner::load::read_safetensors_finite(&ckpt).is_ok(), "a finite checkpoint is kept");
+    assert!(!out.join("model").exists(), "no model is written");
+}

@@ -69,6 +69,17 @@ fn hifi_learn_then_generate_with_subject() {
         .unwrap();
     assert!(o.status.success(), "{}", err(&o));
     assert!(img.is_file());
+    // The HiFi folder given as --embedding points to --subject.
+    let o = Command::new(env!("CARGO_BIN_EXE_hifi-tuner"))
+        .args(["generate", "--model"])
+        .arg(model_dir("tiny-a"))
+        .args(["--prompt", "a dog", "--steps", "2", "--device", "cpu", "--embedding"])
+        .arg(&out)
+        .arg("--out")
+        .arg(tmp.path().join("e.png"))
+        .output()
+        .unwrap();
+    assert_fails(&o, &format!("pass it as --subject {}", out.display()));
 }
 
 #[test]
@@ -82,15 +93,25 @@ fn ti_learn_exports_learned_embeds_that_generate_reads() {
     assert_eq!(t.len(), 1);
     assert_eq!((t[0].0.as_str(), t[0].1.size()), ("<dog-x>", vec![2, 32]));
     let img = tmp.path().join("g.png");
-    let o = Command::new(env!("CARGO_BIN_EXE_hifi-tuner"))
-        .args(["generate", "--model"])
-        .arg(model_dir("tiny-a"))
-        .args(["--prompt", "a photo of <dog-x> on the beach", "--steps", "2", "--device", "cpu", "--embedding"])
-        .arg(&file)
-        .arg("--out")
-        .arg(&img)
-        .output()
-        .unwrap();
+    let generate = |flag: &str, what: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_hifi-tuner"))
+            .args(["generate", "--model"])
+            .arg(model_dir("tiny-a"))
+            .args(["--prompt", "a photo of <dog-x> on the beach", "--steps", "2", "--device", "cpu", flag])
+            .arg(what)
+            .arg("--out")
+            .arg(&img)
+            .output()
+            .unwrap()
+    };
+    let o = generate("--embedding", &file);
+    assert!(o.status.success(), "{}", err(&o));
+    // The TI folder given as --subject points to --embedding; as --embedding it means its file.
+    std::fs::remove_file(&img).unwrap();
+    let o = generate("--subject", &out);
+    assert_fails(&o, &format!("--embedding {}", file.display()));
+    assert!(!img.exists());
+    let o = generate("--embedding", &out);
     assert!(o.status.success(), "{}", err(&o));
 }
 
@@ -287,4 +308,53 @@ fn resume_refuses_a_photo_or_mask_changed_since_the_checkpoint() {
     let o = go(&["--resume"]);
     assert_fails(&o, &mask.display().to_string());
     assert!(err(&o).contains("mask"), "{}", err(&o));
+}
+
+/// A phone photo stored sideways (64×32, EXIF Orientation = 6) is learned upright, and its mask,
+/// drawn upright (32×64), is accepted.
+#[test]
+fn exif_orientation_is_applied_to_photos() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("exif");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hifi-tuner"));
+    c.args(["learn", "--model"]).arg(model_dir("tiny-a")).arg("--images").arg(fixtures().join("photos/exif"));
+    c.arg("--masks").arg(fixtures().join("photos/exif-masks"));
+    c.args(["--class-noun", "dog", "--steps", "1", "--stepwise-steps", "0", "--device", "cpu", "--out"]).arg(&out);
+    let o = run(c);
+    assert!(o.status.success(), "{}", err(&o));
+    // The upright 32×64 photo, centre-cropped to tiny-a's 32×32: its top half red (left) and
+    // green (right), its bottom half blue; the mask white at the top.
+    let photo = image::open(out.join("photos/rotated.png")).unwrap().to_rgb8();
+    let mask = image::open(out.join("masks/rotated.png")).unwrap().to_luma8();
+    assert_eq!(photo.dimensions(), (32, 32));
+    let near = |p: &image::Rgb<u8>, want: [u8; 3]| p.0.iter().zip(want).all(|(a, b)| a.abs_diff(b) <= 12);
+    assert!(near(photo.get_pixel(4, 4), [220, 30, 30]), "top left is red: {:?}", photo.get_pixel(4, 4));
+    assert!(near(photo.get_pixel(27, 4), [30, 200, 40]), "top right is green: {:?}", photo.get_pixel(27, 4));
+    assert!(near(photo.get_pixel(16, 27), [30, 40, 220]), "bottom is blue: {:?}", photo.get_pixel(16, 27));
+    assert_eq!((mask.get_pixel(16, 4).0[0], mask.get_pixel(16, 27).0[0]), (255, 0), "the mask is upright too");
+}
+
+/// Arguments refused by the library (not by the parser) are refused before the subject folder
+/// is created: a caption that leaves no room for --tokens, and --resume of another run.
+#[test]
+fn arguments_are_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    // --tokens 75 passes the parser, but "a photo of a dog" needs 7 of CLIP's 77 positions.
+    let out = tmp.path().join("t75");
+    let o = run(learn_cmd(&out, &["--tokens", "75", "--steps", "1", "--stepwise-steps", "0"]));
+    assert_fails(&o, "at most 70 subject tokens, not 75");
+    assert!(!out.exists(), "nothing written");
+    let o = run(learn_cmd(&out, &["--mode", "ti", "--tokens", "75", "--steps", "1"]));
+    assert_fails(&o, "lower --tokens");
+    assert!(!out.exists(), "nothing written");
+    // --resume with other arguments leaves the folder as it was.
+    let out = tmp.path().join("r");
+    let args = ["--steps", "2", "--stepwise-steps", "0", "--checkpoint-every", "1", "--tokens", "2"];
+    let o = run(learn_cmd(&out, &args));
+    assert!(o.status.success(), "{}", err(&o));
+    std::fs::remove_file(out.join("subject.safetensors")).unwrap();
+    std::fs::remove_dir_all(out.join("photos")).unwrap();
+    let o = run(learn_cmd(&out, &["--steps", "3", "--stepwise-steps", "0", "--tokens", "2", "--resume"]));
+    assert_fails(&o, "changed arguments");
+    assert!(!out.join("photos").exists(), "photos/ is not rewritten by a refused run");
 }

@@ -267,3 +267,28 @@ fn a_killed_train_base_run_resumes_bit_identically() {
     let e = String::from_utf8_lossy(&train_cmd(&a, 5, 8).output().unwrap().stderr).into_owned();
     assert!(e.contains("not empty"), "{e}");
 }
+
+/// A UNet phase whose loss becomes NaN (here at lr 1e30) stops with an error that says its last
+/// checkpoint (all finite) is kept, and writes no model.
+#[test]
+fn a_diverging_train_base_run_stops_and_keeps_its_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m");
+    let o = bin()
+        .args(["train-base", "--device", "cpu", "--images", "48", "--vae-batch", "4", "--unet-batch", "4"])
+        .args(["--vae-steps", "1", "--unet-steps", "6", "--checkpoint-every", "1", "--warmup", "1"])
+        .args(["--unet-lr", "1e30", "--unet-config"])
+        .arg(fixtures().join("world/unet.json"))
+        .arg("--vae-config")
+        .arg(fixtures().join("world/vae.json"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("loss became NaN") && err.contains("last good checkpoint"), "{err}");
+    let ckpt = out.join("unet-checkpoint.safetensors");
+    assert!(ckpt.is_file() && hifi_tuner::load::read_safetensors_finite(&ckpt).is_ok(), "a finite checkpoint is kept");
+    assert!(!out.join("unet/diffusion_pytorch_model.safetensors").exists(), "no model is written");
+}

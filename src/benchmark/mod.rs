@@ -325,20 +325,31 @@ impl Shard {
     /// The shard from `--shard`, else Slurm's array variables (`SLURM_ARRAY_TASK_ID` −
     /// `SLURM_ARRAY_TASK_MIN` of `SLURM_ARRAY_TASK_COUNT`), else a Kubernetes Indexed Job's
     /// `JOB_COMPLETION_INDEX` with `--shards n`, else everything. `env` reads a variable.
+    /// `--shards n` given next to another source of the count (`--shard i/m`, a Slurm array)
+    /// must agree with it.
     pub fn resolve(flag: Option<&str>, shards: Option<usize>, env: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
+        let agree = |s: Self, origin: &str| -> Result<Self> {
+            match shards {
+                Some(n) if n != s.count => {
+                    bail!("--shards {n} conflicts with {origin}, which splits the units into {} shards", s.count)
+                }
+                _ => Ok(s),
+            }
+        };
         if let Some(s) = flag {
-            return Self::parse(s);
+            return agree(Self::parse(s)?, &format!("--shard {s}"));
         }
         let num = |k: &str| -> Result<Option<usize>> {
             env(k).map(|v| v.trim().parse::<usize>().with_context(|| format!("{k}={v:?} is not a number"))).transpose()
         };
         if let (Some(id), Some(count)) = (num("SLURM_ARRAY_TASK_ID")?, num("SLURM_ARRAY_TASK_COUNT")?) {
             let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
-            return Self::new(
+            let s = Self::new(
                 id.checked_sub(min).context("SLURM_ARRAY_TASK_ID < SLURM_ARRAY_TASK_MIN")?,
                 count,
                 "Slurm array",
-            );
+            )?;
+            return agree(s, &format!("the Slurm array (SLURM_ARRAY_TASK_COUNT={count})"));
         }
         if let Some(i) = num("JOB_COMPLETION_INDEX")? {
             let n = shards.context(
@@ -695,7 +706,7 @@ pub fn run_unit(
     } else {
         None
     };
-    std::fs::create_dir_all(tmp.join("images"))?;
+    crate::io::create_dir_all(&tmp.join("images"))?;
     let mut log = String::new();
     let guided = m.guided() && !s.live();
     let mode = m.mode();

@@ -326,7 +326,7 @@ fn esc(s: &str) -> String {
 
 /// An `<img>` with the image (shrunk to at most 128 px, never enlarged) embedded as a base64 PNG.
 fn img_tag(path: &Path, title: &str) -> Result<String> {
-    let img = image::open(path).with_context(|| format!("cannot read image {}", path.display()))?;
+    let img = crate::io::open_image(path)?;
     let t = crate::benchmark::shrink(&img, 128);
     let png = RgbImage { width: t.width(), height: t.height(), pixels: t.into_raw() }.to_png(&[])?;
     Ok(format!("<img src=\"data:image/png;base64,{}\" title=\"{}\" alt=\"{}\">", base64(&png), esc(title), esc(title)))

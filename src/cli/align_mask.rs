@@ -38,9 +38,7 @@ pub fn run(a: Args) -> Result<()> {
     let aligned = warp_mask(&reference, &f.theta, h, w);
     let quality = iou(&aligned, &target);
     if let (Some(img_path), Some(img_out)) = (&a.image, &a.image_out) {
-        let img = image::open(img_path)
-            .map_err(|e| anyhow::anyhow!("cannot read image {}: {e}", img_path.display()))?
-            .to_rgb8();
+        let img = hifi_tuner::io::open_image(img_path)?.to_rgb8();
         let (iw, ih) = (img.width() as i64, img.height() as i64);
         let t = tch::Tensor::from_slice(img.as_raw()).view([ih, iw, 3]).permute([2, 0, 1]).to_kind(Kind::Float);
         let out = warp(&t, &f.theta, h, w).clamp(0.0, 255.0).round().to_kind(Kind::Uint8).permute([1, 2, 0]);

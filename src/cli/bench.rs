@@ -28,10 +28,10 @@ pub struct Args {
     #[command(flatten)]
     model_options: super::ModelOptions,
     /// DDIM steps of the generation and guided runs.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = super::args::ddim_steps)]
     steps: usize,
-    /// Optimisation steps timed per learning mode.
-    #[arg(long, default_value_t = 20)]
+    /// Optimisation steps timed per learning mode (at least 2: the first is a warm-up).
+    #[arg(long, default_value_t = 20, value_parser = super::args::at_least_one)]
     learn_steps: usize,
     #[arg(long, default_value = "auto")]
     device: String,

@@ -34,31 +34,31 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     methods: Vec<String>,
     /// The first N prompts of the object or live list.
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = 25, value_parser = super::args::at_least_one)]
     prompts: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = super::args::at_least_one)]
     images_per_prompt: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Adam steps of phase 0 (learn --steps).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = super::args::at_least_one)]
     learn_steps: usize,
     /// I of Algorithm 1 (the stepwise methods).
     #[arg(long, default_value_t = 10)]
     stepwise_steps: usize,
-    #[arg(long, default_value_t = 5e-3)]
+    #[arg(long, default_value_t = 5e-3, value_parser = super::args::positive)]
     lr: f64,
     /// w_s (the +reg methods).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = super::args::non_negative)]
     reg_weight: f64,
     /// n, the subject tokens (all methods).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = super::args::subject_tokens)]
     tokens: i64,
     /// DreamBooth rows (db, db+guidance): fine-tuning steps.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 400, value_parser = super::args::at_least_one)]
     db_steps: usize,
     /// DreamBooth rows: the AdamW learning rate (diffusers' default for SD).
-    #[arg(long, default_value_t = 5e-6)]
+    #[arg(long, default_value_t = 5e-6, value_parser = super::args::positive)]
     db_lr: f64,
     /// DreamBooth rows: class images for prior preservation (generated per unit).
     #[arg(long, default_value_t = 100)]
@@ -69,9 +69,9 @@ pub struct Args {
     #[arg(long = "caption-template")]
     caption_templates: Vec<String>,
     /// DDIM steps (generation and Algorithm 1).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = super::args::ddim_steps)]
     steps: usize,
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = 7.5, value_parser = super::args::guidance)]
     guidance: f64,
     #[command(flatten)]
     reference: super::ReferenceGuidanceArgs,

@@ -1,4 +1,4 @@
-use anyhow::{Context, Result};
+use anyhow::Result;
 use hifi_tuner::eval::dino::Dino;
 use std::path::PathBuf;
 
@@ -18,11 +18,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let device = super::parse_device(&a.device)?;
     // Read every image before printing anything, so an unreadable one leaves no partial output.
-    let images = a
-        .images
-        .iter()
-        .map(|p| image::open(p).with_context(|| format!("cannot read image {}", p.display())))
-        .collect::<Result<Vec<_>>>()?;
+    let images = a.images.iter().map(|p| hifi_tuner::io::open_image(p)).collect::<Result<Vec<_>>>()?;
     let dino = Dino::load(&a.model, device)?;
     let emb = dino.embed_images(&images)?.to_device(tch::Device::Cpu); // (n, d)
     let mut out = String::new();

@@ -24,17 +24,18 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// DDIM steps.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = super::args::ddim_steps)]
     steps: usize,
     /// Classifier-free guidance scale w.
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = 7.5, value_parser = super::args::guidance)]
     guidance: f64,
-    /// Default: the UNet's sample_size × the VAE factor.
-    #[arg(long)]
+    /// Default: the UNet's sample_size × the VAE factor (at most 2048).
+    #[arg(long, value_parser = super::args::image_side)]
     height: Option<i64>,
-    #[arg(long)]
+    #[arg(long, value_parser = super::args::image_side)]
     width: Option<i64>,
-    #[arg(long, default_value_t = 1)]
+    /// Images of this run (at most 64), denoised as one batch.
+    #[arg(long, default_value_t = 1, value_parser = super::args::num_images)]
     num_images: i64,
     /// A .png file, or a folder (images are named SEED-INDEX.png).
     #[arg(long)]
@@ -80,9 +81,13 @@ pub struct Args {
     save_intermediates: bool,
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
     let device = super::parse_device(&a.device)?;
     let started = Instant::now();
+    if let Some(s) = &a.subject {
+        super::args::check_subject_arg(s, true)?;
+    }
+    a.embedding = a.embedding.iter().map(|e| super::args::embedding_file(e)).collect::<Result<_>>()?;
     let dreambooth = match a.subject.as_deref().filter(|s| s.is_dir()) {
         Some(dir) => Manifest::read(dir)?.map(|m| (dir.to_path_buf(), m)),
         None => None,

@@ -18,18 +18,18 @@ pub struct InversionArgs {
     #[arg(long)]
     pub caption: String,
     /// DDIM steps T.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = super::args::ddim_steps)]
     pub steps: usize,
     /// w: the guidance scale the edit is generated with (NTI optimises φ_t for it; must be > 1).
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = 7.5, value_parser = super::args::guidance)]
     pub guidance: f64,
     /// K: Adam steps on φ_t per DDIM step (0 = plain DDIM inversion, the baseline).
     #[arg(long, default_value_t = 10)]
     pub inner_steps: usize,
     /// Default: the UNet's sample_size × the VAE factor.
-    #[arg(long)]
+    #[arg(long, value_parser = super::args::image_side)]
     pub height: Option<i64>,
-    #[arg(long)]
+    #[arg(long, value_parser = super::args::image_side)]
     pub width: Option<i64>,
     #[arg(long, default_value = "auto")]
     pub device: String,

@@ -40,27 +40,27 @@ pub struct Args {
     #[arg(long, default_value = "input")]
     space: String,
     /// n, the number of subject tokens.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = super::args::subject_tokens)]
     tokens: i64,
     /// The new token (ti mode; default <subject>) or the rare word (dreambooth; default sks).
     #[arg(long)]
     token: Option<String>,
     /// Default: 1000 (hifi, ti), 400 (dreambooth).
-    #[arg(long)]
+    #[arg(long, value_parser = super::args::at_least_one)]
     steps: Option<usize>,
     /// Default: 5e-3 (hifi, ti), 5e-6 (dreambooth).
-    #[arg(long)]
+    #[arg(long, value_parser = super::args::positive)]
     lr: Option<f64>,
     /// w_s, the weight of ‖c_s − φ_s‖² (Eq. 6).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = super::args::non_negative)]
     reg_weight: f64,
     /// I, Adam steps per DDIM step in Algorithm 1 (0 skips it).
     #[arg(long, default_value_t = 10)]
     stepwise_steps: usize,
     /// T, the DDIM steps the step-wise embeddings are learned for.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = super::args::ddim_steps)]
     ddim_steps: usize,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::args::num_images)]
     batch_size: i64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -76,10 +76,10 @@ pub struct Args {
     #[arg(long, default_value_t = 100)]
     class_images: usize,
     /// dreambooth: DDIM steps of each class image.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = super::args::ddim_steps)]
     class_steps: usize,
     /// dreambooth: the weight of the prior-preservation loss.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = super::args::non_negative)]
     prior_weight: f64,
     /// dreambooth: no prior preservation (no class images).
     #[arg(long)]
@@ -88,10 +88,10 @@ pub struct Args {
     #[arg(long)]
     train_text_encoder: bool,
     /// dreambooth: AdamW's decoupled weight decay.
-    #[arg(long, default_value_t = 1e-2)]
+    #[arg(long, default_value_t = 1e-2, value_parser = super::args::non_negative)]
     weight_decay: f64,
     /// dreambooth: clip the gradients' total L2 norm to this.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = super::args::positive)]
     max_grad_norm: f64,
     /// dreambooth: gradient checkpointing of the UNet blocks (recomputed in the backward pass:
     /// less activation memory, one more forward). Default: on with CUDA, off on the CPU;
@@ -169,7 +169,7 @@ fn sam_masks(a: &Args, sam: &std::path::Path) -> Result<PathBuf> {
     let sam = hifi_tuner::models::sam::SamModel::load(sam, device)?;
     let masks = super::mask::compute(&sd, Some(&sam), &photos, &paths, &a.class_noun)?;
     let dir = a.out.join("masks");
-    std::fs::create_dir_all(&dir)?;
+    hifi_tuner::io::create_dir_all(&dir)?;
     for (p, m) in paths.iter().zip(&masks) {
         hifi_tuner::guidance::align::save_mask_png(m, &dir.join(format!("{}.png", super::mask::stem(p))))?;
     }

@@ -43,7 +43,7 @@ pub fn run(a: Args) -> Result<()> {
     let sd = a.model_options.load(&a.model, device)?;
     let sam = a.sam.as_deref().map(|d| SamModel::load(d, device)).transpose()?;
     let masks = compute(&sd, sam.as_ref(), &photos, &a.images, &a.class_noun)?;
-    std::fs::create_dir_all(&a.out)?;
+    hifi_tuner::io::create_dir_all(&a.out)?;
     for ((path, photo), mask) in a.images.iter().zip(&photos).zip(&masks) {
         let out = a.out.join(format!("{}.png", stem(path)));
         hifi_tuner::guidance::align::save_mask_png(mask, &out)?;

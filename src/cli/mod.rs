@@ -1,6 +1,7 @@
 //! Subcommands. No maths here: each parses its flags and calls the library.
 
 mod align_mask;
+pub mod args;
 mod bench;
 mod benchmark;
 mod dino;
@@ -149,14 +150,15 @@ impl ModelOptions {
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReferenceGuidanceArgs {
     /// t_s: the DDIM step (counted T … 1) where the reference latents are substituted.
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 40, value_parser = args::ddim_steps)]
     pub t_start: usize,
     /// t_e: the last DDIM step of the φ_h optimisation.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = args::ddim_steps)]
     pub t_end: usize,
     /// J: Adam steps on φ_h per guided DDIM step.
     #[arg(long, default_value_t = 10)]
     pub guidance_steps: usize,
-    #[arg(long, default_value_t = 1e-2)]
+    /// The learning rate of the φ_h optimisation.
+    #[arg(long, default_value_t = 1e-2, value_parser = args::positive)]
     pub guidance_lr: f64,
 }

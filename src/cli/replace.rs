@@ -36,11 +36,11 @@ pub struct Args {
     #[arg(long)]
     inversion: Option<PathBuf>,
     /// Fraction of the steps, from the start, whose cross-attention is the source's (the paper: 1).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = super::args::fraction)]
     cross_replace: f64,
     /// Fraction of the steps, from the start, whose coarse self-attention is the source's
     /// (prompt-to-prompt's self_replace_steps; the paper: 0).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = super::args::fraction)]
     self_replace: f64,
     /// The edited photo (.png).
     #[arg(long)]
@@ -59,9 +59,13 @@ pub fn run(a: Args) -> Result<()> {
     if a.subject.is_some() && a.embedding.is_some() {
         bail!("give either --subject or --embedding, not both");
     }
+    if let Some(s) = &a.subject {
+        super::args::check_subject_arg(s, false)?;
+    }
+    let embedding = a.embedding.as_deref().map(super::args::embedding_file).transpose()?;
     let mut sd = a.inv.model_options.load(&a.inv.model, super::parse_device(&a.inv.device)?)?;
     let subject = a.subject.as_deref().map(Subject::load).transpose()?;
-    let loaded = a.embedding.as_deref().map(|e| ti::load_embedding(&mut sd, e, a.token.as_deref())).transpose()?;
+    let loaded = embedding.as_deref().map(|e| ti::load_embedding(&mut sd, e, a.token.as_deref())).transpose()?;
     let target_word = match (&a.target_word, &subject, &loaded) {
         (Some(w), _, _) => Some(w.clone()),
         (None, Some(s), _) => Some(s.class_noun.clone()),
@@ -116,7 +120,7 @@ pub fn run(a: Args) -> Result<()> {
     RgbImage::from_hwc_u8(&r.image.get(0))?.save_png(&a.out, &[("parameters", &params)])?;
     if a.save_intermediates {
         let dir = sibling(&a.out, "intermediates");
-        std::fs::create_dir_all(&dir)?;
+        hifi_tuner::io::create_dir_all(&dir)?;
         let (src, rec, res) = (source.get(0), r.reconstruction.get(0), r.image.get(0));
         let mut strip: Vec<Tensor> = vec![src.shallow_clone(), rec.shallow_clone()];
         for (name, img) in [("source.png", &src), ("reconstruction.png", &rec), ("result.png", &res)] {

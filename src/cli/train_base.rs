@@ -24,10 +24,10 @@ pub struct Args {
     unet_steps: usize,
     #[arg(long, default_value_t = 32)]
     unet_batch: usize,
-    #[arg(long, default_value_t = 5e-4)]
+    #[arg(long, default_value_t = 5e-4, value_parser = super::args::positive)]
     unet_lr: f64,
     /// Probability that a UNet training caption omits its colour ("a ball on the beach").
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.3, value_parser = super::args::fraction)]
     colour_dropout: f64,
     /// Steps of the UNet's linear learning-rate warm-up.
     #[arg(long, default_value_t = 200)]

@@ -34,9 +34,9 @@ pub struct Args {
     #[arg(long, default_value_t = 400)]
     learn_steps: usize,
     /// DDIM steps (generation and Algorithm 1).
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = 25, value_parser = super::args::ddim_steps)]
     steps: usize,
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, value_parser = super::args::guidance)]
     guidance: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,

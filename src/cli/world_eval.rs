@@ -12,9 +12,9 @@ pub struct Args {
     /// Images per caption combination.
     #[arg(long, default_value_t = 2)]
     per_caption: usize,
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = 25, value_parser = super::args::ddim_steps)]
     steps: usize,
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, value_parser = super::args::guidance)]
     guidance: f64,
     /// Training steps of the colour / shape / scene classifier.
     #[arg(long, default_value_t = 800)]

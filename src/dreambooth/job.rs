@@ -179,7 +179,8 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
         while state.step < args.steps {
             let batch = draw(&sd, &data, args, state.step);
             let r = step_on(&sd, &sched, &mut params, &mut state, &batch, args)?;
-            write_log(&mut log, &r, args.lr, started.elapsed().as_secs_f64())?;
+            write_log(&mut log, &r, args.lr, started.elapsed().as_secs_f64())
+                .with_context(|| format!("cannot write {}", log_path.display()))?;
             bar.set_position(state.step as u64);
             bar.set_message(format!("loss {:.4}", r.loss));
             if job.checkpoint_every > 0 && state.step % job.checkpoint_every == 0 {

@@ -117,7 +117,7 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Opens images, naming the file on error.
 pub fn open_images(paths: &[PathBuf]) -> Result<Vec<DynamicImage>> {
-    paths.iter().map(|p| image::open(p).with_context(|| format!("cannot read image {}", p.display()))).collect()
+    paths.iter().map(|p| crate::io::open_image(p)).collect()
 }
 
 /// The prompt of an AUTOMATIC1111-style `parameters` text: everything before the
@@ -134,6 +134,20 @@ pub fn prompt_of_parameters(params: &str) -> String {
 
 /// The prompt stored in a PNG's `parameters` chunk (as `generate` writes it).
 pub fn png_prompt(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    let is_png = std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map(|_| magic == *b"\x89PNG\r\n\x1a\n")
+        .unwrap_or(false);
+    if !is_png && path.is_file() {
+        bail!(
+            "{} is not a PNG, so it carries no prompt (a generated image's prompt is read from its PNG `parameters` \
+             chunk): pass --prompts FILE, JSON lines {{\"image\": \"{}\", \"prompt\": \"...\"}}",
+            path.display(),
+            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        );
+    }
     let text = crate::io::png_text(path)?;
     let params = text.iter().find(|(k, _)| k == "parameters").with_context(|| {
         format!("{} has no `parameters` text chunk with its prompt (pass --prompts)", path.display())

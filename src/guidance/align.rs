@@ -207,7 +207,7 @@ pub fn iou(a: &Tensor, b: &Tensor) -> f64 {
 /// Reads a mask PNG (or any image the `image` crate reads) as an (H, W) f32 tensor in [0, 1]:
 /// its luma, white = 1 = subject. Errors name the file.
 pub fn load_mask_png(path: &Path) -> Result<Tensor> {
-    let img = image::open(path).with_context(|| format!("cannot read mask {}", path.display()))?;
+    let img = crate::io::open_image(path)?;
     let l = img.to_luma8();
     let (w, h) = (l.width() as i64, l.height() as i64);
     if w == 0 || h == 0 {

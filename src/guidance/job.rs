@@ -270,10 +270,7 @@ fn choose_reference(
     if let Some(dir) = &opt.dino {
         let dino = Dino::load(dir, sd.device)?;
         let query = to_dynamic(&i_g1.get(0))?;
-        let cands = photos
-            .iter()
-            .map(|p| image::open(&p.path).with_context(|| format!("cannot read {}", p.path.display())))
-            .collect::<Result<Vec<_>>>()?;
+        let cands = photos.iter().map(|p| crate::io::open_photo(&p.path)).collect::<Result<Vec<_>>>()?;
         let (best, sims) = dino.most_similar(&query, &cands)?;
         eprintln!("reference: {} (DINO cosine {:.3})", photos[best].path.display(), sims[best]);
         return Ok((best, None));

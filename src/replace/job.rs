@@ -15,7 +15,7 @@ use crate::guidance::invert::ddim_invert;
 use crate::io::{
     decoded_to_u8, file_sha256, image_to_u8, load_image_cover, write_bytes_atomic, write_safetensors_atomic,
 };
-use crate::load::{read_safetensors, safetensors_metadata};
+use crate::load::{read_safetensors_finite, safetensors_metadata};
 use crate::pipeline::{cfg, StableDiffusion, StepCond, StepConditioning};
 use crate::subject::conditioning::{check_room, SubjectSteps};
 use crate::subject::file::Subject;
@@ -192,7 +192,7 @@ pub fn load_inversion(path: &Path, device: Device) -> Result<Inversion> {
         guidance: num("guidance")?,
         inner_steps: num("inner_steps")? as usize,
     };
-    let mut t: BTreeMap<String, Tensor> = read_safetensors(&file)?.into_iter().collect();
+    let mut t: BTreeMap<String, Tensor> = read_safetensors_finite(&file)?.into_iter().collect();
     let mut take = |k: &str| t.remove(k).with_context(|| format!("{}: no tensor {k:?}", file.display()));
     let (x_t, phi, ts) = (take("x_T")?, take("phi")?, take("timesteps")?);
     let timesteps = Vec::<i64>::try_from(&ts.to_kind(Kind::Int64))?;

@@ -113,6 +113,15 @@ pub fn write_adam_checkpoint(
     mut meta: std::collections::BTreeMap<String, String>,
 ) -> anyhow::Result<()> {
     let mut t = Vec::with_capacity(names.len() * 3);
+    for (name, p) in names.iter().zip(params) {
+        // A weight that overflowed must not replace the last good checkpoint.
+        if let Some(bad) = crate::load::non_finite(p) {
+            anyhow::bail!(
+                "the weight {name} became NaN or infinite ({bad} values): {} was not written",
+                path.display()
+            );
+        }
+    }
     for ((name, p), a) in names.iter().zip(params).zip(adam) {
         t.push((format!("param.{name}"), p.detach()));
         t.push((format!("adam.m.{name}"), a.m.shallow_clone()));
@@ -133,7 +142,8 @@ pub fn read_adam_checkpoint(
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     let adam_step: i64 = meta.get("adam.step").with_context(|| format!("{}: no adam.step", path.display()))?.parse()?;
-    let mut t: std::collections::BTreeMap<String, Tensor> = crate::load::read_safetensors(path)?.into_iter().collect();
+    let mut t: std::collections::BTreeMap<String, Tensor> =
+        crate::load::read_safetensors_finite(path)?.into_iter().collect();
     for ((name, p), a) in names.iter().zip(params.iter_mut()).zip(adam.iter_mut()) {
         let mut take = |k: String| t.remove(&k).with_context(|| format!("{}: no {k}", path.display()));
         let value = take(format!("param.{name}"))?;

@@ -46,8 +46,9 @@ pub fn phi_s(te: &ClipTextModel, empty_ids: &Tensor, n: i64, space: Space) -> Te
 pub fn check_room(n_tokens: usize, n: i64, max_len: i64, caption: &str) -> Result<()> {
     if n_tokens as i64 + n > max_len {
         bail!(
-            "the caption {caption:?} is {n_tokens} tokens long: with {n} subject tokens it must be at most {} tokens",
-            max_len - n
+            "the caption {caption:?} takes {n_tokens} of CLIP's {max_len} positions (with <bos> and <eos>), which \
+             leaves room for at most {} subject tokens, not {n}: lower --tokens",
+            (max_len - n_tokens as i64).max(0)
         );
     }
     Ok(())

@@ -38,10 +38,6 @@ pub fn images_by_stem(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     Ok(out)
 }
 
-fn open(path: &Path) -> Result<DynamicImage> {
-    image::open(path).with_context(|| format!("cannot read image {}", path.display()))
-}
-
 /// Resizes the shorter side to `size` and crops the centre square.
 fn fit(img: &DynamicImage, size: u32, filter: FilterType) -> DynamicImage {
     crate::io::fit_cover(img, size, size, filter)
@@ -83,7 +79,7 @@ pub fn load_photos(images: &Path, masks: Option<&Path>, size: u32, fit_rule: Mas
     }
     let mut photos = Vec::new();
     for (stem, path) in &imgs {
-        let img = open(path)?;
+        let img = crate::io::open_photo(path)?;
         let image = to_tensor(fit(&img, size, FilterType::CatmullRom).to_rgb8().into_raw(), 3, size) * 2.0 - 1.0;
         let (mask, mask_path) = match &mask_files {
             None => (None, None),
@@ -106,7 +102,7 @@ pub fn load_photos(images: &Path, masks: Option<&Path>, size: u32, fit_rule: Mas
 
 /// Reads a mask and checks it against its image: same aspect ratio (or size), some white.
 fn load_mask(path: &Path, image: &DynamicImage, rule: MaskFit) -> Result<DynamicImage> {
-    let m = open(path)?;
+    let m = crate::io::open_image(path)?;
     let (mw, mh) = m.dimensions();
     let (iw, ih) = image.dimensions();
     if rule == MaskFit::SameSize && (mw, mh) != (iw, ih) {

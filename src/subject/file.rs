@@ -7,7 +7,7 @@
 
 use super::Space;
 use crate::io::write_safetensors_atomic;
-use crate::load::{read_safetensors, safetensors_metadata};
+use crate::load::{read_safetensors_finite, safetensors_metadata};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +19,8 @@ pub const SUBJECT_FILE: &str = "subject.safetensors";
 /// Named here, in the lower module, so that the `learn` job can refuse such a folder without
 /// importing `dreambooth` (imports go one way: `dreambooth` → `subject`).
 pub const MANIFEST_FILE: &str = "dreambooth.json";
+/// The textual-inversion file of a `learn --mode ti` folder (diffusers' name).
+pub const LEARNED_EMBEDS_FILE: &str = "learned_embeds.safetensors";
 
 /// A learned subject: c_s and the step-wise c_s^t of Algorithm 1.
 #[derive(Debug)]
@@ -69,7 +71,7 @@ impl Subject {
             bail!("{} is not a hifi-tuner subject file (format {FORMAT} expected)", path.display());
         }
         let get = |k: &str| meta.get(k).with_context(|| format!("{}: metadata lacks {k}", path.display()));
-        let tensors: BTreeMap<String, Tensor> = read_safetensors(&path)?.into_iter().collect();
+        let tensors: BTreeMap<String, Tensor> = read_safetensors_finite(&path)?.into_iter().collect();
         let c_s = tensors.get("c_s").with_context(|| format!("{}: no c_s tensor", path.display()))?;
         let (stepwise, timesteps) = match (tensors.get("c_s_t"), tensors.get("timesteps")) {
             (Some(s), Some(t)) => (
@@ -158,7 +160,7 @@ pub fn save_a1111_embedding(path: &Path, token: &str, rows: &Tensor) -> Result<(
 /// diffusers format, and the file stem for the A1111 formats (as A1111 and ComfyUI name them;
 /// diffusers would register the literal token `emb_params`).
 pub fn read_learned_embeds(path: &Path, token: Option<&str>) -> Result<(String, Tensor)> {
-    let tensors = read_safetensors(path)?;
+    let tensors = read_safetensors_finite(path)?;
     let keys: Vec<String> = tensors.iter().map(|(k, _)| k.clone()).collect();
     let mut params: Vec<(String, Tensor)> =
         tensors.into_iter().filter(|(k, _)| !k.starts_with("string_to_token.")).collect();

@@ -11,7 +11,7 @@ use super::file::{a1111_file_name, save_a1111_embedding, save_learned_embeds, Su
 use super::learn::{LearnArgs, Objective, State, StepReport, TrainSet};
 use super::{conditioning, ti, Mode};
 use crate::io::{image_to_u8, mask_to_u8, write_atomic, write_safetensors_atomic, RgbImage};
-use crate::load::{read_safetensors, safetensors_metadata};
+use crate::load::{read_safetensors_finite, safetensors_metadata};
 use crate::pipeline::{LoadOptions, StableDiffusion};
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -88,14 +88,16 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
     let (ti_base, init_ti) = if args.mode == Mode::Ti { setup_ti(&mut sd, args)? } else { (0, None) };
     let caption_ids = caption_ids(&sd, args)?;
     let data = tch::no_grad(|| encode(&sd, &photos));
-    std::fs::create_dir_all(&job.out).with_context(|| format!("cannot create {}", job.out.display()))?;
-    save_photos(&job.out, &photos)?;
+    // Everything that can be refused (the schedule, a checkpoint of another run) is checked
+    // before the first file is written.
     let obj = Objective::new(&sd, args.clone(), data, caption_ids, ti_base)?;
     let mut state = if job.resume {
         read_checkpoint(&ckpt_path, &identity, &inputs, args.lr, job.device)?
     } else {
         State::new(init_ti.as_ref().unwrap_or(&obj.phi_s), args.lr)
     };
+    std::fs::create_dir_all(&job.out).with_context(|| format!("cannot create {}", job.out.display()))?;
+    save_photos(&job.out, &photos)?;
     let log_path = job.out.join(LOG_FILE);
     let mut log = open_log(&log_path, obj.global_step(state.phase, state.step))?;
     let bar = crate::progress::bar(obj.total_steps() as u64, "learning");
@@ -104,7 +106,8 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
     let started = Instant::now();
     let result = super::learn::run(&obj, &mut state, |state, r| {
         let g = obj.global_step(state.phase, state.step);
-        write_log(&mut log, &obj, r, g - 1, started.elapsed().as_secs_f64())?;
+        write_log(&mut log, &obj, r, g - 1, started.elapsed().as_secs_f64())
+            .with_context(|| format!("cannot write {}", log_path.display()))?;
         bar.set_position(g as u64);
         bar.set_message(format!("loss {:.4}", r.loss));
         if job.checkpoint_every > 0 && g % job.checkpoint_every == 0 {
@@ -127,6 +130,12 @@ fn validate(job: &LearnJob) -> Result<()> {
     let a = &job.args;
     if a.n_tokens < 1 {
         bail!("--tokens must be at least 1");
+    }
+    if a.steps < 1 {
+        bail!("--steps must be at least 1 (0 would write the initial embedding, unlearned)");
+    }
+    if a.ddim_steps < 1 {
+        bail!("--ddim-steps must be at least 1");
     }
     if !(a.lr > 0.0 && a.lr.is_finite()) {
         bail!("--lr must be a positive number");
@@ -171,10 +180,16 @@ pub fn caption_ids(sd: &StableDiffusion, args: &LearnArgs) -> Result<Tensor> {
     let mut rows = Vec::new();
     for c in &args.captions {
         let enc = sd.tokenizer.encode_padded(c);
+        let max = sd.tokenizer.model_max_length();
         if args.mode == Mode::Hifi {
-            conditioning::check_room(enc.n_tokens, args.n_tokens, sd.tokenizer.model_max_length() as i64, c)?;
+            conditioning::check_room(enc.n_tokens, args.n_tokens, max as i64, c)?;
         } else if enc.truncated {
-            bail!("the caption {c:?} is too long");
+            bail!(
+                "the caption {c:?} is {} tokens long with its {} subject tokens (--tokens), but CLIP holds {max} \
+                 (with <bos> and <eos>): lower --tokens",
+                sd.tokenizer.encode(c).len(),
+                args.n_tokens
+            );
         }
         rows.push(Tensor::from_slice(&enc.ids));
     }
@@ -251,7 +266,7 @@ fn read_checkpoint(
 ) -> Result<State> {
     let meta = checkpoint_metadata(path, CHECKPOINT_FORMAT, CHECKPOINT_WHAT, identity, Some(inputs))?;
     let t: BTreeMap<String, Tensor> =
-        read_safetensors(path)?.into_iter().map(|(k, v)| (k, v.to_device(device))).collect();
+        read_safetensors_finite(path)?.into_iter().map(|(k, v)| (k, v.to_device(device))).collect();
     let get = |k: &str| t.get(k).map(|x| x.shallow_clone()).with_context(|| format!("{}: no {k}", path.display()));
     let num =
         |k: &str| -> Result<i64> { Ok(meta.get(k).with_context(|| format!("{}: no {k}", path.display()))?.parse()?) };
@@ -312,11 +327,11 @@ fn write_result(job: &LearnJob, obj: &Objective, state: &State) -> Result<PathBu
     let args = &job.args;
     match args.mode {
         Mode::Ti => {
-            let path = job.out.join("learned_embeds.safetensors");
+            let path = job.out.join(super::file::LEARNED_EMBEDS_FILE);
             save_learned_embeds(&path, &args.token, &state.param)?;
             // The same vectors for AUTOMATIC1111 / ComfyUI: copy this file into their embeddings folder.
             let a1111 = job.out.join("a1111").join(a1111_file_name(&args.token));
-            std::fs::create_dir_all(job.out.join("a1111"))?;
+            crate::io::create_dir_all(&job.out.join("a1111"))?;
             save_a1111_embedding(&a1111, &args.token, &state.param)?;
             Ok(path)
         }

@@ -245,6 +245,15 @@ pub fn train_step(obj: &Objective, state: &mut State) -> Result<StepReport> {
     }
     let grad = Tensor::run_backward(&[&l.total], &[&p], false, false).remove(0);
     state.adam.update(&mut state.param, &grad);
+    // A finite loss can still give an infinite gradient or an overflowing update: stop before
+    // such a parameter reaches a checkpoint.
+    if !bool::try_from(state.param.isfinite().all())? {
+        bail!(
+            "the embedding became NaN or infinite at phase {} step {} (loss {loss}): stopping (lower --lr?)",
+            state.phase,
+            state.step
+        );
+    }
     let report = StepReport {
         phase: state.phase,
         step: state.step,

@@ -285,12 +285,15 @@ pub fn train_base(job: &TrainBaseJob) -> Result<PathBuf> {
             let loss = &mse + &kl * a.kl_weight;
             let value = loss.double_value(&[]);
             if !value.is_finite() {
-                bail!("the VAE loss became {value} at step {}", tr.step);
+                let e = anyhow::anyhow!("the VAE loss became {value} at step {} (lower the learning rate?)", tr.step);
+                return Err(crate::subject::job::stopped(e, &ckpt, "training"));
             }
-            let gn = step_all(&mut tr.tensors, &mut tr.adam, &loss, a.max_grad_norm)?;
+            let gn = step_all(&mut tr.tensors, &mut tr.adam, &loss, a.max_grad_norm)
+                .map_err(|e| crate::subject::job::stopped(e, &ckpt, "training"))?;
             let extra =
                 serde_json::json!({ "mse": mse.double_value(&[]), "kl": kl.double_value(&[]), "grad_norm": gn });
-            log(&mut logf, "vae", tr.step, tr.step, value, extra, a.vae_lr, started.elapsed().as_secs_f64())?;
+            log(&mut logf, "vae", tr.step, tr.step, value, extra, a.vae_lr, started.elapsed().as_secs_f64())
+                .with_context(|| format!("cannot write {}", log_path.display()))?;
             tr.step += 1;
             bar.set_position(tr.step as u64);
             bar.set_message(format!("mse {:.4}", mse.double_value(&[])));
@@ -363,15 +366,18 @@ pub fn train_base(job: &TrainBaseJob) -> Result<PathBuf> {
             let loss = (&pred - &noise).square().mean(Kind::Float);
             let value = loss.double_value(&[]);
             if !value.is_finite() {
-                bail!("the UNet loss became {value} at step {}", tr.step);
+                let e = anyhow::anyhow!("the UNet loss became {value} at step {} (lower --unet-lr?)", tr.step);
+                return Err(crate::subject::job::stopped(e, &ckpt, "training"));
             }
             let lr = a.unet_lr_at(tr.step);
             for ad in tr.adam.iter_mut() {
                 ad.lr = lr;
             }
-            let gn = step_all(&mut tr.tensors, &mut tr.adam, &loss, a.max_grad_norm)?;
+            let gn = step_all(&mut tr.tensors, &mut tr.adam, &loss, a.max_grad_norm)
+                .map_err(|e| crate::subject::job::stopped(e, &ckpt, "training"))?;
             let extra = serde_json::json!({ "grad_norm": gn });
-            log(&mut logf, "unet", a.vae_steps + tr.step, tr.step, value, extra, lr, started.elapsed().as_secs_f64())?;
+            log(&mut logf, "unet", a.vae_steps + tr.step, tr.step, value, extra, lr, started.elapsed().as_secs_f64())
+                .with_context(|| format!("cannot write {}", log_path.display()))?;
             tr.step += 1;
             bar.set_position(tr.step as u64);
             bar.set_message(format!("loss {value:.4}"));
