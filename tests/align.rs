@@ -380,5 +380,9 @@ fn warped_photo_is_padded_with_its_edge_pixels_not_grey() {
     check_tol("edge value at (0, 8, 0)", (edge.double_value(&[0, 8, 0]) - (-0.9)).abs(), 1e-5);
     check_tol("edge value at (2, 0, 15)", (edge.double_value(&[2, 0, 15]) - 0.9).abs(), 1e-5);
     // Inside the photo both agree.
-    check_tol("centre vs zeros", (edge.get(0).get(8).get(8) - zeros.get(0).get(8).get(8)).abs().double_value(&[]), 1e-6);
+    check_tol(
+        "centre vs zeros",
+        (edge.get(0).get(8).get(8) - zeros.get(0).get(8).get(8)).abs().double_value(&[]),
+        1e-6,
+    );
 }

@@ -206,7 +206,11 @@ fn score_cli_reads_prompts_from_png_or_file() {
     let o = score(&["--prompts".as_ref(), pf.as_os_str()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let w: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    check_min("clip_t moves with the prompts", (w["clip_t"].as_f64().unwrap() - v["clip_t"].as_f64().unwrap()).abs(), 1e-4);
+    check_min(
+        "clip_t moves with the prompts",
+        (w["clip_t"].as_f64().unwrap() - v["clip_t"].as_f64().unwrap()).abs(),
+        1e-4,
+    );
     assert_eq!(w["dino"], v["dino"]);
     // a prompts file without an image's name is an error naming the file and the image
     std::fs::write(&pf, "{\"image\": \"0-0.png\", \"prompt\": \"a red car\"}\n").unwrap();

@@ -5,7 +5,9 @@
 mod common;
 
 use common::*;
-use hifi_tuner::dreambooth::{checkpointed_grads, draw, loss, step_on, DbBatch, DbData, DbState, DreamBoothArgs, Params};
+use hifi_tuner::dreambooth::{
+    checkpointed_grads, draw, loss, step_on, DbBatch, DbData, DbState, DreamBoothArgs, Params,
+};
 use hifi_tuner::models::vae::LatentDist;
 use hifi_tuner::pipeline::StableDiffusion;
 use hifi_tuner::rng::seeded;
@@ -228,7 +230,10 @@ fn each_step_samples_the_vae_posterior_as_diffusers_does() {
     let sd = sd();
     let (c, s) = (sd.unet.config.in_channels, 8);
     let (mean, class_mean) = seeded(3, || {
-        (Tensor::randn([1, c, s, s], (Kind::Float, Device::Cpu)), Tensor::randn([1, c, s, s], (Kind::Float, Device::Cpu)))
+        (
+            Tensor::randn([1, c, s, s], (Kind::Float, Device::Cpu)),
+            Tensor::randn([1, c, s, s], (Kind::Float, Device::Cpu)),
+        )
     });
     let std = 0.5f64;
     let logvar = Tensor::full([1, c, s, s], 2.0 * std.ln(), (Kind::Float, Device::Cpu));
