@@ -8,6 +8,7 @@
 //! map would pass τ everywhere and select the whole image.
 
 use crate::attention::{AttentionController, AttnKind, AttnSite};
+use crate::pipeline::StableDiffusion;
 use tch::{Kind, Tensor};
 
 /// τ: a latent cell belongs to the subject when its normalised heat is at least this.
@@ -19,6 +20,31 @@ pub const MIN_AREA: f64 = 0.01;
 /// Largest share of the image a usable M_g covers. Above 70 % the "subject" is mostly frame, and
 /// Algorithm 4 would scale the reference to fill the frame.
 pub const MAX_AREA: f64 = 0.70;
+
+/// Positions of a word's tokens in a prompt's padded ids (every occurrence).
+pub fn word_positions(sd: &StableDiffusion, prompt: &str, word: &str) -> Vec<i64> {
+    let ids = sd.tokenizer.encode_padded(prompt).ids;
+    let w = sd.tokenizer.encode(word);
+    let w = &w[1..w.len().saturating_sub(1)];
+    let mut out = vec![];
+    if !w.is_empty() {
+        for s in 0..ids.len().saturating_sub(w.len()) {
+            if &ids[s..s + w.len()] == w {
+                out.extend((s..s + w.len()).map(|p| p as i64));
+            }
+        }
+    }
+    out
+}
+
+/// Token positions of the subject in a prompt's conditioning: the c_s^t rows (the last n) and
+/// the class noun's tokens in the prompt.
+pub fn subject_tokens(sd: &StableDiffusion, prompt: &str, class_noun: &str, n: i64) -> Vec<i64> {
+    let l = sd.tokenizer.encode_padded(prompt).ids.len() as i64;
+    let mut out: Vec<i64> = (l - n..l).collect();
+    out.extend(word_positions(sd, prompt, class_noun));
+    out
+}
 
 /// Why a 0/1 mask cannot guide: `"empty"`, `"the whole image"`, or its area outside
 /// [`MIN_AREA`] … [`MAX_AREA`] of the image; `None` when it can.

@@ -20,7 +20,7 @@
 //! Without SAM the mask is the thresholded component itself ([`heat_mask`]), which is coarse
 //! (SD-1.5 attends at 8×8 … 64×64 latent cells).
 
-use super::daam::{CrossAttnAggregator, THRESHOLD};
+use super::daam::{subject_tokens, CrossAttnAggregator, THRESHOLD};
 use crate::models::sam::{PixelPrompts, Prediction, SamModel};
 use crate::pipeline::StableDiffusion;
 use anyhow::{bail, Result};
@@ -43,7 +43,7 @@ pub fn heat_map(sd: &StableDiffusion, photo: &Tensor, class_noun: &str) -> Resul
     let (h, w, _) = photo.size3()?;
     let s = sd.default_size();
     let prompt = format!("a photo of a {class_noun}");
-    let tokens = super::job::subject_tokens(sd, &prompt, class_noun, 0);
+    let tokens = subject_tokens(sd, &prompt, class_noun, 0);
     if tokens.is_empty() {
         bail!("the class noun {class_noun:?} has no tokens");
     }

@@ -8,7 +8,7 @@
 //! 5. Algorithm 2 from the same x_T → I_g2.
 
 use super::align;
-use super::daam::{degenerate, CrossAttnAggregator};
+use super::daam::{degenerate, subject_tokens, word_positions, CrossAttnAggregator};
 use super::grounding;
 use super::invert::ddim_invert;
 use super::reference::{guided_denoise, GuidanceConfig, GuidanceReport, Reference};
@@ -95,40 +95,6 @@ impl GuidedSubject<'_> {
             }
         })
     }
-}
-
-/// Positions of a word's tokens in a prompt's padded ids (every occurrence).
-pub fn word_positions(sd: &StableDiffusion, prompt: &str, word: &str) -> Vec<i64> {
-    let ids = sd.tokenizer.encode_padded(prompt).ids;
-    let w = sd.tokenizer.encode(word);
-    let w = &w[1..w.len().saturating_sub(1)];
-    let mut out = vec![];
-    if !w.is_empty() {
-        for s in 0..ids.len().saturating_sub(w.len()) {
-            if &ids[s..s + w.len()] == w {
-                out.extend((s..s + w.len()).map(|p| p as i64));
-            }
-        }
-    }
-    out
-}
-
-/// Token positions of the subject in a prompt's conditioning: the c_s^t rows (the last n) and
-/// the class noun's tokens in the prompt.
-pub fn subject_tokens(sd: &StableDiffusion, prompt: &str, class_noun: &str, n: i64) -> Vec<i64> {
-    let ids = sd.tokenizer.encode_padded(prompt).ids;
-    let noun = sd.tokenizer.encode(class_noun);
-    let noun = &noun[1..noun.len().saturating_sub(1)];
-    let l = ids.len() as i64;
-    let mut out: Vec<i64> = (l - n..l).collect();
-    if !noun.is_empty() {
-        for s in 0..ids.len().saturating_sub(noun.len()) {
-            if &ids[s..s + noun.len()] == noun {
-                out.extend((s..s + noun.len()).map(|p| p as i64));
-            }
-        }
-    }
-    out
 }
 
 /// Runs §3.3 for `req` (one image) with a learned subject whose folder is `subject_dir`.
