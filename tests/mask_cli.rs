@@ -103,30 +103,71 @@ fn bad_inputs_name_the_file_and_write_nothing() {
     assert!(!tmp.path().join("m.png").exists());
 }
 
-/// `sam` prints the three candidates' predicted IoUs; they match transformers' for the same
-/// prompts (the fixture's "both" case) up to the pre-processing's rare 1/255 roundings (5e-3).
+/// `sam` prints the candidates' predicted IoUs; they match transformers' for the same prompts
+/// (the fixture's "both" case) up to the pre-processing's rare 1/255 roundings (5e-3). A box
+/// gets SAM's single output by default, the three with `--multimask on`.
 #[test]
 fn sam_prints_iou_and_writes_the_best_mask() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("m.png");
+    for (flag, key, n) in [("auto", "both.single.iou_scores", 1), ("on", "both.iou_scores", 3)] {
+        let o = bin()
+            .args(["sam", "--model"])
+            .arg(model_dir("sam-tiny"))
+            .arg("--image")
+            .arg(fixtures().join("sam/photo-small.png"))
+            .args(["--box", "8,10,33,41", "--point", "20,25", "--device", "cpu", "--multimask", flag, "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let got: Vec<f64> = serde_json::from_slice(&o.stdout).unwrap();
+        let want = Vec::<f64>::try_from(reference_tensor("sam", key).to_kind(tch::Kind::Double).view([-1])).unwrap();
+        assert_eq!(got.len(), n, "--multimask {flag}");
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 5e-3, "--multimask {flag}: {got:?} vs {want:?}");
+        }
+        assert_eq!(image::open(&out).unwrap().to_luma8().dimensions(), (48, 40));
+    }
+}
+
+/// A box wholly outside the photo (48 × 40) is refused before SAM runs, naming the box and the
+/// photo's size; so is a point outside it. Nothing is written.
+#[test]
+fn sam_refuses_a_box_outside_the_photo() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m.png");
+    for (arg, needle) in [
+        ("--box=60,10,90,30", "--box 60,10,90,30 lies wholly outside"),
+        ("--box=-30,-20,-1,-1", "--box -30,-20,-1,-1 lies wholly outside"),
+        ("--box=10,40,20,50", "--box 10,40,20,50 lies wholly outside"),
+        ("--point=50,3", "--point 50,3 lies outside"),
+    ] {
+        let o = bin()
+            .args(["sam", "--model"])
+            .arg(model_dir("sam-tiny"))
+            .arg("--image")
+            .arg(fixtures().join("sam/photo-small.png"))
+            .args([arg, "--device", "cpu", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{arg}: {err}");
+        assert!(err.contains(needle) && err.contains("photo-small.png") && err.contains("48 × 40"), "{err}");
+        assert!(!out.exists());
+    }
+    // A box that only partly overlaps the photo is fine.
     let o = bin()
         .args(["sam", "--model"])
         .arg(model_dir("sam-tiny"))
         .arg("--image")
         .arg(fixtures().join("sam/photo-small.png"))
-        .args(["--box", "8,10,33,41", "--point", "20,25", "--device", "cpu", "--out"])
+        .args(["--box", "30,20,90,80", "--device", "cpu", "--out"])
         .arg(&out)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let got: Vec<f64> = serde_json::from_slice(&o.stdout).unwrap();
-    let want =
-        Vec::<f64>::try_from(reference_tensor("sam", "both.iou_scores").to_kind(tch::Kind::Double).view([-1])).unwrap();
-    assert_eq!(got.len(), 3);
-    for (g, w) in got.iter().zip(&want) {
-        assert!((g - w).abs() < 5e-3, "{got:?} vs {want:?}");
-    }
-    assert_eq!(image::open(&out).unwrap().to_luma8().dimensions(), (48, 40));
 }
 
 /// `learn --sam` on photos alone computes and keeps the masks, then guidance uses SAM for M_g.

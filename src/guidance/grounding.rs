@@ -223,7 +223,7 @@ pub fn mask_from_heat(sam: Option<&SamModel>, photo: &Tensor, heat: &Tensor, pat
         None => heat_mask(heat),
         Some(sam) => {
             let prompts = prompts_from_heat(heat)?;
-            let pred = sam.predict(photo, &prompts)?;
+            let pred = sam.predict_with(photo, &prompts, true)?;
             choose(&pred, heat, &what)?
         }
     };
