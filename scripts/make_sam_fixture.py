@@ -138,6 +138,16 @@ def main() -> None:
             masks = proc.post_process_masks(out.pred_masks, e["original_sizes"], e["reshaped_input_sizes"])[0]
             ref[f"{case}.mask_logits"] = logits
             ref[f"{case}.masks"] = masks.to(torch.uint8)
+            # The single-mask output (mask token 0): `multimask_output=False`.
+            out = model(
+                image_embeddings=emb, input_points=e.get("input_points"), input_labels=e.get("input_labels"),
+                input_boxes=e.get("input_boxes"), multimask_output=False,
+            )
+            ref[f"{case}.single.iou_scores"] = out.iou_scores
+            ref[f"{case}.single.pred_masks"] = out.pred_masks
+            ref[f"{case}.single.mask_logits"] = proc.post_process_masks(
+                out.pred_masks, e["original_sizes"], e["reshaped_input_sizes"], binarize=False
+            )[0]
     meta = {
         "transformers": transformers.__version__, "torch": torch.__version__, "pillow": PIL.__version__,
         "points": json.dumps(POINTS), "labels": json.dumps(LABELS), "box": json.dumps(BOX),

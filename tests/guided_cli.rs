@@ -91,6 +91,27 @@ fn reference_guidance_end_to_end_is_deterministic_and_writes_intermediates() {
     assert!(o.status.success() && err.contains("DINO cosine"), "{err}");
 }
 
+/// Attention over I_g1 whose contrast is under `--min-contrast` finds no subject (the class
+/// noun's attention on tiny-a here: 1.51, so a bar of 100 is missed for sure): M_g falls back
+/// to the plain image with a warning that says why, and the image is still written. A bad
+/// value is refused.
+#[test]
+fn flat_subject_attention_falls_back_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let subject = tmp.path().join("dog");
+    learn(&subject);
+    let out = tmp.path().join("flat.png");
+    let o = guided(&subject, &tmp.path().join("nan.png"), &["--min-contrast", "nan"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--min-contrast NaN: expected a finite number"), "{err}");
+    assert!(!tmp.path().join("nan.png").exists());
+    let o = guided(&subject, &out, &["--min-contrast", "100"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("M_g: no subject found in I_g1") && err.contains("falling back to plain generation"), "{err}");
+    assert!(out.is_file());
+}
+
 #[test]
 fn bad_guidance_inputs_are_refused() {
     let tmp = tempfile::tempdir().unwrap();

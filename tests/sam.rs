@@ -1,6 +1,7 @@
 //! SAM parity with transformers 5.24 (`SamModel` + `SamProcessor`, PIL backend) on the tiny
 //! random `sam-tiny` fixture (scripts/make_sam_fixture.py): pre-processing, vision encoder,
-//! prompt encoder (points, a box, both), mask decoder, IoU scores and the post-processed masks.
+//! prompt encoder (points, a box, both), mask decoder (multimask and single-mask output), IoU
+//! scores and the post-processed masks.
 //!
 //! Tolerances: the model runs in f32 with a different (but mathematically equal) operation order
 //! than PyTorch's sdpa path, so outputs agree to a few ulps of their scale; 1e-4 relative to
@@ -91,7 +92,7 @@ fn prompts_decoder_and_masks_match_for_points_box_and_both() {
         let (sparse, dense) = tch::no_grad(|| m.prompt_embeddings(&prompts)).unwrap();
         assert_close(&sparse, &r[&format!("{case}.sparse")], 1e-4, &format!("{case}: sparse"));
         assert_close(&dense, &r[&format!("{case}.dense")], 1e-4, &format!("{case}: dense"));
-        let (masks, iou) = tch::no_grad(|| m.decode(emb, &sparse, &dense));
+        let (masks, iou) = tch::no_grad(|| m.decode(emb, &sparse, &dense, true));
         assert_close(&masks, &r[&format!("{case}.pred_masks")], 1e-4, &format!("{case}: low-res masks"));
         assert_close(&iou, &r[&format!("{case}.iou_scores")], 1e-4, &format!("{case}: IoU scores"));
         // From pixel prompts and the reference embeddings, through post-processing.
@@ -103,7 +104,7 @@ fn prompts_decoder_and_masks_match_for_points_box_and_both() {
             },
             boxes: (case != "points").then_some(bx),
         };
-        let pred = m.predict_embedded(emb, &prep, &pp).unwrap();
+        let pred = m.predict_embedded_with(emb, &prep, &pp, true).unwrap();
         assert_close(&pred.logits.unsqueeze(0), &r[&format!("{case}.mask_logits")], 1e-4, &format!("{case}: logits"));
         let want = r[&format!("{case}.masks")].squeeze_dim(0); // (K, H, W) 0/1
                                                                // Binarised at 0: a logit within float noise of 0 may flip; count, allow a handful.
@@ -115,21 +116,68 @@ fn prompts_decoder_and_masks_match_for_points_box_and_both() {
     }
 }
 
+/// `multimask_output=False` (mask token 0) for the three prompt cases: the decoder's output and
+/// the post-processed logits match transformers' (same 1e-4 bound as the multimask outputs), and
+/// the default rule ([`PixelPrompts::multimask`]) gives the single output for a box (with or
+/// without a point) and the three for points alone.
+#[test]
+fn single_mask_output_matches_and_is_the_default_for_a_box() {
+    let r = reference(REF);
+    let m = model();
+    let emb = &r["image_embeddings"];
+    let meta = reference_meta(REF);
+    let pts: Vec<[f64; 2]> = serde_json::from_str(&meta["points"]).unwrap();
+    let labels: Vec<i64> = serde_json::from_str(&meta["labels"]).unwrap();
+    let bx: [f64; 4] = serde_json::from_str(&meta["box"]).unwrap();
+    let (_, prep) = m.embed(&load_u8(&photo("small"))).unwrap();
+    for case in ["points", "box", "both"] {
+        let (sparse, dense) = (&r[&format!("{case}.sparse")], &r[&format!("{case}.dense")]);
+        let (masks, iou) = tch::no_grad(|| m.decode(emb, sparse, dense, false));
+        assert_close(&masks, &r[&format!("{case}.single.pred_masks")], 1e-4, &format!("{case}: single low-res mask"));
+        assert_close(&iou, &r[&format!("{case}.single.iou_scores")], 1e-4, &format!("{case}: single IoU"));
+        let pp = PixelPrompts {
+            points: match case {
+                "points" => pts.iter().zip(&labels).map(|(p, &l)| (p[0], p[1], l)).collect(),
+                "both" => vec![(pts[0][0], pts[0][1], labels[0])],
+                _ => vec![],
+            },
+            boxes: (case != "points").then_some(bx),
+        };
+        let single = m.predict_embedded_with(emb, &prep, &pp, false).unwrap();
+        assert_eq!(single.iou.len(), 1, "{case}");
+        let want = &r[&format!("{case}.single.mask_logits")];
+        eprintln!(
+            "{case}: single output max |diff| low-res {:.1e}, IoU {:.1e}, logits {:.1e}",
+            max_abs_diff(&masks, &r[&format!("{case}.single.pred_masks")]),
+            max_abs_diff(&iou, &r[&format!("{case}.single.iou_scores")]),
+            max_abs_diff(&single.logits.unsqueeze(0), want)
+        );
+        assert_close(&single.logits.unsqueeze(0), want, 1e-4, &format!("{case}: single logits"));
+        // The default: single for a box, three for points alone.
+        let default = m.predict_embedded(emb, &prep, &pp).unwrap();
+        assert_eq!(default.iou.len(), if case == "points" { 3 } else { 1 }, "{case}: default output");
+        assert_eq!(pp.multimask(), case == "points");
+    }
+}
+
 /// The whole path from the photo file: embeddings from our own pre-processing differ from the
 /// reference's only through the ≤ 1/255 rounding of a few resized pixels, so the IoUs agree
-/// loosely (5e-3 of their scale; measured in the test output).
+/// loosely (5e-3 of their scale; measured in the test output). A box gets the single output.
 #[test]
 fn end_to_end_from_the_photo() {
     let r = reference(REF);
     let m = model();
     let started = std::time::Instant::now();
-    let pred = m
-        .predict(&load_u8(&photo("small")), &PixelPrompts { points: vec![], boxes: Some([8.0, 10.0, 33.0, 41.0]) })
-        .unwrap();
+    let photo = load_u8(&photo("small"));
+    let box_only = PixelPrompts { points: vec![], boxes: Some([8.0, 10.0, 33.0, 41.0]) };
+    let pred = m.predict(&photo, &box_only).unwrap();
     eprintln!("tiny SAM, one photo (embed + decode + post-process): {:.3} s", started.elapsed().as_secs_f64());
-    let want = r["box.iou_scores"].view([-1]);
     let got = Tensor::from_slice(&pred.iou).to_kind(Kind::Float);
-    assert_close(&got, &want, 5e-3, "IoU from the photo");
+    assert_close(&got, &r["box.single.iou_scores"].view([-1]), 5e-3, "single IoU from the photo");
+    assert_eq!(pred.logits.size(), [1, 40, 48]);
+    let pred = m.predict_with(&photo, &box_only, true).unwrap();
+    let got = Tensor::from_slice(&pred.iou).to_kind(Kind::Float);
+    assert_close(&got, &r["box.iou_scores"].view([-1]), 5e-3, "IoUs from the photo");
     assert_eq!(pred.logits.size(), [3, 40, 48]);
 }
 

@@ -799,6 +799,7 @@ pub fn run_unit(
                     reference_masks: None,
                     intermediates: None,
                     sam: None,
+                    min_contrast: crate::guidance::daam::MIN_CONTRAST,
                 };
                 let guided = match (&db_args, subject.as_ref()) {
                     (Some(d), _) => GuidedSubject::FineTuned { token: d.token.clone(), class_noun: s.class.clone() },

@@ -79,10 +79,18 @@ pub struct Args {
     /// Also write I_g1, M_g, the reference, T_θ*(I_r), M_r* and a strip next to the output.
     #[arg(long)]
     save_intermediates: bool,
+    /// With --reference-guidance: the least contrast of the subject's attention over I_g1 for M_g
+    /// to be used (as `mask --min-contrast`; default 1.32); below it guidance falls back to the
+    /// plain image with a warning.
+    #[arg(long, requires = "reference_guidance")]
+    min_contrast: Option<f64>,
 }
 
 pub fn run(mut a: Args) -> Result<()> {
     let device = super::parse_device(&a.device)?;
+    if let Some(v) = a.min_contrast {
+        super::mask::check_min_contrast(v)?;
+    }
     let started = Instant::now();
     if let Some(s) = &a.subject {
         super::args::check_subject_arg(s, true)?;
@@ -179,12 +187,13 @@ pub fn run(mut a: Args) -> Result<()> {
             reference_masks: a.reference_masks.clone(),
             sam: a.sam.clone(),
             intermediates: a.save_intermediates.then(|| intermediates_dir(&outs[0])),
+            min_contrast: a.min_contrast.unwrap_or(hifi_tuner::guidance::daam::MIN_CONTRAST),
         };
         let g = generate_guided(&sd, &req, &guided, &subject_dir, &opt)?;
         if g.fallback.is_none() {
             eprintln!(
-                "reference guidance: {:.2}s, of which φ_h optimisation {:.2}s",
-                g.seconds, g.report.phi_h_seconds
+                "reference guidance: {:.2}s, of which φ_h optimisation {:.2}s (subject attention contrast {:.2})",
+                g.seconds, g.report.phi_h_seconds, g.contrast
             );
         }
         g.image

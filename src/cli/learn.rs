@@ -26,6 +26,10 @@ pub struct Args {
     /// learn with them.
     #[arg(long, conflicts_with = "masks")]
     sam: Option<PathBuf>,
+    /// With --sam: the least contrast of the class noun's attention for a photo to have a
+    /// subject (as `mask --min-contrast`; default 1.32).
+    #[arg(long, requires = "sam")]
+    min_contrast: Option<f64>,
     /// The subject's class noun, e.g. "dog" or "backpack".
     #[arg(long)]
     class_noun: String,
@@ -167,7 +171,9 @@ fn sam_masks(a: &Args, sam: &std::path::Path) -> Result<PathBuf> {
     let photos = paths.iter().map(|p| hifi_tuner::io::load_rgb_u8(p)).collect::<Result<Vec<_>>>()?;
     let sd = a.model_options.load(&a.model, device)?;
     let sam = hifi_tuner::models::sam::SamModel::load(sam, device)?;
-    let masks = super::mask::compute(&sd, Some(&sam), &photos, &paths, &a.class_noun)?;
+    let min_contrast = a.min_contrast.unwrap_or(hifi_tuner::guidance::daam::MIN_CONTRAST);
+    super::mask::check_min_contrast(min_contrast)?;
+    let masks = super::mask::compute(&sd, Some(&sam), &photos, &paths, &a.class_noun, min_contrast)?;
     let dir = a.out.join("masks");
     hifi_tuner::io::create_dir_all(&dir)?;
     for (p, m) in paths.iter().zip(&masks) {

@@ -1,5 +1,6 @@
 use anyhow::{bail, Result};
-use hifi_tuner::guidance::grounding::{overlay, subject_mask};
+use hifi_tuner::guidance::daam::MIN_CONTRAST;
+use hifi_tuner::guidance::grounding::{check_contrast, heat_map, mask_from_heat, overlay};
 use hifi_tuner::io::{load_rgb_u8, RgbImage};
 use hifi_tuner::models::sam::SamModel;
 use std::path::{Path, PathBuf};
@@ -28,11 +29,17 @@ pub struct Args {
     out: PathBuf,
     #[arg(long, default_value = "auto")]
     device: String,
+    /// The least contrast of the class noun's attention (mean heat inside its hottest region over
+    /// outside, at the finest level) for a photo to have a subject; below it the command stops
+    /// with "no subject found". Lower it (1 accepts any photo) when you know the subject is there.
+    #[arg(long, default_value_t = MIN_CONTRAST)]
+    min_contrast: f64,
 }
 
 /// Computes every mask before writing any; prints the written mask paths.
 pub fn run(a: Args) -> Result<()> {
     let device = super::parse_device(&a.device)?;
+    check_min_contrast(a.min_contrast)?;
     let photos = a.images.iter().map(|p| load_rgb_u8(p)).collect::<Result<Vec<_>>>()?;
     let mut stems = std::collections::BTreeSet::new();
     for p in &a.images {
@@ -42,7 +49,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let sd = a.model_options.load(&a.model, device)?;
     let sam = a.sam.as_deref().map(|d| SamModel::load(d, device)).transpose()?;
-    let masks = compute(&sd, sam.as_ref(), &photos, &a.images, &a.class_noun)?;
+    let masks = compute(&sd, sam.as_ref(), &photos, &a.images, &a.class_noun, a.min_contrast)?;
     hifi_tuner::io::create_dir_all(&a.out)?;
     for ((path, photo), mask) in a.images.iter().zip(&photos).zip(&masks) {
         let out = a.out.join(format!("{}.png", stem(path)));
@@ -50,6 +57,14 @@ pub fn run(a: Args) -> Result<()> {
         RgbImage::from_hwc_u8(&overlay(photo, mask))?
             .save_png(&a.out.join(format!("{}.overlay.png", stem(path))), &[])?;
         println!("{}", out.display());
+    }
+    Ok(())
+}
+
+/// `--min-contrast` must be a finite number ≥ 0.
+pub fn check_min_contrast(v: f64) -> Result<()> {
+    if !v.is_finite() || v < 0.0 {
+        bail!("--min-contrast {v}: expected a finite number ≥ 0 (1 accepts any photo)");
     }
     Ok(())
 }
@@ -65,6 +80,7 @@ pub fn compute(
     photos: &[tch::Tensor],
     paths: &[PathBuf],
     class_noun: &str,
+    min_contrast: f64,
 ) -> Result<Vec<tch::Tensor>> {
     if sam.is_none() {
         eprintln!("warning: no --sam: the masks are the thresholded attention maps, which are coarse");
@@ -73,7 +89,16 @@ pub fn compute(
     let started = Instant::now();
     let mut out = Vec::new();
     for (photo, path) in photos.iter().zip(paths) {
-        out.push(subject_mask(sd, sam, photo, class_noun, path)?);
+        let heat = heat_map(sd, photo, class_noun)?;
+        bar.suspend(|| eprintln!("{}: attention contrast {:.3}", path.display(), heat.contrast));
+        if let Err(e) = check_contrast(heat.contrast, min_contrast, &path.display().to_string()) {
+            bail!(
+                "{e:#}. If the {class_noun} is there, --min-contrast below the contrast shown masks it anyway (then \
+                 check the mask)"
+            );
+        }
+        let mask = mask_from_heat(sam, photo, &heat.map, path)?;
+        out.push(mask);
         bar.inc(1);
     }
     bar.finish_and_clear();

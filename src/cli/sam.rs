@@ -25,6 +25,11 @@ pub struct Args {
     /// Where to write the best mask (by predicted IoU) as a grayscale PNG (0 or 255).
     #[arg(long)]
     out: PathBuf,
+    /// SAM's outputs: `on` = its three candidate masks, `off` = its single mask (transformers'
+    /// `multimask_output`); `auto` = single when a box is given, three for points alone (the SAM
+    /// authors' recommendation).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    multimask: String,
     #[arg(long, default_value = "auto")]
     device: String,
 }
@@ -41,6 +46,35 @@ fn numbers<const N: usize>(s: &str, flag: &str) -> Result<[f64; N]> {
         bail!("{flag} {s:?}: numbers must be finite");
     }
     Ok(arr)
+}
+
+/// Refuses a box or point that lies wholly outside a photo of `w` × `h` pixels: a box must
+/// overlap [0, w] × [0, h] with positive area, a point lie within it.
+fn check_inside(prompts: &PixelPrompts, w: i64, h: i64, image: &std::path::Path) -> Result<()> {
+    let (w, h) = (w as f64, h as f64);
+    if let Some(b) = prompts.boxes {
+        if b[2] <= 0.0 || b[3] <= 0.0 || b[0] >= w || b[1] >= h {
+            bail!(
+                "--box {},{},{},{} lies wholly outside {} ({} × {} pixels, x in 0…{}, y in 0…{})",
+                b[0],
+                b[1],
+                b[2],
+                b[3],
+                image.display(),
+                w,
+                h,
+                w,
+                h
+            );
+        }
+    }
+    for &(x, y, label) in &prompts.points {
+        if !(0.0..=w).contains(&x) || !(0.0..=h).contains(&y) {
+            let flag = if label == 1 { "--point" } else { "--negative-point" };
+            bail!("{flag} {x},{y} lies outside {} ({} × {} pixels)", image.display(), w, h);
+        }
+    }
+    Ok(())
 }
 
 /// Prints the candidates' predicted IoUs as a JSON array; writes the best candidate.
@@ -63,9 +97,16 @@ pub fn run(a: Args) -> Result<()> {
         bail!("give SAM a prompt: --box, --point or --negative-point");
     }
     let image = load_rgb_u8(&a.image)?;
+    let (h, w, _) = image.size3()?;
+    check_inside(&prompts, w, h, &a.image)?;
+    let multimask = match a.multimask.as_str() {
+        "on" => true,
+        "off" => false,
+        _ => prompts.multimask(),
+    };
     let sam = SamModel::load(&a.model, super::parse_device(&a.device)?)?;
     let started = Instant::now();
-    let pred = sam.predict(&image, &prompts)?;
+    let pred = sam.predict_with(&image, &prompts, multimask)?;
     eprintln!("SAM: {:.3}s", started.elapsed().as_secs_f64());
     save_mask_png(&pred.mask(pred.best()), &a.out)?;
     println!("{}", serde_json::to_string(&pred.iou)?);

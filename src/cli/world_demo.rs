@@ -135,10 +135,12 @@ pub fn run(a: Args) -> Result<()> {
             reference_masks: None,
             sam: None,
             intermediates: None,
+            min_contrast: hifi_tuner::guidance::daam::MIN_CONTRAST,
         };
         let g = generate_guided(&sd, &req, &GuidedSubject::Embedding(&subject), &learned, &opt)?;
-        if let Some(why) = &g.fallback {
-            eprintln!("{prompt}: reference guidance fell back to the plain image: {why}");
+        match &g.fallback {
+            Some(why) => eprintln!("{prompt}: reference guidance fell back to the plain image: {why}"),
+            None => eprintln!("{prompt}: reference guidance ran (subject attention contrast {:.2})", g.contrast),
         }
         let name = SCENES[scene].0;
         let mut scores = vec![];

@@ -1,17 +1,20 @@
 //! `generate --reference-guidance`: the whole of §3.3 for one image.
 //!
 //! 1. I_g1 by Eq. 7 from x_T, with a [`CrossAttnAggregator`] collecting the subject tokens'
-//!    cross-attention → M_g.
+//!    cross-attention → M_g. Attention whose contrast is under `--min-contrast`
+//!    ([`super::daam::MIN_CONTRAST`]) found no subject, and a degenerate M_g cannot guide: both
+//!    fall back to the plain I_g1 with a warning.
 //! 2. The reference photo: best DINO cosine to I_g1 (`--dino`), else best mask alignment.
 //! 3. Algorithm 4: T_θ* maps M_r onto M_g → T_θ*(I_r), M_r*.
 //! 4. DDIM inversion of T_θ*(I_r) under the reference caption (w = 1).
 //! 5. Algorithm 2 from the same x_T → I_g2.
 
 use super::align;
-use super::daam::{degenerate, CrossAttnAggregator};
+use super::daam::{degenerate, subject_tokens, word_positions, CrossAttnAggregator};
 use super::grounding;
 use super::invert::ddim_invert;
 use super::reference::{guided_denoise, GuidanceConfig, GuidanceReport, Reference};
+use crate::attention::Chain;
 use crate::eval::dino::Dino;
 use crate::io::{decoded_to_u8, image_to_u8, mask_to_u8, RgbImage};
 use crate::models::sam::SamModel;
@@ -40,6 +43,9 @@ pub struct ReferenceOptions {
     pub sam: Option<PathBuf>,
     /// Folder for I_g1, M_g, the reference, T_θ*(I_r), M_r* and a strip.
     pub intermediates: Option<PathBuf>,
+    /// The least contrast of the subject tokens' attention over I_g1 for M_g to be used
+    /// ([`MIN_CONTRAST`](super::daam::MIN_CONTRAST) by default); below it guidance falls back to the plain image.
+    pub min_contrast: f64,
 }
 
 /// The result: I_g2 (or I_g1 when guidance could not run) and timings.
@@ -50,6 +56,9 @@ pub struct Guided {
     pub seconds: f64,
     /// Why guidance fell back to the plain image, if it did.
     pub fallback: Option<String>,
+    /// The contrast of the subject words' attention over I_g1 ([`CrossAttnAggregator::contrast`]
+    /// of the class noun; the DreamBooth token and class noun).
+    pub contrast: f64,
 }
 
 /// The subject reference guidance draws: a learned embedding (Eq. 7's [c, c_s^t]) or a
@@ -65,6 +74,23 @@ impl GuidedSubject<'_> {
         match self {
             GuidedSubject::Embedding(s) => &s.class_noun,
             GuidedSubject::FineTuned { class_noun, .. } => class_noun,
+        }
+    }
+
+    /// The token positions whose attention's contrast says whether I_g1 shows the subject: the
+    /// prompt's words for it (the class noun; the DreamBooth token and class noun), not the
+    /// learned c_s^t rows, whose attention is diffuse (the world model's learned pyramid: 1.10–1.23
+    /// with them, though I_g1 shows it; see docs/experiments.md). All of [`tokens`](Self::tokens)
+    /// when the prompt lacks the class noun.
+    fn contrast_tokens(&self, sd: &StableDiffusion, prompt: &str) -> Vec<i64> {
+        let words = match self {
+            GuidedSubject::Embedding(s) => word_positions(sd, prompt, &s.class_noun),
+            GuidedSubject::FineTuned { .. } => self.tokens(sd, prompt),
+        };
+        if words.is_empty() {
+            self.tokens(sd, prompt)
+        } else {
+            words
         }
     }
 
@@ -97,40 +123,6 @@ impl GuidedSubject<'_> {
     }
 }
 
-/// Positions of a word's tokens in a prompt's padded ids (every occurrence).
-pub fn word_positions(sd: &StableDiffusion, prompt: &str, word: &str) -> Vec<i64> {
-    let ids = sd.tokenizer.encode_padded(prompt).ids;
-    let w = sd.tokenizer.encode(word);
-    let w = &w[1..w.len().saturating_sub(1)];
-    let mut out = vec![];
-    if !w.is_empty() {
-        for s in 0..ids.len().saturating_sub(w.len()) {
-            if &ids[s..s + w.len()] == w {
-                out.extend((s..s + w.len()).map(|p| p as i64));
-            }
-        }
-    }
-    out
-}
-
-/// Token positions of the subject in a prompt's conditioning: the c_s^t rows (the last n) and
-/// the class noun's tokens in the prompt.
-pub fn subject_tokens(sd: &StableDiffusion, prompt: &str, class_noun: &str, n: i64) -> Vec<i64> {
-    let ids = sd.tokenizer.encode_padded(prompt).ids;
-    let noun = sd.tokenizer.encode(class_noun);
-    let noun = &noun[1..noun.len().saturating_sub(1)];
-    let l = ids.len() as i64;
-    let mut out: Vec<i64> = (l - n..l).collect();
-    if !noun.is_empty() {
-        for s in 0..ids.len().saturating_sub(noun.len()) {
-            if &ids[s..s + noun.len()] == noun {
-                out.extend((s..s + noun.len()).map(|p| p as i64));
-            }
-        }
-    }
-    out
-}
-
 /// Runs §3.3 for `req` (one image) with a learned subject whose folder is `subject_dir`.
 pub fn generate_guided(
     sd: &StableDiffusion,
@@ -157,11 +149,14 @@ pub fn generate_guided(
         bail!("the prompt {:?} does not name the subject ({}): M_g needs its tokens", req.prompt, subject.class_noun());
     }
     let mut daam = CrossAttnAggregator::new(tokens, (h, w), req.guidance > 1.0);
+    let mut words = CrossAttnAggregator::new(subject.contrast_tokens(sd, &req.prompt), (h, w), req.guidance > 1.0);
     let x0_g1 = tch::no_grad(|| -> Result<Tensor> {
         let mut steps = subject.steps(sd, &req.prompt, &sched, uncond.shallow_clone())?;
-        sd.denoise(x_t.shallow_clone(), &sched, steps.as_mut(), req.guidance, Some(&mut daam))
+        let mut both = Chain(vec![&mut daam, &mut words]);
+        sd.denoise(x_t.shallow_clone(), &sched, steps.as_mut(), req.guidance, Some(&mut both))
     })?;
     let i_g1 = tch::no_grad(|| decoded_to_u8(&sd.decode(&x0_g1)));
+    let contrast = words.contrast().context("no cross-attention was recorded")?[0];
     let plain = |why: String| {
         eprintln!("warning: {why}; falling back to plain generation");
         Guided {
@@ -169,8 +164,13 @@ pub fn generate_guided(
             report: GuidanceReport::default(),
             seconds: started.elapsed().as_secs_f64(),
             fallback: Some(why),
+            contrast,
         }
     };
+    // 1b. Is there a subject in I_g1 at all? (Flat attention: M_g would be noise.)
+    if let Err(e) = grounding::check_contrast(contrast, opt.min_contrast, "I_g1") {
+        return Ok(plain(format!("M_g: {e:#}")));
+    }
     let (m_g, m_g_img) = match &opt.sam {
         None => {
             let m_g = daam.mask().context("no cross-attention was recorded")?; // (1, h, w)
@@ -186,7 +186,7 @@ pub fn generate_guided(
                     let lat = m.view([1, 1, req.height, req.width]).adaptive_avg_pool2d([h, w]).ge(0.5); // (1, 1, h, w)
                     (lat.to_kind(Kind::Float).squeeze_dim(1), m)
                 }
-                Err(e) => return Ok(plain(format!("{e:#}"))),
+                Err(e) => return Ok(plain(format!("M_g: {e:#}"))),
             }
         }
     };
@@ -246,7 +246,7 @@ pub fn generate_guided(
         });
         crate::io::write_bytes_atomic(&dir.join("theta.json"), serde_json::to_string_pretty(&facts)?.as_bytes())?;
     }
-    Ok(Guided { image, report, seconds: started.elapsed().as_secs_f64(), fallback: None })
+    Ok(Guided { image, report, seconds: started.elapsed().as_secs_f64(), fallback: None, contrast })
 }
 
 fn reference_photos(subject_dir: &Path, opt: &ReferenceOptions, size: i64) -> Result<Vec<Photo>> {

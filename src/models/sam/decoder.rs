@@ -183,8 +183,17 @@ impl MaskDecoder {
     }
 
     /// image embeddings (1, C, g, g), image-wide PE (1, C, g, g), sparse (1, 1, n, C), dense
-    /// (1, C, g, g) → (mask logits (1, 1, K, 4g, 4g), IoUs (1, 1, K)), the K multimask outputs.
-    pub fn forward(&self, image: &Tensor, pe: &Tensor, sparse: &Tensor, dense: &Tensor) -> (Tensor, Tensor) {
+    /// (1, C, g, g) → (mask logits (1, 1, K, 4g, 4g), IoUs (1, 1, K)). As transformers'
+    /// `SamMaskDecoder`: with `multimask` the K = `num_multimask_outputs` outputs of mask tokens
+    /// 1…K, without it the single output of mask token 0 (K = 1).
+    pub fn forward(
+        &self,
+        image: &Tensor,
+        pe: &Tensor,
+        sparse: &Tensor,
+        dense: &Tensor,
+        multimask: bool,
+    ) -> (Tensor, Tensor) {
         let (_, c, g, _) = image.size4().expect("(1, C, g, g)");
         let k = self.mask_tokens.size()[0];
         let tokens = Tensor::cat(&[&self.iou_token, &self.mask_tokens, &sparse.view([-1, c])], 0).unsqueeze(0); // (1, 1+k+n, C)
@@ -212,6 +221,7 @@ impl MaskDecoder {
         let (s, ch) = (up.size()[2], up.size()[1]);
         let masks = hyper.matmul(&up.reshape([1, ch, s * s])).reshape([1, 1, k, s, s]);
         let iou = self.iou_head.forward(&iou_out).reshape([1, 1, k]);
-        (masks.narrow(2, 1, k - 1), iou.narrow(2, 1, k - 1))
+        let (start, len) = if multimask { (1, k - 1) } else { (0, 1) };
+        (masks.narrow(2, start, len), iou.narrow(2, start, len))
     }
 }

@@ -6,7 +6,9 @@
 //! - the prompt encoder ([`SamModel::prompt_embeddings`]): points and boxes → sparse tokens, the
 //!   "no mask" embedding → dense embeddings. Mask prompts are not implemented; their weights
 //!   (`prompt_encoder.mask_embed.*`) are still loaded and shape-checked.
-//! - [`decoder`]: the two-way-transformer mask decoder with the IoU head.
+//! - [`decoder`]: the two-way-transformer mask decoder with the IoU head; its multimask output
+//!   (three candidates) or single-mask output (mask token 0), as transformers'
+//!   `multimask_output`; [`PixelPrompts::multimask`] says which a prompt gets by default.
 //! - [`processor`]: `SamProcessor`'s pre- and post-processing.
 //!
 //! # Parameter names
@@ -460,17 +462,25 @@ impl SamModel {
         Ok((sparse, dense))
     }
 
-    /// The mask decoder with multimask output: (low-resolution mask logits (1, 1, K, 4g, 4g),
-    /// predicted IoUs (1, 1, K)), K = num_multimask_outputs.
-    pub fn decode(&self, image_embeddings: &Tensor, sparse: &Tensor, dense: &Tensor) -> (Tensor, Tensor) {
-        self.decoder.forward(image_embeddings, &self.image_wide_pe(), sparse, dense)
+    /// The mask decoder: (low-resolution mask logits (1, 1, K, 4g, 4g), predicted IoUs
+    /// (1, 1, K)); `multimask` as transformers' `multimask_output`: K = num_multimask_outputs
+    /// (mask tokens 1…K), else K = 1 (mask token 0).
+    pub fn decode(
+        &self,
+        image_embeddings: &Tensor,
+        sparse: &Tensor,
+        dense: &Tensor,
+        multimask: bool,
+    ) -> (Tensor, Tensor) {
+        self.decoder.forward(image_embeddings, &self.image_wide_pe(), sparse, dense, multimask)
     }
 }
 
 /// SAM's answer for one photo and one prompt set.
 #[derive(Debug)]
 pub struct Prediction {
-    /// (K, H, W) mask logits at the photo's size; `> 0` is the mask.
+    /// (K, H, W) mask logits at the photo's size; `> 0` is the mask (K = 1 for the single
+    /// output, else the multimask outputs).
     pub logits: Tensor,
     /// The K predicted IoUs.
     pub iou: Vec<f64>,
@@ -497,6 +507,19 @@ pub struct PixelPrompts {
     pub boxes: Option<[f64; 4]>,
 }
 
+impl PixelPrompts {
+    /// Whether these prompts get SAM's three multimask outputs (`true`) or its single output
+    /// (`false`, mask token 0). The rule: **single output whenever a box is given (with or
+    /// without points); the three outputs for points alone.** SAM's authors
+    /// (segment-anything's `SamPredictor.predict` docstring and its predictor notebook) return
+    /// three masks for ambiguous prompts such as a single point, and recommend
+    /// `multimask_output=False` for unambiguous ones, of which a box is the clear case; their
+    /// box and box-plus-point examples use it. Points alone keep transformers' default (`True`).
+    pub fn multimask(&self) -> bool {
+        self.boxes.is_none()
+    }
+}
+
 impl SamModel {
     /// Image embeddings of a photo (H, W, 3) uint8, with its pre-processing.
     pub fn embed(&self, image: &Tensor) -> Result<(Tensor, processor::Prepared)> {
@@ -505,12 +528,25 @@ impl SamModel {
         Ok((e, p))
     }
 
-    /// The K candidate masks of a photo whose embeddings are `emb` for prompts in its pixels.
+    /// The candidate masks of a photo whose embeddings are `emb` for prompts in its pixels: one
+    /// or three, by [`PixelPrompts::multimask`].
     pub fn predict_embedded(
         &self,
         emb: &Tensor,
         p: &processor::Prepared,
         prompts: &PixelPrompts,
+    ) -> Result<Prediction> {
+        self.predict_embedded_with(emb, p, prompts, prompts.multimask())
+    }
+
+    /// [`predict_embedded`](Self::predict_embedded) with the output chosen by the caller:
+    /// `multimask` as transformers' `multimask_output`.
+    pub fn predict_embedded_with(
+        &self,
+        emb: &Tensor,
+        p: &processor::Prepared,
+        prompts: &PixelPrompts,
+        multimask: bool,
     ) -> Result<Prediction> {
         let s = self.image_size();
         let f = |v: Vec<f64>, shape: &[i64]| Tensor::from_slice(&v).to_kind(Kind::Float).view(shape);
@@ -527,7 +563,7 @@ impl SamModel {
         let prompts = Prompts { points, labels, boxes };
         tch::no_grad(|| {
             let (sparse, dense) = self.prompt_embeddings(&prompts)?;
-            let (masks, iou) = self.decode(emb, &sparse, &dense);
+            let (masks, iou) = self.decode(emb, &sparse, &dense, multimask);
             let logits = processor::post_process_logits(&masks.squeeze_dim(0), p, s).squeeze_dim(0); // (K, H, W)
             let iou = Vec::<f64>::try_from(iou.to_kind(Kind::Double).view([-1]).to_device(Device::Cpu))?;
             Ok(Prediction { logits: logits.to_device(Device::Cpu), iou })
@@ -538,5 +574,11 @@ impl SamModel {
     pub fn predict(&self, image: &Tensor, prompts: &PixelPrompts) -> Result<Prediction> {
         let (emb, p) = self.embed(image)?;
         self.predict_embedded(&emb, &p, prompts)
+    }
+
+    /// [`embed`](Self::embed) then [`predict_embedded_with`](Self::predict_embedded_with).
+    pub fn predict_with(&self, image: &Tensor, prompts: &PixelPrompts, multimask: bool) -> Result<Prediction> {
+        let (emb, p) = self.embed(image)?;
+        self.predict_embedded_with(&emb, &p, prompts, multimask)
     }
 }
