@@ -82,15 +82,12 @@ pub struct Args {
     /// With --reference-guidance: the least contrast of the subject's attention over I_g1 for M_g
     /// to be used (as `mask --min-contrast`; default 1.32); below it guidance falls back to the
     /// plain image with a warning.
-    #[arg(long, requires = "reference_guidance")]
+    #[arg(long, requires = "reference_guidance", value_parser = super::args::non_negative)]
     min_contrast: Option<f64>,
 }
 
 pub fn run(mut a: Args) -> Result<()> {
     let device = super::parse_device(&a.device)?;
-    if let Some(v) = a.min_contrast {
-        super::mask::check_min_contrast(v)?;
-    }
     let started = Instant::now();
     if let Some(s) = &a.subject {
         super::args::check_subject_arg(s, true)?;

@@ -28,7 +28,7 @@ pub struct Args {
     sam: Option<PathBuf>,
     /// With --sam: the least contrast of the class noun's attention for a photo to have a
     /// subject (as `mask --min-contrast`; default 1.32).
-    #[arg(long, requires = "sam")]
+    #[arg(long, requires = "sam", value_parser = super::args::non_negative)]
     min_contrast: Option<f64>,
     /// The subject's class noun, e.g. "dog" or "backpack".
     #[arg(long)]
@@ -172,7 +172,6 @@ fn sam_masks(a: &Args, sam: &std::path::Path) -> Result<PathBuf> {
     let sd = a.model_options.load(&a.model, device)?;
     let sam = hifi_tuner::models::sam::SamModel::load(sam, device)?;
     let min_contrast = a.min_contrast.unwrap_or(hifi_tuner::guidance::daam::MIN_CONTRAST);
-    super::mask::check_min_contrast(min_contrast)?;
     let masks = super::mask::compute(&sd, Some(&sam), &photos, &paths, &a.class_noun, min_contrast)?;
     let dir = a.out.join("masks");
     hifi_tuner::io::create_dir_all(&dir)?;

@@ -32,14 +32,13 @@ pub struct Args {
     /// The least contrast of the class noun's attention (mean heat inside its hottest region over
     /// outside, at the finest level) for a photo to have a subject; below it the command stops
     /// with "no subject found". Lower it (1 accepts any photo) when you know the subject is there.
-    #[arg(long, default_value_t = MIN_CONTRAST)]
+    #[arg(long, default_value_t = MIN_CONTRAST, value_parser = super::args::non_negative)]
     min_contrast: f64,
 }
 
 /// Computes every mask before writing any; prints the written mask paths.
 pub fn run(a: Args) -> Result<()> {
     let device = super::parse_device(&a.device)?;
-    check_min_contrast(a.min_contrast)?;
     let photos = a.images.iter().map(|p| load_rgb_u8(p)).collect::<Result<Vec<_>>>()?;
     let mut stems = std::collections::BTreeSet::new();
     for p in &a.images {
@@ -57,14 +56,6 @@ pub fn run(a: Args) -> Result<()> {
         RgbImage::from_hwc_u8(&overlay(photo, mask))?
             .save_png(&a.out.join(format!("{}.overlay.png", stem(path))), &[])?;
         println!("{}", out.display());
-    }
-    Ok(())
-}
-
-/// `--min-contrast` must be a finite number ≥ 0.
-pub fn check_min_contrast(v: f64) -> Result<()> {
-    if !v.is_finite() || v < 0.0 {
-        bail!("--min-contrast {v}: expected a finite number ≥ 0 (1 accepts any photo)");
     }
     Ok(())
 }
