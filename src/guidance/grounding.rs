@@ -271,6 +271,11 @@ fn pick(pred: &Prediction, region: &Tensor) -> std::result::Result<usize, Vec<(f
         .expect("the top candidate is within the margin"))
 }
 
+/// Candidate `i` as the subject's mask: its largest component, small holes filled.
+fn outline(pred: &Prediction, i: usize) -> Tensor {
+    fill_holes(&largest_component(&pred.mask(i)))
+}
+
 /// "IoU 0.42 at 2.37× its area, …" for the candidates of [`pick`].
 fn describe(facts: &[(f64, f64)]) -> String {
     facts.iter().map(|(a, r)| format!("IoU {a:.2} at {r:.2}× its area")).collect::<Vec<_>>().join(", ")
@@ -291,7 +296,7 @@ fn needs() -> String {
 /// (H, W) 0/1. `what` names the photo in the error.
 pub fn choose(pred: &Prediction, heat: &Tensor, what: &str) -> Result<Tensor> {
     match pick(pred, &heat_mask(heat)) {
-        Ok(i) => Ok(fill_holes(&largest_component(&pred.mask(i)))),
+        Ok(i) => Ok(outline(pred, i)),
         Err(facts) => bail!(
             "no subject found in {what}: none of SAM's {} masks agrees with the class noun's attention ({}; needs {})",
             facts.len(),
@@ -309,12 +314,12 @@ pub fn sam_mask(sam: &SamModel, photo: &Tensor, heat: &Tensor, what: &str) -> Re
     let (emb, prepared) = sam.embed(photo)?;
     let single = sam.predict_embedded(&emb, &prepared, &prompts)?;
     let first = match pick(&single, &region) {
-        Ok(i) => return Ok(fill_holes(&largest_component(&single.mask(i)))),
+        Ok(i) => return Ok(outline(&single, i)),
         Err(facts) => facts,
     };
     let multi = sam.predict_embedded_with(&emb, &prepared, &prompts, true)?;
     match pick(&multi, &region) {
-        Ok(i) => Ok(fill_holes(&largest_component(&multi.mask(i)))),
+        Ok(i) => Ok(outline(&multi, i)),
         Err(facts) => bail!(
             "no subject found in {what}: neither SAM's mask for the box ({}) nor its {} alternatives ({}) agree with \
              the class noun's attention (needs {})",
@@ -326,23 +331,9 @@ pub fn sam_mask(sam: &SamModel, photo: &Tensor, heat: &Tensor, what: &str) -> Re
     }
 }
 
-/// The subject mask (H, W) 0/1 of a photo (H, W, 3) uint8: heat map, then SAM when given.
-/// "No subject found" (an error naming `path`) below `min_contrast`.
-pub fn subject_mask(
-    sd: &StableDiffusion,
-    sam: Option<&SamModel>,
-    photo: &Tensor,
-    class_noun: &str,
-    path: &Path,
-    min_contrast: f64,
-) -> Result<Tensor> {
-    let heat = heat_map(sd, photo, class_noun)?;
-    check_contrast(heat.contrast, min_contrast, &path.display().to_string())?;
-    mask_from_heat(sam, photo, &heat.map, path)
-}
-
-/// [`subject_mask`] from a heat map (H, W) in [0, 1] already computed and whose contrast was
-/// checked (e.g. I_g1's own attention).
+/// The subject mask (H, W) 0/1 of a photo (H, W, 3) uint8 from its heat map (H, W) in [0, 1]
+/// ([`heat_map`], whose contrast the caller checked with [`check_contrast`]; or I_g1's own
+/// attention): the thresholded region, or SAM's mask when given.
 pub fn mask_from_heat(sam: Option<&SamModel>, photo: &Tensor, heat: &Tensor, path: &Path) -> Result<Tensor> {
     let what = path.display().to_string();
     let mask = match sam {
