@@ -16,7 +16,7 @@ use crate::models::vae::LatentDist;
 use crate::pipeline::{GenerateRequest, LoadOptions, StableDiffusion};
 use crate::subject::adam::{read_adam_checkpoint, write_adam_checkpoint};
 use crate::subject::data::{load_photos, MaskFit};
-use crate::subject::job::{open_log, photo_masks, save_photos, LOG_FILE};
+use crate::subject::job::{open_log, photo_batch, photo_masks, save_photos, LOG_FILE};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -148,8 +148,7 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
         None => vec![],
     };
     let data = tch::no_grad(|| -> Result<DbData> {
-        let imgs: Vec<Tensor> = photos.iter().map(|p| p.image.shallow_clone()).collect();
-        let instance = sd.vae.encode(&Tensor::stack(&imgs, 0).to_device(sd.device));
+        let instance = sd.vae.encode(&photo_batch(&sd, &photos));
         let (h, w) = (instance.mean.size()[2], instance.mean.size()[3]);
         let class = if class_files.is_empty() { None } else { Some(encode_files(&sd, &class_files)?) };
         Ok(DbData {
@@ -210,7 +209,7 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
 /// (as `learn` refuses a finished HiFi / TI run: the model would be overwritten). The message
 /// names each argument that differs, old → new.
 fn check_out(out: &Path, want: &Manifest) -> Result<()> {
-    for f in [crate::subject::file::SUBJECT_FILE, "learned_embeds.safetensors"] {
+    for f in [crate::subject::file::SUBJECT_FILE, crate::subject::file::LEARNED_EMBEDS_FILE] {
         if out.join(f).exists() {
             bail!("--out {} already holds another subject ({f}); choose another --out", out.display());
         }

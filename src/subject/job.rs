@@ -198,11 +198,15 @@ pub fn caption_ids(sd: &StableDiffusion, args: &LearnArgs) -> Result<Tensor> {
 
 /// VAE latents (mean of the posterior × scaling factor, encoded once) and latent masks.
 pub fn encode(sd: &StableDiffusion, photos: &[super::data::Photo]) -> TrainSet {
-    let imgs: Vec<Tensor> = photos.iter().map(|p| p.image.shallow_clone()).collect();
-    let x = Tensor::stack(&imgs, 0).to_device(sd.device); // (N, 3, S, S)
-    let latents = sd.vae.encode(&x).mean * sd.vae.scaling_factor(); // (N, C, h, w)
+    let latents = sd.vae.encode(&photo_batch(sd, photos)).mean * sd.vae.scaling_factor(); // (N, C, h, w)
     let (h, w) = (latents.size()[2], latents.size()[3]);
     TrainSet { latents, masks: photo_masks(photos, h, w, sd.device) }
+}
+
+/// The photos as one batch (N, 3, S, S) in [-1, 1] on the model's device.
+pub fn photo_batch(sd: &StableDiffusion, photos: &[super::data::Photo]) -> Tensor {
+    let imgs: Vec<Tensor> = photos.iter().map(|p| p.image.shallow_clone()).collect();
+    Tensor::stack(&imgs, 0).to_device(sd.device)
 }
 
 /// The photos' masks at latent size (N, 1, h, w) on `device`; `None` unless every photo has one.
