@@ -19,11 +19,24 @@ mkdir -p "$OUT"
 TORCH_LIB=$($PY -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 BIN=target/release/hifi-tuner
+# The working tree that travels is capped (64 MiB): the binary may come stripped and xz-packed
+# as .devcarry/hifi-tuner.xz, with only the diffusers wheel (the device's transformers 5.x
+# loads SD-1.x's CLIP as well; its version is recorded below).
+if [ ! -x "$BIN" ] && [ -f .devcarry/hifi-tuner.xz ]; then
+  mkdir -p target/release
+  $PY -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' .devcarry/hifi-tuner.xz "$BIN"
+  chmod +x "$BIN"
+fi
 nvidia-smi > "$OUT/nvidia-smi.txt"
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-if ! $PY -c 'import diffusers, transformers; assert diffusers.__version__ == "0.42.1" and transformers.__version__ == "5.24.0"' 2>/dev/null; then
-  $PY -m pip install -q --no-deps --no-index --find-links .wheels diffusers==0.42.1 transformers==5.24.0
+WHEELS=.wheels; [ -d "$WHEELS" ] || WHEELS=.devcarry
+if ! $PY -c 'import diffusers; assert diffusers.__version__ == "0.42.1"' 2>/dev/null; then
+  $PY -m pip install -q --no-deps --no-index --find-links "$WHEELS" diffusers==0.42.1
 fi
+if ls "$WHEELS"/transformers-5.24.0-*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-deps --no-index --find-links "$WHEELS" transformers==5.24.0
+fi
+$PY -c 'import torch, diffusers, transformers; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)' | tee "$OUT/versions.txt"
 
 # 1. Speed: ours at fp16 and bf16, diffusers' pipeline at fp16 and bf16 and its TI-step
 #    UNet forward + backward, on the same folder.
