@@ -5,11 +5,13 @@ mod common;
 
 use common::fixtures;
 use hifi_tuner::world::dataset::{
-    ground_truth, ground_truth_dir, subject_photo, write_world, PHOTO_SCENES, PROMPT_SCENES,
+    baseline, ground_truth, ground_truth_dir, mean_colour, subject_photo, write_world, Baseline, PHOTO_SCENES,
+    PROMPT_SCENES,
 };
 use hifi_tuner::world::score::{fidelity, render_tensors};
 use hifi_tuner::world::{
-    caption, held_out_combo, render, sample, Object, Paint, Placement, COLOURS, SCENES, SHAPES, SIZE, SUBJECTS,
+    caption, held_out_combo, held_out_pattern, random_view, render, sample, training_object, Family, Object, Paint,
+    Placement, Procedural, Rng, COLOURS, N_VALIDATION, PALETTE, SCENES, SHAPES, SIZE, SUBJECTS,
 };
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -89,7 +91,7 @@ fn captions_masks_and_pixels_agree() {
 fn the_mask_is_exactly_where_the_object_changes_the_image() {
     // a transparent object would leave the render unchanged: compare renders with two
     // different paints at the same placement and background
-    let place = Placement { cx: 30.0, cy: 33.0, r: 15.0 };
+    let place = Placement { cx: 30.0, cy: 33.0, r: 15.0, angle: 0.0 };
     for (shape, shape_name) in SHAPES.iter().enumerate() {
         for scene in [0usize, 2, 5, 7] {
             let a = render(Object { shape, paint: Paint::Solid(0) }, scene, place, 9);
@@ -150,12 +152,17 @@ fn the_ground_truth_score_finds_the_subject_and_tells_patterns_apart() {
     assert!(f.rmse < 1e-3 && f.hist > 0.999, "{f:?}");
     // the subject moved and shrunk in the same scene: found, and still close (the background
     // under the mask is not scored; the residue is resampling at another scale)
-    let moved = render(ball, 1, Placement { cx: 22.0, cy: 40.0, r: 13.0 }, 5);
+    let moved = render(ball, 1, Placement { cx: 22.0, cy: 40.0, r: 13.0, angle: 0.0 }, 5);
     let f_moved = fidelity(&render_tensors(&moved).0, &gt_img, &gt_mask).unwrap();
     // a plain blue ball at the same place (the class, not the subject) and another subject
-    let plain = render(Object { shape: 0, paint: Paint::Solid(4) }, 1, Placement { cx: 22.0, cy: 40.0, r: 13.0 }, 5);
+    let plain = render(
+        Object { shape: 0, paint: Paint::Solid(4) },
+        1,
+        Placement { cx: 22.0, cy: 40.0, r: 13.0, angle: 0.0 },
+        5,
+    );
     let f_plain = fidelity(&render_tensors(&plain).0, &gt_img, &gt_mask).unwrap();
-    let other = render(SUBJECTS[3].object, 1, Placement { cx: 22.0, cy: 40.0, r: 13.0 }, 5);
+    let other = render(SUBJECTS[3].object, 1, Placement { cx: 22.0, cy: 40.0, r: 13.0, angle: 0.0 }, 5);
     let f_other = fidelity(&render_tensors(&other).0, &gt_img, &gt_mask).unwrap();
     eprintln!("moved {f_moved:?}\nplain {f_plain:?}\nother {f_other:?}");
     assert!((f_moved.scale - 0.8).abs() < 0.11, "the match should be at ≈ 13/16: {f_moved:?}");
@@ -291,4 +298,112 @@ fn a_diverging_train_base_run_stops_and_keeps_its_checkpoint() {
     let ckpt = out.join("unet-checkpoint.safetensors");
     assert!(ckpt.is_file() && hifi_tuner::load::read_safetensors_finite(&ckpt).is_ok(), "a finite checkpoint is kept");
     assert!(!out.join("unet/diffusion_pytorch_model.safetensors").exists(), "no model is written");
+}
+
+/// The held-out subjects: 15 (5 for choosing settings, 10 for the tables), each of its own
+/// pattern (family + colour pair); the encoders' training objects never carry one of them, and
+/// are told apart by their index.
+#[test]
+fn held_out_subjects_never_occur_in_the_encoders_training_objects() {
+    assert_eq!((SUBJECTS.len(), N_VALIDATION), (15, 5));
+    let keys: Vec<_> = SUBJECTS.iter().map(|s| s.object.pattern_key().expect("every subject is patterned")).collect();
+    for (i, k) in keys.iter().enumerate() {
+        assert!(!keys[..i].contains(k), "{} repeats a pattern", SUBJECTS[i].name);
+        assert!(held_out_pattern(&SUBJECTS[i].object));
+    }
+    // the five validation subjects and the ten test subjects cover every shape class
+    for shape in 0..SHAPES.len() {
+        assert_eq!(SUBJECTS[..N_VALIDATION].iter().filter(|s| s.object.shape == shape).count(), 1);
+        assert_eq!(SUBJECTS[N_VALIDATION..].iter().filter(|s| s.object.shape == shape).count(), 2);
+    }
+    let mut families = std::collections::BTreeSet::new();
+    let mut solid = 0;
+    for i in 0..4000u64 {
+        let o = training_object(7, i);
+        assert_eq!(o, training_object(7, i), "object {i} is not a function of (seed, index)");
+        assert!(!held_out_pattern(&o), "training object {i} is a held-out pattern: {o:?}");
+        match o.paint {
+            Paint::Procedural(p) => {
+                assert_ne!(p.colours[0], p.colours[1]);
+                assert!(p.colours.iter().all(|&c| c < PALETTE.len()));
+                families.insert(p.family);
+            }
+            Paint::Solid(_) => solid += 1,
+            other => panic!("unexpected paint {other:?}"),
+        }
+    }
+    assert_eq!(families.len(), Family::ALL.len(), "every family occurs");
+    assert!((350..650).contains(&solid), "about one in eight is a plain colour: {solid}");
+}
+
+/// Pose varies between a subject's photos (rotation, size, position, scene), and no photo is
+/// in the pose of the ground truth; a rotation turns the pattern with the object.
+#[test]
+fn subject_photos_vary_in_pose_and_rotation_turns_the_pattern() {
+    for si in 0..SUBJECTS.len() {
+        let photos: Vec<_> = (0..4).map(|k| subject_photo(0, si, k)).collect();
+        for (k, p) in photos.iter().enumerate() {
+            let area = p.mask.iter().filter(|&&m| m >= 128).count();
+            assert!(area > 150, "{} photo {k}: object too small ({area} px)", SUBJECTS[si].name);
+            for q in &photos[..k] {
+                assert_ne!(p.mask, q.mask, "{} photos share a pose", SUBJECTS[si].name);
+            }
+        }
+    }
+    // a striped object: rotating by 90° turns its stripes (the column profile becomes the row
+    // profile of the upright one, up to the rasterisation of the edges)
+    let stripes = Object {
+        shape: 0,
+        paint: Paint::Procedural(Procedural { family: Family::Stripes, colours: [4, 7], angle: 0.0, period: 0.4 }),
+    };
+    let place = Placement { cx: 32.0, cy: 32.0, r: 20.0, angle: 0.0 };
+    let upright = render(stripes, 2, place, 3);
+    let turned = render(stripes, 2, Placement { angle: std::f32::consts::FRAC_PI_2, ..place }, 3);
+    assert_eq!(upright.mask, turned.mask, "a ball's outline does not change when it turns");
+    // blue vs white along the middle row and a column (stripes 8 px wide: 3 changes in 30 px)
+    let blue = |r: &hifi_tuner::world::Render, x: usize, y: usize| {
+        let i = (y * SIZE + x) * 3;
+        r.rgb[i + 2] as i32 > 2 * r.rgb[i] as i32 + 20 // blue whatever its shading; white is grey
+    };
+    let changes = |f: &dyn Fn(usize) -> bool| (17..47).filter(|&t| f(t) != f(t + 1)).count();
+    assert!(changes(&|x| blue(&upright, x, 32)) >= 3, "upright stripes cross the middle row");
+    // (x = 36: the middle column itself is a stripe boundary)
+    assert!(changes(&|y| blue(&upright, 36, y)) <= 1, "upright stripes run along a column");
+    assert!(changes(&|y| blue(&turned, 36, y)) >= 3, "turned stripes cross a column");
+    // a view for the encoders stays inside the image
+    let mut rng = Rng::new(1);
+    for _ in 0..200 {
+        let (scene, p, _) = random_view(&mut rng);
+        assert!(scene < SCENES.len() && p.r >= 9.0 && p.cx - p.r >= 1.0 && p.cx + p.r <= SIZE as f32 - 1.0);
+    }
+}
+
+/// The validity baselines are in the ground truth's scene, place and background: only the
+/// object differs (a flat blob or a one-colour shape of the subject's mean colour, or another
+/// subject of the same split).
+#[test]
+fn baselines_share_the_ground_truths_scene_and_differ_in_the_object() {
+    for si in [0usize, 7, 14] {
+        let gt = ground_truth(0, SUBJECTS[si].object, 1);
+        let mean = mean_colour(&gt);
+        for b in Baseline::ALL {
+            let r = baseline(0, si, 1, b);
+            let both: Vec<usize> = (0..SIZE * SIZE).filter(|&i| gt.mask[i] == 0 && r.mask[i] == 0).collect();
+            let outside = |r: &hifi_tuner::world::Render| -> Vec<u8> {
+                both.iter().flat_map(|&i| r.rgb[i * 3..i * 3 + 3].to_vec()).collect()
+            };
+            assert!(both.len() > 2000, "{}: too little shared background", b.name());
+            assert_eq!(outside(&r), outside(&gt), "{}: the background differs", b.name());
+            assert_ne!(r.rgb, gt.rgb, "{} is the ground truth itself", b.name());
+        }
+        // the blob is one flat colour: every fully covered pixel is the mean colour
+        let blob = baseline(0, si, 1, Baseline::Blob);
+        for i in (0..SIZE * SIZE).filter(|&i| blob.mask[i] == 255) {
+            assert_eq!(&blob.rgb[i * 3..i * 3 + 3], &mean, "blob pixel {i}");
+        }
+        let other = baseline(0, si, 1, Baseline::Other);
+        let same_split = |j: usize| (j < N_VALIDATION) == (si < N_VALIDATION);
+        let j = SUBJECTS.iter().position(|s| ground_truth(0, s.object, 1) == other).unwrap();
+        assert!(j != si && same_split(j), "subject {si}: the other subject is {j}");
+    }
 }

@@ -23,8 +23,10 @@ pub struct Args {
     model: PathBuf,
     #[command(flatten)]
     opts: super::ModelOptions,
-    /// The held-out subject to learn (quartered_ball, striped_cube, dotted_pyramid, checked_ring,
-    /// two_tone_star).
+    /// The held-out subject to learn: one of `hifi-tuner world`'s 15 (the validation five:
+    /// quartered_ball, striped_cube, dotted_pyramid, checked_ring, two_tone_star; the test ten:
+    /// banded_ball, ringed_ball, two_tone_cube, checked_cube, striped_pyramid, quartered_pyramid,
+    /// dotted_ring, two_tone_ring, ringed_star, striped_star).
     #[arg(long, default_value = "quartered_ball")]
     subject: String,
     /// Output folder (rewritten): world/, subject/, strip.png and the single images.

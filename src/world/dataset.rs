@@ -9,7 +9,7 @@
 //! - `DIR/samples/`: a contact sheet of training samples with their captions (inspection);
 //! - `DIR/world.json`: the seed, the subjects, the prompts and their scenes.
 
-use super::{render, Object, Placement, Render, Rng, SCENES, SHAPES, SIZE, SUBJECTS};
+use super::{render, Object, Paint, Placement, Render, Rng, N_VALIDATION, SCENES, SHAPES, SIZE, SUBJECTS};
 use crate::io::{write_bytes_atomic, RgbImage};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,11 @@ pub struct WorldInfo {
     /// The scene name of each prompt.
     pub prompt_scenes: Vec<String>,
     pub photo_scenes: Vec<String>,
+    /// The subjects for choosing settings, and the test subjects of the reported tables.
+    #[serde(default)]
+    pub validation: Vec<String>,
+    #[serde(default)]
+    pub test: Vec<String>,
 }
 
 pub fn world_info(seed: u64) -> WorldInfo {
@@ -46,10 +51,14 @@ pub fn world_info(seed: u64) -> WorldInfo {
         prompts: PROMPT_SCENES.iter().map(|&e| format!("a {{0}} {{1}} {}", SCENES[e].1)).collect(),
         prompt_scenes: PROMPT_SCENES.iter().map(|&e| SCENES[e].0.to_string()).collect(),
         photo_scenes: PHOTO_SCENES.iter().map(|&e| SCENES[e].0.to_string()).collect(),
+        validation: SUBJECTS[..N_VALIDATION].iter().map(|s| s.name.to_string()).collect(),
+        test: SUBJECTS[N_VALIDATION..].iter().map(|s| s.name.to_string()).collect(),
     }
 }
 
-/// The `k`-th photo of a subject (scene `PHOTO_SCENES[k % 4]`, random placement).
+/// The `k`-th photo of a subject (scene `PHOTO_SCENES[k % 4]`): a random position and size
+/// (radius 14–20 px) and an in-plane rotation of 11–52° either way, so that no photo shows the
+/// pose of the ground truth (centred, radius 16, upright).
 pub fn subject_photo(seed: u64, subject: usize, k: usize) -> Render {
     let mut rng = Rng::for_item(seed, 2, (subject * 64 + k) as u64);
     let mut place = Placement::draw(&mut rng);
@@ -57,12 +66,66 @@ pub fn subject_photo(seed: u64, subject: usize, k: usize) -> Render {
     place.cx = place.cx.clamp(place.r + 2.0, SIZE as f32 - place.r - 2.0);
     place.cy = place.cy.clamp(place.r + 2.0, SIZE as f32 - place.r - 2.0);
     let bg = rng.uniform().to_bits() as u64 ^ (k as u64) << 32;
+    let turn = rng.range(0.2, 0.9);
+    place.angle = if rng.uniform() < 0.5 { -turn } else { turn };
     render(SUBJECTS[subject].object, PHOTO_SCENES[k % PHOTO_SCENES.len()], place, bg)
 }
 
 /// The ground truth of a subject in `scene`: centred, background seed fixed per scene.
 pub fn ground_truth(seed: u64, object: Object, scene: usize) -> Render {
     render(object, scene, Placement::centred(), seed ^ (1000 + scene as u64))
+}
+
+/// The mean colour of a render's object (its pixels weighted by coverage).
+pub fn mean_colour(r: &Render) -> [u8; 3] {
+    let mut acc = [0f64; 3];
+    let mut w = 0f64;
+    for (i, &m) in r.mask.iter().enumerate() {
+        let m = m as f64;
+        for c in 0..3 {
+            acc[c] += m * r.rgb[i * 3 + c] as f64;
+        }
+        w += m;
+    }
+    acc.map(|a| (a / w.max(1.0)).round().clamp(0.0, 255.0) as u8)
+}
+
+/// What the validity check compares the ground truth with: renders in the same scene and place
+/// (the same background) that a fidelity score must rank below the true render.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Baseline {
+    /// A flat disc of the subject's mean colour, of the ground truth's radius.
+    Blob,
+    /// The subject's shape, shaded, in its mean colour (no pattern).
+    Shape,
+    /// Another subject (`(subject + 1) % n` of the same split), its true render.
+    Other,
+}
+
+impl Baseline {
+    pub const ALL: [Baseline; 3] = [Baseline::Blob, Baseline::Shape, Baseline::Other];
+    pub fn name(self) -> &'static str {
+        match self {
+            Baseline::Blob => "blob",
+            Baseline::Shape => "shape",
+            Baseline::Other => "other subject",
+        }
+    }
+}
+
+/// The baseline `b` for subject `subject` in `scene`, in the ground truth's place.
+pub fn baseline(seed: u64, subject: usize, scene: usize, b: Baseline) -> Render {
+    let o = SUBJECTS[subject].object;
+    let gt = ground_truth(seed, o, scene);
+    match b {
+        Baseline::Blob => ground_truth(seed, Object { shape: 0, paint: Paint::Flat(mean_colour(&gt)) }, scene),
+        Baseline::Shape => ground_truth(seed, Object { shape: o.shape, paint: Paint::Rgb(mean_colour(&gt)) }, scene),
+        Baseline::Other => {
+            let (lo, n) =
+                if subject < N_VALIDATION { (0, N_VALIDATION) } else { (N_VALIDATION, SUBJECTS.len() - N_VALIDATION) };
+            ground_truth(seed, SUBJECTS[lo + (subject - lo + 1) % n].object, scene)
+        }
+    }
 }
 
 pub fn rgb_image(r: &Render) -> RgbImage {

@@ -74,14 +74,20 @@ impl Rng {
     }
 }
 
-/// How an object is coloured: one training colour, or a held-out pattern.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How an object is coloured: one training colour, a held-out named pattern, a procedural
+/// pattern, or (baselines) one arbitrary colour, shaded or flat.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Paint {
     Solid(usize),
     Pattern(Pattern),
+    Procedural(Procedural),
+    /// One colour, shaded like any paint (the "right shape in one colour" baseline).
+    Rgb([u8; 3]),
+    /// One colour, unshaded (the "flat blob" baseline).
+    Flat([u8; 3]),
 }
 
-/// The held-out patterns (never in training).
+/// The five named patterns of the first held-out subjects (never in training).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pattern {
     /// Blue/yellow quarters with a red band.
@@ -96,11 +102,122 @@ pub enum Pattern {
     TwoTone,
 }
 
+/// The families of procedural patterns (the encoders' training objects and the later
+/// held-out subjects).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    /// Two halves split by a line through the centre.
+    Halves,
+    /// Four quadrants, alternating.
+    Quarters,
+    /// Parallel stripes of width `period`.
+    Stripes,
+    /// One band of width `period` through the centre, on the first colour.
+    Bands,
+    /// Dots of the second colour on a square grid of `period`.
+    Dots,
+    /// A checkerboard of `period`.
+    Checks,
+    /// Concentric rings of width `period`.
+    Rings,
+}
+
+impl Family {
+    pub const ALL: [Family; 7] =
+        [Family::Halves, Family::Quarters, Family::Stripes, Family::Bands, Family::Dots, Family::Checks, Family::Rings];
+    /// The caption word ("a striped ball").
+    pub fn adjective(self) -> &'static str {
+        match self {
+            Family::Halves => "two-tone",
+            Family::Quarters => "quartered",
+            Family::Stripes => "striped",
+            Family::Bands => "banded",
+            Family::Dots => "dotted",
+            Family::Checks => "checked",
+            Family::Rings => "ringed",
+        }
+    }
+}
+
+/// The colours of procedural patterns: the training colours, then four more.
+pub const PALETTE: [(&str, [u8; 3]); 12] = [
+    COLOURS[0],
+    COLOURS[1],
+    COLOURS[2],
+    COLOURS[3],
+    COLOURS[4],
+    COLOURS[5],
+    COLOURS[6],
+    COLOURS[7],
+    ("teal", [20, 150, 150]),
+    ("brown", [120, 70, 30]),
+    ("navy", [25, 30, 110]),
+    ("grey", [128, 128, 128]),
+];
+
+/// A procedural pattern: a family, two colours of [`PALETTE`], the pattern's own orientation
+/// (radians) and its period (stripe, band, check, ring width or dot spacing, in units of the
+/// object's radius).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Procedural {
+    pub family: Family,
+    pub colours: [usize; 2],
+    pub angle: f32,
+    pub period: f32,
+}
+
+impl Procedural {
+    /// The (family, unordered colour pair) that identifies a pattern to a person: two instances
+    /// with the same key differ only in orientation and period.
+    pub fn key(&self) -> (Family, usize, usize) {
+        let [a, b] = self.colours;
+        (self.family, a.min(b), a.max(b))
+    }
+
+    /// The base colour at pattern coordinates (u, v) (units of the radius).
+    fn colour(&self, u: f32, v: f32) -> [f32; 3] {
+        let (c, s) = (self.angle.cos(), self.angle.sin());
+        let (a, b) = (c * u + s * v, -s * u + c * v);
+        let p = self.period;
+        let cell = |x: f32| ((x + 8.0) / p).floor() as i64;
+        let second = match self.family {
+            Family::Halves => a >= 0.0,
+            Family::Quarters => (a < 0.0) != (b < 0.0),
+            Family::Stripes => cell(a) % 2 == 1,
+            Family::Bands => b.abs() < 0.5 * p,
+            Family::Dots => {
+                let (fa, fb) = (((a + 8.0) / p).fract() - 0.5, ((b + 8.0) / p).fract() - 0.5);
+                fa * fa + fb * fb < 0.09
+            }
+            Family::Checks => (cell(a) + cell(b)) % 2 == 1,
+            Family::Rings => ((a * a + b * b).sqrt() / p).floor() as i64 % 2 == 1,
+        };
+        rgb(PALETTE[self.colours[usize::from(second)]].1)
+    }
+}
+
 /// One object: shape index into [`SHAPES`] and its paint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Object {
     pub shape: usize,
     pub paint: Paint,
+}
+
+impl Object {
+    /// The (family, colour pair) of a patterned object, as [`Procedural::key`]; the named
+    /// patterns map to the family they belong to, with their nearest palette colours.
+    pub fn pattern_key(&self) -> Option<(Family, usize, usize)> {
+        let named = |f, a: usize, b: usize| Some((f, a.min(b), a.max(b)));
+        match self.paint {
+            Paint::Procedural(p) => Some(p.key()),
+            Paint::Pattern(Pattern::Quarters) => named(Family::Quarters, 4, 2),
+            Paint::Pattern(Pattern::Stripes) => named(Family::Stripes, 3, 7),
+            Paint::Pattern(Pattern::Dots) => named(Family::Dots, 6, 10),
+            Paint::Pattern(Pattern::Checks) => named(Family::Checks, 0, 7),
+            Paint::Pattern(Pattern::TwoTone) => named(Family::Halves, 1, 5),
+            _ => None,
+        }
+    }
 }
 
 /// A held-out subject: a name (its folder), the object, and a description.
@@ -111,8 +228,18 @@ pub struct Subject {
     pub description: &'static str,
 }
 
-/// The held-out subjects, one per shape class.
-pub const SUBJECTS: [Subject; 5] = [
+const fn procedural(shape: usize, family: Family, colours: [usize; 2], angle: f32, period: f32) -> Object {
+    Object { shape, paint: Paint::Procedural(Procedural { family, colours, angle, period }) }
+}
+
+/// How many of [`SUBJECTS`] (the first ones) are for choosing settings; the rest are the test
+/// subjects that the reported tables use.
+pub const N_VALIDATION: usize = 5;
+
+/// The held-out subjects: 5 for choosing settings (one per shape class, the named patterns),
+/// then 10 test subjects (two per shape class, procedural patterns). No encoder or model
+/// trained here sees their (pattern family, colour pair) ([`Object::pattern_key`]).
+pub const SUBJECTS: [Subject; 15] = [
     Subject {
         name: "quartered_ball",
         object: Object { shape: 0, paint: Paint::Pattern(Pattern::Quarters) },
@@ -138,7 +265,66 @@ pub const SUBJECTS: [Subject; 5] = [
         object: Object { shape: 4, paint: Paint::Pattern(Pattern::TwoTone) },
         description: "a star, half orange and half purple, with a yellow centre",
     },
+    Subject {
+        name: "banded_ball",
+        object: procedural(0, Family::Bands, [8, 1], 0.5, 0.45),
+        description: "a teal ball with a wide orange band",
+    },
+    Subject {
+        name: "ringed_ball",
+        object: procedural(0, Family::Rings, [7, 10], 0.0, 0.3),
+        description: "a ball of white and navy rings",
+    },
+    Subject {
+        name: "two_tone_cube",
+        object: procedural(1, Family::Halves, [0, 8], 0.3, 1.0),
+        description: "a cube, half red and half teal",
+    },
+    Subject {
+        name: "checked_cube",
+        object: procedural(1, Family::Checks, [2, 10], 0.2, 0.45),
+        description: "a cube of yellow and navy checks",
+    },
+    Subject {
+        name: "striped_pyramid",
+        object: procedural(2, Family::Stripes, [4, 1], 1.2, 0.3),
+        description: "a pyramid with blue and orange stripes",
+    },
+    Subject {
+        name: "quartered_pyramid",
+        object: procedural(2, Family::Quarters, [5, 3], 0.4, 1.0),
+        description: "a pyramid in purple and green quarters",
+    },
+    Subject {
+        name: "dotted_ring",
+        object: procedural(3, Family::Dots, [2, 5], 0.3, 0.3),
+        description: "a yellow ring with purple dots",
+    },
+    Subject {
+        name: "two_tone_ring",
+        object: procedural(3, Family::Halves, [4, 6], 0.8, 1.0),
+        description: "a ring, half blue and half pink",
+    },
+    Subject {
+        name: "ringed_star",
+        object: procedural(4, Family::Rings, [0, 2], 0.0, 0.3),
+        description: "a star of red and yellow rings",
+    },
+    Subject {
+        name: "striped_star",
+        object: procedural(4, Family::Stripes, [7, 9], 0.7, 0.3),
+        description: "a star with white and brown stripes",
+    },
 ];
+
+/// Whether an object's pattern is a held-out subject's (family and colour pair): such objects
+/// never occur in any training data here.
+pub fn held_out_pattern(o: &Object) -> bool {
+    match o.pattern_key() {
+        Some(k) => SUBJECTS.iter().any(|s| s.object.pattern_key() == Some(k)),
+        None => false,
+    }
+}
 
 /// Where the object sits: centre and radius in pixels.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -146,6 +332,8 @@ pub struct Placement {
     pub cx: f32,
     pub cy: f32,
     pub r: f32,
+    /// In-plane rotation of the object and its pattern (radians, clockwise on screen).
+    pub angle: f32,
 }
 
 impl Placement {
@@ -153,11 +341,11 @@ impl Placement {
     pub fn draw(rng: &mut Rng) -> Self {
         let r = rng.range(11.0, 20.0);
         let m = r + 2.0;
-        Self { cx: rng.range(m, SIZE as f32 - m), cy: rng.range(m, SIZE as f32 - m), r }
+        Self { cx: rng.range(m, SIZE as f32 - m), cy: rng.range(m, SIZE as f32 - m), r, angle: 0.0 }
     }
     /// Centred, radius 16 (the subjects' portraits and ground truth).
     pub fn centred() -> Self {
-        Self { cx: 32.0, cy: 34.0, r: 16.0 }
+        Self { cx: 32.0, cy: 34.0, r: 16.0, angle: 0.0 }
     }
 }
 
@@ -213,6 +401,44 @@ pub fn sample(seed: u64, index: u64) -> Sample {
     Sample { colour, shape, scene, render }
 }
 
+/// Object `index` of the encoders' training distribution ([`crate`]'s `train-encoders`): a
+/// random shape with a random procedural pattern (random family, two different palette
+/// colours, orientation and period), or in one case of eight a training colour; never a
+/// held-out subject's pattern ([`held_out_pattern`]). Instances are told apart by their index.
+pub fn training_object(seed: u64, index: u64) -> Object {
+    let mut rng = Rng::for_item(seed, 3, index);
+    loop {
+        let shape = rng.below(SHAPES.len());
+        if rng.below(8) == 0 {
+            return Object { shape, paint: Paint::Solid(rng.below(COLOURS.len())) };
+        }
+        let family = Family::ALL[rng.below(Family::ALL.len())];
+        let a = rng.below(PALETTE.len());
+        let b = (a + 1 + rng.below(PALETTE.len() - 1)) % PALETTE.len();
+        let angle = rng.range(0.0, std::f32::consts::PI);
+        let period = rng.range(0.25, 0.6);
+        let o = Object { shape, paint: Paint::Procedural(Procedural { family, colours: [a, b], angle, period }) };
+        if !held_out_pattern(&o) {
+            return o;
+        }
+    }
+}
+
+/// A random view of an object for the encoders: any scene, size (radius 9–20 px), position and
+/// in-plane rotation, and a background seed.
+pub fn random_view(rng: &mut Rng) -> (usize, Placement, u64) {
+    let scene = rng.below(SCENES.len());
+    let r = rng.range(9.0, 20.0);
+    let m = r + 1.0;
+    let place = Placement {
+        cx: rng.range(m, SIZE as f32 - m),
+        cy: rng.range(m, SIZE as f32 - m),
+        r,
+        angle: rng.range(-std::f32::consts::PI, std::f32::consts::PI),
+    };
+    (scene, place, rng.0.next_u64())
+}
+
 /// Renders `object` at `place` in `scene`; `bg_seed` draws the background's texture.
 pub fn render(object: Object, scene: usize, place: Placement, bg_seed: u64) -> Render {
     let n = SIZE * SS;
@@ -237,7 +463,7 @@ pub fn render(object: Object, scene: usize, place: Placement, bg_seed: u64) -> R
                 }
             }
             let mut inside = false;
-            if let Some(col) = object_colour(object, ox, oy) {
+            if let Some(col) = object_colour(object, ox, oy, place.angle) {
                 c = col;
                 inside = true;
             }
@@ -268,20 +494,33 @@ fn mix(a: [f32; 3], b: [f32; 3], t: f32) -> [f32; 3] {
 }
 
 /// The shaded colour of the object at object coordinates (u, v) (units of the radius, y down),
-/// or None outside it.
-fn object_colour(o: Object, u: f32, v: f32) -> Option<[f32; 3]> {
+/// or None outside it; `angle` rotates the object and its pattern in the image plane (the
+/// ball's light stays where it is: a sphere turned in place).
+fn object_colour(o: Object, u: f32, v: f32, angle: f32) -> Option<[f32; 3]> {
+    let (ru, rv) = if angle == 0.0 {
+        (u, v)
+    } else {
+        let (c, s) = (angle.cos(), angle.sin());
+        (c * u + s * v, -s * u + c * v)
+    };
+    let (u_world, v_world) = (u, v);
+    let (u, v) = (ru, rv);
     // (shade, pattern coordinates) per shape
     let (shade, pu, pv) = match o.shape {
         0 => {
             // ball: a sphere lit from the upper left
-            let d2 = u * u + v * v;
+            let (wu, wv) = (u_world, v_world);
+            let d2 = wu * wu + wv * wv;
             if d2 > 1.0 {
                 return None;
             }
+            if let Paint::Flat(c) = o.paint {
+                return Some(rgb(c));
+            }
             let z = (1.0 - d2).sqrt();
             let l = [-0.45f32, -0.6, 0.66];
-            let lam = (u * l[0] + v * l[1] + z * l[2]).max(0.0);
-            let spec = ((u + 0.35).powi(2) + (v + 0.45).powi(2) < 0.02) as i32 as f32;
+            let lam = (wu * l[0] + wv * l[1] + z * l[2]).max(0.0);
+            let spec = ((wu + 0.35).powi(2) + (wv + 0.45).powi(2) < 0.02) as i32 as f32;
             return Some(mix(scale(paint(o.paint, u, v), 0.35 + 0.75 * lam), [1.0; 3], 0.6 * spec));
         }
         1 => {
@@ -331,6 +570,9 @@ fn object_colour(o: Object, u: f32, v: f32) -> Option<[f32; 3]> {
             (1.05 - 0.3 * (v + 1.0) / 2.0, u, v)
         }
     };
+    if let Paint::Flat(c) = o.paint {
+        return Some(rgb(c));
+    }
     Some(scale(paint(o.paint, pu, pv), shade))
 }
 
@@ -338,6 +580,8 @@ fn object_colour(o: Object, u: f32, v: f32) -> Option<[f32; 3]> {
 fn paint(p: Paint, u: f32, v: f32) -> [f32; 3] {
     match p {
         Paint::Solid(c) => rgb(COLOURS[c].1),
+        Paint::Rgb(c) | Paint::Flat(c) => rgb(c),
+        Paint::Procedural(q) => q.colour(u, v),
         Paint::Pattern(Pattern::Quarters) => {
             if v.abs() < 0.17 {
                 rgb([215, 30, 30])
