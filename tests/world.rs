@@ -407,3 +407,43 @@ fn baselines_share_the_ground_truths_scene_and_differ_in_the_object() {
         assert!(j != si && same_split(j), "subject {si}: the other subject is {j}");
     }
 }
+
+/// The validity summary: win rates and margins of the truth over each candidate, by hand.
+#[test]
+fn validity_summary_counts_wins_and_margins() {
+    use hifi_tuner::benchmark::validity::{markdown, summarize, Case};
+    let case = |s: &str, p: usize, c: &str, dino: f64, clip_t: f64, rmse: f64| Case {
+        subject: s.into(),
+        prompt: p,
+        candidate: c.into(),
+        dino,
+        clip_i: dino,
+        clip_t,
+        gt_rmse: rmse,
+    };
+    let cases = vec![
+        case("a", 0, "truth", 0.8, 0.30, 0.0),
+        case("a", 0, "blob", 0.5, 0.35, 0.2),
+        case("a", 1, "truth", 0.7, 0.30, 0.0),
+        case("a", 1, "blob", 0.75, 0.20, 0.3),
+        case("b", 0, "truth", 0.9, 0.25, 0.0),
+        case("b", 0, "blob", 0.6, 0.20, 0.1),
+        case("b", 0, "copy", 0.95, 0.28, 0.4),
+    ];
+    let o = summarize(&cases);
+    let get = |c: &str, m: &str| o.iter().find(|x| x.candidate == c && x.metric == m).unwrap();
+    let d = get("blob", "DINO");
+    assert_eq!(d.n, 3);
+    assert!((d.truth_wins - 2.0 / 3.0).abs() < 1e-12, "{d:?}");
+    assert!((d.mean_margin - (0.3 - 0.05 + 0.3) / 3.0).abs() < 1e-12, "{d:?}");
+    let t = get("blob", "CLIP-T");
+    assert!((t.truth_wins - 2.0 / 3.0).abs() < 1e-12 && (t.mean_margin - (-0.05 + 0.1 + 0.05) / 3.0).abs() < 1e-12);
+    // GT RMSE is lower-is-better: the margin is candidate − truth
+    let r = get("blob", "GT RMSE");
+    assert!((r.truth_wins - 1.0).abs() < 1e-12 && (r.mean_margin - 0.2).abs() < 1e-12, "{r:?}");
+    let c = get("copy", "DINO");
+    assert_eq!((c.n, c.truth_wins), (1, 0.0));
+    assert!(o.iter().all(|x| x.candidate != "shape"), "no shape cases, no rows");
+    let md = markdown(&o);
+    assert!(md.contains("| blob | 3 | 67 % (+0.183) |"), "{md}");
+}

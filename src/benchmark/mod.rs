@@ -37,6 +37,7 @@
 //! `--redo-mismatched`, those units are redone.
 
 pub mod report;
+pub mod validity;
 
 use crate::eval::metrics::{image_files, open_images, Evaluator, PromptLine};
 use crate::guidance::job::{generate_guided, GuidedSubject, ReferenceOptions};

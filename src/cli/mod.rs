@@ -19,6 +19,7 @@ mod train_base;
 mod world;
 mod world_demo;
 mod world_eval;
+mod world_validity;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
@@ -76,6 +77,9 @@ pub enum Command {
     /// The main job on a world model with ground truth: learn a held-out subject from 4 renders,
     /// draw it in 4 new scenes (plain and reference-guided), write a strip next to the truth.
     WorldDemo(world_demo::Args),
+    /// Does each fidelity score (DINO, CLIP-I, CLIP-T, GT RMSE) rank a subject's true render above
+    /// a blob, a plain shape, another subject, the base model's class image and a copied photo?
+    WorldValidity(world_validity::Args),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -98,6 +102,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::TrainBase(a) => train_base::run(a),
         Command::WorldEval(a) => world_eval::run(a),
         Command::WorldDemo(a) => world_demo::run(a),
+        Command::WorldValidity(a) => world_validity::run(a),
     }
 }
 

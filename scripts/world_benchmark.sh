@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The world benchmark (docs/experiments.md, Tables 1–2 on the world), end to end:
+#   1. the world's dataset (15 held-out subjects: 5 validation, 10 test);
+#   2. settings chosen on the 5 VALIDATION subjects only: the `hifi` row under each point of a
+#      small grid of the reference-guidance settings the paper leaves open (t_s, the φ_h
+#      learning rate), 1 image per prompt; the rule, fixed before any run: the highest mean
+#      DINO over the validation subjects (ties: the first in grid order, the current default);
+#   3. the TEST table once, with the chosen settings: every method, `copy` and `base`, on the 10
+#      test subjects × 4 prompts × IMAGES images (seeds differ), scored with the world's DINO
+#      and CLIP (and GT RMSE); then `report` (means with bootstrap intervals over subjects,
+#      paired differences) and `world-validity` (do the scores rank the truth first?).
+# Units run in SHARDS parallel processes (each a shard of one run folder; units are locked).
+#
+#   BIN=target/release/hifi-tuner RUN=runs/world SHARDS=2 DEVICE=cpu bash scripts/world_benchmark.sh
+# Everything a run writes is under $RUN; rerunning skips finished units.
+set -euo pipefail
+BIN=${BIN:-target/release/hifi-tuner}
+RUN=${RUN:-runs/world}
+SHARDS=${SHARDS:-2}
+DEVICE=${DEVICE:-cpu}
+MODEL=${MODEL:-assets/world-model}
+DINO=${DINO:-assets/world-dino}
+CLIP=${CLIP:-assets/world-clip}
+IMAGES=${IMAGES:-4}
+LEARN=${LEARN:-400}
+STEPS=${STEPS:-25}
+STEPWISE=${STEPWISE:-5}
+T_END=${T_END:-5}
+DB_CLASS=${DB_CLASS:-20}
+METHODS=${METHODS:-ti,ti+mask,ti+mask+reg,ti+mask+reg+stepwise,hifi,db,db+guidance,copy,base}
+# grid points, one per line: name|flags (t_s of STEPS DDIM steps, the φ_h learning rate); the
+# first is the current default
+GRID=${GRID:-"ts20-lr1e-2|--t-start 20 --guidance-lr 1e-2
+ts20-lr3e-2|--t-start 20 --guidance-lr 3e-2
+ts15-lr1e-2|--t-start 15 --guidance-lr 1e-2
+ts15-lr3e-2|--t-start 15 --guidance-lr 3e-2"}
+
+W=$RUN/world
+[ -f "$W/world.json" ] || $BIN world --out "$W" --samples 0
+# (VAL / TEST may name fewer subjects: a smoke run)
+VAL=${VAL:-$(python3 -c 'import json,sys; print(",".join(json.load(open(sys.argv[1]))["validation"]))' "$W/world.json")}
+TEST=${TEST:-$(python3 -c 'import json,sys; print(",".join(json.load(open(sys.argv[1]))["test"]))' "$W/world.json")}
+common=(--model "$MODEL" --dataset "$W/dataset" --masks "$W/masks" --dino "$DINO" --clip "$CLIP"
+  --caption-template "a {}" --prompts 4 --steps "$STEPS" --guidance 5 --learn-steps "$LEARN"
+  --stepwise-steps "$STEPWISE" --t-end "$T_END" --db-class-images "$DB_CLASS" --db-lr 2.5e-5 --device "$DEVICE")
+
+sharded() { # OUT_DIR, then benchmark flags: SHARDS processes on one run folder
+  local out=$1; shift
+  local pids=()
+  for i in $(seq 0 $((SHARDS - 1))); do
+    $BIN benchmark "${common[@]}" --out "$out" --shard "$i/$SHARDS" "$@" > "$out.shard$i.log" 2>&1 &
+    pids+=($!)
+  done
+  local rc=0
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  return $rc
+}
+
+start=$(date +%s)
+# 2. validation grid (hifi only)
+mkdir -p "$RUN/val"
+while IFS='|' read -r name flags; do
+  # shellcheck disable=SC2086
+  sharded "$RUN/val/$name" --subjects "$VAL" --methods hifi --images-per-prompt 1 $flags || true
+done <<< "$GRID"
+export GRID
+chosen=$(python3 - "$RUN/val" 2> >(tee "$RUN/val/summary.txt" >&2) <<'EOF'
+import glob, json, os, sys
+best = None
+order = [l.split("|")[0] for l in os.environ["GRID"].splitlines() if l.strip()]
+for name in order:
+    d = os.path.join(sys.argv[1], name)
+    s = [json.load(open(f)) for f in glob.glob(os.path.join(d, "units/*/hifi/scores.json"))]
+    if not s:
+        continue
+    dino = sum(x["dino"] for x in s) / len(s)
+    clip_t = sum(x["clip_t"] for x in s) / len(s)
+    print(f"validation {name}: {len(s)} subjects, DINO {dino:.4f}, CLIP-T {clip_t:.4f}", file=sys.stderr)
+    if best is None or dino > best[0]:
+        best = (dino, name)
+print(best[1])
+EOF
+)
+flags=$(echo "$GRID" | awk -F'|' -v n="$chosen" '$1 == n { print $2 }')
+echo "chosen on the validation subjects: $chosen ($flags)" | tee "$RUN/chosen.txt"
+val_s=$(( $(date +%s) - start ))
+
+# 3. the test table, once
+mkdir -p "$RUN/test"
+# shellcheck disable=SC2086
+sharded "$RUN/test/run" --subjects "$TEST" --methods "$METHODS" --images-per-prompt "$IMAGES" $flags || true
+test_s=$(( $(date +%s) - start - val_s ))
+$BIN report "$RUN/test/run" --out "$RUN/test/report"
+$BIN world-validity --model "$MODEL" --dino "$DINO" --clip "$CLIP" --split test --steps "$STEPS" --device "$DEVICE" --out "$RUN/validity" > /dev/null
+echo "validation grid ${val_s}s, test table ${test_s}s, $SHARDS shard(s) on $DEVICE" | tee "$RUN/timing.txt"
