@@ -754,7 +754,7 @@ fn bootstrap_intervals_and_paired_differences() {
             ("a", "hifi", 0.90, 0.10),
         ],
     );
-    let m = hifi_tuner::benchmark::report::collect(&[run.clone()], false).unwrap();
+    let m = hifi_tuner::benchmark::report::collect(std::slice::from_ref(&run), false).unwrap();
     let step = |to: &str, key: &str| m.paired.iter().find(|d| d.from == "ti" && d.to == to && d.metric == key).unwrap();
     let d = step("ti+mask", "dino");
     // DINO differences 0.05, −0.02, 0.10: mean 0.04333, 2 of 3 higher

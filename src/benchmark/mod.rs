@@ -12,6 +12,10 @@
 //! | `ti+mask+reg+stepwise` | as `ti+mask+reg`, then Algorithm 1 (I = `--stepwise-steps` per DDIM step) | c_s^t per step (Eq. 7) |
 //! | `hifi` | as `ti+mask+reg+stepwise` | + reference guidance (§3.3, Algorithms 2 and 4, reference by DINO) for non-live subjects; live subjects (class cat or dog, DreamBooth's 9 live subjects) generate as `ti+mask+reg+stepwise` (the paper's rule) |
 //!
+//! | `db`, `db+guidance` | DreamBooth (every UNet weight) | "a sks CLASS …" on the fine-tuned model (+ reference guidance) |
+//! | *`copy`* (reference) | nothing | image j of prompt p = the subject's photo (p·images_per_prompt + j) mod n_photos, resized to the generated size ([`copy_image`]): the ceiling |
+//! | *`base`* (reference) | nothing | the class-noun prompt ([`class_prompt`]) on the base model, same seeds: the floor |
+//!
 //! "+reg" is thus the paper's parameter regularisation: the embedding lives in the padding
 //! positions, starts at φ_s (the empty prompt's padding embeddings) and is pulled towards it.
 //!
