@@ -505,3 +505,281 @@ fn other_settings_are_refused_or_redone_and_not_averaged() {
     assert!(!b.join("units/dog/ti").exists() && !b.join("units/dog/.ti.partial").exists());
     drop(held);
 }
+
+/// The files under `dir` with their contents and modification times (to check a folder is
+/// untouched).
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            let data = if p.is_file() { std::fs::read(&p).unwrap() } else { vec![] };
+            out.push((p.clone(), data, std::fs::metadata(&p).unwrap().modified().unwrap()));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// A stand-in unit: the finished folder with a scores.json and one image, no model.
+fn stand_in(cfg: &BenchmarkConfig, u: &hifi_tuner::benchmark::Unit) -> anyhow::Result<()> {
+    let done = hifi_tuner::benchmark::unit_dir(&cfg.out, &u.subject.name, u.method);
+    std::fs::create_dir_all(done.join("images"))?;
+    std::fs::write(done.join("images/p00-0.png"), b"png")?;
+    std::fs::write(done.join("scores.json"), b"{}")?;
+    Ok(())
+}
+
+/// Issue 19: `--dino` at a folder that is not a ViT (a CLIP folder, an empty folder, one without
+/// config.json, none) is refused naming the folder before any unit runs and before anything is
+/// written under --out; the finished units of an earlier run stay as they were.
+#[test]
+fn a_bad_dino_folder_is_refused_before_any_unit_and_finished_units_stay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    dataset(root);
+    let out = root.join("run");
+    let mut cfg = config(root, &out);
+    cfg.subjects = vec!["dog".into()];
+    let s = run_with(&cfg, &mut |cfg, _ds, u, _ev, _gt| stand_in(cfg, u)).unwrap();
+    assert_eq!(s.done, ["dog/ti"]);
+    let before = snapshot(&out);
+    let empty = root.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let no_config = root.join("no-config");
+    std::fs::create_dir_all(&no_config).unwrap();
+    std::fs::copy(fixtures().join("dino-tiny/model.safetensors"), no_config.join("model.safetensors")).unwrap();
+    let clip = fixtures().join("clip-tiny");
+    for (bad, why) in [
+        (&clip, "model_type \"clip\""),
+        (&empty, "no config.json"),
+        (&no_config, "no config.json"),
+        (&root.join("none"), "no such folder"),
+    ] {
+        // every subject: the teapot unit would run
+        let mut c = config(root, &out);
+        c.dino = Some(bad.clone());
+        let mut ran = false;
+        let e = run_with(&c, &mut |_, _, _, _, _| {
+            ran = true;
+            Ok(())
+        })
+        .unwrap_err();
+        let e = format!("{e:#}");
+        eprintln!("{e}");
+        assert!(e.contains("--dino") && e.contains(&bad.display().to_string()) && e.contains(why), "{e}");
+        assert!(!ran, "no unit may run");
+        assert_eq!(snapshot(&out), before, "the finished unit and --out must be untouched ({})", bad.display());
+        // a new --out is not even created
+        let fresh = root.join("fresh");
+        c.out = fresh.clone();
+        assert!(run_with(&c, &mut |_, _, _, _, _| Ok(())).is_err());
+        assert!(!fresh.exists(), "nothing may be written under a new --out");
+    }
+    // the command line says the same
+    let mut c = bin();
+    c.args(["benchmark", "--model"]).arg(model_dir("tiny-a")).arg("--dataset").arg(root.join("dataset"));
+    c.arg("--clip").arg(&clip).arg("--dino").arg(&clip).args(["--methods", "ti", "--device", "cpu", "--out"]).arg(&out);
+    let o = c.output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains(&format!("--dino {}", clip.display())), "{e}");
+    assert_eq!(snapshot(&out), before);
+}
+
+/// Issue 19: a world dataset whose ground_truth/ is missing, or lacks a subject's files, is
+/// refused naming the folder before any unit runs; the finished units stay.
+#[test]
+fn a_world_dataset_without_its_ground_truth_is_refused_before_any_unit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = tmp.path().join("world");
+    hifi_tuner::world::dataset::write_world(&w, 0, 2, 0).unwrap();
+    let ds = Dataset::open(&w.join("dataset")).unwrap();
+    let subject = ds.subjects[0].name.clone();
+    let out = tmp.path().join("run");
+    let mut cfg = config(tmp.path(), &out);
+    (cfg.dataset, cfg.masks, cfg.clip, cfg.dino) = (w.join("dataset"), Some(w.join("masks")), None, None);
+    cfg.subjects = vec![subject.clone()];
+    cfg.prompts = 2;
+    let s = run_with(&cfg, &mut |cfg, _ds, u, _ev, gt| {
+        assert!(gt.is_some(), "a world dataset is scored against its ground truth");
+        stand_in(cfg, u)
+    })
+    .unwrap();
+    assert_eq!(s.done.len(), 1);
+    let before = snapshot(&out);
+    let never =
+        &mut |_: &BenchmarkConfig, _: &Dataset, _: &hifi_tuner::benchmark::Unit, _: Option<&_>, _: Option<&Path>| {
+            panic!("no unit may run")
+        };
+    // a prompt's mask is missing
+    let gt = w.join("ground_truth").join(&subject);
+    std::fs::remove_file(gt.join("p01.mask.png")).unwrap();
+    let e = format!("{:#}", run_with(&cfg, never).unwrap_err());
+    eprintln!("{e}");
+    assert!(e.contains(&gt.display().to_string()) && e.contains("p01.mask.png"), "{e}");
+    assert_eq!(snapshot(&out), before);
+    // no ground_truth/ at all
+    std::fs::remove_dir_all(w.join("ground_truth")).unwrap();
+    let e = format!("{:#}", run_with(&cfg, never).unwrap_err());
+    eprintln!("{e}");
+    assert!(e.contains(&w.join("ground_truth").display().to_string()) && e.contains("world dataset"), "{e}");
+    assert_eq!(snapshot(&out), before);
+}
+
+/// Issue 19's reference rows: `copy` gives the subject's photos back (cycled, resized to the
+/// generated size) and has the highest DINO of the rows; `base` generates the class-noun prompt
+/// (no subject token) with the rows' seeds and learns nothing; the report shows both in italics.
+#[test]
+fn reference_rows_copy_the_photos_and_prompt_the_class_noun() {
+    use hifi_tuner::benchmark::{class_prompt, copy_image};
+    assert_eq!(class_prompt("a {0} {1} on the beach", "ball"), "a ball on the beach");
+    assert_eq!(class_prompt("a red {0} {1}", "ball"), "a red ball");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    dataset(root);
+    let out = root.join("run");
+    let mut c = bin();
+    c.args(["benchmark", "--model"]).arg(model_dir("tiny-a"));
+    c.arg("--dataset").arg(root.join("dataset")).arg("--masks").arg(root.join("masks"));
+    c.arg("--clip").arg(fixtures().join("clip-tiny")).arg("--dino").arg(fixtures().join("dino-tiny"));
+    c.args(["--subjects", "teapot", "--methods", "base,copy,ti", "--prompts", "2", "--images-per-prompt", "2"]);
+    c.args(["--learn-steps", "2", "--steps", "4", "--device", "cpu", "--out"]).arg(&out);
+    let s = ok(c.output().unwrap());
+    assert_eq!(s["done"], serde_json::json!(["teapot/ti", "teapot/copy", "teapot/base"]), "{s}");
+    let unit = |m: &str| out.join("units/teapot").join(m);
+    let scores = |m: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(unit(m).join("scores.json")).unwrap()).unwrap()
+    };
+    let photos = hifi_tuner::eval::metrics::image_files(&root.join("dataset/teapot")).unwrap();
+    assert_eq!(photos.len(), 3);
+    let generated = hifi_tuner::io::open_image(&unit("ti").join("images/p00-0.png")).unwrap();
+    let (w, h) = (generated.width(), generated.height());
+    for (p, j) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+        let name = format!("p{p:02}-{j}.png");
+        // copy: photo (p·2 + j) mod 3, pixel-equal after the resize
+        let got = hifi_tuner::io::open_image(&unit("copy").join("images").join(&name)).unwrap().to_rgb8();
+        let photo = hifi_tuner::io::open_image(&photos[(p * 2 + j) % 3]).unwrap();
+        let want = copy_image(&photo, w, h);
+        assert_eq!((got.width(), got.height()), (w, h), "{name}: the generated size");
+        assert!(got.as_raw() == &want.pixels, "{name}: copy must be the photo, resized");
+        // base: the class-noun prompt, with the seed of the other rows
+        let text = hifi_tuner::io::png_text(&unit("base").join("images").join(&name)).unwrap();
+        let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+        let want_prompt = ["a teapot in the jungle", "a red teapot"][p];
+        assert!(params.starts_with(&format!("{want_prompt}\n")), "{params}");
+        assert!(params.contains(&format!("Seed: {},", p * 2 + j)) && params.contains("Method: base"), "{params}");
+        assert!(!params.contains("<teapot>") && !params.contains("sks"), "{params}");
+    }
+    // a photo of the generated size is copied as it is
+    let same = copy_image(&generated, w, h);
+    assert!(same.pixels == generated.to_rgb8().into_raw());
+    let pl = std::fs::read_to_string(unit("base").join("prompts.jsonl")).unwrap();
+    assert!(pl.contains("a teapot in the jungle") && !pl.contains('<') && !pl.contains("sks"), "{pl}");
+    for m in ["copy", "base"] {
+        let sc = scores(m);
+        assert!(sc["settings"]["learn"].is_null() && sc["seconds"]["learn"] == 0.0, "{m}: nothing is learned");
+        assert!(!unit(m).join("subject").exists(), "{m}");
+        assert_eq!(sc["n_generated"], 4);
+    }
+    // copy is the ceiling of DINO (and CLIP-I) on the fixture
+    let dino = |m: &str| scores(m)["dino"].as_f64().unwrap();
+    let clip_i = |m: &str| scores(m)["clip_i"].as_f64().unwrap();
+    eprintln!("DINO: copy {} ti {} base {}", dino("copy"), dino("ti"), dino("base"));
+    assert!(dino("copy") > dino("ti") && dino("copy") > dino("base"));
+    assert!(clip_i("copy") > clip_i("ti") && clip_i("copy") > clip_i("base"));
+    // the report: reference rows under the methods, in italics
+    let (r, md) = report(&[&out], &out);
+    assert_eq!(r["methods"]["copy"]["subjects"], 1);
+    let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ti |") || l.starts_with("| *")).collect();
+    assert!(rows.len() == 3 && rows[0].starts_with("| ti |") && rows[1].starts_with("| *copy* |"), "{md}");
+    assert!(rows[2].starts_with("| *base* |") && md.contains("n=1"), "{md}");
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("<i>copy</i> (reference)") && html.contains("<i>base</i> (reference)"));
+}
+
+/// A run folder of hand-written units (subject, method, dino, gt_rmse): no model.
+fn fake_run(run: &Path, units: &[(&str, &str, f64, f64)]) {
+    for (s, m, dino, rmse) in units {
+        let d = run.join("units").join(s).join(m);
+        std::fs::create_dir_all(&d).unwrap();
+        let sc = serde_json::json!({"subject": s, "method": m, "class": "cube", "live": false, "guided": false,
+            "dino": dino, "clip_i": null, "clip_t": null, "gt_rmse": rmse, "n_generated": 4, "n_real": 3,
+            "images": [], "seconds": {}, "settings": {}});
+        std::fs::write(d.join("scores.json"), sc.to_string()).unwrap();
+    }
+}
+
+/// Issue 19 item 6: each method's mean has a 95 % bootstrap interval over subjects (fixed seed,
+/// none for one subject), and each ablation step its paired difference with "k/n improved".
+#[test]
+fn bootstrap_intervals_and_paired_differences() {
+    use hifi_tuner::benchmark::report::{bootstrap_mean, BOOTSTRAP_RESAMPLES};
+    // the interval holds the mean, lies within the values, is reproducible; n=1 has none
+    let v = [0.5, 0.6, 0.7, 0.9, 0.2];
+    let i = bootstrap_mean(&v);
+    let (lo, hi) = (i.lo.unwrap(), i.hi.unwrap());
+    assert!((i.mean - 0.58).abs() < 1e-12 && i.n == 5);
+    assert!(0.2 <= lo && lo < i.mean && i.mean < hi && hi <= 0.9, "{i:?}");
+    assert_eq!(bootstrap_mean(&v), i, "a fixed seed");
+    // the percentile interval of the mean of 5 values: about ±1.96·sd/√n (sd with 1/n)
+    let sd = (v.iter().map(|x| (x - 0.58) * (x - 0.58)).sum::<f64>() / 5.0).sqrt() / 5f64.sqrt();
+    // (plain arithmetic on a fixed ChaCha stream: no libtorch, the same on every machine)
+    let rel = ((hi - lo) / 2.0 - 1.96 * sd).abs() / (1.96 * sd);
+    eprintln!("bootstrap half-width {} vs normal {} (rel. {rel:.3})", (hi - lo) / 2.0, 1.96 * sd);
+    assert!(rel < 0.25, "{rel}");
+    assert_eq!(BOOTSTRAP_RESAMPLES, 10_000);
+    let one = bootstrap_mean(&[0.4]);
+    assert!(one.lo.is_none() && one.hi.is_none() && one.n == 1 && one.show(false).contains("n=1"));
+    let flat = bootstrap_mean(&[0.3, 0.3, 0.3]);
+    assert_eq!((flat.lo, flat.hi), (Some(0.3), Some(0.3)));
+
+    // paired differences, by hand: ti → ti+mask over subjects a, b, c (d has ti only);
+    // ti → hifi over a only
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    fake_run(
+        &run,
+        &[
+            ("a", "ti", 0.50, 0.30),
+            ("b", "ti", 0.60, 0.30),
+            ("c", "ti", 0.70, 0.30),
+            ("d", "ti", 0.10, 0.90),
+            ("a", "ti+mask", 0.55, 0.20),
+            ("b", "ti+mask", 0.58, 0.40),
+            ("c", "ti+mask", 0.80, 0.25),
+            ("a", "hifi", 0.90, 0.10),
+        ],
+    );
+    let m = hifi_tuner::benchmark::report::collect(std::slice::from_ref(&run), false).unwrap();
+    let step = |to: &str, key: &str| m.paired.iter().find(|d| d.from == "ti" && d.to == to && d.metric == key).unwrap();
+    let d = step("ti+mask", "dino");
+    // DINO differences 0.05, −0.02, 0.10: mean 0.04333, 2 of 3 higher
+    assert!((d.diff.mean - 0.13 / 3.0).abs() < 1e-12 && d.diff.n == 3 && d.improved == 2, "{d:?}");
+    assert!(d.diff.lo.unwrap() <= d.diff.mean && d.diff.mean <= d.diff.hi.unwrap());
+    assert!(d.diff.lo.unwrap() >= -0.02 - 1e-12 && d.diff.hi.unwrap() <= 0.10 + 1e-12);
+    // GT RMSE (lower is better) differences −0.10, +0.10, −0.05: 2 of 3 improved
+    let r = step("ti+mask", "gt_rmse");
+    assert!((r.diff.mean + 0.05 / 3.0).abs() < 1e-12 && r.improved == 2, "{r:?}");
+    let h = step("hifi", "dino");
+    assert!((h.diff.mean - 0.4).abs() < 1e-12 && h.diff.n == 1 && h.improved == 1 && h.diff.lo.is_none());
+    // the method means: ti over its 4 subjects
+    let ti = m.intervals["ti"]["dino"];
+    assert!((ti.mean - 0.475).abs() < 1e-12 && ti.n == 4 && ti.lo.unwrap() < ti.mean);
+    // shown in the Markdown, the HTML and results.json
+    let out = tmp.path().join("rep");
+    let md = hifi_tuner::benchmark::report::write(&[run], &out, false).unwrap();
+    assert!(md.contains("| ti → ti+mask | DINO | +0.0433 [") && md.contains("| 2/3 |"), "{md}");
+    assert!(md.contains("| ti → hifi | DINO | +0.4000 (n=1, no interval) | 1/1 |"), "{md}");
+    assert!(md.contains("| hifi | 0.9000 (n=1, no interval) |"), "{md}");
+    assert_eq!(std::fs::read_to_string(out.join("report.md")).unwrap(), md);
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("id=\"paired\"") && html.contains("ti → ti+mask") && html.contains("2/3"));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(json["intervals"]["ti"]["dino"]["n"], 4);
+    assert!(json["paired"].as_array().unwrap().iter().any(|d| d["to"] == "hifi" && d["diff"]["lo"].is_null()));
+}

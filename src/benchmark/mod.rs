@@ -12,6 +12,10 @@
 //! | `ti+mask+reg+stepwise` | as `ti+mask+reg`, then Algorithm 1 (I = `--stepwise-steps` per DDIM step) | c_s^t per step (Eq. 7) |
 //! | `hifi` | as `ti+mask+reg+stepwise` | + reference guidance (§3.3, Algorithms 2 and 4, reference by DINO) for non-live subjects; live subjects (class cat or dog, DreamBooth's 9 live subjects) generate as `ti+mask+reg+stepwise` (the paper's rule) |
 //!
+//! | `db`, `db+guidance` | DreamBooth (every UNet weight) | "a sks CLASS …" on the fine-tuned model (+ reference guidance) |
+//! | *`copy`* (reference) | nothing | image j of prompt p = the subject's photo (p·images_per_prompt + j) mod n_photos, resized to the generated size ([`copy_image`]): the ceiling |
+//! | *`base`* (reference) | nothing | the class-noun prompt ([`class_prompt`]) on the base model, same seeds: the floor |
+//!
 //! "+reg" is thus the paper's parameter regularisation: the embedding lives in the padding
 //! positions, starts at φ_s (the empty prompt's padding embeddings) and is pulled towards it.
 //!
@@ -52,7 +56,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::Device;
+use tch::{Device, Tensor};
 
 /// The dataset's prompt and class file.
 pub const PROMPTS_FILE: &str = "prompts_and_classes.txt";
@@ -78,11 +82,19 @@ pub enum Method {
     /// "Ours (DreamBooth)": reference guidance on the fine-tuned model.
     #[serde(rename = "db+guidance")]
     DbGuidance,
+    /// Reference row, the ceiling: no learning, each output a training photo copied unchanged
+    /// (resized to the generated size).
+    #[serde(rename = "copy")]
+    Copy,
+    /// Reference row, the floor: no learning, the base model on the class-noun prompt.
+    #[serde(rename = "base")]
+    Base,
 }
 
 impl Method {
-    /// All methods, in the stable order of units and tables.
-    pub const ALL: [Method; 7] = [
+    /// All methods, in the stable order of units and tables (the reference rows last, so the
+    /// unit indices of the other methods are those of runs made before they existed).
+    pub const ALL: [Method; 9] = [
         Method::Ti,
         Method::TiMask,
         Method::TiMaskReg,
@@ -90,6 +102,8 @@ impl Method {
         Method::Hifi,
         Method::Db,
         Method::DbGuidance,
+        Method::Copy,
+        Method::Base,
     ];
 
     pub fn name(self) -> &'static str {
@@ -101,7 +115,14 @@ impl Method {
             Method::Hifi => "hifi",
             Method::Db => "db",
             Method::DbGuidance => "db+guidance",
+            Method::Copy => "copy",
+            Method::Base => "base",
         }
+    }
+
+    /// A reference row (`copy`, `base`): nothing learned; the ceiling and the floor of a table.
+    pub fn reference(self) -> bool {
+        matches!(self, Method::Copy | Method::Base)
     }
 
     /// A DreamBooth row (a fine-tuned model per subject, not an embedding).
@@ -130,7 +151,7 @@ impl Method {
 
     /// The masked loss, or (db+guidance) the reference mask M_r.
     pub fn needs_masks(self) -> bool {
-        !matches!(self, Method::Ti | Method::Db)
+        !matches!(self, Method::Ti | Method::Db | Method::Copy | Method::Base)
     }
 
     pub fn stepwise(self) -> bool {
@@ -147,6 +168,8 @@ impl Method {
             Method::Hifi => "as ti+mask+reg+stepwise, generated with --reference-guidance (§3.3) for non-live subjects",
             Method::Db => "learn --mode dreambooth (every UNet weight, prior preservation, AdamW 5e-6); prompt 'a sks CLASS …' on the fine-tuned model",
             Method::DbGuidance => "as db, generated with --reference-guidance (§3.3; M_g from the token + class attention) for non-live subjects: the paper's 'Ours (DreamBooth)'",
+            Method::Copy => "reference row (the ceiling): nothing learned; image j of prompt p is the subject's photo (p·images_per_prompt + j) mod n_photos, copied unchanged (resized to the generated size, centre-cropped to its aspect)",
+            Method::Base => "reference row (the floor): nothing learned; the base model on the class-noun prompt 'a CLASS …', same seeds and settings",
         }
     }
 }
@@ -454,7 +477,8 @@ fn finished_with_other_settings(cfg: &BenchmarkConfig, u: &Unit) -> Result<Optio
 }
 
 /// A unit's arguments: `learn`'s (the HiFi / TI rows), DreamBooth's (the db rows), and the
-/// settings recorded in its `scores.json` (everything its result depends on).
+/// settings recorded in its `scores.json` (everything its result depends on; `learn` is null for
+/// the reference rows, which learn nothing).
 pub fn unit_settings(
     cfg: &BenchmarkConfig,
     s: &SubjectInfo,
@@ -498,7 +522,13 @@ pub fn unit_settings(
     });
     let mut settings = serde_json::json!({
         "method": m.name(), "describe": m.describe(),
-        "learn": if let Some(d) = &db_args { serde_json::to_value(d)? } else { serde_json::to_value(&args)? },
+        "learn": if m.reference() {
+            serde_json::Value::Null // nothing is learned
+        } else if let Some(d) = &db_args {
+            serde_json::to_value(d)?
+        } else {
+            serde_json::to_value(&args)?
+        },
         "guided": guided,
         "generate": {"steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed,
                      "prompts": cfg.prompts, "images_per_prompt": cfg.images_per_prompt},
@@ -588,11 +618,16 @@ pub fn run_with(cfg: &BenchmarkConfig, unit: &mut UnitRunner) -> Result<RunSumma
         bail!("--methods is empty");
     }
     let dataset = Dataset::open(&cfg.dataset)?;
-    let world = crate::world::dataset::ground_truth_dir(&cfg.dataset);
+    let world = world_ground_truth(&cfg.dataset)?;
     if world.is_none() && (cfg.clip.is_none() || cfg.dino.is_none()) {
         bail!("a DreamBooth dataset is scored with CLIP and DINO: pass --clip and --dino (only a world dataset, scored against its ground truth, can go without)");
     }
     let all = units(&dataset, &cfg.subjects, &cfg.methods)?;
+    // Bad input is refused before any unit runs and before anything is written under --out.
+    if let Some(gt) = &world {
+        check_ground_truth(gt, &dataset, &all, cfg.prompts)?;
+    }
+    let evaluator = load_encoders(cfg)?;
     let mine: Vec<&Unit> = all.iter().filter(|u| cfg.shard.takes(u.index)).collect();
     // Finished units made with other settings are refused (or, with `redo_mismatched`, redone)
     // before anything is written.
@@ -622,7 +657,6 @@ pub fn run_with(cfg: &BenchmarkConfig, unit: &mut UnitRunner) -> Result<RunSumma
         cfg.shard.count
     );
     let mut summary = RunSummary::default();
-    let mut evaluator: Option<Evaluator> = None;
     let nest = crate::progress::Nest::new(mine.len() as u64, "units");
     for u in mine {
         let name = format!("{}/{}", u.subject.name, u.method.name());
@@ -647,11 +681,6 @@ pub fn run_with(cfg: &BenchmarkConfig, unit: &mut UnitRunner) -> Result<RunSumma
             summary.skipped.push(name);
             nest.bar.inc(1);
             continue;
-        }
-        if evaluator.is_none() {
-            if let (Some(clip), Some(dino)) = (&cfg.clip, &cfg.dino) {
-                evaluator = Some(Evaluator::load(clip, dino, cfg.device)?);
-            }
         }
         let started = Instant::now();
         let err_path = error_file(&cfg.out, &u.subject.name, u.method);
@@ -679,8 +708,114 @@ pub fn run_with(cfg: &BenchmarkConfig, unit: &mut UnitRunner) -> Result<RunSumma
     Ok(summary)
 }
 
+/// The ground truth of a world dataset (`hifi-tuner world --out W`: `W/world.json` next to the
+/// `--dataset W/dataset`): `W/ground_truth`; None for a DreamBooth dataset. A world dataset
+/// whose `ground_truth/` is missing is an error naming the folder.
+pub fn world_ground_truth(dataset: &Path) -> Result<Option<PathBuf>> {
+    if let Some(gt) = crate::world::dataset::ground_truth_dir(dataset) {
+        return Ok(Some(gt));
+    }
+    let Some(root) = dataset.parent() else { return Ok(None) };
+    let info = root.join(crate::world::dataset::WORLD_FILE);
+    if info.is_file() {
+        bail!(
+            "--dataset {} is a world dataset ({} exists), but its ground truth {} is missing: it is what a \
+             world dataset is scored against (write the dataset again with `hifi-tuner world`)",
+            dataset.display(),
+            info.display(),
+            root.join("ground_truth").display()
+        );
+    }
+    Ok(None)
+}
+
+/// Every subject of `units` has the ground truth of the prompts a unit generates
+/// (`gt/SUBJECT/pPP.png` and `pPP.mask.png`); else an error naming the folder and the files.
+pub fn check_ground_truth(gt: &Path, dataset: &Dataset, units: &[Unit], prompts: usize) -> Result<()> {
+    let mut seen: Vec<&str> = Vec::new();
+    for u in units {
+        if seen.contains(&u.subject.name.as_str()) {
+            continue;
+        }
+        seen.push(&u.subject.name);
+        let dir = gt.join(&u.subject.name);
+        let n = dataset.prompts(&u.subject).len().min(prompts);
+        let missing: Vec<String> = (0..n)
+            .flat_map(|p| [format!("p{p:02}.png"), format!("p{p:02}.mask.png")])
+            .filter(|f| !dir.join(f).is_file())
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "the world dataset's ground truth {} lacks {} of subject {} (each of its {n} prompt(s) needs \
+                 pPP.png and pPP.mask.png){}",
+                dir.display(),
+                missing.iter().take(4).cloned().collect::<Vec<_>>().join(", "),
+                u.subject.name,
+                if dir.is_dir() { "" } else { ": the folder does not exist" }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Refuses an encoder folder that is not what `flag` needs: missing, without `config.json`, or
+/// whose `config.json` names another `model_type` (a CLIP folder given as `--dino`).
+fn check_model_folder(flag: &str, dir: &Path, model_type: &str, what: &str) -> Result<()> {
+    if !dir.is_dir() {
+        bail!("{flag} {}: no such folder (expected {what})", dir.display());
+    }
+    let cfg_path = dir.join("config.json");
+    if !cfg_path.is_file() {
+        bail!("{flag} {}: no config.json in the folder (expected {what})", dir.display());
+    }
+    let text =
+        std::fs::read_to_string(&cfg_path).with_context(|| format!("{flag}: cannot read {}", cfg_path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{flag} {}: config.json is not JSON (expected {what})", dir.display()))?;
+    if let Some(t) = v.get("model_type").and_then(|t| t.as_str()) {
+        if t != model_type {
+            bail!(
+                "{flag} {}: its config.json says model_type {t:?}, not {model_type:?} (expected {what})",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks `--dino` and `--clip` and loads them, before any unit runs: the evaluator when both
+/// are given (the DreamBooth metrics), else None (`--dino` alone is still loaded once, to refuse
+/// a folder that hifi's reference choice could not use).
+fn load_encoders(cfg: &BenchmarkConfig) -> Result<Option<Evaluator>> {
+    const VIT: &str = "a transformers ViTModel folder: config.json + model.safetensors, e.g. facebook/dino-vits16";
+    const CLIP: &str = "a transformers CLIPModel folder: config.json + model.safetensors (+ tokenizer files), e.g. openai/clip-vit-base-patch32";
+    if let Some(d) = &cfg.dino {
+        check_model_folder("--dino", d, "vit", VIT)?;
+    }
+    if let Some(c) = &cfg.clip {
+        check_model_folder("--clip", c, "clip", CLIP)?;
+    }
+    match (&cfg.clip, &cfg.dino) {
+        (Some(c), Some(d)) => Ok(Some(Evaluator::load(c, d, cfg.device).with_context(|| {
+            format!("cannot load the encoders --clip {} ({CLIP}) and --dino {} ({VIT})", c.display(), d.display())
+        })?)),
+        (None, Some(d)) => {
+            crate::eval::dino::Dino::load(d, cfg.device)
+                .with_context(|| format!("cannot load --dino {} ({VIT})", d.display()))?;
+            Ok(None)
+        }
+        _ => Ok(None),
+    }
+}
+
 /// One unit, built in its `.partial` folder and renamed into place; scored by `ev` (DINO,
 /// CLIP) when given and against the ground truth in `gt` (a world's `ground_truth/`) when given.
+///
+/// What differs between methods is one function per family ([`family`]): it learns (or not)
+/// and produces the images through [`UnitBuild`], which holds the parts they share (the
+/// `.partial` folder, prompts, seeds, the images with their `parameters` chunk); scoring and the
+/// rename into place are [`UnitBuild::finish`]. A new method is a [`Method`] variant and, if no
+/// family fits, a new function.
 pub fn run_unit(
     cfg: &BenchmarkConfig,
     dataset: &Dataset,
@@ -688,220 +823,423 @@ pub fn run_unit(
     ev: Option<&Evaluator>,
     gt: Option<&Path>,
 ) -> Result<()> {
-    let (s, m) = (&u.subject, u.method);
-    let tmp = partial_dir(&cfg.out, &s.name, m);
-    if tmp.exists() {
-        eprintln!("{}/{}: removing the unfinished {} of an interrupted run", s.name, m.name(), tmp.display());
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
+    let mut b = UnitBuild::start(cfg, dataset, u)?;
+    let phases = family(u.method)(&mut b)?;
+    b.finish(phases, ev, gt)
+}
+
+/// A family's function: learns (or not) and makes the unit's images.
+type FamilyFn = fn(&mut UnitBuild) -> Result<Phases>;
+
+/// The function that makes a method's images.
+fn family(m: Method) -> FamilyFn {
+    match m {
+        Method::Ti | Method::TiMask | Method::TiMaskReg | Method::TiMaskRegStepwise | Method::Hifi => embedding_unit,
+        Method::Db | Method::DbGuidance => dreambooth_unit,
+        Method::Copy => copy_unit,
+        Method::Base => base_unit,
     }
-    let images_dir = dataset.root.join(&s.name);
-    let masks = if m.needs_masks() {
-        let Some(root) = &cfg.masks else {
-            bail!("method {} needs subject masks: pass --masks DIR (DIR/{}/STEM.png)", m.name(), s.name);
-        };
-        let d = root.join(&s.name);
-        if !d.is_dir() {
-            bail!("method {} needs subject masks, but {} does not exist", m.name(), d.display());
+}
+
+/// Seconds a family spent learning and making its images (the `seconds` of `scores.json`).
+struct Phases {
+    learn: f64,
+    generate: f64,
+}
+
+/// One image of a unit: prompt `p`, image `j`, its seed, its template and the CLIP-T prompt.
+struct Slot {
+    p: usize,
+    j: usize,
+    seed: u64,
+    template: String,
+    scored_prompt: String,
+}
+
+/// A unit under construction in its `.partial` folder: what every method family shares.
+struct UnitBuild<'a> {
+    cfg: &'a BenchmarkConfig,
+    dataset: &'a Dataset,
+    s: &'a SubjectInfo,
+    m: Method,
+    /// `RUN/units/SUBJECT/.METHOD.partial`.
+    tmp: PathBuf,
+    /// The subject's photos.
+    photos: PathBuf,
+    /// The subject's masks, for the methods that need them.
+    masks: Option<PathBuf>,
+    /// Reference guidance runs (a guided method, a non-live subject).
+    guided: bool,
+    args: LearnArgs,
+    db_args: Option<crate::dreambooth::DreamBoothArgs>,
+    settings: serde_json::Value,
+    log: String,
+    prompt_lines: Vec<PromptLine>,
+    names: Vec<String>,
+    started: Instant,
+}
+
+impl<'a> UnitBuild<'a> {
+    /// Removes the `.partial` folder of an interrupted run, checks the masks, creates `images/`.
+    fn start(cfg: &'a BenchmarkConfig, dataset: &'a Dataset, u: &'a Unit) -> Result<Self> {
+        let (s, m) = (&u.subject, u.method);
+        let tmp = partial_dir(&cfg.out, &s.name, m);
+        if tmp.exists() {
+            eprintln!("{}/{}: removing the unfinished {} of an interrupted run", s.name, m.name(), tmp.display());
+            std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
         }
-        Some(d)
-    } else {
-        None
-    };
-    crate::io::create_dir_all(&tmp.join("images"))?;
-    let mut log = String::new();
-    let guided = m.guided() && !s.live();
-    let mode = m.mode();
-    let (args, db_args, settings) = unit_settings(cfg, s, m)?;
-    log.push_str(&format!("settings: {settings}\n"));
-    // 1. learn
-    let t0 = Instant::now();
-    let subject_dir = tmp.join("subject");
-    let job = LearnJob {
-        model: cfg.model.clone(),
-        load: cfg.load.clone(),
-        images: images_dir.clone(),
-        masks: masks.clone(),
-        out: subject_dir.clone(),
-        args,
-        checkpoint_every: 0,
-        resume: false,
-        device: cfg.device,
-    };
-    let learned = match &db_args {
-        Some(d) => {
-            // DreamBooth trains float32 weights whatever --dtype says
-            let mut load = cfg.load.clone();
-            load.dtype = Some(tch::Kind::Float);
-            let job = crate::dreambooth::job::DreamBoothJob {
-                model: cfg.model.clone(),
-                load,
-                images: images_dir.clone(),
-                masks: masks.clone(),
-                out: subject_dir.clone(),
-                args: d.clone(),
-                checkpoint_every: 0,
-                resume: false,
-                device: cfg.device,
+        let masks = if m.needs_masks() {
+            let Some(root) = &cfg.masks else {
+                bail!("method {} needs subject masks: pass --masks DIR (DIR/{}/STEM.png)", m.name(), s.name);
             };
-            crate::dreambooth::job::learn(&job)
-        }
-        None => learn(&job),
-    }
-    .with_context(|| format!("learning {} ({})", s.name, m.name()))?;
-    let learn_s = t0.elapsed().as_secs_f64();
-    log.push_str(&format!("learned {} in {learn_s:.2}s\n", learned.display()));
-    // 2. generate (a DreamBooth row on its fine-tuned model)
-    let t1 = Instant::now();
-    let model = if m.dreambooth() { learned.clone() } else { cfg.model.clone() };
-    let mut sd = StableDiffusion::load_with(&model, &cfg.load, cfg.device)?;
-    let (subject, loaded) = match (m.dreambooth(), mode) {
-        (true, _) => (None, None),
-        (false, Mode::Ti) => (None, Some(ti::load_embedding(&mut sd, &learned, None)?)),
-        (false, Mode::Hifi) => (Some(Subject::load(&subject_dir.join(SUBJECT_FILE))?), None),
-    };
-    let (h, w) = sd.default_hw();
-    let templates: Vec<&String> = dataset.prompts(s).iter().take(cfg.prompts).collect();
-    let n_images = templates.len() * cfg.images_per_prompt;
-    let bar = crate::progress::bar(n_images as u64, "generating");
-    let mut prompt_lines = Vec::new();
-    let mut names = Vec::new();
-    for (p, tpl) in templates.iter().enumerate() {
-        let scored_prompt = fill_prompt(tpl, &s.class, &s.class);
-        let gen_prompt = match (&loaded, &db_args) {
-            (Some(l), _) => ti::convert_prompt(&sd, &fill_prompt(tpl, &l.token, &s.class), std::slice::from_ref(l)),
-            (None, Some(d)) => fill_prompt(tpl, &format!("{} {}", d.token, s.class), &s.class),
-            (None, None) => scored_prompt.clone(),
+            let d = root.join(&s.name);
+            if !d.is_dir() {
+                bail!("method {} needs subject masks, but {} does not exist", m.name(), d.display());
+            }
+            Some(d)
+        } else {
+            None
         };
-        for j in 0..cfg.images_per_prompt {
-            let seed = cfg.seed + (p * cfg.images_per_prompt + j) as u64;
+        crate::io::create_dir_all(&tmp.join("images"))?;
+        let (args, db_args, settings) = unit_settings(cfg, s, m)?;
+        let log = format!("settings: {settings}\n");
+        Ok(Self {
+            cfg,
+            dataset,
+            s,
+            m,
+            tmp,
+            photos: dataset.root.join(&s.name),
+            masks,
+            guided: m.guided() && !s.live(),
+            args,
+            db_args,
+            settings,
+            log,
+            prompt_lines: Vec::new(),
+            names: Vec::new(),
+            started: Instant::now(),
+        })
+    }
+
+    /// The learn folder (`subject/`).
+    fn subject_dir(&self) -> PathBuf {
+        self.tmp.join("subject")
+    }
+
+    /// The unit's images in order: the first `--prompts` templates × `--images-per-prompt`, image
+    /// j of prompt p with seed `--seed + p · images_per_prompt + j`.
+    fn slots(&self) -> Vec<Slot> {
+        let (cfg, s) = (self.cfg, self.s);
+        let mut out = Vec::new();
+        for (p, tpl) in self.dataset.prompts(s).iter().take(cfg.prompts).enumerate() {
+            for j in 0..cfg.images_per_prompt {
+                out.push(Slot {
+                    p,
+                    j,
+                    seed: cfg.seed + (p * cfg.images_per_prompt + j) as u64,
+                    template: tpl.clone(),
+                    scored_prompt: fill_prompt(tpl, &s.class, &s.class),
+                });
+            }
+        }
+        out
+    }
+
+    /// Writes a slot's image (`images/pPP-J.png` with its `parameters` chunk) and its CLIP-T
+    /// prompt.
+    fn save(&mut self, slot: &Slot, image: &RgbImage, params: &str) -> Result<()> {
+        let name = format!("p{:02}-{}.png", slot.p, slot.j);
+        image.save_png(&self.tmp.join("images").join(&name), &[("parameters", params)])?;
+        self.prompt_lines.push(PromptLine { image: name.clone(), prompt: slot.scored_prompt.clone() });
+        self.names.push(name);
+        Ok(())
+    }
+
+    /// Generates every slot with `sd` (the model at `model`), at its default size, one image per
+    /// call: `gen_prompt` turns a template into the prompt given to the model, `image` makes the
+    /// image of a request (with the unit's log, for notes).
+    fn generate(
+        &mut self,
+        sd: &StableDiffusion,
+        model: &Path,
+        gen_prompt: impl Fn(&str) -> String,
+        mut image: impl FnMut(&GenerateRequest, &Slot, &mut String) -> Result<Tensor>,
+    ) -> Result<()> {
+        let (h, w) = sd.default_hw();
+        let slots = self.slots();
+        let bar = crate::progress::bar(slots.len() as u64, "generating");
+        for slot in &slots {
+            let prompt = gen_prompt(&slot.template);
             let req = GenerateRequest {
-                prompt: gen_prompt.clone(),
+                prompt: prompt.clone(),
                 negative_prompt: None,
-                seed,
-                steps: cfg.steps,
-                guidance: cfg.guidance,
+                seed: slot.seed,
+                steps: self.cfg.steps,
+                guidance: self.cfg.guidance,
                 height: h,
                 width: w,
                 num_images: 1,
             };
-            let image = if guided {
-                let opt = ReferenceOptions {
-                    guidance: GuidanceConfig {
-                        t_start: cfg.t_start,
-                        t_end: cfg.t_end,
-                        steps: cfg.guidance_steps,
-                        lr: cfg.guidance_lr,
-                        substitute: true,
-                    },
-                    dino: cfg.dino.clone(),
-                    // c_r in the captions' language (the first template with the class noun)
-                    reference_caption: cfg.caption_templates.first().map(|t| t.replace("{}", &s.class)),
-                    references: None,
-                    reference_masks: None,
-                    intermediates: None,
-                    sam: None,
-                    min_contrast: crate::guidance::daam::MIN_CONTRAST,
-                };
-                let guided = match (&db_args, subject.as_ref()) {
-                    (Some(d), _) => GuidedSubject::FineTuned { token: d.token.clone(), class_noun: s.class.clone() },
-                    (None, Some(subject)) => GuidedSubject::Embedding(subject),
-                    (None, None) => bail!("{}: reference guidance needs a learned subject", m.name()),
-                };
-                let g = generate_guided(&sd, &req, &guided, &subject_dir, &opt)?;
-                if let Some(why) = g.fallback {
-                    log.push_str(&format!("p{p:02}-{j}: reference guidance fell back to plain generation: {why}\n"));
-                }
-                g.image
-            } else {
-                conditioning::generate(&sd, &req, subject.as_ref())?
-            };
-            let name = format!("p{p:02}-{j}.png");
+            let img = image(&req, slot, &mut self.log)?;
             let params = format!(
-                "{}\nNegative prompt: \nSteps: {}, Sampler: DDIM, CFG scale: {}, Seed: {seed}, Size: {w}x{h}, Model: {}, Method: {}",
-                gen_prompt,
-                cfg.steps,
-                cfg.guidance,
+                "{prompt}\nNegative prompt: \nSteps: {}, Sampler: DDIM, CFG scale: {}, Seed: {}, Size: {w}x{h}, Model: {}, Method: {}",
+                self.cfg.steps,
+                self.cfg.guidance,
+                slot.seed,
                 model.display(),
-                m.name()
+                self.m.name()
             );
-            RgbImage::from_hwc_u8(&image.get(0))?
-                .save_png(&tmp.join("images").join(&name), &[("parameters", &params)])?;
-            prompt_lines.push(PromptLine { image: name.clone(), prompt: scored_prompt.clone() });
-            names.push(name);
+            self.save(slot, &RgbImage::from_hwc_u8(&img.get(0))?, &params)?;
             bar.inc(1);
         }
+        bar.finish_and_clear();
+        Ok(())
     }
-    bar.finish_and_clear();
-    let gen_s = t1.elapsed().as_secs_f64();
-    drop(sd);
-    let jsonl: String =
-        prompt_lines.iter().map(|l| serde_json::to_string(l).map(|s| s + "\n")).collect::<Result<_, _>>()?;
-    write_bytes_atomic(&tmp.join("prompts.jsonl"), jsonl.as_bytes())?;
-    // 3. score (the saved PNGs, as `score` would read them)
-    let t2 = Instant::now();
-    let real_paths = image_files(&images_dir)?;
-    let real = open_images(&real_paths)?;
-    let gen_paths: Vec<PathBuf> = names.iter().map(|n| tmp.join("images").join(n)).collect();
-    let generated = open_images(&gen_paths)?;
-    let prompts: Vec<String> = prompt_lines.iter().map(|l| l.prompt.clone()).collect();
-    let sc = ev.map(|ev| ev.score(&real, &generated, &prompts)).transpose()?;
-    let (mut gt_rmse, mut gt_hist) = (None, None);
-    if let Some(gt) = gt {
-        let mut fid = Vec::new();
-        for name in &names {
-            let p = &name[..3]; // "pPP"
-            let f = crate::world::dataset::score_file(&tmp.join("images").join(name), &gt.join(&s.name), p)?;
-            log.push_str(&format!(
-                "{name}: ground truth rmse {:.4} hist {:.4} (scale {}, at {},{})\n",
-                f.rmse, f.hist, f.scale, f.x, f.y
-            ));
-            fid.push(f);
+
+    /// Writes `prompts.jsonl`, scores the saved PNGs (as `score` would read them), writes the
+    /// real photos' thumbnails, `log.txt` and `scores.json`, and renames the unit into place.
+    fn finish(mut self, phases: Phases, ev: Option<&Evaluator>, gt: Option<&Path>) -> Result<()> {
+        let (cfg, s, m, tmp) = (self.cfg, self.s, self.m, self.tmp.clone());
+        let jsonl: String =
+            self.prompt_lines.iter().map(|l| serde_json::to_string(l).map(|s| s + "\n")).collect::<Result<_, _>>()?;
+        write_bytes_atomic(&tmp.join("prompts.jsonl"), jsonl.as_bytes())?;
+        let t2 = Instant::now();
+        let real_paths = image_files(&self.photos)?;
+        let real = open_images(&real_paths)?;
+        let gen_paths: Vec<PathBuf> = self.names.iter().map(|n| tmp.join("images").join(n)).collect();
+        let generated = open_images(&gen_paths)?;
+        let prompts: Vec<String> = self.prompt_lines.iter().map(|l| l.prompt.clone()).collect();
+        let sc = ev.map(|ev| ev.score(&real, &generated, &prompts)).transpose()?;
+        let (mut gt_rmse, mut gt_hist) = (None, None);
+        if let Some(gt) = gt {
+            let mut fid = Vec::new();
+            for name in &self.names {
+                let p = &name[..3]; // "pPP"
+                let f = crate::world::dataset::score_file(&tmp.join("images").join(name), &gt.join(&s.name), p)?;
+                self.log.push_str(&format!(
+                    "{name}: ground truth rmse {:.4} hist {:.4} (scale {}, at {},{})\n",
+                    f.rmse, f.hist, f.scale, f.x, f.y
+                ));
+                fid.push(f);
+            }
+            let n = fid.len().max(1) as f64;
+            gt_rmse = Some(fid.iter().map(|f| f.rmse).sum::<f64>() / n);
+            gt_hist = Some(fid.iter().map(|f| f.hist).sum::<f64>() / n);
         }
-        let n = fid.len().max(1) as f64;
-        gt_rmse = Some(fid.iter().map(|f| f.rmse).sum::<f64>() / n);
-        gt_hist = Some(fid.iter().map(|f| f.hist).sum::<f64>() / n);
+        for (i, img) in real.iter().enumerate() {
+            let t = shrink(img, 128);
+            let rgb = RgbImage { width: t.width(), height: t.height(), pixels: t.into_raw() };
+            rgb.save_png(&tmp.join("real").join(format!("{i:02}.png")), &[])?;
+        }
+        let score_s = t2.elapsed().as_secs_f64();
+        let total = self.started.elapsed().as_secs_f64();
+        let n_images = self.names.len();
+        let scores = UnitScores {
+            subject: s.name.clone(),
+            method: m.name().into(),
+            class: s.class.clone(),
+            live: s.live(),
+            guided: self.guided,
+            dino: sc.as_ref().map(|x| x.dino),
+            clip_i: sc.as_ref().map(|x| x.clip_i),
+            clip_t: sc.as_ref().map(|x| x.clip_t),
+            gt_rmse,
+            gt_hist,
+            n_generated: generated.len(),
+            n_real: real.len(),
+            images: std::mem::take(&mut self.names),
+            seconds: serde_json::json!({"learn": phases.learn, "generate": phases.generate, "score": score_s, "total": total}),
+            settings: self.settings.clone(),
+            method_settings: method_settings(cfg, m)?,
+        };
+        self.log.push_str(&format!(
+            "generated {n_images} image(s) in {:.2}s; scored in {score_s:.2}s: {}\n",
+            phases.generate,
+            report::METRICS
+                .iter()
+                .map(|m| format!("{} {}", m.key, report::fmt(m.of(&scores))))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
+        write_bytes_atomic(&tmp.join("log.txt"), self.log.as_bytes())?;
+        write_bytes_atomic(&tmp.join("scores.json"), serde_json::to_string_pretty(&scores)?.as_bytes())?;
+        let dest = unit_dir(&cfg.out, &s.name, m);
+        if dest.exists() {
+            // a folder without scores.json cannot come from a finished unit, and one with it is
+            // redone only when its settings differ (`redo_mismatched`): replace it
+            std::fs::remove_dir_all(&dest).with_context(|| format!("cannot remove {}", dest.display()))?;
+        }
+        std::fs::rename(&tmp, &dest)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
+        Ok(())
     }
-    for (i, img) in real.iter().enumerate() {
-        let t = shrink(img, 128);
-        let rgb = RgbImage { width: t.width(), height: t.height(), pixels: t.into_raw() };
-        rgb.save_png(&tmp.join("real").join(format!("{i:02}.png")), &[])?;
+}
+
+/// Reference guidance's options for subject `s`.
+fn reference_options(cfg: &BenchmarkConfig, s: &SubjectInfo) -> ReferenceOptions {
+    ReferenceOptions {
+        guidance: GuidanceConfig {
+            t_start: cfg.t_start,
+            t_end: cfg.t_end,
+            steps: cfg.guidance_steps,
+            lr: cfg.guidance_lr,
+            substitute: true,
+        },
+        dino: cfg.dino.clone(),
+        // c_r in the captions' language (the first template with the class noun)
+        reference_caption: cfg.caption_templates.first().map(|t| t.replace("{}", &s.class)),
+        references: None,
+        reference_masks: None,
+        intermediates: None,
+        sam: None,
+        min_contrast: crate::guidance::daam::MIN_CONTRAST,
     }
-    let score_s = t2.elapsed().as_secs_f64();
-    let total = t0.elapsed().as_secs_f64();
-    let scores = UnitScores {
-        subject: s.name.clone(),
-        method: m.name().into(),
-        class: s.class.clone(),
-        live: s.live(),
-        guided,
-        dino: sc.as_ref().map(|x| x.dino),
-        clip_i: sc.as_ref().map(|x| x.clip_i),
-        clip_t: sc.as_ref().map(|x| x.clip_t),
-        gt_rmse,
-        gt_hist,
-        n_generated: generated.len(),
-        n_real: real.len(),
-        images: names,
-        seconds: serde_json::json!({"learn": learn_s, "generate": gen_s, "score": score_s, "total": total}),
-        settings,
-        method_settings: method_settings(cfg, m)?,
+}
+
+/// A reference-guided image (§3.3) of `subject` (learned in `subject_dir`), a fall-back to
+/// plain generation noted in `log`.
+fn guided_image(
+    sd: &StableDiffusion,
+    req: &GenerateRequest,
+    subject: &GuidedSubject,
+    subject_dir: &Path,
+    opt: &ReferenceOptions,
+    slot: &Slot,
+    log: &mut String,
+) -> Result<Tensor> {
+    let g = generate_guided(sd, req, subject, subject_dir, opt)?;
+    if let Some(why) = g.fallback {
+        log.push_str(&format!("p{:02}-{}: reference guidance fell back to plain generation: {why}\n", slot.p, slot.j));
+    }
+    Ok(g.image)
+}
+
+/// `ti` … `hifi`: learn an embedding (TI tokens, or HiFi's c_s), generate on the base model with
+/// it (`hifi`: with reference guidance for a non-live subject).
+fn embedding_unit(b: &mut UnitBuild) -> Result<Phases> {
+    let (cfg, s, m) = (b.cfg, b.s, b.m);
+    let t0 = Instant::now();
+    let subject_dir = b.subject_dir();
+    let job = LearnJob {
+        model: cfg.model.clone(),
+        load: cfg.load.clone(),
+        images: b.photos.clone(),
+        masks: b.masks.clone(),
+        out: subject_dir.clone(),
+        args: b.args.clone(),
+        checkpoint_every: 0,
+        resume: false,
+        device: cfg.device,
     };
-    log.push_str(&format!(
-        "generated {n_images} image(s) in {gen_s:.2}s; scored in {score_s:.2}s: {}\n",
-        report::METRICS
-            .iter()
-            .map(|m| format!("{} {}", m.key, report::fmt(m.of(&scores))))
-            .collect::<Vec<_>>()
-            .join(" ")
-    ));
-    write_bytes_atomic(&tmp.join("log.txt"), log.as_bytes())?;
-    write_bytes_atomic(&tmp.join("scores.json"), serde_json::to_string_pretty(&scores)?.as_bytes())?;
-    let dest = unit_dir(&cfg.out, &s.name, m);
-    if dest.exists() {
-        // a folder without scores.json cannot come from a finished unit, and one with it is
-        // redone only when its settings differ (`redo_mismatched`): replace it
-        std::fs::remove_dir_all(&dest).with_context(|| format!("cannot remove {}", dest.display()))?;
+    let learned = learn(&job).with_context(|| format!("learning {} ({})", s.name, m.name()))?;
+    let learn_s = t0.elapsed().as_secs_f64();
+    b.log.push_str(&format!("learned {} in {learn_s:.2}s\n", learned.display()));
+    let t1 = Instant::now();
+    let mut sd = StableDiffusion::load_with(&cfg.model, &cfg.load, cfg.device)?;
+    let (subject, loaded) = match m.mode() {
+        Mode::Ti => (None, Some(ti::load_embedding(&mut sd, &learned, None)?)),
+        Mode::Hifi => (Some(Subject::load(&subject_dir.join(SUBJECT_FILE))?), None),
+    };
+    let gen_prompt = |tpl: &str| match &loaded {
+        Some(l) => ti::convert_prompt(&sd, &fill_prompt(tpl, &l.token, &s.class), std::slice::from_ref(l)),
+        None => fill_prompt(tpl, &s.class, &s.class),
+    };
+    let opt = b.guided.then(|| reference_options(cfg, s));
+    b.generate(&sd, &cfg.model, gen_prompt, |req, slot, log| match (&opt, subject.as_ref()) {
+        (Some(opt), Some(subject)) => {
+            guided_image(&sd, req, &GuidedSubject::Embedding(subject), &subject_dir, opt, slot, log)
+        }
+        (Some(_), None) => bail!("{}: reference guidance needs a learned subject", m.name()),
+        (None, subject) => conditioning::generate(&sd, req, subject),
+    })?;
+    let gen_s = t1.elapsed().as_secs_f64();
+    Ok(Phases { learn: learn_s, generate: gen_s })
+}
+
+/// `db`, `db+guidance`: fine-tune the whole UNet (DreamBooth), generate "a sks CLASS …" on the
+/// fine-tuned model (`db+guidance`: with reference guidance for a non-live subject).
+fn dreambooth_unit(b: &mut UnitBuild) -> Result<Phases> {
+    let (cfg, s, m) = (b.cfg, b.s, b.m);
+    let d = b.db_args.clone().with_context(|| format!("{}: no DreamBooth arguments", m.name()))?;
+    let t0 = Instant::now();
+    let subject_dir = b.subject_dir();
+    // DreamBooth trains float32 weights whatever --dtype says
+    let mut load = cfg.load.clone();
+    load.dtype = Some(tch::Kind::Float);
+    let job = crate::dreambooth::job::DreamBoothJob {
+        model: cfg.model.clone(),
+        load,
+        images: b.photos.clone(),
+        masks: b.masks.clone(),
+        out: subject_dir.clone(),
+        args: d.clone(),
+        checkpoint_every: 0,
+        resume: false,
+        device: cfg.device,
+    };
+    let learned = crate::dreambooth::job::learn(&job).with_context(|| format!("learning {} ({})", s.name, m.name()))?;
+    let learn_s = t0.elapsed().as_secs_f64();
+    b.log.push_str(&format!("learned {} in {learn_s:.2}s\n", learned.display()));
+    // generated on the fine-tuned model
+    let t1 = Instant::now();
+    let sd = StableDiffusion::load_with(&learned, &cfg.load, cfg.device)?;
+    let gen_prompt = |tpl: &str| fill_prompt(tpl, &format!("{} {}", d.token, s.class), &s.class);
+    let opt = b.guided.then(|| reference_options(cfg, s));
+    let subject = GuidedSubject::FineTuned { token: d.token.clone(), class_noun: s.class.clone() };
+    b.generate(&sd, &learned, gen_prompt, |req, slot, log| match &opt {
+        Some(opt) => guided_image(&sd, req, &subject, &subject_dir, opt, slot, log),
+        None => conditioning::generate(&sd, req, None),
+    })?;
+    let gen_s = t1.elapsed().as_secs_f64();
+    Ok(Phases { learn: learn_s, generate: gen_s })
+}
+
+/// The prompt of the `base` row: the template with the subject replaced by the class noun only
+/// ("a {0} {1} on the beach" → "a ball on the beach"), spaces collapsed.
+pub fn class_prompt(template: &str, class: &str) -> String {
+    fill_prompt(template, class, class).split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// `base` (the floor): nothing learned; the base model on the class-noun prompt, with the seeds
+/// and generation settings of the other rows.
+fn base_unit(b: &mut UnitBuild) -> Result<Phases> {
+    let (cfg, s) = (b.cfg, b.s);
+    let t1 = Instant::now();
+    let sd = StableDiffusion::load_with(&cfg.model, &cfg.load, cfg.device)?;
+    b.generate(&sd, &cfg.model, |tpl| class_prompt(tpl, &s.class), |req, _, _| conditioning::generate(&sd, req, None))?;
+    Ok(Phases { learn: 0.0, generate: t1.elapsed().as_secs_f64() })
+}
+
+/// The `copy` row's image: a photo unchanged but for its size, `w`×`h` (scaled to cover, then
+/// centre-cropped to that aspect; a photo of that size already is returned as it is).
+pub fn copy_image(photo: &image::DynamicImage, w: u32, h: u32) -> RgbImage {
+    let t = if (photo.width(), photo.height()) == (w, h) {
+        photo.to_rgb8()
+    } else {
+        photo.resize_to_fill(w, h, image::imageops::FilterType::CatmullRom).to_rgb8()
+    };
+    RgbImage { width: t.width(), height: t.height(), pixels: t.into_raw() }
+}
+
+/// `copy` (the ceiling): nothing learned; image j of prompt p is the subject's photo
+/// (p · images_per_prompt + j) mod n_photos, at the generated size ([`copy_image`]).
+fn copy_unit(b: &mut UnitBuild) -> Result<Phases> {
+    let cfg = b.cfg;
+    let t1 = Instant::now();
+    // the size the model generates (the other rows' images)
+    let (h, w) = StableDiffusion::load_with(&cfg.model, &cfg.load, cfg.device)?.default_hw();
+    let photos = image_files(&b.photos)?;
+    for slot in b.slots() {
+        let k = (slot.p * cfg.images_per_prompt + slot.j) % photos.len();
+        let image = copy_image(&crate::io::open_image(&photos[k])?, w as u32, h as u32);
+        let params = format!(
+            "{}\nNegative prompt: \nCopy of: {}, Size: {w}x{h}, Method: {}",
+            slot.scored_prompt,
+            photos[k].display(),
+            b.m.name()
+        );
+        b.save(&slot, &image, &params)?;
     }
-    std::fs::rename(&tmp, &dest).with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
-    Ok(())
+    Ok(Phases { learn: 0.0, generate: t1.elapsed().as_secs_f64() })
 }

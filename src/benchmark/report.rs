@@ -1,6 +1,11 @@
 //! `report`: merges the finished units of one or more runs (from any machines) into
 //! `report.html` (self-contained: thumbnails embedded as base64 PNG), `results.csv`,
-//! `results.json` and Markdown tables.
+//! `results.json` and Markdown tables (`report.md`, also printed).
+//!
+//! Each method's mean carries a 95 % bootstrap interval that resamples *subjects*
+//! ([`bootstrap_mean`]), and each step of the ablation ([`ABLATION_STEPS`]) its paired
+//! difference over the subjects both rows have ([`paired_differences`]). The reference rows
+//! (`copy`, `base`) are shown in italics under the methods.
 
 use super::{Method, UnitScores};
 use crate::io::{write_bytes_atomic, RgbImage};
@@ -73,7 +78,138 @@ pub struct Merged {
     pub method_order: Vec<String>,
     /// The [`METRICS`] some unit has, in that order.
     pub metrics: Vec<&'static Metric>,
+    /// Per method and metric key: the mean over subjects with its bootstrap interval.
+    pub intervals: BTreeMap<String, BTreeMap<&'static str, Interval>>,
+    /// The paired differences of the ablation's steps ([`ABLATION_STEPS`]) whose two rows exist.
+    pub paired: Vec<PairedDiff>,
 }
+
+/// Resamples of the subjects in a bootstrap interval.
+pub const BOOTSTRAP_RESAMPLES: usize = 10_000;
+/// The bootstrap's fixed seed (ChaCha8): the same scores give the same report.
+pub const BOOTSTRAP_SEED: u64 = 19;
+
+/// A mean over subjects (each subject's value is its unit's score: the mean over that unit's
+/// prompts × images) and its 95 % bootstrap interval; no interval (`lo`, `hi` None) for fewer than
+/// two subjects, where resampling them cannot vary anything.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Interval {
+    pub mean: f64,
+    pub lo: Option<f64>,
+    pub hi: Option<f64>,
+    /// Subjects.
+    pub n: usize,
+}
+
+impl Interval {
+    /// "0.6120 [0.5810, 0.6403]", or "0.6120 (n=1, no interval)".
+    pub fn show(&self, signed: bool) -> String {
+        let f = |v: f64| if signed { format!("{v:+.4}") } else { format!("{v:.4}") };
+        match (self.lo, self.hi) {
+            (Some(lo), Some(hi)) => format!("{} [{}, {}]", f(self.mean), f(lo), f(hi)),
+            _ => format!("{} (n={}, no interval)", f(self.mean), self.n),
+        }
+    }
+}
+
+/// The mean of `values` (one per subject) with its 95 % percentile bootstrap interval:
+/// [`BOOTSTRAP_RESAMPLES`] resamples of the subjects with replacement (ChaCha8 seeded with
+/// [`BOOTSTRAP_SEED`]), the 2.5 % and 97.5 % quantiles of their means (linear interpolation
+/// between order statistics). `values` must not be empty.
+pub fn bootstrap_mean(values: &[f64]) -> Interval {
+    use rand_chacha::rand_core::{RngCore, SeedableRng};
+    let n = values.len();
+    let mean = values.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return Interval { mean, lo: None, hi: None, n };
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(BOOTSTRAP_SEED);
+    let mut means: Vec<f64> = (0..BOOTSTRAP_RESAMPLES)
+        .map(|_| {
+            // an index in 0..n from 64 random bits (multiply-shift: unbiased to 2^-64·n)
+            let sum: f64 = (0..n).map(|_| values[((rng.next_u64() as u128 * n as u128) >> 64) as usize]).sum();
+            sum / n as f64
+        })
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let q = |a: f64| {
+        let x = a * (means.len() - 1) as f64;
+        let (i, f) = (x.floor() as usize, x - x.floor());
+        means[i] + f * (means[(i + 1).min(means.len() - 1)] - means[i])
+    };
+    Interval { mean, lo: Some(q(0.025)), hi: Some(q(0.975)), n }
+}
+
+/// The steps of the ablation (Table 2) and Table 1's pair, as (from, to).
+pub const ABLATION_STEPS: [(Method, Method); 6] = [
+    (Method::Ti, Method::TiMask),
+    (Method::TiMask, Method::TiMaskReg),
+    (Method::TiMaskReg, Method::TiMaskRegStepwise),
+    (Method::TiMaskRegStepwise, Method::Hifi),
+    (Method::Db, Method::DbGuidance),
+    (Method::Ti, Method::Hifi),
+];
+
+/// A step's paired difference on one metric: `to − from` per subject that has both units (with
+/// the metric), its mean and bootstrap interval (resampling those subjects), and how many of
+/// them improved (moved the metric's better way; a tie is no improvement).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PairedDiff {
+    pub from: String,
+    pub to: String,
+    pub metric: &'static str,
+    pub diff: Interval,
+    pub improved: usize,
+}
+
+/// The paired differences of every step of [`ABLATION_STEPS`] whose two methods have common
+/// subjects, for each metric of `metrics`.
+pub fn paired_differences(units: &[FoundUnit], metrics: &[&'static Metric]) -> Vec<PairedDiff> {
+    let score = |subject: &str, method: Method, k: &Metric| {
+        units
+            .iter()
+            .find(|u| u.scores.subject == subject && u.scores.method == method.name())
+            .and_then(|u| k.of(&u.scores))
+    };
+    let mut subjects: Vec<&str> = units.iter().map(|u| u.scores.subject.as_str()).collect();
+    subjects.sort();
+    subjects.dedup();
+    let mut out = Vec::new();
+    for (from, to) in ABLATION_STEPS {
+        for k in metrics {
+            let d: Vec<f64> = subjects.iter().filter_map(|s| Some(score(s, to, k)? - score(s, from, k)?)).collect();
+            if d.is_empty() {
+                continue;
+            }
+            let improved = d.iter().filter(|&&x| if k.higher_is_better { x > 0.0 } else { x < 0.0 }).count();
+            out.push(PairedDiff {
+                from: from.name().into(),
+                to: to.name().into(),
+                metric: k.key,
+                diff: bootstrap_mean(&d),
+                improved,
+            });
+        }
+    }
+    out
+}
+
+/// The label of a metric key.
+fn label(key: &str) -> &'static str {
+    METRICS.iter().find(|k| k.key == key).map_or("?", |k| k.label)
+}
+
+/// A reference row (`copy`, `base`).
+fn is_reference(method: &str) -> bool {
+    Method::parse(method).is_ok_and(|m| m.reference())
+}
+
+/// The note under the tables: what the intervals and the reference rows are.
+const STATS_NOTE: &str = "Means over subjects (a subject's value is its unit's score, the mean over its prompts × \
+images) with 95 % bootstrap intervals: 10 000 resamples of the subjects with replacement, percentile interval, \
+fixed seed; with one subject there is no interval (n=1). Reference rows (in italics): copy = a training photo \
+as the output (the ceiling of subject fidelity, which a prompt-fidelity score should penalise), base = the base \
+model on the class-noun prompt (the floor).";
 
 fn method_rank(name: &str) -> usize {
     Method::ALL.iter().position(|m| m.name() == name).unwrap_or(Method::ALL.len())
@@ -158,8 +294,21 @@ pub fn collect(runs: &[PathBuf], allow_mixed: bool) -> Result<Merged> {
         }
         methods.insert(m.clone(), MethodMeans { means, subjects: us.len() });
     }
-    let metrics = METRICS.iter().filter(|k| units.iter().any(|u| k.of(&u.scores).is_some())).collect();
-    Ok(Merged { units, failed, methods, method_order, metrics })
+    let metrics: Vec<&'static Metric> =
+        METRICS.iter().filter(|k| units.iter().any(|u| k.of(&u.scores).is_some())).collect();
+    let mut intervals = BTreeMap::new();
+    for m in &method_order {
+        let mut per = BTreeMap::new();
+        for k in &metrics {
+            let v: Vec<f64> = units.iter().filter(|u| &u.scores.method == m).filter_map(|u| k.of(&u.scores)).collect();
+            if !v.is_empty() {
+                per.insert(k.key, bootstrap_mean(&v));
+            }
+        }
+        intervals.insert(m.clone(), per);
+    }
+    let paired = paired_differences(&units, &metrics);
+    Ok(Merged { units, failed, methods, method_order, metrics, intervals, paired })
 }
 
 /// Refuses (or, with `allow_mixed`, warns about) units that were made with different settings:
@@ -239,7 +388,8 @@ pub fn results_json(m: &Merged) -> serde_json::Value {
         .collect();
     let failed: Vec<serde_json::Value> =
         m.failed.iter().map(|(s, me, e)| serde_json::json!({"subject": s, "method": me, "error": e})).collect();
-    serde_json::json!({"units": units, "methods": m.methods, "failed": failed})
+    serde_json::json!({"units": units, "methods": m.methods, "intervals": m.intervals, "paired": m.paired,
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "level": 0.95}, "failed": failed})
 }
 
 /// `results.csv`: one row per unit.
@@ -280,17 +430,42 @@ fn csv_field(s: &str) -> String {
 pub fn markdown(m: &Merged) -> String {
     let labels: String = m.metrics.iter().map(|k| format!(" {} |", k.label)).collect();
     let rule: String = m.metrics.iter().map(|_| "---|").collect();
+    let md_name = |name: &str| if is_reference(name) { format!("*{name}*") } else { name.to_string() };
     let mut out = format!("| method |{labels} subjects |\n|---|{rule}---|\n");
     for name in &m.method_order {
         let x = &m.methods[name];
-        let cells: String = m.metrics.iter().map(|k| format!(" {} |", fmt(x.get(k.key)))).collect();
-        let _ = writeln!(out, "| {name} |{cells} {} |", x.subjects);
+        let cells: String = m
+            .metrics
+            .iter()
+            .map(|k| format!(" {} |", m.intervals[name].get(k.key).map_or_else(|| fmt(None), |i| i.show(false))))
+            .collect();
+        let _ = writeln!(out, "| {} |{cells} {} |", md_name(name), x.subjects);
+    }
+    let _ = writeln!(out, "\n{STATS_NOTE}");
+    if !m.paired.is_empty() {
+        let _ = write!(
+            out,
+            "\nPaired differences (to − from, over the subjects with both rows):\n\n\
+             | step | metric | mean difference [95 % interval] | subjects improved |\n|---|---|---|---|\n"
+        );
+        for d in &m.paired {
+            let _ = writeln!(
+                out,
+                "| {} → {} | {} | {} | {}/{} |",
+                d.from,
+                d.to,
+                label(d.metric),
+                d.diff.show(true),
+                d.improved,
+                d.diff.n
+            );
+        }
     }
     let _ = write!(out, "\n| subject | method |{labels} images |\n|---|---|{rule}---|\n");
     for u in &m.units {
         let s = &u.scores;
         let cells: String = m.metrics.iter().map(|k| format!(" {} |", fmt(k.of(s)))).collect();
-        let _ = writeln!(out, "| {} | {} |{cells} {} |", s.subject, s.method, s.n_generated);
+        let _ = writeln!(out, "| {} | {} |{cells} {} |", s.subject, md_name(&s.method), s.n_generated);
     }
     for (s, me, e) in &m.failed {
         let _ = writeln!(
@@ -340,7 +515,7 @@ pub fn html(m: &Merged) -> Result<String> {
     let mut h = String::from(
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>hifi-tuner benchmark report</title>\n<style>\
          body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}\
-         td,th{border:1px solid #aaa;padding:3px 8px;text-align:right}td.l,th.l{text-align:left}\
+         td,th{border:1px solid #aaa;padding:3px 8px;text-align:right}td.l,th.l{text-align:left}tr.reference td{color:#555}\
          img{margin:1px;vertical-align:top}.row{margin:4px 0}.label{display:inline-block;width:14em;vertical-align:top}\
          </style></head><body>\n<h1>hifi-tuner benchmark report</h1>\n",
     );
@@ -380,16 +555,43 @@ pub fn html(m: &Merged) -> Result<String> {
                 st["generate"]["guidance"]
             ));
         }
-        let cells: String = m.metrics.iter().map(|k| format!("<td>{}</td>", fmt(x.get(k.key)))).collect();
+        let cells: String = m
+            .metrics
+            .iter()
+            .map(|k| {
+                format!("<td>{}</td>", esc(&m.intervals[name].get(k.key).map_or_else(|| fmt(None), |i| i.show(false))))
+            })
+            .collect();
+        let reference = is_reference(name);
         let _ = writeln!(
             h,
-            "<tr><td class=\"l\">{}</td>{cells}<td>{}</td><td class=\"l\">{}</td></tr>",
-            esc(name),
+            "<tr{}><td class=\"l\">{}</td>{cells}<td>{}</td><td class=\"l\">{}</td></tr>",
+            if reference { " class=\"reference\"" } else { "" },
+            if reference { format!("<i>{}</i> (reference)", esc(name)) } else { esc(name) },
             x.subjects,
             esc(&what)
         );
     }
-    let _ = writeln!(h, "</table>\n<h2>Per subject</h2>\n<table id=\"units\"><tr><th class=\"l\">subject</th><th class=\"l\">class</th><th class=\"l\">method</th>{heads}<th>images</th></tr>");
+    let _ = writeln!(h, "</table>\n<p>{}</p>", esc(STATS_NOTE));
+    if !m.paired.is_empty() {
+        h.push_str(
+            "<h2>Ablation steps (paired differences over subjects)</h2>\n<table id=\"paired\"><tr><th class=\"l\">step</th>\
+             <th class=\"l\">metric</th><th>mean difference (to − from) [95 % interval]</th><th>subjects improved</th></tr>\n",
+        );
+        for d in &m.paired {
+            let _ = writeln!(
+                h,
+                "<tr><td class=\"l\">{} → {}</td><td class=\"l\">{}</td><td>{}</td><td>{}/{}</td></tr>",
+                esc(&d.from),
+                esc(&d.to),
+                esc(label(d.metric)),
+                esc(&d.diff.show(true)),
+                d.improved,
+                d.diff.n
+            );
+        }
+    }
+    let _ = writeln!(h, "<h2>Per subject</h2>\n<table id=\"units\"><tr><th class=\"l\">subject</th><th class=\"l\">class</th><th class=\"l\">method</th>{heads}<th>images</th></tr>");
     for u in &m.units {
         let s = &u.scores;
         let _ = writeln!(
@@ -400,7 +602,7 @@ pub fn html(m: &Merged) -> Result<String> {
             esc(&s.subject),
             esc(&s.class),
             if s.live { " (live)" } else { "" },
-            esc(&s.method),
+            if is_reference(&s.method) { format!("<i>{}</i>", esc(&s.method)) } else { esc(&s.method) },
             m.metrics.iter().map(|k| format!("<td>{}</td>", fmt(k.of(s)))).collect::<String>(),
             s.n_generated
         );
@@ -455,7 +657,8 @@ fn read_prompt_map(dir: &Path) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-/// Writes `report.html`, `results.csv`, `results.json` into `out`; returns the Markdown tables.
+/// Writes `report.html`, `results.csv`, `results.json` and `report.md` (the Markdown tables) into
+/// `out`; returns the Markdown tables.
 /// Units made with different settings are refused unless `allow_mixed` ([`check_settings`]).
 pub fn write(runs: &[PathBuf], out: &Path, allow_mixed: bool) -> Result<String> {
     let m = collect(runs, allow_mixed)?;
@@ -465,5 +668,7 @@ pub fn write(runs: &[PathBuf], out: &Path, allow_mixed: bool) -> Result<String> 
     write_bytes_atomic(&out.join("report.html"), html(&m)?.as_bytes())?;
     write_bytes_atomic(&out.join("results.csv"), results_csv(&m).as_bytes())?;
     write_bytes_atomic(&out.join("results.json"), serde_json::to_string_pretty(&results_json(&m))?.as_bytes())?;
-    Ok(markdown(&m))
+    let md = markdown(&m);
+    write_bytes_atomic(&out.join("report.md"), md.as_bytes())?;
+    Ok(md)
 }

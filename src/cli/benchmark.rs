@@ -20,7 +20,8 @@ pub struct Args {
     #[arg(long)]
     clip: Option<PathBuf>,
     /// A transformers ViTModel folder (facebook/dino-vits16): the DINO metric and hifi's
-    /// reference choice (without it, the reference is the best mask alignment).
+    /// reference choice (without it, the reference is the best mask alignment). Checked and
+    /// loaded before any unit runs.
     #[arg(long)]
     dino: Option<PathBuf>,
     /// The run folder (units are written to RUN/units/SUBJECT/METHOD/).
@@ -30,7 +31,8 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     subjects: Vec<String>,
     /// Comma-separated methods: ti, ti+mask, ti+mask+reg, ti+mask+reg+stepwise, hifi, db,
-    /// db+guidance (default: all).
+    /// db+guidance, and the reference rows copy (a training photo as the output: the ceiling)
+    /// and base (the class-noun prompt on the base model: the floor) (default: all).
     #[arg(long, value_delimiter = ',')]
     methods: Vec<String>,
     /// The first N prompts of the object or live list.
