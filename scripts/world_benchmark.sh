@@ -9,14 +9,21 @@
 #      test subjects × 4 prompts × IMAGES images (seeds differ), scored with the world's DINO
 #      and CLIP (and GT RMSE); then `report` (means with bootstrap intervals over subjects,
 #      paired differences) and `world-validity` (do the scores rank the truth first?).
-# Units run in SHARDS parallel processes (each a shard of one run folder; units are locked).
+# Units run in PROCS parallel processes per run folder, as a work queue: each process walks
+# the units in order and takes the next one that is neither finished nor locked by another
+# (benchmark's unit locks), so subjects complete in order and a run cut short by a deadline
+# leaves whole subjects first. The validation grid's points run side by side.
 #
-#   BIN=target/release/hifi-tuner RUN=runs/world SHARDS=2 DEVICE=cpu bash scripts/world_benchmark.sh
-# Everything a run writes is under $RUN; rerunning skips finished units.
+#   BIN=target/release/hifi-tuner RUN=runs/world PROCS=2 DEVICE=cpu bash scripts/world_benchmark.sh
+# Everything a run writes is under $RUN; rerunning skips finished units. VAL_DEADLINE and
+# TEST_DEADLINE (seconds, default none) stop a phase's processes when they run out (a lent
+# GPU's time is counted).
 set -euo pipefail
 BIN=${BIN:-target/release/hifi-tuner}
 RUN=${RUN:-runs/world}
-SHARDS=${SHARDS:-2}
+PROCS=${PROCS:-2}
+VAL_DEADLINE=${VAL_DEADLINE:-0}
+TEST_DEADLINE=${TEST_DEADLINE:-0}
 DEVICE=${DEVICE:-cpu}
 MODEL=${MODEL:-assets/world-model}
 DINO=${DINO:-assets/world-dino}
@@ -44,16 +51,23 @@ common=(--model "$MODEL" --dataset "$W/dataset" --masks "$W/masks" --dino "$DINO
   --caption-template "a {}" --prompts 4 --steps "$STEPS" --guidance 5 --learn-steps "$LEARN"
   --stepwise-steps "$STEPWISE" --t-end "$T_END" --db-class-images "$DB_CLASS" --db-lr 2.5e-5 --device "$DEVICE")
 
-sharded() { # OUT_DIR, then benchmark flags: SHARDS processes on one run folder
+queue() { # OUT_DIR, then benchmark flags: PROCS processes on one run folder (in the background)
   local out=$1; shift
-  local pids=()
-  for i in $(seq 0 $((SHARDS - 1))); do
-    $BIN benchmark "${common[@]}" --out "$out" --shard "$i/$SHARDS" "$@" > "$out.shard$i.log" 2>&1 &
-    pids+=($!)
+  mkdir -p "$(dirname "$out")"
+  for i in $(seq 0 $((PROCS - 1))); do
+    $BIN benchmark "${common[@]}" --out "$out" "$@" > "$out.proc$i.log" 2>&1 &
   done
-  local rc=0
-  for p in "${pids[@]}"; do wait "$p" || rc=1; done
-  return $rc
+}
+finish() { # DEADLINE: wait for every background process, stopping them all at the deadline
+  local deadline=$1
+  if [ "$deadline" -gt 0 ]; then
+    ( sleep "$deadline"; echo "deadline of ${deadline}s reached: stopping"; pkill -f "$BIN benchmark" || true ) &
+    local guard=$!
+    wait $(jobs -p | grep -v "^$guard$") 2>/dev/null || true
+    kill "$guard" 2>/dev/null || true
+  else
+    wait || true
+  fi
 }
 
 start=$(date +%s)
@@ -61,8 +75,9 @@ start=$(date +%s)
 mkdir -p "$RUN/val"
 while IFS='|' read -r name flags; do
   # shellcheck disable=SC2086
-  sharded "$RUN/val/$name" --subjects "$VAL" --methods hifi --images-per-prompt 1 $flags || true
+  queue "$RUN/val/$name" --subjects "$VAL" --methods hifi --images-per-prompt 1 $flags
 done <<< "$GRID"
+finish "$VAL_DEADLINE"
 export GRID
 chosen=$(python3 - "$RUN/val" 2> >(tee "$RUN/val/summary.txt" >&2) <<'EOF'
 import glob, json, os, sys
@@ -78,6 +93,9 @@ for name in order:
     print(f"validation {name}: {len(s)} subjects, DINO {dino:.4f}, CLIP-T {clip_t:.4f}", file=sys.stderr)
     if best is None or dino > best[0]:
         best = (dino, name)
+if best is None:
+    print(f"no validation unit finished: keeping the default {order[0]}", file=sys.stderr)
+    best = (None, order[0])
 print(best[1])
 EOF
 )
@@ -88,8 +106,10 @@ val_s=$(( $(date +%s) - start ))
 # 3. the test table, once
 mkdir -p "$RUN/test"
 # shellcheck disable=SC2086
-sharded "$RUN/test/run" --subjects "$TEST" --methods "$METHODS" --images-per-prompt "$IMAGES" $flags || true
+queue "$RUN/test/run" --subjects "$TEST" --methods "$METHODS" --images-per-prompt "$IMAGES" $flags
+finish "$TEST_DEADLINE"
 test_s=$(( $(date +%s) - start - val_s ))
+echo "validation grid ${val_s}s, test table ${test_s}s, $PROCS process(es) per run on $DEVICE" | tee "$RUN/timing.txt"
+[ -n "${NO_REPORT:-}" ] && exit 0
 $BIN report "$RUN/test/run" --out "$RUN/test/report"
 $BIN world-validity --model "$MODEL" --dino "$DINO" --clip "$CLIP" --split test --steps "$STEPS" --device "$DEVICE" --out "$RUN/validity" > /dev/null
-echo "validation grid ${val_s}s, test table ${test_s}s, $SHARDS shard(s) on $DEVICE" | tee "$RUN/timing.txt"
