@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{check_min, check_tol, fixtures, max_abs_diff};
+use common::{check_tol, fixtures, max_abs_diff};
 use hifi_tuner::eval::dino::{cosine, Dino};
 use hifi_tuner::eval::metrics::{mean_pairwise_cosine, Evaluator};
 use hifi_tuner::models::clip::Clip;
@@ -51,7 +51,7 @@ fn the_shipped_world_dino_matches_transformers() {
     let from_png = dino.embed_images(&[png("gt.png"), png("photo.png")]).unwrap();
     for i in 0..2 {
         let c = cosine(&from_png.get(i), &e["dino.cls"].get(i));
-        check_min("world-dino CLS from the PNG (our preprocessing) vs transformers, cosine", c, 0.999);
+        check_tol("world-dino CLS from the PNG (our preprocessing) vs transformers, 1 − cosine", 1.0 - c, 1e-3);
     }
 }
 
@@ -118,6 +118,14 @@ fn the_shipped_world_encoders_rank_the_ground_truth_first_on_the_validation_subj
                 let x = image(&baseline(seed, s, scene, *b));
                 let x_d = mean_pairwise_cosine(&ev.dino.embed_images(std::slice::from_ref(&x)).unwrap(), &pd);
                 let x_ci = mean_pairwise_cosine(&ev.clip.embed_images(std::slice::from_ref(&x)).unwrap(), &pc);
+                if x_d >= g_d {
+                    eprintln!(
+                        "DINO: {} in {}: {} {x_d:.3} ≥ ground truth {g_d:.3}",
+                        SUBJECTS[s].name,
+                        SCENES[scene].0,
+                        b.name()
+                    );
+                }
                 dino[i].push((g_d, x_d));
                 clip_i[i].push((g_ci, x_ci));
             }
@@ -137,11 +145,13 @@ fn the_shipped_world_encoders_rank_the_ground_truth_first_on_the_validation_subj
     }
     let (w, m) = wins(&clip_t);
     eprintln!("CLIP-T ground truth vs a copied photo: win {w:.2} margin {m:+.3}");
+    // quality floors of the shipped encoders (measured: 0.95, 0.90, 1.00; CLIP-T 1.00)
     for (i, b) in Baseline::ALL.iter().enumerate() {
-        check_min(&format!("DINO win rate vs the {} baseline", b.name()), wins(&dino[i]).0, 0.8);
+        let (w, _) = wins(&dino[i]);
+        assert!(w >= 0.85, "DINO ranks the ground truth above the {} baseline in only {w:.2} of cases", b.name());
     }
-    check_min("CLIP-T win rate vs a copied photo", w, 0.9);
-    check_min("DINO of a copied photo above the ground truth's", copy_dino - gt_dino, 0.0);
+    assert!(w >= 0.95, "CLIP-T ranks the ground truth above a copied photo in only {w:.2} of cases");
+    assert!(copy_dino > gt_dino, "a copied photo is DINO's upper bound: {copy_dino} vs {gt_dino}");
 }
 
 fn bin() -> Command {

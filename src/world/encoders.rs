@@ -313,7 +313,8 @@ pub struct EncoderJob {
     pub device: Device,
 }
 
-/// The network being trained.
+/// The network being trained (one per run: its size does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Net {
     Dino(ViTModel),
     Clip { model: ClipModel, tokenizer: ClipTokenizer, processor: ClipImageProcessor },
@@ -496,7 +497,7 @@ fn augment(r: &Render, d: &AugDraw, noise: &Tensor) -> image::DynamicImage {
     let g = grey(&x);
     x = (&g + (&x - &g) * d.saturation).clamp(0.0, 1.0);
     if d.noise > 0.0 {
-        x = x + noise.unsqueeze(0) * d.noise;
+        x += noise.unsqueeze(0) * d.noise;
     }
     let u8s = (x.clamp(0.0, 1.0) * 255.0).round().to_kind(Kind::Uint8).squeeze_dim(0).permute([1, 2, 0]).contiguous();
     let mut bytes = vec![0u8; (s * s * 3) as usize];
@@ -845,6 +846,11 @@ fn write_model(out: &Path, a: &EncoderArgs, net: &Net) -> Result<()> {
     write_safetensors_atomic(&out.join(WEIGHTS), &vars, &Default::default())
 }
 
+/// An f32 constant as the shortest f64 decimal that rounds to it (0.485, not 0.48500001430511475).
+fn decimal(v: f32) -> f64 {
+    v.to_string().parse().expect("a float's decimal")
+}
+
 /// transformers' `BitImageProcessor` doing what [`crate::eval::dino::preprocess`] does (the
 /// DINO evaluation transform): shortest edge → round(S·256/224) bicubic, centre crop S,
 /// ImageNet mean / std.
@@ -854,7 +860,7 @@ pub fn dino_processor_config(s: i64) -> serde_json::Value {
         "do_resize": true, "size": {"shortest_edge": resize_size(s)}, "resample": 3,
         "do_center_crop": true, "crop_size": {"height": s, "width": s},
         "do_rescale": true, "rescale_factor": 1.0 / 255.0,
-        "do_normalize": true, "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD,
+        "do_normalize": true, "image_mean": IMAGENET_MEAN.map(decimal), "image_std": IMAGENET_STD.map(decimal),
         "do_convert_rgb": true
     })
 }
