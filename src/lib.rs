@@ -40,6 +40,7 @@
 //! | the procedural world: shapes × colours × scenes, captions, masks, held-out patterned subjects | [`world`] |
 //! | its ground truth as a benchmark dataset; the template-matched ground-truth fidelity | [`world::dataset`], [`world::score`] |
 //! | a small SD-architecture model trained from scratch on it (VAE, then UNet; `train-base`) | [`world::train`] |
+//! | the world's own DINO and CLIP for the DreamBooth metrics, trained contrastively here (`train-encoders`) | [`world::encoders`] |
 //! | does a world model follow its prompts? (a classifier of colour, shape, scene) | [`world::classify`] |
 //! | seeded draws (tch has no per-call generator) | [`rng`] |
 //! | `--dtype`: half precision, mixed-precision rules | [`precision`] |

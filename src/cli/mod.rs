@@ -16,6 +16,7 @@ mod sam;
 mod score;
 mod tokenize;
 mod train_base;
+mod train_encoders;
 mod world;
 mod world_demo;
 mod world_eval;
@@ -71,6 +72,9 @@ pub enum Command {
     World(world::Args),
     /// Train a small SD-architecture model from scratch on the world (VAE, then UNet).
     TrainBase(train_base::Args),
+    /// Train the world's own DINO (a ViTModel) or CLIP (a CLIPModel) from scratch, contrastively,
+    /// for the DreamBooth metrics on world images.
+    TrainEncoders(train_encoders::Args),
     /// How often a world model draws the colour, shape and scene its caption asks for (held-out
     /// caption combinations and seen ones), read back by a classifier trained on renders.
     WorldEval(world_eval::Args),
@@ -100,6 +104,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Mask(a) => mask::run(a),
         Command::World(a) => world::run(a),
         Command::TrainBase(a) => train_base::run(a),
+        Command::TrainEncoders(a) => train_encoders::run(a),
         Command::WorldEval(a) => world_eval::run(a),
         Command::WorldDemo(a) => world_demo::run(a),
         Command::WorldValidity(a) => world_validity::run(a),

@@ -13,6 +13,7 @@
 
 pub mod classify;
 pub mod dataset;
+pub mod encoders;
 pub mod score;
 pub mod train;
 
