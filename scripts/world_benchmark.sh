@@ -15,6 +15,7 @@
 # leaves whole subjects first. The validation grid's points run side by side.
 #
 #   BIN=target/release/hifi-tuner RUN=runs/world PROCS=2 DEVICE=cpu bash scripts/world_benchmark.sh
+# (VAL_PROCS / TEST_PROCS: processes per validation grid point / for the test run; default PROCS)
 # Everything a run writes is under $RUN; rerunning skips finished units. VAL_DEADLINE and
 # TEST_DEADLINE (seconds, default none) stop a phase's processes when they run out (a lent
 # GPU's time is counted).
@@ -22,6 +23,8 @@ set -euo pipefail
 BIN=${BIN:-target/release/hifi-tuner}
 RUN=${RUN:-runs/world}
 PROCS=${PROCS:-2}
+VAL_PROCS=${VAL_PROCS:-$PROCS}
+TEST_PROCS=${TEST_PROCS:-$PROCS}
 VAL_DEADLINE=${VAL_DEADLINE:-0}
 TEST_DEADLINE=${TEST_DEADLINE:-0}
 DEVICE=${DEVICE:-cpu}
@@ -51,10 +54,10 @@ common=(--model "$MODEL" --dataset "$W/dataset" --masks "$W/masks" --dino "$DINO
   --caption-template "a {}" --prompts 4 --steps "$STEPS" --guidance 5 --learn-steps "$LEARN"
   --stepwise-steps "$STEPWISE" --t-end "$T_END" --db-class-images "$DB_CLASS" --db-lr 2.5e-5 --device "$DEVICE")
 
-queue() { # OUT_DIR, then benchmark flags: PROCS processes on one run folder (in the background)
-  local out=$1; shift
+queue() { # N, OUT_DIR, then benchmark flags: N processes on one run folder (in the background)
+  local n=$1 out=$2; shift 2
   mkdir -p "$(dirname "$out")"
-  for i in $(seq 0 $((PROCS - 1))); do
+  for i in $(seq 0 $((n - 1))); do
     $BIN benchmark "${common[@]}" --out "$out" "$@" > "$out.proc$i.log" 2>&1 &
   done
 }
@@ -75,7 +78,7 @@ start=$(date +%s)
 mkdir -p "$RUN/val"
 while IFS='|' read -r name flags; do
   # shellcheck disable=SC2086
-  queue "$RUN/val/$name" --subjects "$VAL" --methods hifi --images-per-prompt 1 $flags
+  queue "$VAL_PROCS" "$RUN/val/$name" --subjects "$VAL" --methods hifi --images-per-prompt 1 $flags
 done <<< "$GRID"
 finish "$VAL_DEADLINE"
 export GRID
@@ -106,7 +109,7 @@ val_s=$(( $(date +%s) - start ))
 # 3. the test table, once
 mkdir -p "$RUN/test"
 # shellcheck disable=SC2086
-queue "$RUN/test/run" --subjects "$TEST" --methods "$METHODS" --images-per-prompt "$IMAGES" $flags
+queue "$TEST_PROCS" "$RUN/test/run" --subjects "$TEST" --methods "$METHODS" --images-per-prompt "$IMAGES" $flags
 finish "$TEST_DEADLINE"
 test_s=$(( $(date +%s) - start - val_s ))
 echo "validation grid ${val_s}s, test table ${test_s}s, $PROCS process(es) per run on $DEVICE" | tee "$RUN/timing.txt"
