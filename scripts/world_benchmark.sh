@@ -76,7 +76,9 @@ finish() { # DEADLINE: wait for every background process, stopping them all at t
 start=$(date +%s)
 # 2. validation grid (hifi only)
 mkdir -p "$RUN/val"
-while IFS='|' read -r name flags; do
+# SKIP_VAL=1: no grid (e.g. a run of rows without reference guidance): the first point is used
+[ -n "${SKIP_VAL:-}" ] && GRID=$(echo "$GRID" | head -1)
+[ -n "${SKIP_VAL:-}" ] || while IFS='|' read -r name flags; do
   # shellcheck disable=SC2086
   queue "$VAL_PROCS" "$RUN/val/$name" --subjects "$VAL" --methods hifi --images-per-prompt 1 $flags
 done <<< "$GRID"

@@ -31,7 +31,8 @@
 //! | CLIP ViT-B/32 (transformers `CLIPModel`, `CLIPImageProcessor`) | [`models::clip`] |
 //! | DreamBooth metrics: DINO, CLIP-I, CLIP-T (Tables 1–2) | [`eval::metrics`] |
 //! | the DreamBooth benchmark: Table 2's methods, units, shards (Slurm, Kubernetes) | [`benchmark`] |
-//! | the report (HTML, CSV, JSON, Markdown) | [`benchmark::report`] |
+//! | the report (HTML, CSV, JSON, Markdown; means with bootstrap intervals over subjects, paired differences of the ablation steps) | [`benchmark::report`] |
+//! | do the fidelity scores rank a subject's true render above a blob, a plain shape, another subject, the base model's image, a copied photo? (`world-validity`) | [`benchmark::validity`] |
 //! | §3.4, Eq. 4: null-text inversion (the first two loops of Algorithm 3) | [`replace::nti`] |
 //! | Algorithm 3's F̃: prompt-to-prompt attention control, token alignment | [`replace::p2p`] |
 //! | Algorithm 3: subject replacement, the `invert` and `replace` jobs | [`replace::job`] |
