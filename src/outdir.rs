@@ -228,6 +228,38 @@ pub fn utc_now() -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// The start of a training run (`train-base`, `train-encoders`) in `out`, whose arguments are
+/// `identity`, kept in `args_path`: with `resume` the saved arguments must equal them (else an
+/// error naming the changed ones); without, `out` must be absent or empty (a lock file aside).
+pub fn check_run_start(
+    out: &Path,
+    args_path: &Path,
+    identity: &serde_json::Value,
+    resume: bool,
+    command: &str,
+) -> Result<()> {
+    if resume {
+        let text = std::fs::read_to_string(args_path).with_context(|| {
+            format!("--resume: {} is not a {command} run (no {})", out.display(), args_path.display())
+        })?;
+        let saved: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("--resume: cannot parse {}", args_path.display()))?;
+        if &saved != identity {
+            bail!(
+                "--resume with other arguments than {} holds ({}); use the same flags",
+                args_path.display(),
+                changed_settings(&saved, identity).join(", ")
+            );
+        }
+    } else if std::fs::read_dir(out)
+        .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name() != LOCK_FILE))
+        .unwrap_or(false)
+    {
+        bail!("--out {} already exists and is not empty (pass --resume to continue a run there)", out.display());
+    }
+    Ok(())
+}
+
 /// The settings that differ between `old` (stored) and `new` (this run), as
 /// "path: old → new" lines for nested JSON objects (`learn.lr: 0.005 → 0.001`); a key only one
 /// side has shows "–" on the other. Empty when equal.

@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_hifi-tuner"));
@@ -187,21 +187,18 @@ fn killed_and_resumed_run_equals_unbroken_run() {
     assert_ok(&learn_cmd(&a, &args).output().unwrap());
 
     let b = tmp.path().join("b");
-    let mut c = learn_cmd(&b, &args);
-    c.env("HIFI_TUNER_STEP_DELAY_MS", "400");
-    let mut child = c.stderr(std::process::Stdio::null()).spawn().unwrap();
-    let started = Instant::now();
-    loop {
+    let at_step = |n: usize| {
         let lines = std::fs::read_to_string(b.join("train_log.jsonl")).map(|s| s.lines().count()).unwrap_or(0);
-        if lines >= 3 && b.join("checkpoint.safetensors").exists() {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(180), "the run never reached step 3");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+        lines >= n && b.join("checkpoint.safetensors").exists()
+    };
+    common::kill_when(
+        &mut learn_cmd(&b, &args),
+        400,
+        Duration::from_secs(180),
+        "step 3",
+        || at_step(3),
+        Duration::ZERO,
+    );
     assert!(!b.join("model").exists(), "killed before the end");
     let mut resume = args.clone();
     resume.push("--resume");

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn learn_cmd(out: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_hifi-tuner"));
@@ -129,20 +129,12 @@ fn killed_and_resumed_run_equals_unbroken_run() {
 
     let b = tmp.path().join("b");
     let mut c = learn_cmd(&b, &args);
-    c.args(with_masks(&masks())).env("HIFI_TUNER_STEP_DELAY_MS", "300");
-    let mut child = c.stderr(std::process::Stdio::null()).spawn().unwrap();
-    let started = Instant::now();
-    loop {
+    c.args(with_masks(&masks()));
+    let at_step = |n: usize| {
         let lines = std::fs::read_to_string(b.join("train_log.jsonl")).map(|s| s.lines().count()).unwrap_or(0);
-        if lines >= 4 && b.join("checkpoint.safetensors").exists() {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(120), "the run never reached step 4");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+        lines >= n && b.join("checkpoint.safetensors").exists()
+    };
+    common::kill_when(&mut c, 300, Duration::from_secs(120), "step 4", || at_step(4), Duration::ZERO);
     assert!(!b.join("subject.safetensors").exists(), "killed before the end");
     let mut c = learn_cmd(&b, &args);
     c.args(with_masks(&masks())).arg("--resume");

@@ -15,7 +15,7 @@ use hifi_tuner::world::{
 };
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[test]
 fn the_world_is_a_function_of_its_seed() {
@@ -245,18 +245,10 @@ fn a_killed_train_base_run_resumes_bit_identically() {
     run_ok(&mut train_cmd(&a, 5, 8));
     // b: killed in the UNet phase after its first checkpoint (step 3), then resumed
     let b = tmp.path().join("b");
-    let mut c = train_cmd(&b, 5, 8);
-    c.env("HIFI_TUNER_STEP_DELAY_MS", "300");
-    let mut child = c.stderr(std::process::Stdio::null()).spawn().unwrap();
-    let started = Instant::now();
-    while !b.join("unet-checkpoint.safetensors").exists() {
-        assert!(started.elapsed() < Duration::from_secs(300), "the run never reached its UNet checkpoint");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(400)); // a step past the checkpoint, to be redone
-    child.kill().unwrap();
-    child.wait().unwrap();
+    // (killed a step past the checkpoint, to be redone)
+    let ckpt = b.join("unet-checkpoint.safetensors");
+    let (limit, after) = (Duration::from_secs(300), Duration::from_millis(400));
+    common::kill_when(&mut train_cmd(&b, 5, 8), 300, limit, "its UNet checkpoint", || ckpt.exists(), after);
     assert!(!b.join("unet/diffusion_pytorch_model.safetensors").exists(), "killed before the end");
     // resuming with other settings is refused
     let e = String::from_utf8_lossy(&train_cmd(&b, 5, 9).arg("--resume").output().unwrap().stderr).into_owned();

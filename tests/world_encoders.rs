@@ -14,7 +14,7 @@ use hifi_tuner::world::N_VALIDATION;
 use image::DynamicImage;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 
 fn asset(name: &str) -> PathBuf {
@@ -32,7 +32,6 @@ fn expected() -> std::collections::HashMap<String, Tensor> {
 fn png(name: &str) -> DynamicImage {
     hifi_tuner::io::open_image(&fixture(name)).unwrap()
 }
-
 
 /// The DINO CLS of the shipped world-DINO equals transformers' `ViTModel` (same pixel values:
 /// float32 rounding only), and from the PNGs through our preprocessing (the `image` crate's
@@ -179,18 +178,10 @@ fn a_killed_train_encoders_run_resumes_bit_identically() {
     let a = tmp.path().join("a");
     run_ok(&mut train_cmd("dino", &a, 8));
     let b = tmp.path().join("b");
-    let mut c = train_cmd("dino", &b, 8);
-    c.env("HIFI_TUNER_STEP_DELAY_MS", "300");
-    let mut child = c.stderr(std::process::Stdio::null()).spawn().unwrap();
-    let started = Instant::now();
-    while !b.join("checkpoint.safetensors").exists() {
-        assert!(started.elapsed() < Duration::from_secs(300), "the run never reached its checkpoint");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(400)); // a step past the checkpoint, to be redone
-    child.kill().unwrap();
-    child.wait().unwrap();
+    // (killed a step past the checkpoint, to be redone)
+    let ckpt = b.join("checkpoint.safetensors");
+    let (limit, after) = (Duration::from_secs(300), Duration::from_millis(400));
+    common::kill_when(&mut train_cmd("dino", &b, 8), 300, limit, "its checkpoint", || ckpt.exists(), after);
     assert!(!b.join("model.safetensors").exists(), "killed before the end");
     let e = String::from_utf8_lossy(&train_cmd("dino", &b, 9).arg("--resume").output().unwrap().stderr).into_owned();
     assert!(e.contains("other arguments") && e.contains("steps"), "{e}");

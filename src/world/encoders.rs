@@ -41,7 +41,6 @@ use super::{
 };
 use crate::eval::dino::{resize_size, IMAGENET_MEAN, IMAGENET_STD};
 use crate::io::{write_bytes_atomic, write_safetensors_atomic};
-use crate::load::read_json;
 use crate::models::clip::{ClipConfig, ClipImageProcessor, ClipModel};
 use crate::models::vit::{ViTConfig, ViTModel};
 use crate::subject::adam::{adamw, read_adam_checkpoint, step_all, write_adam_checkpoint, Adam};
@@ -716,22 +715,7 @@ pub fn train_encoder(job: &EncoderJob) -> Result<PathBuf> {
     let out = &job.out;
     let identity = serde_json::to_value(a)?;
     let args_path = out.join(ARGS_FILE);
-    if job.resume {
-        let saved: serde_json::Value = read_json(&args_path)
-            .with_context(|| format!("--resume: {} is not a train-encoders run", out.display()))?;
-        if saved != identity {
-            bail!(
-                "--resume with other arguments than {} holds ({}); use the same flags",
-                args_path.display(),
-                crate::outdir::changed_settings(&saved, &identity).join(", ")
-            );
-        }
-    } else if std::fs::read_dir(out)
-        .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name() != crate::outdir::LOCK_FILE))
-        .unwrap_or(false)
-    {
-        bail!("--out {} already exists and is not empty (pass --resume to continue a run there)", out.display());
-    }
+    crate::outdir::check_run_start(out, &args_path, &identity, job.resume, "train-encoders")?;
     let _lock = crate::outdir::lock_dir(out, "--out")?;
     if out.join(WEIGHTS).is_file() {
         eprintln!("{} is already trained ({} steps)", out.display(), a.steps);

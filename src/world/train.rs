@@ -224,22 +224,7 @@ pub fn train_base(job: &TrainBaseJob) -> Result<PathBuf> {
     let identity = serde_json::to_value(a)?;
     let args_path = out.join(ARGS_FILE);
     let _lock = crate::outdir::lock_dir(out, "--out")?;
-    if job.resume {
-        let saved: serde_json::Value =
-            read_json(&args_path).with_context(|| format!("--resume: {} is not a train-base run", out.display()))?;
-        if saved != identity {
-            bail!(
-                "--resume with other arguments than {} holds ({}); use the same flags",
-                args_path.display(),
-                crate::outdir::changed_settings(&saved, &identity).join(", ")
-            );
-        }
-    } else if std::fs::read_dir(out)
-        .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name() != crate::outdir::LOCK_FILE))
-        .unwrap_or(true)
-    {
-        bail!("--out {} already exists and is not empty (pass --resume to continue a run there)", out.display());
-    }
+    crate::outdir::check_run_start(out, &args_path, &identity, job.resume, "train-base")?;
     if !job.resume {
         write_skeleton(out, a, job.fp16)?;
         write_bytes_atomic(&args_path, serde_json::to_string_pretty(&identity)?.as_bytes())?;

@@ -79,3 +79,27 @@ fn record(kind: &str, what: &str, observed: f64, bound: f64, at: &std::panic::Lo
 }
 
 pub const MODELS: [&str; 2] = ["tiny-a", "tiny-b"];
+
+/// Runs `c` slowed down (`HIFI_TUNER_STEP_DELAY_MS=delay_ms` between its steps) and kills it
+/// (SIGKILL) once `ready()` holds and `after` more has passed: the "killed mid-run" half of the
+/// resume tests. Fails if it is not ready within `limit`, or ends before it could be killed.
+pub fn kill_when(
+    c: &mut std::process::Command,
+    delay_ms: u64,
+    limit: std::time::Duration,
+    what: &str,
+    ready: impl Fn() -> bool,
+    after: std::time::Duration,
+) {
+    c.env("HIFI_TUNER_STEP_DELAY_MS", delay_ms.to_string());
+    let mut child = c.stderr(std::process::Stdio::null()).spawn().unwrap();
+    let started = std::time::Instant::now();
+    while !ready() {
+        assert!(started.elapsed() < limit, "the run never reached {what}");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(after);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
