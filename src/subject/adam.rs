@@ -85,6 +85,36 @@ pub fn step_all(params: &mut [Tensor], adam: &mut [Adam], loss: &Tensor, max_nor
     update_all(params, adam, grads, max_norm)
 }
 
+/// One step of a from-scratch training loop (`train-base`, `train-encoders`): the loss must be
+/// finite (else "the {what} became … (lower {lr_flag}?)", with the checkpoint at `ckpt` named as
+/// kept), every optimiser takes `lr` (None: as set), then backward + clip + update
+/// ([`step_all`]). Returns (loss, gradient norm before clipping).
+#[allow(clippy::too_many_arguments)]
+pub fn checked_step(
+    params: &mut [Tensor],
+    adam: &mut [Adam],
+    loss: &Tensor,
+    lr: Option<f64>,
+    max_norm: f64,
+    step: usize,
+    what: &str,
+    lr_flag: &str,
+    ckpt: &std::path::Path,
+) -> anyhow::Result<(f64, f64)> {
+    let value = loss.double_value(&[]);
+    if !value.is_finite() {
+        let e = anyhow::anyhow!("the {what} became {value} at step {step} (lower {lr_flag}?)");
+        return Err(crate::subject::job::stopped(e, ckpt, "training"));
+    }
+    if let Some(lr) = lr {
+        for ad in adam.iter_mut() {
+            ad.lr = lr;
+        }
+    }
+    let gn = step_all(params, adam, loss, max_norm).map_err(|e| crate::subject::job::stopped(e, ckpt, "training"))?;
+    Ok((value, gn))
+}
+
 /// [`clip_grad_norm`] of the given gradients at `max_norm` and one update of each parameter by
 /// its optimiser; returns the gradients' total norm before clipping.
 pub fn update_all(

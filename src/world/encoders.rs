@@ -43,7 +43,7 @@ use crate::eval::dino::{resize_size, IMAGENET_MEAN, IMAGENET_STD};
 use crate::io::{write_bytes_atomic, write_safetensors_atomic};
 use crate::models::clip::{ClipConfig, ClipImageProcessor, ClipModel};
 use crate::models::vit::{ViTConfig, ViTModel};
-use crate::subject::adam::{adamw, read_adam_checkpoint, step_all, write_adam_checkpoint, Adam};
+use crate::subject::adam::{adamw, checked_step, read_adam_checkpoint, write_adam_checkpoint, Adam};
 use crate::subject::learn::step_seed;
 use crate::tokenizer::ClipTokenizer;
 use anyhow::{bail, Context, Result};
@@ -746,17 +746,18 @@ pub fn train_encoder(job: &EncoderJob) -> Result<PathBuf> {
     let mut ids = HashMap::new();
     while tr.step < a.steps {
         let loss = step_loss(&net, a, tr.step, dev, &mut ids)?;
-        let value = loss.double_value(&[]);
-        if !value.is_finite() {
-            let e = anyhow::anyhow!("the loss became {value} at step {} (lower --lr?)", tr.step);
-            return Err(crate::subject::job::stopped(e, &ckpt, "training"));
-        }
         let lr = a.lr_at(tr.step);
-        for ad in tr.adam.iter_mut() {
-            ad.lr = lr;
-        }
-        let gn = step_all(&mut tr.tensors, &mut tr.adam, &loss, a.max_grad_norm)
-            .map_err(|e| crate::subject::job::stopped(e, &ckpt, "training"))?;
+        let (value, gn) = checked_step(
+            &mut tr.tensors,
+            &mut tr.adam,
+            &loss,
+            Some(lr),
+            a.max_grad_norm,
+            tr.step,
+            "loss",
+            "--lr",
+            &ckpt,
+        )?;
         let seconds = before + started.elapsed().as_secs_f64();
         let line = serde_json::json!({
             "global_step": tr.step, "step": tr.step, "loss": value, "lr": lr, "grad_norm": gn, "seconds": seconds

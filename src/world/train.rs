@@ -23,7 +23,7 @@ use crate::models::clip_text::ClipTextModel;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
 use crate::scheduler::{DdimScheduler, SchedulerConfig};
-use crate::subject::adam::{adamw, read_adam_checkpoint, step_all, write_adam_checkpoint, Adam};
+use crate::subject::adam::{adamw, checked_step, read_adam_checkpoint, write_adam_checkpoint, Adam};
 use crate::subject::learn::step_seed;
 use crate::tokenizer::ClipTokenizer;
 use anyhow::{bail, Context, Result};
@@ -268,13 +268,18 @@ pub fn train_base(job: &TrainBaseJob) -> Result<PathBuf> {
                 .sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Float)
                 .mean(Kind::Float);
             let loss = &mse + &kl * a.kl_weight;
-            let value = loss.double_value(&[]);
-            if !value.is_finite() {
-                let e = anyhow::anyhow!("the VAE loss became {value} at step {} (lower the learning rate?)", tr.step);
-                return Err(crate::subject::job::stopped(e, &ckpt, "training"));
-            }
-            let gn = step_all(&mut tr.tensors, &mut tr.adam, &loss, a.max_grad_norm)
-                .map_err(|e| crate::subject::job::stopped(e, &ckpt, "training"))?;
+            let (tensors, adam) = (&mut tr.tensors, &mut tr.adam);
+            let (value, gn) = checked_step(
+                tensors,
+                adam,
+                &loss,
+                None,
+                a.max_grad_norm,
+                tr.step,
+                "VAE loss",
+                "the learning rate",
+                &ckpt,
+            )?;
             let extra =
                 serde_json::json!({ "mse": mse.double_value(&[]), "kl": kl.double_value(&[]), "grad_norm": gn });
             log(&mut logf, "vae", tr.step, tr.step, value, extra, a.vae_lr, started.elapsed().as_secs_f64())
@@ -349,17 +354,19 @@ pub fn train_base(job: &TrainBaseJob) -> Result<PathBuf> {
             let ctx = contexts.index_select(0, &combos.to_device(dev));
             let pred = unet.forward(&x_t, &t, &ctx, None);
             let loss = (&pred - &noise).square().mean(Kind::Float);
-            let value = loss.double_value(&[]);
-            if !value.is_finite() {
-                let e = anyhow::anyhow!("the UNet loss became {value} at step {} (lower --unet-lr?)", tr.step);
-                return Err(crate::subject::job::stopped(e, &ckpt, "training"));
-            }
             let lr = a.unet_lr_at(tr.step);
-            for ad in tr.adam.iter_mut() {
-                ad.lr = lr;
-            }
-            let gn = step_all(&mut tr.tensors, &mut tr.adam, &loss, a.max_grad_norm)
-                .map_err(|e| crate::subject::job::stopped(e, &ckpt, "training"))?;
+            let (tensors, adam) = (&mut tr.tensors, &mut tr.adam);
+            let (value, gn) = checked_step(
+                tensors,
+                adam,
+                &loss,
+                Some(lr),
+                a.max_grad_norm,
+                tr.step,
+                "UNet loss",
+                "--unet-lr",
+                &ckpt,
+            )?;
             let extra = serde_json::json!({ "grad_norm": gn });
             log(&mut logf, "unet", a.vae_steps + tr.step, tr.step, value, extra, lr, started.elapsed().as_secs_f64())
                 .with_context(|| format!("cannot write {}", log_path.display()))?;
