@@ -39,12 +39,16 @@ fn bin() -> Command {
     c
 }
 
+/// `benchmark` on tiny-a and the tiny dataset in `root` (photos and masks), scored with the tiny
+/// CLIP and DINO.
+fn tiny_benchmark(root: &Path) -> Command {
+    let mut c = tiny_benchmark(root);
+    c
+}
+
 /// The tiny benchmark: 2 subjects × {ti, hifi}, 2 prompts × 1 image, few steps.
 fn bench_cmd(root: &Path, out: &Path, extra: &[&str]) -> Command {
-    let (ds, masks) = (root.join("dataset"), root.join("masks"));
-    let mut c = bin();
-    c.args(["benchmark", "--model"]).arg(model_dir("tiny-a")).arg("--dataset").arg(ds).arg("--masks").arg(masks);
-    c.arg("--clip").arg(fixtures().join("clip-tiny")).arg("--dino").arg(fixtures().join("dino-tiny"));
+    let mut c = tiny_benchmark(root);
     c.args(["--methods", "ti,hifi", "--prompts", "2", "--images-per-prompt", "1", "--learn-steps", "3"]);
     c.args(["--stepwise-steps", "1", "--steps", "6", "--t-start", "5", "--t-end", "2", "--guidance-steps", "2"]);
     c.args(["--device", "cpu", "--out"]).arg(out).args(extra);
@@ -277,10 +281,7 @@ fn dreambooth_rows_fine_tune_and_generate_from_the_fine_tuned_model() {
     let root = tmp.path();
     dataset(root);
     let out = root.join("run");
-    let mut c = bin();
-    c.args(["benchmark", "--model"]).arg(model_dir("tiny-a"));
-    c.arg("--dataset").arg(root.join("dataset")).arg("--masks").arg(root.join("masks"));
-    c.arg("--clip").arg(fixtures().join("clip-tiny")).arg("--dino").arg(fixtures().join("dino-tiny"));
+    let mut c = tiny_benchmark(root);
     c.args(["--subjects", "teapot", "--methods", "db,db+guidance", "--prompts", "1", "--images-per-prompt", "1"]);
     c.args(["--db-steps", "2", "--db-class-images", "1", "--steps", "6", "--t-start", "5", "--t-end", "2"]);
     c.args(["--guidance-steps", "2", "--device", "cpu", "--out"]).arg(&out);
@@ -642,10 +643,7 @@ fn reference_rows_copy_the_photos_and_prompt_the_class_noun() {
     let root = tmp.path();
     dataset(root);
     let out = root.join("run");
-    let mut c = bin();
-    c.args(["benchmark", "--model"]).arg(model_dir("tiny-a"));
-    c.arg("--dataset").arg(root.join("dataset")).arg("--masks").arg(root.join("masks"));
-    c.arg("--clip").arg(fixtures().join("clip-tiny")).arg("--dino").arg(fixtures().join("dino-tiny"));
+    let mut c = tiny_benchmark(root);
     c.args(["--subjects", "teapot", "--methods", "base,copy,ti", "--prompts", "2", "--images-per-prompt", "2"]);
     c.args(["--learn-steps", "2", "--steps", "4", "--device", "cpu", "--out"]).arg(&out);
     let s = ok(c.output().unwrap());
