@@ -42,7 +42,10 @@ fn bin() -> Command {
 /// `benchmark` on tiny-a and the tiny dataset in `root` (photos and masks), scored with the tiny
 /// CLIP and DINO.
 fn tiny_benchmark(root: &Path) -> Command {
-    let mut c = tiny_benchmark(root);
+    let mut c = bin();
+    c.args(["benchmark", "--model"]).arg(model_dir("tiny-a"));
+    c.arg("--dataset").arg(root.join("dataset")).arg("--masks").arg(root.join("masks"));
+    c.arg("--clip").arg(fixtures().join("clip-tiny")).arg("--dino").arg(fixtures().join("dino-tiny"));
     c
 }
 
