@@ -332,13 +332,13 @@ fn held_out_subjects_never_occur_in_the_encoders_training_objects() {
 /// in the pose of the ground truth; a rotation turns the pattern with the object.
 #[test]
 fn subject_photos_vary_in_pose_and_rotation_turns_the_pattern() {
-    for si in 0..SUBJECTS.len() {
+    for (si, subject) in SUBJECTS.iter().enumerate() {
         let photos: Vec<_> = (0..4).map(|k| subject_photo(0, si, k)).collect();
         for (k, p) in photos.iter().enumerate() {
             let area = p.mask.iter().filter(|&&m| m >= 128).count();
-            assert!(area > 150, "{} photo {k}: object too small ({area} px)", SUBJECTS[si].name);
+            assert!(area > 150, "{} photo {k}: object too small ({area} px)", subject.name);
             for q in &photos[..k] {
-                assert_ne!(p.mask, q.mask, "{} photos share a pose", SUBJECTS[si].name);
+                assert_ne!(p.mask, q.mask, "{} photos share a pose", subject.name);
             }
         }
     }

@@ -90,7 +90,7 @@ pub fn measure(ev: &Evaluator, base: Option<BaseImages>, world_seed: u64, subjec
             }
             if let Some(b) = base {
                 let key = (s.object.shape, p);
-                if !base_cache.contains_key(&key) {
+                if let std::collections::btree_map::Entry::Vacant(slot) = base_cache.entry(key) {
                     let (h, w) = b.sd.default_hw();
                     let req = GenerateRequest {
                         prompt: class_prompt(class, scene),
@@ -108,7 +108,7 @@ pub fn measure(ev: &Evaluator, base: Option<BaseImages>, world_seed: u64, subjec
                     )
                     .resize_exact(SIZE as u32, SIZE as u32, image::imageops::FilterType::Triangle);
                     let render = Render { rgb: dynamic.to_rgb8().into_raw(), mask: vec![0; SIZE * SIZE] };
-                    base_cache.insert(key, (dynamic, render));
+                    slot.insert((dynamic, render));
                 }
                 let (d, r) = &base_cache[&key];
                 named.push(("base".into(), d.clone(), r.clone()));

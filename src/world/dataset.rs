@@ -82,8 +82,8 @@ pub fn mean_colour(r: &Render) -> [u8; 3] {
     let mut w = 0f64;
     for (i, &m) in r.mask.iter().enumerate() {
         let m = m as f64;
-        for c in 0..3 {
-            acc[c] += m * r.rgb[i * 3 + c] as f64;
+        for (c, a) in acc.iter_mut().enumerate() {
+            *a += m * r.rgb[i * 3 + c] as f64;
         }
         w += m;
     }
