@@ -184,3 +184,64 @@ pub fn read_adam_checkpoint(
     }
     Ok(())
 }
+
+/// The trainable weights of a from-scratch training run (`train-base`'s phases,
+/// `train-encoders`) and their AdamW states, in a fixed (sorted by name) order, with the step
+/// reached: what its checkpoint holds.
+pub struct Trainable {
+    pub names: Vec<String>,
+    pub tensors: Vec<Tensor>,
+    pub adam: Vec<Adam>,
+    pub step: usize,
+}
+
+impl Trainable {
+    /// The variables of `stores` (unfrozen), each with AdamW at `lr` and the weight decay
+    /// `decay(tensor)`.
+    pub fn new(stores: Vec<&mut tch::nn::VarStore>, lr: f64, decay: impl Fn(&Tensor) -> f64) -> Self {
+        let mut v: Vec<(String, Tensor)> = Vec::new();
+        for vs in stores {
+            vs.unfreeze();
+            v.extend(vs.variables());
+        }
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        let adam = v.iter().map(|(_, t)| adamw(t, lr, decay(t))).collect();
+        let (names, tensors): (Vec<String>, Vec<Tensor>) = v.into_iter().unzip();
+        Self { names, tensors, adam, step: 0 }
+    }
+
+    /// Writes the checkpoint (weights, moments, `format`, the step, the run's arguments
+    /// `identity`, and `extra` metadata) atomically.
+    pub fn checkpoint(
+        &self,
+        path: &std::path::Path,
+        format: &str,
+        extra: &[(&str, &str)],
+        identity: &serde_json::Value,
+    ) -> anyhow::Result<()> {
+        let mut meta = std::collections::BTreeMap::new();
+        meta.insert("format".to_string(), format.to_string());
+        for (k, v) in extra {
+            meta.insert(k.to_string(), v.to_string());
+        }
+        meta.insert("step".to_string(), self.step.to_string());
+        meta.insert("args".to_string(), serde_json::to_string(identity)?);
+        write_adam_checkpoint(path, &self.names, &self.tensors, &self.adam, meta)
+    }
+
+    /// Reads a checkpoint of `format` (`what` names it in errors) made with the arguments
+    /// `identity` back into the weights, moments and step.
+    pub fn restore(
+        &mut self,
+        path: &std::path::Path,
+        format: &str,
+        what: &str,
+        identity: &serde_json::Value,
+    ) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let meta = crate::subject::job::checkpoint_metadata(path, format, what, identity, None)?;
+        read_adam_checkpoint(path, &meta, &self.names, &mut self.tensors, &mut self.adam)?;
+        self.step = meta.get("step").context("checkpoint: no step")?.parse()?;
+        Ok(())
+    }
+}

@@ -43,12 +43,12 @@ use crate::eval::dino::{resize_size, IMAGENET_MEAN, IMAGENET_STD};
 use crate::io::{write_bytes_atomic, write_safetensors_atomic};
 use crate::models::clip::{ClipConfig, ClipImageProcessor, ClipModel};
 use crate::models::vit::{ViTConfig, ViTModel};
-use crate::subject::adam::{adamw, checked_step, read_adam_checkpoint, write_adam_checkpoint, Adam};
+use crate::subject::adam::{checked_step, Trainable};
 use crate::subject::learn::step_seed;
 use crate::tokenizer::ClipTokenizer;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -384,50 +384,6 @@ fn init_like_transformers(vs: &mut nn::VarStore) {
     });
 }
 
-/// The trainable weights and their AdamW states, in a fixed (sorted) order.
-struct Trainable {
-    names: Vec<String>,
-    tensors: Vec<Tensor>,
-    adam: Vec<Adam>,
-    step: usize,
-}
-
-impl Trainable {
-    fn new(stores: Vec<&mut nn::VarStore>, lr: f64, weight_decay: f64) -> Self {
-        let mut v: Vec<(String, Tensor)> = Vec::new();
-        for vs in stores {
-            vs.unfreeze();
-            v.extend(vs.variables());
-        }
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        // no weight decay on biases, norms, embeddings' 1-D vectors and the logit scale
-        let adam = v.iter().map(|(_, t)| adamw(t, lr, if t.dim() >= 2 { weight_decay } else { 0.0 })).collect();
-        let (names, tensors): (Vec<String>, Vec<Tensor>) = v.into_iter().unzip();
-        Self { names, tensors, adam, step: 0 }
-    }
-
-    fn checkpoint(&self, path: &Path, identity: &serde_json::Value) -> Result<()> {
-        let mut meta = BTreeMap::new();
-        meta.insert("format".to_string(), CHECKPOINT_FORMAT.to_string());
-        meta.insert("step".to_string(), self.step.to_string());
-        meta.insert("args".to_string(), serde_json::to_string(identity)?);
-        write_adam_checkpoint(path, &self.names, &self.tensors, &self.adam, meta)
-    }
-
-    fn restore(&mut self, path: &Path, identity: &serde_json::Value) -> Result<()> {
-        let meta = crate::subject::job::checkpoint_metadata(
-            path,
-            CHECKPOINT_FORMAT,
-            "train-encoders checkpoint",
-            identity,
-            None,
-        )?;
-        read_adam_checkpoint(path, &meta, &self.names, &mut self.tensors, &mut self.adam)?;
-        self.step = meta.get("step").context("checkpoint: no step")?.parse()?;
-        Ok(())
-    }
-}
-
 /// One image's augmentation, drawn from its item stream.
 #[derive(Debug, Clone, Copy)]
 struct AugDraw {
@@ -726,10 +682,17 @@ pub fn train_encoder(job: &EncoderJob) -> Result<PathBuf> {
     }
     let dev = job.device;
     let mut net = Net::new(a, dev)?;
-    let mut tr = Trainable::new(net.stores_mut(), a.lr, a.weight_decay);
+    let mut tr = Trainable::new(net.stores_mut(), a.lr, |t| {
+        // no weight decay on biases, norms, embeddings' 1-D vectors and the logit scale
+        if t.dim() >= 2 {
+            a.weight_decay
+        } else {
+            0.0
+        }
+    });
     let ckpt = out.join(CHECKPOINT);
     if job.resume && ckpt.is_file() {
-        tr.restore(&ckpt, &identity)?;
+        tr.restore(&ckpt, CHECKPOINT_FORMAT, "train-encoders checkpoint", &identity)?;
     }
     let log_path = out.join(LOG_FILE);
     let mut logf = crate::subject::job::open_log(&log_path, tr.step)?;
@@ -767,7 +730,7 @@ pub fn train_encoder(job: &EncoderJob) -> Result<PathBuf> {
         bar.set_position(tr.step as u64);
         bar.set_message(format!("loss {value:.4}"));
         if job.checkpoint_every > 0 && tr.step.is_multiple_of(job.checkpoint_every) && tr.step < a.steps {
-            tr.checkpoint(&ckpt, &identity)?;
+            tr.checkpoint(&ckpt, CHECKPOINT_FORMAT, &[], &identity)?;
         }
         if let Some(d) = delay {
             std::thread::sleep(d);

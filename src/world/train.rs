@@ -23,16 +23,15 @@ use crate::models::clip_text::ClipTextModel;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
 use crate::scheduler::{DdimScheduler, SchedulerConfig};
-use crate::subject::adam::{adamw, checked_step, read_adam_checkpoint, write_adam_checkpoint, Adam};
+use crate::subject::adam::{checked_step, Trainable};
 use crate::subject::learn::step_seed;
 use crate::tokenizer::ClipTokenizer;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 pub const ARGS_FILE: &str = "train_base.json";
 pub const LOG_FILE: &str = "train_log.jsonl";
@@ -160,42 +159,6 @@ fn to_unit(images: &Tensor, device: Device) -> Tensor {
     images.to_device(device).to_kind(Kind::Float) / 127.5 - 1.0
 }
 
-/// One phase's trainable weights and their AdamW states, in a fixed (sorted) order.
-struct Trainable {
-    names: Vec<String>,
-    tensors: Vec<Tensor>,
-    adam: Vec<Adam>,
-    step: usize,
-}
-
-impl Trainable {
-    fn new(vs: &mut nn::VarStore, lr: f64, weight_decay: f64) -> Self {
-        vs.unfreeze();
-        let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        let (names, tensors): (Vec<String>, Vec<Tensor>) = v.into_iter().unzip();
-        let adam = tensors.iter().map(|t| adamw(t, lr, weight_decay)).collect();
-        Self { names, tensors, adam, step: 0 }
-    }
-
-    fn checkpoint(&self, path: &Path, phase: &str, identity: &serde_json::Value) -> Result<()> {
-        let mut meta = BTreeMap::new();
-        meta.insert("format".to_string(), CHECKPOINT_FORMAT.to_string());
-        meta.insert("phase".to_string(), phase.to_string());
-        meta.insert("step".to_string(), self.step.to_string());
-        meta.insert("args".to_string(), serde_json::to_string(identity)?);
-        write_adam_checkpoint(path, &self.names, &self.tensors, &self.adam, meta)
-    }
-
-    fn restore(&mut self, path: &Path, identity: &serde_json::Value) -> Result<()> {
-        let meta =
-            crate::subject::job::checkpoint_metadata(path, CHECKPOINT_FORMAT, "train-base checkpoint", identity, None)?;
-        read_adam_checkpoint(path, &meta, &self.names, &mut self.tensors, &mut self.adam)?;
-        self.step = meta.get("step").context("checkpoint: no step")?.parse()?;
-        Ok(())
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 /// A training log line (`global_step` counts the VAE's steps, then the UNet's).
 fn log(
@@ -240,10 +203,10 @@ pub fn train_base(job: &TrainBaseJob) -> Result<PathBuf> {
         let mut vae = crate::rng::seeded(a.seed as i64, || {
             AutoencoderKL::new(serde_json::from_value(a.vae_config.clone())?, dev)
         })?;
-        let mut tr = Trainable::new(&mut vae.vs, a.vae_lr, a.weight_decay);
+        let mut tr = Trainable::new(vec![&mut vae.vs], a.vae_lr, |_| a.weight_decay);
         let ckpt = out.join(VAE_CHECKPOINT);
         if ckpt.is_file() {
-            tr.restore(&ckpt, &identity)?;
+            tr.restore(&ckpt, CHECKPOINT_FORMAT, "train-base checkpoint", &identity)?;
         }
         // the log keeps the lines before the step the run continues from
         let mut logf = crate::subject::job::open_log(&log_path, tr.step)?;
@@ -288,7 +251,7 @@ pub fn train_base(job: &TrainBaseJob) -> Result<PathBuf> {
             bar.set_position(tr.step as u64);
             bar.set_message(format!("mse {:.4}", mse.double_value(&[])));
             if job.checkpoint_every > 0 && tr.step.is_multiple_of(job.checkpoint_every) && tr.step < a.vae_steps {
-                tr.checkpoint(&ckpt, "vae", &identity)?;
+                tr.checkpoint(&ckpt, CHECKPOINT_FORMAT, &[("phase", "vae")], &identity)?;
             }
             if let Some(d) = delay {
                 std::thread::sleep(d);
@@ -319,10 +282,10 @@ pub fn train_base(job: &TrainBaseJob) -> Result<PathBuf> {
         let mut unet = crate::rng::seeded(a.seed as i64 + 1, || {
             UNet2DConditionModel::new(serde_json::from_value(a.unet_config.clone())?, dev)
         })?;
-        let mut tr = Trainable::new(&mut unet.vs, a.unet_lr, a.weight_decay);
+        let mut tr = Trainable::new(vec![&mut unet.vs], a.unet_lr, |_| a.weight_decay);
         let ckpt = out.join(UNET_CHECKPOINT);
         if ckpt.is_file() {
-            tr.restore(&ckpt, &identity)?;
+            tr.restore(&ckpt, CHECKPOINT_FORMAT, "train-base checkpoint", &identity)?;
         }
         let mut logf = crate::subject::job::open_log(&log_path, a.vae_steps + tr.step)?;
         let n = a.images as i64;
@@ -374,7 +337,7 @@ pub fn train_base(job: &TrainBaseJob) -> Result<PathBuf> {
             bar.set_position(tr.step as u64);
             bar.set_message(format!("loss {value:.4}"));
             if job.checkpoint_every > 0 && tr.step.is_multiple_of(job.checkpoint_every) && tr.step < a.unet_steps {
-                tr.checkpoint(&ckpt, "unet", &identity)?;
+                tr.checkpoint(&ckpt, CHECKPOINT_FORMAT, &[("phase", "unet")], &identity)?;
             }
             if let Some(d) = delay {
                 std::thread::sleep(d);
