@@ -192,13 +192,6 @@ fn train_cmd(out: &Path, vae_steps: usize, unet_steps: usize) -> Command {
     c
 }
 
-fn run_ok(c: &mut Command) -> String {
-    let o = c.output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "failed: {err}");
-    err
-}
-
 /// (phase, step, loss) of each log line.
 fn losses(dir: &Path) -> Vec<(String, u64, f64)> {
     std::fs::read_to_string(dir.join("train_log.jsonl"))
@@ -215,7 +208,7 @@ fn losses(dir: &Path) -> Vec<(String, u64, f64)> {
 fn a_few_training_steps_lower_both_losses_and_the_folder_loads() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("m");
-    run_ok(&mut train_cmd(&out, 24, 24));
+    common::run_ok(&mut train_cmd(&out, 24, 24));
     let l = losses(&out);
     for phase in ["vae", "unet"] {
         let v: Vec<f64> = l.iter().filter(|x| x.0 == phase).map(|x| x.2).collect();
@@ -242,7 +235,7 @@ fn a_few_training_steps_lower_both_losses_and_the_folder_loads() {
 fn a_killed_train_base_run_resumes_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let a = tmp.path().join("a");
-    run_ok(&mut train_cmd(&a, 5, 8));
+    common::run_ok(&mut train_cmd(&a, 5, 8));
     // b: killed in the UNet phase after its first checkpoint (step 3), then resumed
     let b = tmp.path().join("b");
     // (killed a step past the checkpoint, to be redone)
@@ -253,7 +246,7 @@ fn a_killed_train_base_run_resumes_bit_identically() {
     // resuming with other settings is refused
     let e = String::from_utf8_lossy(&train_cmd(&b, 5, 9).arg("--resume").output().unwrap().stderr).into_owned();
     assert!(e.contains("other arguments"), "{e}");
-    run_ok(train_cmd(&b, 5, 8).arg("--resume"));
+    common::run_ok(train_cmd(&b, 5, 8).arg("--resume"));
     let bytes = |d: &PathBuf, f: &str| std::fs::read(d.join(f)).unwrap();
     for f in ["vae/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors", "vae/config.json"]
     {

@@ -123,13 +123,6 @@ fn train_cmd(kind: &str, out: &Path, steps: usize) -> Command {
     c
 }
 
-fn run_ok(c: &mut Command) -> String {
-    let o = c.output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "failed: {err}");
-    err
-}
-
 fn losses(dir: &Path) -> Vec<(u64, f64)> {
     std::fs::read_to_string(dir.join("train_log.jsonl"))
         .unwrap()
@@ -149,7 +142,11 @@ fn a_few_train_encoders_steps_lower_the_loss_and_the_folders_load() {
     for kind in ["dino", "clip"] {
         let out = tmp.path().join(kind);
         // (DINO without its scene curriculum, whose harder positives raise the loss as it goes)
-        run_ok(train_cmd(kind, &out, 30).args(if kind == "dino" { &["--same-scene-floor", "1"][..] } else { &[] }));
+        common::run_ok(train_cmd(kind, &out, 30).args(if kind == "dino" {
+            &["--same-scene-floor", "1"][..]
+        } else {
+            &[]
+        }));
         let v: Vec<f64> = losses(&out).into_iter().map(|x| x.1).collect();
         assert_eq!(v.len(), 30);
         // fresh instances every step: compare the means of the first and the last 8 steps
@@ -176,7 +173,7 @@ fn a_few_train_encoders_steps_lower_the_loss_and_the_folders_load() {
 fn a_killed_train_encoders_run_resumes_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let a = tmp.path().join("a");
-    run_ok(&mut train_cmd("dino", &a, 8));
+    common::run_ok(&mut train_cmd("dino", &a, 8));
     let b = tmp.path().join("b");
     // (killed a step past the checkpoint, to be redone)
     let ckpt = b.join("checkpoint.safetensors");
@@ -189,7 +186,7 @@ fn a_killed_train_encoders_run_resumes_bit_identically() {
         String::from_utf8_lossy(&train_cmd("dino", &b, 8).args(["--seed", "1", "--resume"]).output().unwrap().stderr)
             .into_owned();
     assert!(e.contains("other arguments") && e.contains("seed"), "{e}");
-    run_ok(train_cmd("dino", &b, 8).arg("--resume"));
+    common::run_ok(train_cmd("dino", &b, 8).arg("--resume"));
     for f in ["model.safetensors", "config.json", "preprocessor_config.json"] {
         let (x, y) = (std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap());
         assert!(x == y, "{f}: the resumed run differs from the unbroken one");

@@ -103,3 +103,11 @@ pub fn kill_when(
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Runs `c`, fails with its stderr unless it succeeds; returns the stderr.
+pub fn run_ok(c: &mut std::process::Command) -> String {
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "failed: {err}");
+    err
+}
