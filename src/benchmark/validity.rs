@@ -19,7 +19,7 @@
 //! the mean margin (truth − candidate). GT RMSE (the template match, [`crate::world::score`]) is
 //! computed for every candidate too, so its own blind spots show beside DINO's.
 
-use crate::eval::metrics::Evaluator;
+use crate::eval::metrics::{mean_paired_cosine, mean_pairwise_cosine, Evaluator};
 use crate::pipeline::{GenerateRequest, StableDiffusion};
 use crate::world::dataset::{baseline, ground_truth, subject_photo, Baseline, PROMPT_SCENES};
 use crate::world::score::{fidelity, render_tensors};
@@ -79,6 +79,8 @@ pub fn measure(ev: &Evaluator, base: Option<BaseImages>, world_seed: u64, subjec
         let class = SHAPES[s.object.shape];
         let photos: Vec<Render> = (0..4).map(|k| subject_photo(world_seed, si, k)).collect();
         let real: Vec<DynamicImage> = photos.iter().map(to_image).collect::<Result<_>>()?;
+        // the photos' embeddings once per subject (what `Evaluator::score` computes per call)
+        let (real_dino, real_clip) = (ev.dino.embed_images(&real)?, ev.clip.embed_images(&real)?);
         for (p, &scene) in PROMPT_SCENES.iter().enumerate() {
             let truth = ground_truth(world_seed, s.object, scene);
             let (gt_img, gt_mask) = render_tensors(&truth);
@@ -115,17 +117,19 @@ pub fn measure(ev: &Evaluator, base: Option<BaseImages>, world_seed: u64, subjec
             }
             let copy = photos[p % photos.len()].clone();
             named.push(("copy".into(), to_image(&copy)?, copy));
-            let prompt = class_prompt(class, scene);
+            let text = ev.text_features(&[class_prompt(class, scene)])?;
             for (name, img, r) in named {
-                let sc = ev.score(&real, std::slice::from_ref(&img), std::slice::from_ref(&prompt))?;
+                let one = std::slice::from_ref(&img);
+                let clip = ev.clip.embed_images(one)?;
+                let dino = mean_pairwise_cosine(&ev.dino.embed_images(one)?, &real_dino);
                 let f = fidelity(&render_tensors(&r).0, &gt_img, &gt_mask)?;
                 cases.push(Case {
                     subject: s.name.to_string(),
                     prompt: p,
                     candidate: name,
-                    dino: sc.dino,
-                    clip_i: sc.clip_i,
-                    clip_t: sc.clip_t,
+                    dino,
+                    clip_i: mean_pairwise_cosine(&clip, &real_clip),
+                    clip_t: mean_paired_cosine(&clip, &text),
                     gt_rmse: f.rmse,
                 });
             }
