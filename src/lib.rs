@@ -37,6 +37,8 @@
 //! | Algorithm 3's F̃: prompt-to-prompt attention control, token alignment | [`replace::p2p`] |
 //! | Algorithm 3: subject replacement, the `invert` and `replace` jobs | [`replace::job`] |
 //! | §4 "Ours (DreamBooth)": full UNet fine-tuning, prior preservation, AdamW + clipping, the model folder | [`dreambooth`], [`dreambooth::job`] |
+//! | LoRA files (diffusers / PEFT, kohya for A1111 / ComfyUI): read, merged at a scale (`--lora`), written | [`lora`] |
+//! | LoRA adapters on the attention projections while they train (peft's `lora.Linear`) | [`models::lora`] |
 //! | gradient checkpointing of the UNet blocks (hand-chained backward; DreamBooth) | [`models::unet::checkpoint`] |
 //! | the procedural world: shapes × colours × scenes, captions, masks, held-out patterned subjects | [`world`] |
 //! | its ground truth as a benchmark dataset; the template-matched ground-truth fidelity | [`world::dataset`], [`world::score`] |
@@ -59,6 +61,7 @@ pub mod guidance;
 pub mod hub;
 pub mod io;
 pub mod load;
+pub mod lora;
 pub mod models;
 pub mod outdir;
 pub mod pipeline;

@@ -78,6 +78,9 @@ pub struct LoadOptions {
     /// The networks' compute kind (`--dtype`, resolved by [`crate::precision::resolve`]);
     /// None = float32.
     pub dtype: Option<Kind>,
+    /// LoRA files merged into the UNet and text encoder, in order, before the `dtype` cast
+    /// (`--lora FILE[:SCALE]`; [`crate::lora`]).
+    pub loras: Vec<crate::lora::LoraSpec>,
 }
 
 /// A loaded Stable Diffusion v1.x model.
@@ -118,6 +121,7 @@ impl StableDiffusion {
                 Self::load_folder(&hub::resolve(&repo, revision.as_deref(), opts.variant.as_deref())?, device)
             }
         }?;
+        crate::lora::apply_all(&opts.loras, &sd.unet.vs, &sd.text_encoder.vs)?;
         if device.is_cuda() {
             tch::Cuda::cudnn_set_benchmark(true); // fixed shapes in every loop: let cuDNN pick its kernels once
         }

@@ -257,7 +257,7 @@ fn bad_inputs_are_refused_and_nothing_is_written() {
         .arg(tmp.path().join("h"))
         .output()
         .unwrap();
-    assert_fails(&o, "--train-text-encoder applies to --mode dreambooth only");
+    assert_fails(&o, "--train-text-encoder applies to --mode dreambooth and lora only");
     assert!(!tmp.path().join("h").exists());
     // Too little disk space (checked before anything is written).
     let out = tmp.path().join("full");

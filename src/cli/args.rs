@@ -188,11 +188,24 @@ pub fn check_subject_arg(path: &Path, dreambooth_ok: bool) -> anyhow::Result<()>
             "--subject {p} holds an unfinished learn run (a checkpoint, no result yet): continue it with \
              learn --resume --out {p}"
         ),
-        Learned::DreamBooth if !dreambooth_ok => anyhow::bail!(
-            "--subject {p} is a DreamBooth subject (a fine-tuned model, learn --mode dreambooth): use its model \
-             instead, --model {} with its token in --target-word (e.g. \"sks dog\")",
-            path.join(hifi_tuner::dreambooth::job::MODEL_DIR).display()
-        ),
+        Learned::DreamBooth if !dreambooth_ok => {
+            let m = hifi_tuner::dreambooth::job::Manifest::read(path)?;
+            match m.filter(|m| m.is_lora()) {
+                Some(m) => anyhow::bail!(
+                    "--subject {p} is a LoRA subject (learn --mode lora): use its base model and LoRA instead, \
+                     --model {} --lora {} with its token in --target-word (e.g. \"{} {}\")",
+                    m.model,
+                    path.join(hifi_tuner::lora::PEFT_FILE).display(),
+                    m.token,
+                    m.class_noun
+                ),
+                None => anyhow::bail!(
+                    "--subject {p} is a DreamBooth subject (a fine-tuned model, learn --mode dreambooth): use its model \
+                     instead, --model {} with its token in --target-word (e.g. \"sks dog\")",
+                    path.join(hifi_tuner::dreambooth::job::MODEL_DIR).display()
+                ),
+            }
+        }
         _ => Ok(()),
     }
 }
@@ -332,4 +345,9 @@ mod tests {
             assert!(accepts(sub, long, good), "{sub} --{long} refuses {good}");
         }
     }
+}
+
+/// `--lora FILE[:SCALE]`: an existing .safetensors file (pickles refused by name), a finite scale.
+pub fn lora_spec(s: &str) -> Result<hifi_tuner::lora::LoraSpec, String> {
+    hifi_tuner::lora::LoraSpec::parse(s).map_err(|e| format!("{e:#}"))
 }

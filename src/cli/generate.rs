@@ -116,16 +116,18 @@ pub fn run(mut a: Args) -> Result<()> {
                     m.token, m.token, m.class_noun
                 );
             }
-            Manifest::model_dir(dir)
+            let (model, loras) = m.model_and_loras(dir);
+            a.model_options.lora.extend(loras);
+            model
         }
         (None, Some(g)) => g.clone(),
         (None, None) => bail!("--model is required (except with a DreamBooth --subject, which brings its own)"),
     };
-    if dreambooth.is_some() && !model.join("model_index.json").is_file() {
-        bail!(
-            "{} has no finished model (was the training interrupted? continue it with learn --resume)",
-            model.display()
-        );
+    if let Some((dir, m)) = &dreambooth {
+        let done = m.finished_file(dir);
+        if !done.is_file() {
+            bail!("{} is missing (was the training interrupted? continue it with learn --resume)", done.display());
+        }
     }
     let mut sd = a.model_options.load(&model, device)?;
     if a.token.is_some() && a.embedding.len() != 1 {

@@ -36,8 +36,11 @@ pub struct Args {
     /// The subject folder to write.
     #[arg(long)]
     out: PathBuf,
-    /// hifi (the paper's method), ti (classic textual inversion) or dreambooth (full UNet
-    /// fine-tuning with prior preservation, written as a diffusers folder OUT/model).
+    /// hifi (the paper's method), ti (classic textual inversion), dreambooth (full UNet
+    /// fine-tuning with prior preservation, written as a diffusers folder OUT/model) or lora
+    /// (DreamBooth with low-rank adapters on the attention projections, written as
+    /// OUT/pytorch_lora_weights.safetensors for diffusers and OUT/a1111/NAME.safetensors for
+    /// AUTOMATIC1111 / ComfyUI).
     #[arg(long, default_value = "hifi")]
     mode: String,
     /// Where c_s is spliced in (hifi): input (token embeddings) or output (encoder output).
@@ -49,10 +52,10 @@ pub struct Args {
     /// The new token (ti mode; default <subject>) or the rare word (dreambooth; default sks).
     #[arg(long)]
     token: Option<String>,
-    /// Default: 1000 (hifi, ti), 400 (dreambooth).
+    /// Default: 1000 (hifi, ti), 400 (dreambooth), 500 (lora).
     #[arg(long, value_parser = super::args::at_least_one)]
     steps: Option<usize>,
-    /// Default: 5e-3 (hifi, ti), 5e-6 (dreambooth).
+    /// Default: 5e-3 (hifi, ti), 5e-6 (dreambooth), 1e-4 (lora).
     #[arg(long, value_parser = super::args::positive)]
     lr: Option<f64>,
     /// w_s, the weight of ‖c_s − φ_s‖² (Eq. 6).
@@ -102,27 +105,37 @@ pub struct Args {
     /// `--gradient-checkpointing false` turns it off.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     gradient_checkpointing: Option<bool>,
+    /// lora: the adapters' rank r.
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..=1024))]
+    rank: Option<i64>,
+    /// lora: α, the adapters' scale is α/r (default α = r).
+    #[arg(long, value_parser = super::args::positive)]
+    alpha: Option<f64>,
 }
 
 pub fn run(mut a: Args) -> Result<()> {
-    if a.mode != "dreambooth" {
+    let db = a.mode == "dreambooth" || a.mode == "lora";
+    if !db {
         if a.train_text_encoder {
-            bail!("--train-text-encoder applies to --mode dreambooth only (got --mode {})", a.mode);
+            bail!("--train-text-encoder applies to --mode dreambooth and lora only (got --mode {})", a.mode);
         }
         if a.gradient_checkpointing.is_some() {
-            bail!("--gradient-checkpointing applies to --mode dreambooth only (got --mode {})", a.mode);
+            bail!("--gradient-checkpointing applies to --mode dreambooth and lora only (got --mode {})", a.mode);
         }
+    }
+    if a.mode != "lora" && (a.rank.is_some() || a.alpha.is_some()) {
+        bail!("--rank and --alpha apply to --mode lora only (got --mode {})", a.mode);
     }
     // SAM's masks go into --out: lock it first (the job takes the lock again, re-entrantly)
     let _lock = a.sam.is_some().then(|| hifi_tuner::outdir::lock_dir(&a.out, "--out")).transpose()?;
     if let Some(sam) = a.sam.clone() {
         a.masks = Some(sam_masks(&a, &sam)?);
     }
-    if a.mode == "dreambooth" {
+    if db {
         return run_dreambooth(a);
     }
-    let mode =
-        Mode::parse(&a.mode).map_err(|_| anyhow::anyhow!("--mode must be hifi, ti or dreambooth, got {:?}", a.mode))?;
+    let mode = Mode::parse(&a.mode)
+        .map_err(|_| anyhow::anyhow!("--mode must be hifi, ti, dreambooth or lora, got {:?}", a.mode))?;
     let token = a.token.clone().unwrap_or_else(|| "<subject>".into());
     let space = Space::parse(&a.space)?;
     let job = LearnJob {
@@ -184,7 +197,14 @@ fn sam_masks(a: &Args, sam: &std::path::Path) -> Result<PathBuf> {
 
 fn run_dreambooth(a: Args) -> Result<()> {
     let device = super::parse_device(&a.device)?;
-    let mut args = DreamBoothArgs::new(a.token.as_deref().unwrap_or("sks"), &a.class_noun);
+    let token = a.token.as_deref().unwrap_or("sks");
+    let lora = a.mode == "lora";
+    let mut args =
+        if lora { DreamBoothArgs::new_lora(token, &a.class_noun) } else { DreamBoothArgs::new(token, &a.class_noun) };
+    if let Some(l) = args.lora.as_mut() {
+        l.rank = a.rank.unwrap_or(l.rank);
+        l.alpha = a.alpha.unwrap_or(l.rank as f64);
+    }
     args.steps = a.steps.unwrap_or(args.steps);
     args.lr = a.lr.unwrap_or(args.lr);
     args.weight_decay = a.weight_decay;
@@ -197,11 +217,12 @@ fn run_dreambooth(a: Args) -> Result<()> {
     args.masked = a.masks.is_some();
     args.seed = a.seed;
     if a.batch_size != 1 {
-        bail!("--mode dreambooth trains with batch size 1 (as the paper), got --batch-size {}", a.batch_size);
+        bail!("--mode {} trains with batch size 1 (as the paper), got --batch-size {}", a.mode, a.batch_size);
     }
-    // DreamBooth trains fp32 weights: --dtype auto means fp32 here, on every device.
+    // DreamBooth trains fp32 weights: --dtype auto means fp32 here, on every device; LoRA trains
+    // fp32 adapters on frozen weights of the --dtype (auto: fp16 on CUDA, fp32 on the CPU).
     let mut load = a.model_options.options(device)?;
-    if a.model_options.dtype == "auto" {
+    if a.model_options.dtype == "auto" && !lora {
         load.dtype = Some(tch::Kind::Float);
     }
     let job = DreamBoothJob {
@@ -217,7 +238,7 @@ fn run_dreambooth(a: Args) -> Result<()> {
     };
     let started = Instant::now();
     let path = learn_dreambooth(&job)?;
-    eprintln!("fine-tuned in {:.1}s", started.elapsed().as_secs_f64());
+    eprintln!("{} in {:.1}s", if lora { "adapters trained" } else { "fine-tuned" }, started.elapsed().as_secs_f64());
     println!("{}", path.display());
     Ok(())
 }

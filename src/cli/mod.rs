@@ -142,12 +142,21 @@ pub struct ModelOptions {
     /// fp32; the VAE stays fp32 under fp16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// A LoRA (diffusers / PEFT or kohya .safetensors, as A1111 / ComfyUI use) merged into the
+    /// UNet and text encoder at SCALE (default 1): FILE[:SCALE]. May be given several times.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = args::lora_spec)]
+    pub lora: Vec<hifi_tuner::lora::LoraSpec>,
 }
 
 impl ModelOptions {
     pub fn options(&self, device: Device) -> Result<LoadOptions> {
         let dtype = hifi_tuner::precision::resolve(&self.dtype, device)?;
-        Ok(LoadOptions { config: self.config.clone(), variant: self.variant.clone(), dtype: Some(dtype) })
+        Ok(LoadOptions {
+            config: self.config.clone(),
+            variant: self.variant.clone(),
+            dtype: Some(dtype),
+            loras: self.lora.clone(),
+        })
     }
 
     /// Loads `--model` with these options.

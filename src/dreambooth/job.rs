@@ -67,6 +67,10 @@ pub struct Manifest {
     /// pointed at this folder is told which differ; absent in folders of older versions.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub args: serde_json::Value,
+    /// LoRAs merged into the base model before training (`learn --lora`); a LoRA subject is
+    /// drawn on the base model with these and its own file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<crate::lora::LoraSpec>,
 }
 
 impl Manifest {
@@ -87,41 +91,90 @@ impl Manifest {
     pub fn model_dir(dir: &Path) -> PathBuf {
         dir.join(MODEL_DIR)
     }
+
+    /// A LoRA subject (`learn --mode lora`): drawn on its base model with its adapters.
+    pub fn is_lora(&self) -> bool {
+        self.mode == "lora"
+    }
+
+    /// How to draw this subject's images: the model folder and the LoRAs to merge into it
+    /// (DreamBooth: `dir/model`, none; LoRA: the base model, the training's `--lora` files and
+    /// `dir/pytorch_lora_weights.safetensors` at scale 1).
+    pub fn model_and_loras(&self, dir: &Path) -> (PathBuf, Vec<crate::lora::LoraSpec>) {
+        if self.is_lora() {
+            let mut l = self.loras.clone();
+            l.push(crate::lora::LoraSpec { path: dir.join(crate::lora::PEFT_FILE), scale: 1.0 });
+            (PathBuf::from(&self.model), l)
+        } else {
+            (Self::model_dir(dir), vec![])
+        }
+    }
+
+    /// The file that exists once the subject is finished: `model/model_index.json` or the LoRA.
+    pub fn finished_file(&self, dir: &Path) -> PathBuf {
+        if self.is_lora() {
+            dir.join(crate::lora::PEFT_FILE)
+        } else {
+            Self::model_dir(dir).join("model_index.json")
+        }
+    }
 }
 
-/// Runs the job to the end; returns the path of the model folder.
+/// The kohya file for A1111 / ComfyUI: `OUT/a1111/NAME.safetensors`, NAME the folder's name.
+pub fn kohya_path(out: &Path) -> PathBuf {
+    let name = out
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "subject".into());
+    out.join(A1111_DIR).join(format!("{name}.safetensors"))
+}
+
+pub const A1111_DIR: &str = "a1111";
+
+/// Runs the job to the end; returns the path of the model folder (`--mode lora`: of the
+/// diffusers LoRA file).
 pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
     let args = &job.args;
     args.validate()?;
+    let lora = args.lora.as_ref();
     let _lock = crate::outdir::lock_dir(&job.out, "--out")?;
     let identity = identity(job)?;
+    // a hub id stays as it is; a local base model is recorded by its absolute path (a LoRA
+    // subject is drawn on it later, from any working folder)
+    let model = job.model.canonicalize().unwrap_or_else(|_| job.model.clone());
     let manifest = Manifest {
         format: FORMAT.into(),
-        mode: "dreambooth".into(),
+        mode: if lora.is_some() { "lora" } else { "dreambooth" }.into(),
         token: args.token.clone(),
         class_noun: args.class_noun.clone(),
         instance_prompt: args.instance_prompt.clone(),
         class_prompt: args.class_prompt.clone(),
-        model: job.model.display().to_string(),
+        model: model.display().to_string(),
         images: job.images.display().to_string(),
         train_text_encoder: args.train_text_encoder,
         args: identity.clone(),
+        loras: job.load.loras.clone(),
     };
     check_out(&job.out, &manifest)?;
     let ckpt_path = crate::subject::job::checkpoint_path(&job.out, job.resume)?;
     let mut sd = StableDiffusion::load_with(&job.model, &job.load, job.device)?;
-    if sd.dtype() != Kind::Float {
+    // LoRA: frozen base weights in any dtype, float32 adapters; DreamBooth: float32 weights
+    if lora.is_none() && sd.dtype() != Kind::Float {
         bail!(
             "DreamBooth trains float32 weights (fp32 AdamW); pass --dtype fp32 (mixed-precision training is not implemented)"
         );
     }
-    let source = ModelDir::open(&sd.source).with_context(|| {
-        format!(
-            "DreamBooth writes a diffusers folder next to the base model's components, so --model must be a diffusers \
-             folder or a hub id; {} is not one (convert a single file first)",
-            sd.source.display()
-        )
-    })?;
+    let source = match lora {
+        Some(_) => None,
+        None => Some(ModelDir::open(&sd.source).with_context(|| {
+            format!(
+                "DreamBooth writes a diffusers folder next to the base model's components, so --model must be a \
+                 diffusers folder or a hub id; {} is not one (convert a single file first)",
+                sd.source.display()
+            )
+        })?),
+    };
     let photos = load_photos(&job.images, job.masks.as_deref(), sd.default_size() as u32, MaskFit::SameAspect)?;
     for (what, prompt) in [("instance", &args.instance_prompt), ("class", &args.class_prompt)] {
         if sd.tokenizer.encode_padded(prompt).truncated {
@@ -160,7 +213,10 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
             class_ids: sd.tokenize(&args.class_prompt),
         })
     })?;
-    let mut params = Params::unfreeze(&mut sd, args.train_text_encoder);
+    let mut params = match lora {
+        Some(l) => Params::lora(&mut sd, l, args.train_text_encoder, args.seed),
+        None => Params::unfreeze(&mut sd, args.train_text_encoder),
+    };
     let mut state = if job.resume {
         read_checkpoint(&ckpt_path, &identity, &inputs, &mut params, args)?
     } else {
@@ -197,7 +253,11 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
     }
     let steps_per_s = (args.steps - first_step) as f64 / started.elapsed().as_secs_f64().max(1e-9);
     eprintln!("trained at {steps_per_s:.2} steps/s");
-    let model = write_model(&source.root, &job.out.join(MODEL_DIR), &sd, args.train_text_encoder)?;
+    let model = match (lora, &source) {
+        (Some(l), _) => write_lora(&job.out, &params, l, &manifest.model)?,
+        (None, Some(source)) => write_model(&source.root, &job.out.join(MODEL_DIR), &sd, args.train_text_encoder)?,
+        (None, None) => unreachable!("a DreamBooth run has a source folder"),
+    };
     if ckpt_path.exists() {
         std::fs::remove_file(&ckpt_path).with_context(|| format!("cannot remove {}", ckpt_path.display()))?;
     }
@@ -218,7 +278,7 @@ fn check_out(out: &Path, want: &Manifest) -> Result<()> {
         return Ok(());
     };
     let subject = |m: &Manifest| {
-        serde_json::json!({"token": m.token, "class_noun": m.class_noun, "model": m.model, "images": m.images,
+        serde_json::json!({"mode": m.mode, "token": m.token, "class_noun": m.class_noun, "model": m.model, "images": m.images,
             "train_text_encoder": m.train_text_encoder})
     };
     let changed = crate::outdir::changed_settings(&subject(&have), &subject(want));
@@ -229,8 +289,8 @@ fn check_out(out: &Path, want: &Manifest) -> Result<()> {
             changed.join(", ")
         );
     }
-    let model = out.join(MODEL_DIR);
-    if model.is_dir() {
+    let model = want.finished_file(out);
+    if model.exists() {
         let how = if have.args.is_null() {
             "by an older version, which did not record its arguments".to_string()
         } else {
@@ -240,9 +300,10 @@ fn check_out(out: &Path, want: &Manifest) -> Result<()> {
             }
         };
         bail!(
-            "--out {} already holds a finished DreamBooth model ({}), trained {how}; choose another --out, or delete {} \
+            "--out {} already holds a finished {} ({}), trained {how}; choose another --out, or delete {} \
              to train there again (its class images are reused)",
             out.display(),
+            if want.is_lora() { "LoRA" } else { "DreamBooth model" },
             model.display(),
             model.display()
         );
@@ -290,6 +351,12 @@ pub fn bytes_needed(sd: &StableDiffusion, args: &DreamBoothArgs) -> u64 {
     let mut params = count(&sd.unet.vs);
     if args.train_text_encoder {
         params += count(&sd.text_encoder.vs);
+    }
+    if let Some(l) = &args.lora {
+        // an adapter of a (d_out, d_in) projection has r·(d_in + d_out) weights, at most
+        // 2r/320 of the projection's (the narrowest SD layer is 320 wide); the projections are a
+        // part of all weights, so 2r/320 of them bounds the adapters (the two files included)
+        params = (params * 2 * l.rank as u64).div_ceil(320) * 2;
     }
     let class = if args.prior_weight.is_some() { args.class_images as u64 * 1_000_000 } else { 0 };
     params * 4 * 4 + class
@@ -398,6 +465,9 @@ fn identity(job: &DreamBoothJob) -> Result<serde_json::Value> {
     o.insert("model".into(), job.model.display().to_string().into());
     o.insert("images".into(), job.images.display().to_string().into());
     o.insert("masks".into(), job.masks.as_ref().map(|m| m.display().to_string()).into());
+    if !job.load.loras.is_empty() {
+        o.insert("loras".into(), serde_json::to_value(&job.load.loras)?);
+    }
     Ok(v)
 }
 
@@ -442,6 +512,32 @@ fn read_checkpoint(
     read_adam_checkpoint(path, &meta, &params.names, &mut params.tensors, &mut state.adam)?;
     state.step = meta.get("step").with_context(|| format!("{}: no step", path.display()))?.parse()?;
     Ok(state)
+}
+
+/// Writes the trained adapters: `OUT/pytorch_lora_weights.safetensors` (diffusers / PEFT keys,
+/// what `pipe.load_lora_weights(OUT)` reads) and `OUT/a1111/NAME.safetensors` (kohya keys, for
+/// AUTOMATIC1111 and ComfyUI); returns the first.
+fn write_lora(out: &Path, params: &Params, l: &super::LoraArgs, base_model: &str) -> Result<PathBuf> {
+    use crate::lora::{Component, Trained};
+    let by_name: BTreeMap<&str, &Tensor> = params.names.iter().map(String::as_str).zip(&params.tensors).collect();
+    let mut layers = Vec::new();
+    for (name, down) in &by_name {
+        let Some(module_key) = name.strip_suffix(".lora_A.weight") else { continue };
+        let (component, module) = match module_key.split_once('.') {
+            Some(("unet", m)) => (Component::Unet, m),
+            Some(("text_encoder", m)) => (Component::TextEncoder, m),
+            _ => bail!("internal: adapter {name} of no known network"),
+        };
+        let up = by_name.get(format!("{module_key}.lora_B.weight").as_str()).context("internal: A without B")?;
+        layers.push(Trained { component, module: crate::lora::module_path(component, module), down, up });
+    }
+    let peft = out.join(crate::lora::PEFT_FILE);
+    crate::lora::write_peft(&peft, &layers, l.rank, l.alpha)?;
+    let kohya = kohya_path(out);
+    crate::io::create_dir_all(kohya.parent().context("a1111 folder")?)?;
+    crate::lora::write_kohya(&kohya, &layers, l.rank, l.alpha, base_model)?;
+    eprintln!("wrote {} (diffusers) and {} (A1111 / ComfyUI)", peft.display(), kohya.display());
+    Ok(peft)
 }
 
 /// Writes `dst` (atomically: built next to it, then renamed): the base model's folder with the

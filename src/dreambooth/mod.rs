@@ -53,6 +53,18 @@ pub struct DreamBoothArgs {
     /// ([`crate::models::unet::checkpoint`]).
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// `learn --mode lora`: low-rank adapters instead of every weight ([`LoraArgs`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraArgs>,
+}
+
+/// The adapters of `learn --mode lora`: rank r and α (scale α/r), as peft's `LoraConfig(r,
+/// lora_alpha, init_lora_weights="gaussian")` on `to_q, to_k, to_v, to_out.0` (and the text
+/// encoder's `q_proj, k_proj, v_proj, out_proj` with `--train-text-encoder`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraArgs {
+    pub rank: i64,
+    pub alpha: f64,
 }
 
 impl DreamBoothArgs {
@@ -75,7 +87,16 @@ impl DreamBoothArgs {
             masked: false,
             seed: 0,
             gradient_checkpointing: false,
+            lora: None,
         }
+    }
+
+    /// `learn --mode lora`: the diffusers maintainers' DreamBooth-LoRA recipe
+    /// (`train_dreambooth_lora.py` with `--rank 4 --learning_rate 1e-4 --max_train_steps 500`;
+    /// AdamW weight decay 1e-2, gradient norm clipped to 1, prior preservation as DreamBooth),
+    /// α = r.
+    pub fn new_lora(token: &str, class_noun: &str) -> Self {
+        Self { steps: 500, lr: 1e-4, lora: Some(LoraArgs { rank: 4, alpha: 4.0 }), ..Self::new(token, class_noun) }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -90,6 +111,14 @@ impl DreamBoothArgs {
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
             bail!("--weight-decay must be ≥ 0");
+        }
+        if let Some(l) = &self.lora {
+            if l.rank < 1 {
+                bail!("--rank must be at least 1, got {}", l.rank);
+            }
+            if !(l.alpha > 0.0 && l.alpha.is_finite()) {
+                bail!("--alpha must be a positive number, got {}", l.alpha);
+            }
         }
         if self.max_grad_norm.is_nan() || self.max_grad_norm <= 0.0 {
             bail!("--max-grad-norm must be positive");
@@ -130,6 +159,78 @@ impl Params {
         v.sort_by(|a, b| a.0.cmp(&b.0));
         let (names, tensors) = v.into_iter().unzip();
         Self { names, tensors }
+    }
+
+    /// Installs fresh adapters on the LoRA targets ([`crate::models::lora`]): A ~ N(0, 1/r²)
+    /// (peft's "gaussian" init, std 1/r), B = 0, float32 whatever the networks' dtype, drawn
+    /// from a generator seeded by `seed` alone; returns them as the trainable parameters, named
+    /// by their diffusers / PEFT keys (`unet.….to_q.lora_A.weight`), sorted.
+    pub fn lora(sd: &mut StableDiffusion, l: &LoraArgs, text_encoder: bool, seed: u64) -> Self {
+        use crate::lora::{peft_key, Component};
+        let dev = sd.device;
+        let mut v: Vec<(String, Tensor)> = Vec::new();
+        let mut targets: Vec<(Component, &mut crate::models::lora::LoraLinear)> =
+            sd.unet.lora_targets_mut().into_iter().map(|t| (Component::Unet, t)).collect();
+        if text_encoder {
+            targets.extend(sd.text_encoder.lora_targets_mut().into_iter().map(|t| (Component::TextEncoder, t)));
+        }
+        targets.sort_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)));
+        crate::rng::seeded(step_seed(seed, 2, 0), || {
+            for (c, t) in targets {
+                let (out, inp) = t.weight_shape();
+                let down = (Tensor::randn([l.rank, inp], (Kind::Float, Device::Cpu)) / l.rank as f64)
+                    .to_device(dev)
+                    .set_requires_grad(true);
+                let up = Tensor::zeros([out, l.rank], (Kind::Float, dev)).set_requires_grad(true);
+                v.push((peft_key(c, &t.name, false), down.shallow_clone()));
+                v.push((peft_key(c, &t.name, true), up.shallow_clone()));
+                t.adapter = Some(crate::models::lora::Adapter { down, up, scale: l.alpha / l.rank as f64 });
+            }
+        });
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        let (names, tensors) = v.into_iter().unzip();
+        Self { names, tensors }
+    }
+
+    /// Installs the adapters of a diffusers / PEFT LoRA file as trainable float32 parameters
+    /// (to continue training them, or to compare a step with peft's from the same start); every
+    /// layer must name a LoRA target of the model.
+    pub fn lora_from_file(sd: &mut StableDiffusion, file: &crate::lora::LoraFile) -> Result<Self> {
+        use crate::lora::{peft_key, Component, Target};
+        let dev = sd.device;
+        let mut by_key: std::collections::HashMap<(Component, String), &crate::lora::LayerLora> =
+            std::collections::HashMap::new();
+        for l in &file.layers {
+            let Target::Module(m) = &l.target else {
+                bail!("{}: a kohya file cannot seed training adapters; use the diffusers file", file.path.display());
+            };
+            by_key.insert((l.component, crate::lora::module_path(l.component, m)), l);
+        }
+        let mut v: Vec<(String, Tensor)> = Vec::new();
+        let targets = sd
+            .unet
+            .lora_targets_mut()
+            .into_iter()
+            .map(|t| (Component::Unet, t))
+            .chain(sd.text_encoder.lora_targets_mut().into_iter().map(|t| (Component::TextEncoder, t)));
+        for (c, t) in targets {
+            let Some(l) = by_key.remove(&(c, t.name.clone())) else { continue };
+            let (out, inp) = t.weight_shape();
+            if l.down.size() != [l.rank(), inp] || l.up.size() != [out, l.rank()] {
+                bail!("{}: {} does not fit {} ({out}×{inp})", file.path.display(), l.down_key, t.name);
+            }
+            let down = l.down.to_kind(Kind::Float).to_device(dev).set_requires_grad(true);
+            let up = l.up.to_kind(Kind::Float).to_device(dev).set_requires_grad(true);
+            v.push((peft_key(c, &t.name, false), down.shallow_clone()));
+            v.push((peft_key(c, &t.name, true), up.shallow_clone()));
+            t.adapter = Some(crate::models::lora::Adapter { down, up, scale: l.alpha / l.rank() as f64 });
+        }
+        if let Some(l) = by_key.values().next() {
+            bail!("{}: {} is not a LoRA target (to_q, to_k, to_v, to_out.0, q_proj, k_proj, v_proj, out_proj)", file.path.display(), l.down_key);
+        }
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        let (names, tensors) = v.into_iter().unzip();
+        Ok(Self { names, tensors })
     }
 
     pub fn numel(&self) -> i64 {

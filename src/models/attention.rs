@@ -3,15 +3,16 @@
 //! [`crate::attention`].
 
 use crate::attention::{AttentionController, AttnSite};
+use crate::models::lora::LoraLinear;
 use tch::{nn, nn::Module, Kind, Tensor};
 
 /// Multi-head attention as diffusers' `Attention` with `AttnProcessor2_0`.
 #[derive(Debug)]
 pub struct Attention {
-    pub to_q: nn::Linear,
-    pub to_k: nn::Linear,
-    pub to_v: nn::Linear,
-    pub to_out: nn::Linear,
+    pub to_q: LoraLinear,
+    pub to_k: LoraLinear,
+    pub to_v: LoraLinear,
+    pub to_out: LoraLinear,
     pub heads: i64,
     pub dim_head: i64,
 }
@@ -31,10 +32,10 @@ impl Attention {
         let kv_dim = context_dim.unwrap_or(query_dim);
         let nb = nn::LinearConfig { bias: qkv_bias, ..Default::default() };
         Self {
-            to_q: nn::linear(&vs / "to_q", query_dim, inner, nb),
-            to_k: nn::linear(&vs / "to_k", kv_dim, inner, nb),
-            to_v: nn::linear(&vs / "to_v", kv_dim, inner, nb),
-            to_out: nn::linear(&vs / "to_out" / 0, inner, query_dim, Default::default()),
+            to_q: LoraLinear::new(&vs / "to_q", query_dim, inner, nb),
+            to_k: LoraLinear::new(&vs / "to_k", kv_dim, inner, nb),
+            to_v: LoraLinear::new(&vs / "to_v", kv_dim, inner, nb),
+            to_out: LoraLinear::new(&vs / "to_out" / 0, inner, query_dim, Default::default()),
             heads,
             dim_head,
         }
@@ -66,6 +67,11 @@ impl Attention {
         self.to_out.forward(&self.merge_heads(&out))
     }
 
+    /// The four projections (LoRA targets).
+    pub fn projections_mut(&mut self) -> [&mut LoraLinear; 4] {
+        [&mut self.to_q, &mut self.to_k, &mut self.to_v, &mut self.to_out]
+    }
+
     /// (B, N, heads·dh) -> (B, heads, N, dh)
     pub fn split_heads(&self, t: &Tensor) -> Tensor {
         let (b, n, _) = t.size3().expect("attention input must be (B, N, C)");
@@ -85,9 +91,9 @@ impl Attention {
 #[allow(clippy::too_many_arguments)]
 pub fn encoder_self_attention(
     x: &Tensor,
-    q: &nn::Linear,
-    k: &nn::Linear,
-    v: &nn::Linear,
+    q: &impl Module,
+    k: &impl Module,
+    v: &impl Module,
     heads: i64,
     head_dim: i64,
     causal: bool,

@@ -18,6 +18,7 @@
 
 use crate::load::{load_strict, read_json, require_positive, weight_file, KeyAction};
 use crate::models::attention::encoder_self_attention;
+use crate::models::lora::LoraLinear;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -175,10 +176,10 @@ impl ClipTextConfig {
 /// `CLIPAttention`: causal multi-head self-attention with biased q/k/v/out projections.
 #[derive(Debug)]
 struct ClipAttention {
-    q_proj: nn::Linear,
-    k_proj: nn::Linear,
-    v_proj: nn::Linear,
-    out_proj: nn::Linear,
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    out_proj: LoraLinear,
     heads: i64,
     head_dim: i64,
     scale: f64,
@@ -190,16 +191,20 @@ impl ClipAttention {
         let d = dims.hidden_size;
         let head_dim = d / dims.heads;
         Self {
-            q_proj: nn::linear(&vs / "q_proj", d, d, Default::default()),
-            k_proj: nn::linear(&vs / "k_proj", d, d, Default::default()),
-            v_proj: nn::linear(&vs / "v_proj", d, d, Default::default()),
-            out_proj: nn::linear(&vs / "out_proj", d, d, Default::default()),
+            q_proj: LoraLinear::new(&vs / "q_proj", d, d, Default::default()),
+            k_proj: LoraLinear::new(&vs / "k_proj", d, d, Default::default()),
+            v_proj: LoraLinear::new(&vs / "v_proj", d, d, Default::default()),
+            out_proj: LoraLinear::new(&vs / "out_proj", d, d, Default::default()),
             heads: dims.heads,
             head_dim,
             // transformers: `self.scale = self.head_dim**-0.5`, passed to sdpa explicitly.
             scale: (head_dim as f64).powf(-0.5),
             causal: dims.causal,
         }
+    }
+
+    fn projections_mut(&mut self) -> [&mut LoraLinear; 4] {
+        [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj, &mut self.out_proj]
     }
 
     /// `x`: (B, L, d) -> (B, L, d)
@@ -267,6 +272,12 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
+    /// The self-attention projections `q_proj`, `k_proj`, `v_proj`, `out_proj` of every layer:
+    /// the LoRA targets of diffusers' `train_dreambooth_lora.py --train_text_encoder`.
+    pub fn lora_targets_mut(&mut self) -> Vec<&mut LoraLinear> {
+        self.layers.iter_mut().flat_map(|l| l.self_attn.projections_mut()).collect()
+    }
+
     /// A randomly initialised model (embeddings ~ N(0, 0.02²) as transformers; tch defaults
     /// elsewhere).
     pub fn new(config: ClipTextConfig, device: Device) -> Result<Self> {

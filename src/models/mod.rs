@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod clip;
 pub mod clip_text;
+pub mod lora;
 pub mod sam;
 pub mod unet;
 pub mod vae;

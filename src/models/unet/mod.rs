@@ -46,6 +46,26 @@ pub struct UNet2DConditionModel {
 }
 
 impl UNet2DConditionModel {
+    /// The attention projections `to_q`, `to_k`, `to_v`, `to_out.0` of every transformer block
+    /// (self- and cross-attention, down, mid and up): the LoRA targets of diffusers'
+    /// `train_dreambooth_lora.py`.
+    pub fn lora_targets_mut(&mut self) -> Vec<&mut crate::models::lora::LoraLinear> {
+        let transformers = self
+            .down_blocks
+            .iter_mut()
+            .flat_map(|b| b.attentions.iter_mut())
+            .chain(self.mid_block.iter_mut().flat_map(|b| b.attentions.iter_mut()))
+            .chain(self.up_blocks.iter_mut().flat_map(|b| b.attentions.iter_mut()));
+        transformers
+            .flat_map(|t| t.transformer_blocks.iter_mut())
+            .flat_map(|b| {
+                let [q1, k1, v1, o1] = b.attn1.projections_mut();
+                let [q2, k2, v2, o2] = b.attn2.projections_mut();
+                [q1, k1, v1, o1, q2, k2, v2, o2]
+            })
+            .collect()
+    }
+
     /// Builds the UNet of `config` with tch's default random initialisation.
     pub fn new(config: UNetConfig, device: Device) -> Result<Self> {
         let levels = config.levels()?;
