@@ -307,6 +307,39 @@ fn dreambooth_rows_fine_tune_and_generate_from_the_fine_tuned_model() {
     assert!(md.contains("| db+guidance |"), "{md}");
 }
 
+/// The LoRA rows (issue 20): `lora` trains adapters (diffusers and kohya files in the unit's
+/// subject folder) and generates "a sks teapot …" on the base model with them merged;
+/// `lora+guidance` adds reference guidance.
+#[test]
+fn lora_rows_train_adapters_and_generate_with_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    dataset(root);
+    let out = root.join("run");
+    let mut c = tiny_benchmark(root);
+    c.args(["--subjects", "teapot", "--methods", "lora,lora+guidance", "--prompts", "1", "--images-per-prompt", "1"]);
+    c.args(["--lora-steps", "2", "--db-class-images", "1", "--steps", "6", "--t-start", "5", "--t-end", "2"]);
+    c.args(["--guidance-steps", "2", "--device", "cpu", "--out"]).arg(&out);
+    let s = ok(c.output().unwrap());
+    assert_eq!(s["done"].as_array().unwrap().len(), 2, "{s}");
+    for m in ["lora", "lora+guidance"] {
+        let u = out.join("units/teapot").join(m);
+        let sc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(u.join("scores.json")).unwrap()).unwrap();
+        assert_eq!(sc["guided"], m == "lora+guidance");
+        assert!(sc["dino"].as_f64().unwrap().is_finite());
+        assert_eq!(sc["settings"]["learn"]["lora"]["rank"], 4, "{m}: {}", sc["settings"]);
+        assert!(u.join("subject/pytorch_lora_weights.safetensors").is_file(), "{m}: no LoRA");
+        assert!(!u.join("subject/model").exists(), "{m}: a LoRA row writes no model folder");
+        let text = hifi_tuner::io::png_text(&u.join("images/p00-0.png")).unwrap();
+        let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+        assert!(params.starts_with("a sks teapot in the jungle"), "{m}: {params}");
+    }
+    let (r, md) = report(&[&out], &out);
+    assert_eq!(r["methods"]["lora+guidance"]["subjects"], 1);
+    assert!(md.contains("| lora+guidance |"), "{md}");
+}
+
 /// A world dataset needs no CLIP / DINO and is scored against its ground truth; a DreamBooth
 /// dataset without them is refused before any work.
 #[test]
@@ -386,6 +419,9 @@ fn config(root: &Path, out: &Path) -> BenchmarkConfig {
         db_steps: 1,
         db_class_images: 1,
         db_lr: 5e-6,
+        lora_steps: 1,
+        lora_lr: 1e-4,
+        lora_rank: 4,
         caption_templates: vec![],
         steps: 3,
         guidance: 7.5,

@@ -21,7 +21,7 @@ fn single() -> PathBuf {
 }
 
 fn with_config() -> LoadOptions {
-    LoadOptions { config: Some(model_dir("tiny-b")), variant: None, dtype: None }
+    LoadOptions { config: Some(model_dir("tiny-b")), ..Default::default() }
 }
 
 fn load_err(model: &Path, opts: &LoadOptions) -> String {
@@ -173,7 +173,7 @@ fn unknown_keys_are_named() {
 #[test]
 fn wrong_config_shapes_are_named() {
     // tiny-a's configs do not fit tiny-b's weights: mis-shaped keys, by name.
-    let err = load_err(&single(), &LoadOptions { config: Some(model_dir("tiny-a")), variant: None, dtype: None });
+    let err = load_err(&single(), &LoadOptions { config: Some(model_dir("tiny-a")), ..Default::default() });
     assert!(err.contains("mis-shaped") && err.contains("model.diffusion_model."), "{err}");
     assert!(err.contains("tiny-a"), "the configs used are named: {err}");
 }
@@ -187,7 +187,7 @@ fn pickles_and_misplaced_options_are_refused() {
     assert!(err.contains("never unpickles") && err.contains("safetensors"), "{err}");
     let err = load_err(&model_dir("tiny-b"), &with_config());
     assert!(err.contains("--config") && err.contains("single-file"), "{err}");
-    let err = load_err(&single(), &LoadOptions { config: None, variant: Some("fp16".into()), dtype: None });
+    let err = load_err(&single(), &LoadOptions { variant: Some("fp16".into()), ..Default::default() });
     assert!(err.contains("--variant"), "{err}");
     let err = load_err(Path::new("no/such/dir/model.safetensors"), &LoadOptions::default());
     assert!(err.contains("no such folder or file"), "{err}");

@@ -89,12 +89,19 @@ pub enum Method {
     /// Reference row, the floor: no learning, the base model on the class-noun prompt.
     #[serde(rename = "base")]
     Base,
+    /// DreamBooth-LoRA (`learn --mode lora`): low-rank adapters on the attention projections.
+    #[serde(rename = "lora")]
+    Lora,
+    /// "Ours (DreamBooth)" in the form people use: reference guidance on the LoRA subject.
+    #[serde(rename = "lora+guidance")]
+    LoraGuidance,
 }
 
 impl Method {
     /// All methods, in the stable order of units and tables (the reference rows last, so the
     /// unit indices of the other methods are those of runs made before they existed).
-    pub const ALL: [Method; 9] = [
+    /// (`lora`, `lora+guidance` came later, so they follow the reference rows here.)
+    pub const ALL: [Method; 11] = [
         Method::Ti,
         Method::TiMask,
         Method::TiMaskReg,
@@ -102,6 +109,23 @@ impl Method {
         Method::Hifi,
         Method::Db,
         Method::DbGuidance,
+        Method::Copy,
+        Method::Base,
+        Method::Lora,
+        Method::LoraGuidance,
+    ];
+
+    /// The order of the report's tables: the learned rows, then the reference rows.
+    pub const TABLE: [Method; 11] = [
+        Method::Ti,
+        Method::TiMask,
+        Method::TiMaskReg,
+        Method::TiMaskRegStepwise,
+        Method::Hifi,
+        Method::Db,
+        Method::DbGuidance,
+        Method::Lora,
+        Method::LoraGuidance,
         Method::Copy,
         Method::Base,
     ];
@@ -117,6 +141,8 @@ impl Method {
             Method::DbGuidance => "db+guidance",
             Method::Copy => "copy",
             Method::Base => "base",
+            Method::Lora => "lora",
+            Method::LoraGuidance => "lora+guidance",
         }
     }
 
@@ -125,14 +151,19 @@ impl Method {
         matches!(self, Method::Copy | Method::Base)
     }
 
-    /// A DreamBooth row (a fine-tuned model per subject, not an embedding).
+    /// A DreamBooth row (a fine-tuned model or LoRA per subject, not an embedding).
     pub fn dreambooth(self) -> bool {
-        matches!(self, Method::Db | Method::DbGuidance)
+        matches!(self, Method::Db | Method::DbGuidance | Method::Lora | Method::LoraGuidance)
+    }
+
+    /// A LoRA row.
+    pub fn lora(self) -> bool {
+        matches!(self, Method::Lora | Method::LoraGuidance)
     }
 
     /// Generated with reference guidance (for non-live subjects).
     pub fn guided(self) -> bool {
-        matches!(self, Method::Hifi | Method::DbGuidance)
+        matches!(self, Method::Hifi | Method::DbGuidance | Method::LoraGuidance)
     }
 
     pub fn parse(s: &str) -> Result<Self> {
@@ -151,7 +182,7 @@ impl Method {
 
     /// The masked loss, or (db+guidance) the reference mask M_r.
     pub fn needs_masks(self) -> bool {
-        !matches!(self, Method::Ti | Method::Db | Method::Copy | Method::Base)
+        !matches!(self, Method::Ti | Method::Db | Method::Lora | Method::Copy | Method::Base)
     }
 
     pub fn stepwise(self) -> bool {
@@ -168,6 +199,8 @@ impl Method {
             Method::Hifi => "as ti+mask+reg+stepwise, generated with --reference-guidance (§3.3) for non-live subjects",
             Method::Db => "learn --mode dreambooth (every UNet weight, prior preservation, AdamW 5e-6); prompt 'a sks CLASS …' on the fine-tuned model",
             Method::DbGuidance => "as db, generated with --reference-guidance (§3.3; M_g from the token + class attention) for non-live subjects: the paper's 'Ours (DreamBooth)'",
+            Method::Lora => "learn --mode lora (rank-r adapters on to_q, to_k, to_v, to_out.0; prior preservation, AdamW); prompt 'a sks CLASS …' with the LoRA merged",
+            Method::LoraGuidance => "as lora, generated with --reference-guidance (§3.3; M_g from the token + class attention) for non-live subjects",
             Method::Copy => "reference row (the ceiling): nothing learned; image j of prompt p is the subject's photo (p·images_per_prompt + j) mod n_photos, copied unchanged (resized to the generated size, centre-cropped to its aspect)",
             Method::Base => "reference row (the floor): nothing learned; the base model on the class-noun prompt 'a CLASS …', same seeds and settings",
         }
@@ -303,6 +336,10 @@ pub struct BenchmarkConfig {
     pub db_steps: usize,
     pub db_class_images: usize,
     pub db_lr: f64,
+    /// LoRA rows: steps, learning rate and rank (prior preservation as the DreamBooth rows).
+    pub lora_steps: usize,
+    pub lora_lr: f64,
+    pub lora_rank: i64,
     /// Learning captions (`{}` = the subject); default [`crate::subject::job::TEMPLATES`].
     pub caption_templates: Vec<String>,
     /// DDIM steps of generation (and of Algorithm 1's schedule).
@@ -509,9 +546,18 @@ pub fn unit_settings(
         masked: masks.is_some(),
     };
     let db_args = m.dreambooth().then(|| {
-        let mut d = crate::dreambooth::DreamBoothArgs::new("sks", &s.class);
-        d.steps = cfg.db_steps;
-        d.lr = cfg.db_lr;
+        let mut d = if m.lora() {
+            let mut d = crate::dreambooth::DreamBoothArgs::new_lora("sks", &s.class);
+            d.steps = cfg.lora_steps;
+            d.lr = cfg.lora_lr;
+            d.lora = Some(crate::dreambooth::LoraArgs { rank: cfg.lora_rank, alpha: cfg.lora_rank as f64 });
+            d
+        } else {
+            let mut d = crate::dreambooth::DreamBoothArgs::new("sks", &s.class);
+            d.steps = cfg.db_steps;
+            d.lr = cfg.db_lr;
+            d
+        };
         d.class_images = cfg.db_class_images;
         d.class_steps = cfg.steps;
         d.seed = cfg.seed;
@@ -835,7 +881,7 @@ type FamilyFn = fn(&mut UnitBuild) -> Result<Phases>;
 fn family(m: Method) -> FamilyFn {
     match m {
         Method::Ti | Method::TiMask | Method::TiMaskReg | Method::TiMaskRegStepwise | Method::Hifi => embedding_unit,
-        Method::Db | Method::DbGuidance => dreambooth_unit,
+        Method::Db | Method::DbGuidance | Method::Lora | Method::LoraGuidance => dreambooth_unit,
         Method::Copy => copy_unit,
         Method::Base => base_unit,
     }
@@ -1164,9 +1210,12 @@ fn dreambooth_unit(b: &mut UnitBuild) -> Result<Phases> {
     let d = b.db_args.clone().with_context(|| format!("{}: no DreamBooth arguments", m.name()))?;
     let t0 = Instant::now();
     let subject_dir = b.subject_dir();
-    // DreamBooth trains float32 weights whatever --dtype says
+    // DreamBooth trains float32 weights whatever --dtype says (LoRA: float32 adapters on
+    // weights of the --dtype)
     let mut load = cfg.load.clone();
-    load.dtype = Some(tch::Kind::Float);
+    if d.lora.is_none() {
+        load.dtype = Some(tch::Kind::Float);
+    }
     let job = crate::dreambooth::job::DreamBoothJob {
         model: cfg.model.clone(),
         load,
@@ -1181,9 +1230,16 @@ fn dreambooth_unit(b: &mut UnitBuild) -> Result<Phases> {
     let learned = crate::dreambooth::job::learn(&job).with_context(|| format!("learning {} ({})", s.name, m.name()))?;
     let learn_s = t0.elapsed().as_secs_f64();
     b.log.push_str(&format!("learned {} in {learn_s:.2}s\n", learned.display()));
-    // generated on the fine-tuned model
+    // generated on the fine-tuned model (LoRA: the base model with the adapters merged)
     let t1 = Instant::now();
-    let sd = StableDiffusion::load_with(&learned, &cfg.load, cfg.device)?;
+    let sd = match &d.lora {
+        Some(_) => {
+            let mut load = cfg.load.clone();
+            load.loras.push(crate::lora::LoraSpec { path: learned.clone(), scale: 1.0 });
+            StableDiffusion::load_with(&cfg.model, &load, cfg.device)?
+        }
+        None => StableDiffusion::load_with(&learned, &cfg.load, cfg.device)?,
+    };
     let gen_prompt = |tpl: &str| fill_prompt(tpl, &format!("{} {}", d.token, s.class), &s.class);
     let opt = b.guided.then(|| reference_options(cfg, s));
     let subject = GuidedSubject::FineTuned { token: d.token.clone(), class_noun: s.class.clone() };

@@ -141,12 +141,13 @@ pub fn bootstrap_mean(values: &[f64]) -> Interval {
 }
 
 /// The steps of the ablation (Table 2) and Table 1's pair, as (from, to).
-pub const ABLATION_STEPS: [(Method, Method); 6] = [
+pub const ABLATION_STEPS: [(Method, Method); 7] = [
     (Method::Ti, Method::TiMask),
     (Method::TiMask, Method::TiMaskReg),
     (Method::TiMaskReg, Method::TiMaskRegStepwise),
     (Method::TiMaskRegStepwise, Method::Hifi),
     (Method::Db, Method::DbGuidance),
+    (Method::Lora, Method::LoraGuidance),
     (Method::Ti, Method::Hifi),
 ];
 
@@ -212,7 +213,7 @@ as the output (the ceiling of subject fidelity, which a prompt-fidelity score sh
 model on the class-noun prompt (the floor).";
 
 fn method_rank(name: &str) -> usize {
-    Method::ALL.iter().position(|m| m.name() == name).unwrap_or(Method::ALL.len())
+    Method::TABLE.iter().position(|m| m.name() == name).unwrap_or(Method::TABLE.len())
 }
 
 /// Reads every finished unit (`units/*/*/scores.json`) of the runs. The same unit in two runs is

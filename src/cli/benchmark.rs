@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     subjects: Vec<String>,
     /// Comma-separated methods: ti, ti+mask, ti+mask+reg, ti+mask+reg+stepwise, hifi, db,
-    /// db+guidance, and the reference rows copy (a training photo as the output: the ceiling)
+    /// db+guidance, lora, lora+guidance, and the reference rows copy (a training photo as the output: the ceiling)
     /// and base (the class-noun prompt on the base model: the floor) (default: all).
     #[arg(long, value_delimiter = ',')]
     methods: Vec<String>,
@@ -62,9 +62,18 @@ pub struct Args {
     /// DreamBooth rows: the AdamW learning rate (diffusers' default for SD).
     #[arg(long, default_value_t = 5e-6, value_parser = super::args::positive)]
     db_lr: f64,
-    /// DreamBooth rows: class images for prior preservation (generated per unit).
+    /// DreamBooth and LoRA rows: class images for prior preservation (generated per unit).
     #[arg(long, default_value_t = 100)]
     db_class_images: usize,
+    /// LoRA rows (lora, lora+guidance): training steps (diffusers' DreamBooth-LoRA recipe: 500).
+    #[arg(long, default_value_t = 500, value_parser = super::args::at_least_one)]
+    lora_steps: usize,
+    /// LoRA rows: the AdamW learning rate of the adapters.
+    #[arg(long, default_value_t = 1e-4, value_parser = super::args::positive)]
+    lora_lr: f64,
+    /// LoRA rows: the adapters' rank (α = rank).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i64).range(1..=1024))]
+    lora_rank: i64,
     /// A learning caption template, `{}` = the subject (repeat the flag for several; default
     /// the six "a photo of a {}"-style ones). A world model knows only its own captions: use
     /// "a {}" there.
@@ -122,6 +131,9 @@ pub fn run_cmd(a: Args) -> Result<()> {
         db_steps: a.db_steps,
         db_lr: a.db_lr,
         db_class_images: a.db_class_images,
+        lora_steps: a.lora_steps,
+        lora_lr: a.lora_lr,
+        lora_rank: a.lora_rank,
         steps: a.steps,
         guidance: a.guidance,
         t_start: a.reference.t_start,
