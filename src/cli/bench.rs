@@ -2,7 +2,8 @@
 //! sd15` for full-size numbers): seconds per DDIM step of `generate`, steps/s of `learn` in both
 //! spaces and in TI mode (a TI step is the UNet forward + backward diffusers' textual-inversion
 //! script times), the share of a reference-guided image spent optimising φ_h, and null-text
-//! inversion + replacement (Algorithm 3), all at the chosen `--dtype`. Prints one JSON object
+//! inversion + replacement (Algorithm 3), and a DreamBooth-LoRA step against the TI step, all at
+//! the chosen `--dtype`. Prints one JSON object
 //! per measurement and the ratios between them.
 
 use anyhow::Result;
@@ -121,6 +122,15 @@ pub fn run(a: Args) -> Result<()> {
         json!({"what": "ratio", "learn_output_over_input_space": rates[1] / rates[0], "learn_ti_over_hifi_input": rates[2] / rates[0]})
     );
 
+    // A DreamBooth-LoRA step (rank 4 on the UNet's attention projections, batch 1, no prior
+    // preservation: one UNet forward + backward, as the TI step) against the TI step.
+    let lora_rate = lora_steps_per_second(&a, device, size)?;
+    println!(
+        "{}",
+        json!({"what": "learn", "mode": "lora", "rank": 4, "steps_per_second": lora_rate,
+        "seconds_over_ti_step": rates[2] / lora_rate})
+    );
+
     // Reference guidance's second pass (Algorithm 2) with the paper's defaults on a random
     // subject, a random reference latent and a centre mask.
     let sched = sd.scheduler(a.steps)?;
@@ -194,4 +204,33 @@ pub fn run(a: Args) -> Result<()> {
         "over_plain_generate": replace_s / gen_s})
     );
     Ok(())
+}
+
+/// Steps per second of `learn --mode lora`'s step (fresh rank-4 adapters on a fresh model).
+fn lora_steps_per_second(a: &Args, device: Device, size: i64) -> Result<f64> {
+    use hifi_tuner::dreambooth::{step_on, DbBatch, DbState, DreamBoothArgs, Params};
+    let mut sd = a.model_options.load(&a.model, device)?;
+    let mut args = DreamBoothArgs::new_lora("sks", "dog");
+    args.prior_weight = None;
+    let lora = args.lora.clone().expect("a LoRA recipe");
+    let mut params = Params::lora(&mut sd, &lora, false, 0);
+    let mut state = DbState::new(&params, &args);
+    let sched = sd.scheduler(1)?;
+    let (c, l) = (sd.unet.config.in_channels, size / sd.vae_scale_factor());
+    let batch = hifi_tuner::rng::seeded(0, || DbBatch {
+        latents: Tensor::randn([1, c, l, l], (Kind::Float, device)),
+        noise: Tensor::randn([1, c, l, l], (Kind::Float, device)),
+        t: Tensor::from_slice(&[500i64]).to_device(device),
+        ids: sd.tokenize(&args.instance_prompt),
+        mask: None,
+        n_instance: 1,
+    });
+    step_on(&sd, &sched, &mut params, &mut state, &batch, &args)?; // warm-up
+    sync(device);
+    let t = Instant::now();
+    for _ in 1..a.learn_steps {
+        step_on(&sd, &sched, &mut params, &mut state, &batch, &args)?;
+    }
+    sync(device);
+    Ok((a.learn_steps - 1) as f64 / t.elapsed().as_secs_f64())
 }

@@ -494,7 +494,29 @@ fn write_checkpoint(
     meta.insert("step".into(), s.step.to_string());
     meta.insert("args".into(), serde_json::to_string(identity)?);
     meta.insert(crate::subject::job::INPUTS_KEY.into(), serde_json::to_string(inputs)?);
-    write_adam_checkpoint(path, &params.names, &params.tensors, &s.adam, meta)
+    // per-name moments (views of the flat ones for LoRA): the same file either way
+    let per_name = per_name_adam(params, &s.adam);
+    write_adam_checkpoint(path, &params.names, &params.tensors, &per_name, meta)
+}
+
+/// The AdamW state per trained tensor: `adam` itself, or (LoRA) views of the flat moments.
+fn per_name_adam(params: &Params, adam: &[crate::subject::adam::Adam]) -> Vec<crate::subject::adam::Adam> {
+    let ms = params.split_like(&adam.iter().map(|a| a.m.shallow_clone()).collect::<Vec<_>>());
+    let vs = params.split_like(&adam.iter().map(|a| a.v.shallow_clone()).collect::<Vec<_>>());
+    let a0 = &adam[0];
+    ms.into_iter()
+        .zip(vs)
+        .map(|(m, v)| crate::subject::adam::Adam {
+            lr: a0.lr,
+            beta1: a0.beta1,
+            beta2: a0.beta2,
+            eps: a0.eps,
+            weight_decay: a0.weight_decay,
+            step: a0.step,
+            m,
+            v,
+        })
+        .collect()
 }
 
 /// Restores the weights (in place) and the AdamW state of a checkpoint made with the same
@@ -509,7 +531,21 @@ fn read_checkpoint(
     let meta =
         crate::subject::job::checkpoint_metadata(path, CHECKPOINT_FORMAT, CHECKPOINT_WHAT, identity, Some(inputs))?;
     let mut state = DbState::new(params, args);
-    read_adam_checkpoint(path, &meta, &params.names, &mut params.tensors, &mut state.adam)?;
+    let mut per_name = per_name_adam(params, &state.adam);
+    read_adam_checkpoint(path, &meta, &params.names, &mut params.tensors, &mut per_name)?;
+    if params.flat.is_some() {
+        // back into the flat moments, in the views' (sorted-name) order
+        let cat = |f: &dyn Fn(&crate::subject::adam::Adam) -> &Tensor| {
+            Tensor::cat(&per_name.iter().map(|a| f(a).reshape([-1])).collect::<Vec<_>>(), 0)
+        };
+        let (m, v) = (cat(&|a| &a.m), cat(&|a| &a.v));
+        let a = &mut state.adam[0];
+        a.m = m.to_device(a.m.device());
+        a.v = v.to_device(a.v.device());
+        a.step = per_name.first().map_or(0, |p| p.step);
+    } else {
+        state.adam = per_name;
+    }
     state.step = meta.get("step").with_context(|| format!("{}: no step", path.display()))?.parse()?;
     Ok(state)
 }

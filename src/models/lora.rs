@@ -47,9 +47,17 @@ impl Module for LoraLinear {
             None => y,
             // peft: `result + lora_B(lora_A(x.to(A.dtype))) * scaling`, then back to the base
             // layer's dtype (fp32 adapters on half-precision weights).
+            // (ordered for few, small ops: the scale multiplies the r-wide (…, r) activation;
+            // kinds are converted only when they differ)
             Some(a) => {
-                let h = x.to_kind(a.down.kind()).matmul(&a.down.tr()).matmul(&a.up.tr()) * a.scale;
-                (y.to_kind(h.kind()) + h).to_kind(y.kind())
+                let h = if x.kind() == a.down.kind() { x.matmul(&a.down.tr()) } else { x.to_kind(a.down.kind()).matmul(&a.down.tr()) };
+                let h = if a.scale == 1.0 { h } else { h * a.scale };
+                let h = h.matmul(&a.up.tr());
+                if y.kind() == h.kind() {
+                    y + h
+                } else {
+                    (y.to_kind(h.kind()) + h).to_kind(y.kind())
+                }
             }
         }
     }
