@@ -37,7 +37,10 @@ STEPS=${STEPS:-25}
 STEPWISE=${STEPWISE:-5}
 T_END=${T_END:-5}
 DB_CLASS=${DB_CLASS:-20}
-METHODS=${METHODS:-ti,ti+mask,ti+mask+reg,ti+mask+reg+stepwise,hifi,db,db+guidance,copy,base}
+# the LoRA rows: diffusers' recipe (rank 4, lr 1e-4) for as many steps as the other rows learn
+LORA_STEPS=${LORA_STEPS:-$LEARN}
+LORA_LR=${LORA_LR:-1e-4}
+METHODS=${METHODS:-ti,ti+mask,ti+mask+reg,ti+mask+reg+stepwise,hifi,db,db+guidance,lora,lora+guidance,copy,base}
 # grid points, one per line: name|flags (t_s of STEPS DDIM steps, the φ_h learning rate); the
 # first is the current default
 GRID=${GRID:-"ts20-lr1e-2|--t-start 20 --guidance-lr 1e-2
@@ -52,7 +55,7 @@ VAL=${VAL:-$(python3 -c 'import json,sys; print(",".join(json.load(open(sys.argv
 TEST=${TEST:-$(python3 -c 'import json,sys; print(",".join(json.load(open(sys.argv[1]))["test"]))' "$W/world.json")}
 common=(--model "$MODEL" --dataset "$W/dataset" --masks "$W/masks" --dino "$DINO" --clip "$CLIP"
   --caption-template "a {}" --prompts 4 --steps "$STEPS" --guidance 5 --learn-steps "$LEARN"
-  --stepwise-steps "$STEPWISE" --t-end "$T_END" --db-class-images "$DB_CLASS" --db-lr 2.5e-5 --device "$DEVICE")
+  --stepwise-steps "$STEPWISE" --t-end "$T_END" --db-class-images "$DB_CLASS" --db-lr 2.5e-5 --lora-steps "$LORA_STEPS" --lora-lr "$LORA_LR" --device "$DEVICE")
 
 queue() { # N, OUT_DIR, then benchmark flags: N processes on one run folder (in the background)
   local n=$1 out=$2; shift 2
