@@ -134,7 +134,10 @@ pub fn read(path: &Path) -> Result<LoraFile> {
         let (d, u) = (l.down.size(), l.up.size());
         if d.len() < 2 || u.len() < 2 || u[1] != d[0] || (u.len() == 4 && (u[2], u[3]) != (1, 1)) || d.len() != u.len()
         {
-            bail!("{what}: {} has shape {d:?} but its up weight has {u:?} (expected A (r, in) and B (out, r))", l.down_key);
+            bail!(
+                "{what}: {} has shape {d:?} but its up weight has {u:?} (expected A (r, in) and B (out, r))",
+                l.down_key
+            );
         }
         if !(l.alpha.is_finite()) {
             bail!("{what}: the alpha of {} is not finite", l.down_key);

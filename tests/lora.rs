@@ -84,7 +84,10 @@ fn merged_lora_equals_runtime_adapters() {
     let ids = plain.tokenize("a sks dog on the beach");
     let (x, t) = tch::no_grad(|| {
         let c = plain.unet.config.in_channels;
-        (hifi_tuner::rng::seeded(7, || Tensor::randn([1, c, 16, 16], (Kind::Float, Device::Cpu))), Tensor::from_slice(&[500i64]))
+        (
+            hifi_tuner::rng::seeded(7, || Tensor::randn([1, c, 16, 16], (Kind::Float, Device::Cpu))),
+            Tensor::from_slice(&[500i64]),
+        )
     });
     let out = |m: &StableDiffusion| {
         tch::no_grad(|| {
@@ -208,11 +211,20 @@ fn bad_lora_files_are_refused_by_name_and_nothing_is_written() {
         t.insert(b, Tensor::zeros([640, 4], (Kind::Float, Device::Cpu)));
     });
     let unknown = write("unknown.safetensors", &|t| {
-        t.insert("unet.down_blocks.0.nonsense.lora_A.weight".into(), Tensor::zeros([4, 32], (Kind::Float, Device::Cpu)));
-        t.insert("unet.down_blocks.0.nonsense.lora_B.weight".into(), Tensor::zeros([32, 4], (Kind::Float, Device::Cpu)));
+        t.insert(
+            "unet.down_blocks.0.nonsense.lora_A.weight".into(),
+            Tensor::zeros([4, 32], (Kind::Float, Device::Cpu)),
+        );
+        t.insert(
+            "unet.down_blocks.0.nonsense.lora_B.weight".into(),
+            Tensor::zeros([32, 4], (Kind::Float, Device::Cpu)),
+        );
     });
     let sdxl = write("sdxl.safetensors", &|t| {
-        t.insert("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight".into(), Tensor::zeros([4, 32], (Kind::Float, Device::Cpu)));
+        t.insert(
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight".into(),
+            Tensor::zeros([4, 32], (Kind::Float, Device::Cpu)),
+        );
     });
     let pickle = tmp.path().join("style.pt");
     std::fs::write(&pickle, b"\x80\x02}q\x00.").unwrap();
@@ -232,6 +244,10 @@ fn bad_lora_files_are_refused_by_name_and_nothing_is_written() {
         assert!(!img.exists(), "nothing may be written");
     }
     // a missing file and a bad scale are refused when the arguments are read
-    let o = generate(&[], Some(format!("{}:abc", tmp.path().join("none.safetensors").display())), &tmp.path().join("x.png"));
+    let o = generate(
+        &[],
+        Some(format!("{}:abc", tmp.path().join("none.safetensors").display())),
+        &tmp.path().join("x.png"),
+    );
     assert!(String::from_utf8_lossy(&o.stderr).contains("no such file"), "{}", String::from_utf8_lossy(&o.stderr));
 }

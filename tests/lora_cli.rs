@@ -147,7 +147,11 @@ fn a_subject_learned_on_a_style_lora_is_drawn_with_both() {
     assert_ok(&generate(&[], &[("--subject", &out)], &s));
     let both = tmp.path().join("both.png");
     let style_arg = PathBuf::from(format!("{}:0.5", style.display()));
-    assert_ok(&generate(&[], &[("--model", &model_dir("tiny-a")), ("--lora", &style_arg), ("--lora", &peft(&out))], &both));
+    assert_ok(&generate(
+        &[],
+        &[("--model", &model_dir("tiny-a")), ("--lora", &style_arg), ("--lora", &peft(&out))],
+        &both,
+    ));
     assert_eq!(png(&s), png(&both), "the subject is drawn with the style LoRA it was learned on");
     let only = tmp.path().join("only.png");
     assert_ok(&generate(&[], &[("--model", &model_dir("tiny-a")), ("--lora", &peft(&out))], &only));

@@ -232,6 +232,11 @@ pub fn embedding_file(path: &Path) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// `--lora FILE[:SCALE]`: an existing .safetensors file (pickles refused by name), a finite scale.
+pub fn lora_spec(s: &str) -> Result<hifi_tuner::lora::LoraSpec, String> {
+    hifi_tuner::lora::LoraSpec::parse(s).map_err(|e| format!("{e:#}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,9 +350,4 @@ mod tests {
             assert!(accepts(sub, long, good), "{sub} --{long} refuses {good}");
         }
     }
-}
-
-/// `--lora FILE[:SCALE]`: an existing .safetensors file (pickles refused by name), a finite scale.
-pub fn lora_spec(s: &str) -> Result<hifi_tuner::lora::LoraSpec, String> {
-    hifi_tuner::lora::LoraSpec::parse(s).map_err(|e| format!("{e:#}"))
 }

@@ -50,7 +50,11 @@ impl Module for LoraLinear {
             // (ordered for few, small ops: the scale multiplies the r-wide (…, r) activation;
             // kinds are converted only when they differ)
             Some(a) => {
-                let h = if x.kind() == a.down.kind() { x.matmul(&a.down.tr()) } else { x.to_kind(a.down.kind()).matmul(&a.down.tr()) };
+                let h = if x.kind() == a.down.kind() {
+                    x.matmul(&a.down.tr())
+                } else {
+                    x.to_kind(a.down.kind()).matmul(&a.down.tr())
+                };
                 let h = if a.scale == 1.0 { h } else { h * a.scale };
                 let h = h.matmul(&a.up.tr());
                 if y.kind() == h.kind() {
