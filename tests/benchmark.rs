@@ -276,68 +276,52 @@ fn base64_matches_rfc4648() {
     assert_eq!(base64(&[0xff, 0xfe, 0x00]), "//4A");
 }
 
+/// Two rows of a subject-folder method (a plain and a guided one) on the teapot: each unit is
+/// scored, generates "a sks teapot …" and keeps what it learned (`learned`, relative to the
+/// unit's subject folder); the report has the guided row.
+fn fine_tuned_rows(rows: [&str; 2], steps_flag: &str, learned: &str, absent: Option<&str>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    dataset(root);
+    let out = root.join("run");
+    let mut c = tiny_benchmark(root);
+    c.args(["--subjects", "teapot", "--methods", &rows.join(","), "--prompts", "1", "--images-per-prompt", "1"]);
+    c.args([steps_flag, "2", "--db-class-images", "1", "--steps", "6", "--t-start", "5", "--t-end", "2"]);
+    c.args(["--guidance-steps", "2", "--device", "cpu", "--out"]).arg(&out);
+    let s = ok(c.output().unwrap());
+    assert_eq!(s["done"].as_array().unwrap().len(), 2, "{s}");
+    for m in rows {
+        let u = out.join("units/teapot").join(m);
+        let sc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(u.join("scores.json")).unwrap()).unwrap();
+        assert_eq!(sc["guided"], m == rows[1]);
+        assert!(sc["dino"].as_f64().unwrap().is_finite());
+        assert!(u.join("subject").join(learned).is_file(), "{m}: no {learned}");
+        if let Some(a) = absent {
+            assert!(!u.join("subject").join(a).exists(), "{m}: {a} should not be written");
+        }
+        let text = hifi_tuner::io::png_text(&u.join("images/p00-0.png")).unwrap();
+        let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+        assert!(params.starts_with("a sks teapot in the jungle"), "{m}: {params}");
+        assert!(params.contains(&format!("subject/{}", learned.split('/').next().unwrap())), "{m}: {params}");
+    }
+    let (r, md) = report(&[&out], &out);
+    assert_eq!(r["methods"][rows[1]]["subjects"], 1);
+    assert!(md.contains(&format!("| {} |", rows[1])), "{md}");
+}
+
 /// The DreamBooth rows (issue 11): `db` fine-tunes the UNet and generates "a sks teapot …" from
 /// the fine-tuned folder; `db+guidance` adds reference guidance for the object subject.
 #[test]
 fn dreambooth_rows_fine_tune_and_generate_from_the_fine_tuned_model() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    dataset(root);
-    let out = root.join("run");
-    let mut c = tiny_benchmark(root);
-    c.args(["--subjects", "teapot", "--methods", "db,db+guidance", "--prompts", "1", "--images-per-prompt", "1"]);
-    c.args(["--db-steps", "2", "--db-class-images", "1", "--steps", "6", "--t-start", "5", "--t-end", "2"]);
-    c.args(["--guidance-steps", "2", "--device", "cpu", "--out"]).arg(&out);
-    let s = ok(c.output().unwrap());
-    assert_eq!(s["done"].as_array().unwrap().len(), 2, "{s}");
-    for m in ["db", "db+guidance"] {
-        let u = out.join("units/teapot").join(m);
-        let sc: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(u.join("scores.json")).unwrap()).unwrap();
-        assert_eq!(sc["guided"], m == "db+guidance");
-        assert!(sc["dino"].as_f64().unwrap().is_finite());
-        assert!(u.join("subject/model/unet/diffusion_pytorch_model.safetensors").is_file(), "{m}: no fine-tuned model");
-        let text = hifi_tuner::io::png_text(&u.join("images/p00-0.png")).unwrap();
-        let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
-        assert!(params.starts_with("a sks teapot in the jungle"), "{m}: {params}");
-        assert!(params.contains("subject/model"), "{m} must generate from the fine-tuned model: {params}");
-    }
-    let (r, md) = report(&[&out], &out);
-    assert_eq!(r["methods"]["db+guidance"]["subjects"], 1);
-    assert!(md.contains("| db+guidance |"), "{md}");
+    fine_tuned_rows(["db", "db+guidance"], "--db-steps", "model/unet/diffusion_pytorch_model.safetensors", None);
 }
 
-/// The LoRA rows (issue 20): `lora` trains adapters (diffusers and kohya files in the unit's
-/// subject folder) and generates "a sks teapot …" on the base model with them merged;
-/// `lora+guidance` adds reference guidance.
+/// The LoRA rows (issue 20): `lora` trains adapters and generates "a sks teapot …" on the base
+/// model with them merged (no model folder); `lora+guidance` adds reference guidance.
 #[test]
 fn lora_rows_train_adapters_and_generate_with_them() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    dataset(root);
-    let out = root.join("run");
-    let mut c = tiny_benchmark(root);
-    c.args(["--subjects", "teapot", "--methods", "lora,lora+guidance", "--prompts", "1", "--images-per-prompt", "1"]);
-    c.args(["--lora-steps", "2", "--db-class-images", "1", "--steps", "6", "--t-start", "5", "--t-end", "2"]);
-    c.args(["--guidance-steps", "2", "--device", "cpu", "--out"]).arg(&out);
-    let s = ok(c.output().unwrap());
-    assert_eq!(s["done"].as_array().unwrap().len(), 2, "{s}");
-    for m in ["lora", "lora+guidance"] {
-        let u = out.join("units/teapot").join(m);
-        let sc: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(u.join("scores.json")).unwrap()).unwrap();
-        assert_eq!(sc["guided"], m == "lora+guidance");
-        assert!(sc["dino"].as_f64().unwrap().is_finite());
-        assert_eq!(sc["settings"]["learn"]["lora"]["rank"], 4, "{m}: {}", sc["settings"]);
-        assert!(u.join("subject/pytorch_lora_weights.safetensors").is_file(), "{m}: no LoRA");
-        assert!(!u.join("subject/model").exists(), "{m}: a LoRA row writes no model folder");
-        let text = hifi_tuner::io::png_text(&u.join("images/p00-0.png")).unwrap();
-        let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
-        assert!(params.starts_with("a sks teapot in the jungle"), "{m}: {params}");
-    }
-    let (r, md) = report(&[&out], &out);
-    assert_eq!(r["methods"]["lora+guidance"]["subjects"], 1);
-    assert!(md.contains("| lora+guidance |"), "{md}");
+    fine_tuned_rows(["lora", "lora+guidance"], "--lora-steps", "pytorch_lora_weights.safetensors", Some("model"));
 }
 
 /// A world dataset needs no CLIP / DINO and is scored against its ground truth; a DreamBooth

@@ -10,12 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_hifi-tuner"));
-    c.env_remove("RUST_BACKTRACE");
-    c
-}
-
 /// The arguments scripts/make_dreambooth_fixture.py --from-ours uses (LEARN_ARGS).
 const FIXTURE_ARGS: [&str; 9] = ["--class-noun", "dog", "--steps", "2", "--no-prior", "--seed", "3", "--device", "cpu"];
 
@@ -32,21 +26,6 @@ fn learn_cmd(out: &Path, extra: &[&str]) -> Command {
 const SMALL_PRIOR: [&str; 11] =
     ["--class-noun", "dog", "--class-images", "2", "--class-steps", "2", "--seed", "5", "--device", "cpu", "--steps"];
 
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "{}", err(o));
-}
-
-fn assert_fails(o: &Output, needle: &str) {
-    let e = err(o);
-    assert_eq!(o.status.code(), Some(1), "expected failure: {e}");
-    assert!(e.contains(needle), "error should mention {needle:?}: {e}");
-    assert!(!e.contains("panicked"), "{e}");
-}
-
 fn generate(subject: &Path, out: &Path, extra: &[&str]) -> Output {
     bin()
         .args(["generate", "--prompt", "a sks dog on the beach", "--steps", "3", "--seed", "0", "--device", "cpu"])
@@ -57,10 +36,6 @@ fn generate(subject: &Path, out: &Path, extra: &[&str]) -> Output {
         .arg(out)
         .output()
         .unwrap()
-}
-
-fn png_rgb(path: &Path) -> Vec<u8> {
-    image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8().into_raw()
 }
 
 #[test]

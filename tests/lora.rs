@@ -11,7 +11,7 @@ use hifi_tuner::lora;
 use hifi_tuner::pipeline::StableDiffusion;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use tch::{Device, Kind, Tensor};
 
 fn sd() -> StableDiffusion {
@@ -105,12 +105,6 @@ fn merged_lora_equals_runtime_adapters() {
     check_min("the LoRA changes ε", max_abs_diff(&ea, &ep), 1e-2);
 }
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_hifi-tuner"));
-    c.env_remove("RUST_BACKTRACE");
-    c
-}
-
 fn generate(extra: &[&str], lora_arg: Option<String>, out: &Path) -> Output {
     let mut c = bin();
     c.args(["generate", "--prompt", "a sks dog on the beach", "--steps", "3", "--seed", "0", "--device", "cpu"]);
@@ -119,10 +113,6 @@ fn generate(extra: &[&str], lora_arg: Option<String>, out: &Path) -> Output {
         c.arg("--lora").arg(l);
     }
     c.args(extra).arg("--out").arg(out).output().unwrap()
-}
-
-fn png_rgb(path: &Path) -> Vec<u8> {
-    image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8().into_raw()
 }
 
 fn max_png_diff(a: &[u8], b: &[u8]) -> i32 {

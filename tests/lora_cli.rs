@@ -10,12 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_hifi-tuner"));
-    c.env_remove("RUST_BACKTRACE");
-    c
-}
-
 const ARGS: [&str; 9] = ["--class-noun", "dog", "--steps", "3", "--no-prior", "--seed", "3", "--device", "cpu"];
 
 fn learn_cmd(out: &Path, extra: &[&str]) -> Command {
@@ -26,23 +20,6 @@ fn learn_cmd(out: &Path, extra: &[&str]) -> Command {
     c
 }
 
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-#[track_caller]
-fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "{}", err(o));
-}
-
-#[track_caller]
-fn assert_fails(o: &Output, needle: &str) {
-    let e = err(o);
-    assert_eq!(o.status.code(), Some(1), "expected failure: {e}");
-    assert!(e.contains(needle), "error should mention {needle:?}: {e}");
-    assert!(!e.contains("panicked"), "{e}");
-}
-
 fn generate(args: &[&str], paths: &[(&str, &Path)], out: &Path) -> Output {
     let mut c = bin();
     c.args(["generate", "--prompt", "a sks dog on the beach", "--steps", "3", "--seed", "0", "--device", "cpu"]);
@@ -51,10 +28,6 @@ fn generate(args: &[&str], paths: &[(&str, &Path)], out: &Path) -> Output {
         c.arg(flag).arg(p);
     }
     c.arg("--out").arg(out).output().unwrap()
-}
-
-fn png(path: &Path) -> Vec<u8> {
-    image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8().into_raw()
 }
 
 fn peft(dir: &Path) -> PathBuf {
@@ -101,10 +74,10 @@ fn generate_subject_uses_its_base_model_and_lora_and_guidance_runs() {
     assert_ok(&generate(&[], &[("--subject", &out)], &s));
     let l = tmp.path().join("l.png");
     assert_ok(&generate(&[], &[("--model", &model_dir("tiny-a")), ("--lora", &peft(&out))], &l));
-    assert_eq!(png(&s), png(&l), "--subject of a LoRA subject = its base model + --lora");
+    assert_eq!(png_rgb(&s), png_rgb(&l), "--subject of a LoRA subject = its base model + --lora");
     let base = tmp.path().join("base.png");
     assert_ok(&generate(&[], &[("--model", &model_dir("tiny-a"))], &base));
-    assert_ne!(png(&base), png(&s), "the LoRA changes the image");
+    assert_ne!(png_rgb(&base), png_rgb(&s), "the LoRA changes the image");
     // reference guidance on the LoRA subject (M_g from the token + class attention)
     let g = tmp.path().join("g.png");
     let o = generate(
@@ -152,10 +125,10 @@ fn a_subject_learned_on_a_style_lora_is_drawn_with_both() {
         &[("--model", &model_dir("tiny-a")), ("--lora", &style_arg), ("--lora", &peft(&out))],
         &both,
     ));
-    assert_eq!(png(&s), png(&both), "the subject is drawn with the style LoRA it was learned on");
+    assert_eq!(png_rgb(&s), png_rgb(&both), "the subject is drawn with the style LoRA it was learned on");
     let only = tmp.path().join("only.png");
     assert_ok(&generate(&[], &[("--model", &model_dir("tiny-a")), ("--lora", &peft(&out))], &only));
-    assert_ne!(png(&s), png(&only), "…and without it, another image");
+    assert_ne!(png_rgb(&s), png_rgb(&only), "…and without it, another image");
 }
 
 #[test]

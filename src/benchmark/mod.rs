@@ -115,20 +115,13 @@ impl Method {
         Method::LoraGuidance,
     ];
 
-    /// The order of the report's tables: the learned rows, then the reference rows.
-    pub const TABLE: [Method; 11] = [
-        Method::Ti,
-        Method::TiMask,
-        Method::TiMaskReg,
-        Method::TiMaskRegStepwise,
-        Method::Hifi,
-        Method::Db,
-        Method::DbGuidance,
-        Method::Lora,
-        Method::LoraGuidance,
-        Method::Copy,
-        Method::Base,
-    ];
+    /// The place of a method in the report's tables: the learned rows in [`Self::ALL`]'s order,
+    /// then the reference rows.
+    pub fn table_rank(self) -> usize {
+        let learned = Self::ALL.into_iter().filter(|m| !m.reference());
+        let order = learned.chain(Self::ALL.into_iter().filter(|m| m.reference()));
+        order.into_iter().position(|m| m == self).unwrap_or(Self::ALL.len())
+    }
 
     pub fn name(self) -> &'static str {
         match self {

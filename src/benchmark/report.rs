@@ -213,7 +213,7 @@ as the output (the ceiling of subject fidelity, which a prompt-fidelity score sh
 model on the class-noun prompt (the floor).";
 
 fn method_rank(name: &str) -> usize {
-    Method::TABLE.iter().position(|m| m.name() == name).unwrap_or(Method::TABLE.len())
+    Method::parse(name).map_or(Method::ALL.len(), Method::table_rank)
 }
 
 /// Reads every finished unit (`units/*/*/scores.json`) of the runs. The same unit in two runs is

@@ -111,3 +111,34 @@ pub fn run_ok(c: &mut std::process::Command) -> String {
     assert!(o.status.success(), "failed: {err}");
     err
 }
+
+/// The `hifi-tuner` binary of this build, without RUST_BACKTRACE (errors read as users see them).
+pub fn bin() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_hifi-tuner"));
+    c.env_remove("RUST_BACKTRACE");
+    c
+}
+
+/// A finished command's stderr, as text.
+pub fn err(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[track_caller]
+pub fn assert_ok(o: &std::process::Output) {
+    assert!(o.status.success(), "{}", err(o));
+}
+
+/// The command failed as a refused input does (exit 1, no panic) and said `needle`.
+#[track_caller]
+pub fn assert_fails(o: &std::process::Output, needle: &str) {
+    let e = err(o);
+    assert_eq!(o.status.code(), Some(1), "expected failure: {e}");
+    assert!(e.contains(needle), "error should mention {needle:?}: {e}");
+    assert!(!e.contains("panicked"), "{e}");
+}
+
+/// A PNG's pixels as RGB bytes.
+pub fn png_rgb(path: &Path) -> Vec<u8> {
+    image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8().into_raw()
+}
