@@ -26,7 +26,8 @@ to tests/fixtures/lora/ours/ (pytorch_lora_weights.safetensors, kohya.safetensor
 tests/fixtures/lora/peft_kohya.safetensors = diffusers' `convert_state_dict_to_kohya` of the
 init adapters (peft's conversion, not our writer), and the images diffusers draws with
 `pipe.load_lora_weights(file)` + `cross_attention_kwargs={"scale": s}` (PROMPT, seed 0, 3 DDIM
-steps, guidance 7.5) as tests/fixtures/lora/diffusers-NAME.png, plus base.png without a LoRA.
+steps, guidance 7.5) as tests/fixtures/lora/diffusers-NAME.png, plus base.png without a LoRA, and
+the same images before 8-bit rounding in tests/fixtures/lora/diffusers-images.safetensors.
 
 Pinned versions: scripts/requirements-fixtures.txt (peft 0.21.2).
 """
@@ -193,7 +194,7 @@ def from_ours(binary: str) -> None:
     init = load_file(OUT / "init.safetensors")
     save_file(convert_state_dict_to_kohya(init), OUT / "peft_kohya.safetensors", metadata={"format": "pt"})
 
-    def draw(lora=None, scale=None):
+    def draw(lora=None, scale=None, output_type="pil"):
         # a fresh pipeline per image: after `unload_lora_weights`, the next LoRA's image was
         # drawn with the previous call's scale (diffusers 0.42, seen here)
         pipe = StableDiffusionPipeline.from_pretrained(MODEL, torch_dtype=torch.float32, safety_checker=None,
@@ -204,16 +205,22 @@ def from_ours(binary: str) -> None:
         if lora is not None:
             pipe.load_lora_weights(str(lora))
             kw = {"cross_attention_kwargs": {"scale": scale}}
-        return pipe(PROMPT, num_inference_steps=3, guidance_scale=7.5,
+        return pipe(PROMPT, num_inference_steps=3, guidance_scale=7.5, output_type=output_type,
                     generator=torch.Generator("cpu").manual_seed(0), **kw).images[0]
 
     base = draw()
     base.save(OUT / "base.png")
+    floats = {"base": torch.from_numpy(draw(output_type="np").copy())}
     for name, rel, scale in IMAGES:
         img = draw(OUT / rel, scale)
         img.save(OUT / f"diffusers-{name}.png")
+        floats[name] = torch.from_numpy(draw(OUT / rel, scale, output_type="np").copy())
         diff = np.abs(np.asarray(img, dtype=np.int32) - np.asarray(base, dtype=np.int32)).max()
         print(f"diffusers-{name}.png: max |LoRA − base| = {diff}/255")
+    # the images before 8-bit rounding, (H, W, 3) in [0, 1]
+    save_safetensors_sorted({k: v.float().contiguous() for k, v in floats.items()},
+                            OUT / "diffusers-images.safetensors",
+                            {"prompt": PROMPT, "steps": "3", "guidance": "7.5", "seed": "0"})
     print(f"wrote {OUT.relative_to(ROOT)}")
 
 
