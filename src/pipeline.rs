@@ -88,6 +88,8 @@ pub struct StableDiffusion {
     /// Where the weights were read from: the diffusers folder (for a hub id, its cache
     /// snapshot) or the single file.
     pub source: PathBuf,
+    /// The LoRAs merged into the weights at load (`--lora`), in order.
+    pub loras: Vec<crate::lora::LoraSpec>,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
     pub unet: UNet2DConditionModel,
@@ -121,7 +123,9 @@ impl StableDiffusion {
                 Self::load_folder(&hub::resolve(&repo, revision.as_deref(), opts.variant.as_deref())?, device)
             }
         }?;
+        let mut sd = sd;
         crate::lora::apply_all(&opts.loras, &sd.unet.vs, &sd.text_encoder.vs)?;
+        sd.loras = opts.loras.clone();
         if device.is_cuda() {
             tch::Cuda::cudnn_set_benchmark(true); // fixed shapes in every loop: let cuDNN pick its kernels once
         }
@@ -153,6 +157,7 @@ impl StableDiffusion {
             vae: AutoencoderKL::load(&dir.component("vae"), device)?,
             scheduler_config,
             source: dir.root,
+            loras: vec![],
             device,
         };
         Ok(sd.frozen())
@@ -173,6 +178,7 @@ impl StableDiffusion {
             vae: nets.vae,
             scheduler_config: configs.scheduler,
             source: file.to_path_buf(),
+            loras: vec![],
             device,
         };
         Ok(sd.frozen())

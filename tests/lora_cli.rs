@@ -1,6 +1,6 @@
 //! `learn --mode lora` from the command line on tiny-a: kill -9 + `--resume` bit-identical with
 //! a checkpoint of the adapters only, `generate --subject` of a LoRA subject (no `--lora`
-//! needed; + reference guidance), training on top of a style LoRA, half-precision base weights,
+//! needed; + reference guidance), `replace --subject` of one, training on top of a style LoRA, half-precision base weights,
 //! and bad input refused with nothing written.
 
 mod common;
@@ -88,22 +88,34 @@ fn generate_subject_uses_its_base_model_and_lora_and_guidance_runs() {
     assert_ok(&o);
     assert!(!err(&o).contains("falling back"), "{}", err(&o));
     assert!(tmp.path().join("g-intermediates/M_g.png").is_file(), "{}", err(&o));
-    // replace --subject points to --model + --lora
-    let o = bin()
-        .args(["replace", "--source-word", "dog", "--device", "cpu", "--model"])
-        .arg(model_dir("tiny-a"))
-        .arg("--subject")
-        .arg(&out)
-        .arg("--image")
-        .arg(fixtures().join("photos/dog/00.png"))
-        .arg("--caption")
-        .arg("a photo of a dog")
-        .arg("--out")
-        .arg(tmp.path().join("r.png"))
-        .output()
-        .unwrap();
-    assert_fails(&o, "--lora");
-    assert!(!tmp.path().join("r.png").exists());
+    // replace --subject of a LoRA subject = --model BASE --lora FILE --target-word "sks dog"
+    let replace = |extra: &[&str], paths: &[(&str, &Path)], out: &Path| {
+        let mut c = bin();
+        c.args(["replace", "--source-word", "dog", "--device", "cpu", "--steps", "3", "--inner-steps", "1"]);
+        c.args(["--caption", "a photo of a dog"]).arg("--image").arg(fixtures().join("photos/dog/00.jpg"));
+        c.args(extra);
+        for (flag, p) in paths {
+            c.arg(flag).arg(p);
+        }
+        c.arg("--out").arg(out).output().unwrap()
+    };
+    let r1 = tmp.path().join("r1.png");
+    assert_ok(&replace(&[], &[("--model", &model_dir("tiny-a")), ("--subject", &out)], &r1));
+    let r2 = tmp.path().join("r2.png");
+    let explicit = [("--model", model_dir("tiny-a")), ("--lora", peft(&out))];
+    let explicit: Vec<(&str, &Path)> = explicit.iter().map(|(f, p)| (*f, p.as_path())).collect();
+    assert_ok(&replace(&["--target-word", "sks dog"], &explicit, &r2));
+    assert_eq!(png_rgb(&r1), png_rgb(&r2), "replace --subject LORA = base + --lora + --target-word \"sks dog\"");
+    // the inversion saved with the LoRA merged is not reused without it (the model differs)
+    let inv = tmp.path().join("r1-inversion");
+    assert!(inv.is_dir());
+    let o = replace(
+        &["--target-word", "sks dog"],
+        &[("--model", &model_dir("tiny-a")), ("--inversion", &inv)],
+        &tmp.path().join("r3.png"),
+    );
+    assert_fails(&o, "lora");
+    assert!(!tmp.path().join("r3.png").exists());
 }
 
 #[test]

@@ -175,8 +175,8 @@ pub fn learned_kind(path: &Path) -> Learned {
 }
 
 /// Refuses a `--subject` that is a textual inversion or an unfinished run, pointing to the
-/// right flag; `dreambooth_ok` says whether the subcommand takes a DreamBooth folder there.
-pub fn check_subject_arg(path: &Path, dreambooth_ok: bool) -> anyhow::Result<()> {
+/// right flag (DreamBooth and LoRA subject folders are taken by `generate` and `replace`).
+pub fn check_subject_arg(path: &Path) -> anyhow::Result<()> {
     let p = path.display();
     match learned_kind(path) {
         Learned::Ti(file) => anyhow::bail!(
@@ -188,24 +188,6 @@ pub fn check_subject_arg(path: &Path, dreambooth_ok: bool) -> anyhow::Result<()>
             "--subject {p} holds an unfinished learn run (a checkpoint, no result yet): continue it with \
              learn --resume --out {p}"
         ),
-        Learned::DreamBooth if !dreambooth_ok => {
-            let m = hifi_tuner::dreambooth::job::Manifest::read(path)?;
-            match m.filter(|m| m.is_lora()) {
-                Some(m) => anyhow::bail!(
-                    "--subject {p} is a LoRA subject (learn --mode lora): use its base model and LoRA instead, \
-                     --model {} --lora {} with its token in --target-word (e.g. \"{} {}\")",
-                    m.model,
-                    path.join(hifi_tuner::lora::PEFT_FILE).display(),
-                    m.token,
-                    m.class_noun
-                ),
-                None => anyhow::bail!(
-                    "--subject {p} is a DreamBooth subject (a fine-tuned model, learn --mode dreambooth): use its model \
-                     instead, --model {} with its token in --target-word (e.g. \"sks dog\")",
-                    path.join(hifi_tuner::dreambooth::job::MODEL_DIR).display()
-                ),
-            }
-        }
         _ => Ok(()),
     }
 }

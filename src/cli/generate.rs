@@ -90,7 +90,7 @@ pub fn run(mut a: Args) -> Result<()> {
     let device = super::parse_device(&a.device)?;
     let started = Instant::now();
     if let Some(s) = &a.subject {
-        super::args::check_subject_arg(s, true)?;
+        super::args::check_subject_arg(s)?;
     }
     a.embedding = a.embedding.iter().map(|e| super::args::embedding_file(e)).collect::<Result<_>>()?;
     let dreambooth = match a.subject.as_deref().filter(|s| s.is_dir()) {

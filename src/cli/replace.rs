@@ -1,5 +1,6 @@
 use super::invert::InversionArgs;
 use anyhow::{bail, Result};
+use hifi_tuner::dreambooth::job::Manifest;
 use hifi_tuner::io::heat_overlay;
 use hifi_tuner::io::RgbImage;
 use hifi_tuner::replace::job::{
@@ -22,7 +23,9 @@ pub struct Args {
     #[arg(long)]
     target_word: Option<String>,
     /// A learned subject (a `learn` folder or its subject.safetensors): the target's
-    /// conditioning is [c^g, c_s^t] (Eq. 7).
+    /// conditioning is [c^g, c_s^t] (Eq. 7). A DreamBooth or LoRA subject folder instead
+    /// supplies its model (OUT/model; the base model with its LoRA) and the target words
+    /// "TOKEN CLASS" (e.g. "sks dog").
     #[arg(long)]
     subject: Option<PathBuf>,
     /// A textual-inversion file instead of --subject; its token becomes the target word.
@@ -51,7 +54,7 @@ pub struct Args {
     save_intermediates: bool,
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
     let started = Instant::now();
     if !a.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
         bail!("--out must be a .png file, got {}", a.out.display());
@@ -60,17 +63,45 @@ pub fn run(a: Args) -> Result<()> {
         bail!("give either --subject or --embedding, not both");
     }
     if let Some(s) = &a.subject {
-        super::args::check_subject_arg(s, false)?;
+        super::args::check_subject_arg(s)?;
+    }
+    // a DreamBooth / LoRA subject: its model (and LoRAs) replace --model, as in `generate`
+    let fine_tuned = match a.subject.as_deref().filter(|s| s.is_dir()) {
+        Some(dir) => Manifest::read(dir)?.map(|m| (dir.to_path_buf(), m)),
+        None => None,
+    };
+    if let Some((dir, m)) = &fine_tuned {
+        let done = m.finished_file(dir);
+        if !done.is_file() {
+            bail!("{} is missing (was the training interrupted? continue it with learn --resume)", done.display());
+        }
+        let (model, loras) = m.model_and_loras(dir);
+        let same = |x: &Path, y: &Path| x.canonicalize().ok().zip(y.canonicalize().ok()).is_some_and(|(x, y)| x == y);
+        if !same(&model, &a.inv.model) {
+            eprintln!(
+                "note: {} is a {} subject: {} is used, not {}",
+                dir.display(),
+                m.mode,
+                model.display(),
+                a.inv.model.display()
+            );
+        }
+        a.inv.model = model;
+        a.inv.model_options.lora.extend(loras);
     }
     let embedding = a.embedding.as_deref().map(super::args::embedding_file).transpose()?;
     let mut sd = a.inv.model_options.load(&a.inv.model, super::parse_device(&a.inv.device)?)?;
-    let subject = a.subject.as_deref().map(Subject::load).transpose()?;
+    let subject = match &fine_tuned {
+        Some(_) => None,
+        None => a.subject.as_deref().map(Subject::load).transpose()?,
+    };
     let loaded = embedding.as_deref().map(|e| ti::load_embedding(&mut sd, e, a.token.as_deref())).transpose()?;
-    let target_word = match (&a.target_word, &subject, &loaded) {
-        (Some(w), _, _) => Some(w.clone()),
-        (None, Some(s), _) => Some(s.class_noun.clone()),
-        (None, None, Some(l)) => Some(l.token.clone()),
-        (None, None, None) => bail!("without --subject or --embedding, --target-word is required"),
+    let target_word = match (&a.target_word, &subject, &loaded, &fine_tuned) {
+        (Some(w), _, _, _) => Some(w.clone()),
+        (None, _, _, Some((_, m))) => Some(format!("{} {}", m.token, m.class_noun)),
+        (None, Some(s), _, _) => Some(s.class_noun.clone()),
+        (None, None, Some(l), _) => Some(l.token.clone()),
+        (None, None, None, None) => bail!("without --subject or --embedding, --target-word is required"),
     };
     let target_word = target_word.map(|w| ti::convert_prompt(&sd, &w, loaded.as_slice()));
     let req = ReplaceRequest {

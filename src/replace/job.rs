@@ -63,7 +63,13 @@ pub struct InvertRequest {
 
 /// The canonical model path recorded in an inversion.
 pub fn model_id(sd: &StableDiffusion) -> String {
-    std::fs::canonicalize(&sd.source).unwrap_or_else(|_| sd.source.clone()).display().to_string()
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string();
+    let mut id = canonical(&sd.source);
+    // merged LoRAs change the weights: an inversion made without them (or with others) differs
+    for l in &sd.loras {
+        id.push_str(&format!(" + lora {}:{}", canonical(&l.path), l.scale));
+    }
+    id
 }
 
 /// What a request's inversion must match (the photo is hashed here).
