@@ -140,9 +140,13 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
     let lora = args.lora.as_ref();
     let _lock = crate::outdir::lock_dir(&job.out, "--out")?;
     let identity = identity(job)?;
-    // a hub id stays as it is; a local base model is recorded by its absolute path (a LoRA
-    // subject is drawn on it later, from any working folder)
-    let model = job.model.canonicalize().unwrap_or_else(|_| job.model.clone());
+    // LoRA: a local base model is recorded by its absolute path (the subject is drawn on it
+    // later, from any working folder); a hub id stays as it is. (DreamBooth keeps the path as
+    // given: its folders compare it on --resume.)
+    let model = match lora {
+        Some(_) => job.model.canonicalize().unwrap_or_else(|_| job.model.clone()),
+        None => job.model.clone(),
+    };
     let manifest = Manifest {
         format: FORMAT.into(),
         mode: if lora.is_some() { "lora" } else { "dreambooth" }.into(),
