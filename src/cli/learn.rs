@@ -201,6 +201,9 @@ fn run_dreambooth(a: Args) -> Result<()> {
     let lora = a.mode == "lora";
     let mut args =
         if lora { DreamBoothArgs::new_lora(token, &a.class_noun) } else { DreamBoothArgs::new(token, &a.class_noun) };
+    // default on with CUDA for DreamBooth; LoRA's frozen half-precision weights keep it off
+    // unless asked (it needs float32 weights)
+    args.gradient_checkpointing = a.gradient_checkpointing.unwrap_or(device.is_cuda() && !lora);
     if let Some(l) = args.lora.as_mut() {
         l.rank = a.rank.unwrap_or(l.rank);
         l.alpha = a.alpha.unwrap_or(l.rank as f64);
@@ -209,7 +212,7 @@ fn run_dreambooth(a: Args) -> Result<()> {
     args.lr = a.lr.unwrap_or(args.lr);
     args.weight_decay = a.weight_decay;
     args.max_grad_norm = a.max_grad_norm;
-    args.gradient_checkpointing = a.gradient_checkpointing.unwrap_or(device.is_cuda());
+
     args.prior_weight = (!a.no_prior).then_some(a.prior_weight);
     args.class_images = a.class_images;
     args.class_steps = a.class_steps;

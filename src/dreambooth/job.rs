@@ -164,6 +164,9 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
     let ckpt_path = crate::subject::job::checkpoint_path(&job.out, job.resume)?;
     let mut sd = StableDiffusion::load_with(&job.model, &job.load, job.device)?;
     // LoRA: frozen base weights in any dtype, float32 adapters; DreamBooth: float32 weights
+    if args.gradient_checkpointing && sd.dtype() != Kind::Float {
+        bail!("--gradient-checkpointing needs float32 weights: pass --dtype fp32, or --gradient-checkpointing false");
+    }
     if lora.is_none() && sd.dtype() != Kind::Float {
         bail!(
             "DreamBooth trains float32 weights (fp32 AdamW); pass --dtype fp32 (mixed-precision training is not implemented)"
