@@ -212,9 +212,9 @@ fn lora_images_equal_diffusers_before_rounding() {
     ] {
         let img = draw(vec![lora::LoraSpec { path: lora_fixture(rel), scale }]);
         // merged weights (ours) vs W·x + s·B·A·x (diffusers): float32 re-association through 3
-        // DDIM steps and the VAE, measured at most 4.3e-6 (ATEN_CPU_CAPABILITY default / avx2,
-        // 1 / 2 threads); 5e-5 is an 11× margin, while the LoRA moves the image by 0.35–0.72
-        check_tol(&format!("{name}: image vs diffusers"), max_abs_diff(&img, &want[name]), 5e-5);
+        // DDIM steps and the VAE, measured at most 1.1e-5 (`make test-portable`: avx2, 2
+        // threads); 1e-4 is a 9× margin, while the LoRA moves the image by 0.35–0.72
+        check_tol(&format!("{name}: image vs diffusers"), max_abs_diff(&img, &want[name]), 1e-4);
         check_min(&format!("{name}: the LoRA changes the image"), max_abs_diff(&img, &base), 0.05);
     }
 }
