@@ -187,6 +187,11 @@ impl ClipModel {
     }
 
     fn build(config: ClipConfig, device: Device, origin: &str) -> Result<Self> {
+        // tch initialises every variable at random: no other thread may draw meanwhile
+        crate::rng::exclusive(|| Self::build_unlocked(config, device, origin))
+    }
+
+    fn build_unlocked(config: ClipConfig, device: Device, origin: &str) -> Result<Self> {
         let text = ClipTextModel::build(config.text_config.clone(), device, &format!("{origin} (text_config)"))?;
         let v = &config.vision_config;
         let act = v.validate(origin)?;

@@ -458,6 +458,11 @@ impl AutoencoderKL {
     }
 
     fn build(config: VaeConfig, device: Device, origin: &str) -> Result<Self> {
+        // tch initialises every variable at random: no other thread may draw meanwhile
+        crate::rng::exclusive(|| Self::build_unlocked(config, device, origin))
+    }
+
+    fn build_unlocked(config: VaeConfig, device: Device, origin: &str) -> Result<Self> {
         config.validate(origin)?;
         let vs = nn::VarStore::new(device);
         let root = vs.root();

@@ -273,6 +273,11 @@ impl ViTModel {
     }
 
     fn build(config: ViTConfig, device: Device, origin: &str) -> Result<Self> {
+        // tch initialises every variable at random: no other thread may draw meanwhile
+        crate::rng::exclusive(|| Self::build_unlocked(config, device, origin))
+    }
+
+    fn build_unlocked(config: ViTConfig, device: Device, origin: &str) -> Result<Self> {
         let act = config.validate(origin)?;
         let vs = nn::VarStore::new(device);
         let root = vs.root();

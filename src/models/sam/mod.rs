@@ -328,6 +328,11 @@ impl SamModel {
     }
 
     fn build(config: SamConfig, device: Device, origin: &str) -> Result<Self> {
+        // tch initialises every variable at random: no other thread may draw meanwhile
+        crate::rng::exclusive(|| Self::build_unlocked(config, device, origin))
+    }
+
+    fn build_unlocked(config: SamConfig, device: Device, origin: &str) -> Result<Self> {
         let (vact, pact, mact) = config.validate(origin)?;
         let _ = pact; // the mask embedding's activation: mask prompts are not implemented
         let vs = nn::VarStore::new(device);

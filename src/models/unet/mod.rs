@@ -68,6 +68,11 @@ impl UNet2DConditionModel {
 
     /// Builds the UNet of `config` with tch's default random initialisation.
     pub fn new(config: UNetConfig, device: Device) -> Result<Self> {
+        // tch initialises every variable at random: no other thread may draw meanwhile
+        crate::rng::exclusive(|| Self::new_unlocked(config, device))
+    }
+
+    fn new_unlocked(config: UNetConfig, device: Device) -> Result<Self> {
         let levels = config.levels()?;
         let vs = nn::VarStore::new(device);
         let root = vs.root();
