@@ -240,3 +240,95 @@ fn download(cache: &Path, repo: &str, rev: &str, variant: Option<&str>) -> Resul
     }
     Ok(snap)
 }
+
+/// The files of a transformers model folder: each entry of `required` lists alternatives (one
+/// must be there; the first the repository has is fetched), `optional` ones are fetched when
+/// the repository has them.
+#[derive(Debug, Clone, Copy)]
+pub struct FolderFiles<'a> {
+    /// What the folder is, for errors ("a BLIP captioner").
+    pub what: &'a str,
+    pub required: &'a [&'a [&'a str]],
+    pub optional: &'a [&'a str],
+}
+
+impl FolderFiles<'_> {
+    fn missing(&self, snapshot: &Path) -> Vec<String> {
+        self.required
+            .iter()
+            .filter(|alts| !alts.iter().any(|f| snapshot.join(f).is_file()))
+            .map(|alts| alts.join(" or "))
+            .collect()
+    }
+}
+
+/// A local folder, or a hub id `org/name[@revision]` resolved to a cache snapshot holding
+/// `files` (downloaded when missing, unless `HF_HUB_OFFLINE=1`) — for transformers folders
+/// (BLIP), as [`resolve`] is for diffusers ones.
+pub fn resolve_folder(arg: &Path, files: &FolderFiles) -> Result<PathBuf> {
+    if arg.is_dir() {
+        return Ok(arg.to_path_buf());
+    }
+    let s = arg.to_string_lossy();
+    let Some((repo, revision)) = parse_hub_id(&s) else {
+        bail!("{s} is not a folder, nor a Hugging Face id (org/name or org/name@revision) of {}", files.what);
+    };
+    let cache = cache_dir()?;
+    let rev = revision.as_deref().unwrap_or("main");
+    if let Some(snap) = cached_snapshot(&cache, &repo, rev) {
+        let missing = files.missing(&snap);
+        if missing.is_empty() {
+            return Ok(snap);
+        }
+        if offline() {
+            bail!(
+                "{repo}@{rev}: the cached snapshot {} lacks {}; HF_HUB_OFFLINE=1 forbids downloading them",
+                snap.display(),
+                missing.join(", ")
+            );
+        }
+    } else if offline() {
+        bail!(
+            "{repo}@{rev} is not in the Hugging Face cache {}, and HF_HUB_OFFLINE=1 forbids downloading it: \
+             unset HF_HUB_OFFLINE, or give a local folder",
+            cache.display()
+        );
+    }
+    download_folder(&cache, &repo, rev, files)
+}
+
+fn download_folder(cache: &Path, repo: &str, rev: &str, files: &FolderFiles) -> Result<PathBuf> {
+    use hf_hub::api::sync::ApiBuilder;
+    use hf_hub::{Repo, RepoType};
+    let endpoint =
+        std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()).unwrap_or_else(|| "https://huggingface.co".into());
+    let mut builder = ApiBuilder::new()
+        .with_cache_dir(cache.to_path_buf())
+        .with_endpoint(endpoint.trim_end_matches('/').to_string())
+        .with_progress(true);
+    if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
+        builder = builder.with_token(Some(token));
+    }
+    let api = builder.build().context("cannot set up the Hugging Face client")?;
+    let handle = api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, rev.to_string()));
+    let info = handle.info().map_err(|e| anyhow!("{repo}@{rev}: cannot read the repository from {endpoint}: {e}"))?;
+    let siblings: std::collections::HashSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    let mut wanted: Vec<&str> = Vec::new();
+    for alts in files.required {
+        let Some(f) = alts.iter().find(|f| siblings.contains(*f)) else {
+            bail!(
+                "{repo}@{rev} is not {}: it has no {} (pickled .bin weights are never loaded)",
+                files.what,
+                alts.join(" or ")
+            );
+        };
+        wanted.push(f);
+    }
+    wanted.extend(files.optional.iter().filter(|f| siblings.contains(*f)));
+    let mut snapshot = None;
+    for f in wanted {
+        let path = handle.get(f).map_err(|e| anyhow!("{repo}@{rev}: cannot download {f} from {endpoint}: {e}"))?;
+        snapshot.get_or_insert_with(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
+    }
+    snapshot.ok_or_else(|| anyhow!("{repo}@{rev}: nothing to download"))
+}

@@ -33,6 +33,7 @@
 //! | the DreamBooth benchmark: Table 2's methods, units, shards (Slurm, Kubernetes) | [`benchmark`] |
 //! | the report (HTML, CSV, JSON, Markdown; means with bootstrap intervals over subjects, paired differences of the ablation steps) | [`benchmark::report`] |
 //! | do the fidelity scores rank a subject's true render above a blob, a plain shape, another subject, the base model's image, a copied photo? (`world-validity`) | [`benchmark::validity`] |
+//! | §3.4: the caption of I_r that Algorithm 3 starts from (BLIP: transformers' `BlipForConditionalGeneration`, greedy / beam search, `BlipProcessor`) | [`caption`], [`models::blip`] |
 //! | §3.4, Eq. 4: null-text inversion (the first two loops of Algorithm 3) | [`replace::nti`] |
 //! | Algorithm 3's F̃: prompt-to-prompt attention control, token alignment | [`replace::p2p`] |
 //! | Algorithm 3: subject replacement, the `invert` and `replace` jobs | [`replace::job`] |
@@ -55,6 +56,7 @@
 
 pub mod attention;
 pub mod benchmark;
+pub mod caption;
 pub mod dreambooth;
 pub mod eval;
 pub mod guidance;

@@ -2,6 +2,7 @@
 //! named exactly as diffusers / transformers name their parameters.
 
 pub mod attention;
+pub mod blip;
 pub mod clip;
 pub mod clip_text;
 pub mod lora;
