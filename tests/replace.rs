@@ -254,6 +254,7 @@ fn small_inversion(
     let req = InvertRequest {
         image: fixtures().join("photos/dog/00.jpg"),
         caption: caption.into(),
+        caption_source: None,
         steps,
         height: None,
         width: None,

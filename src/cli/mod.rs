@@ -4,6 +4,7 @@ mod align_mask;
 pub mod args;
 mod bench;
 mod benchmark;
+mod caption;
 mod dino;
 mod generate;
 mod init_random;
@@ -43,6 +44,9 @@ pub enum Command {
     Tokenize(tokenize::Args),
     /// Learn a subject from its photos (HiFi Tuner §3.2, Algorithm 1) or a textual inversion.
     Learn(learn::Args),
+    /// Caption images with BLIP (transformers' BlipForConditionalGeneration): one JSON line per
+    /// image, {"image": PATH, "caption": TEXT}.
+    Caption(caption::Args),
     /// Null-text inversion of a photo (paper Eq. 4, Algorithm 3): x_T* and the per-step φ*_t.
     Invert(invert::Args),
     /// Put a learned subject (or another word) into a photo in place of one of its objects
@@ -98,6 +102,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(a) => score::run(a),
         Command::Benchmark(a) => benchmark::run_cmd(a),
         Command::Report(a) => report::run(a),
+        Command::Caption(a) => caption::run(a),
         Command::Invert(a) => invert::run(a),
         Command::Replace(a) => replace::run(a),
         Command::Sam(a) => sam::run(a),

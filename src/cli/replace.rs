@@ -90,7 +90,20 @@ pub fn run(mut a: Args) -> Result<()> {
         a.inv.model_options.lora.extend(loras);
     }
     let embedding = a.embedding.as_deref().map(super::args::embedding_file).transpose()?;
-    let mut sd = a.inv.model_options.load(&a.inv.model, super::parse_device(&a.inv.device)?)?;
+    let device = super::parse_device(&a.inv.device)?;
+    // c^r: typed, captioned by BLIP, or (with --inversion and neither) the inversion's own
+    let reused = match &a.inversion {
+        Some(dir) => Some(load_inversion(dir, device)?),
+        None => None,
+    };
+    let (caption, caption_source) = match (&reused, &a.inv.caption, &a.inv.captioner) {
+        (Some(inv), None, None) => {
+            eprintln!("caption (from the inversion): {:?}", inv.meta.caption);
+            (inv.meta.caption.clone(), inv.meta.caption_source.clone())
+        }
+        _ => a.inv.caption(device)?,
+    };
+    let mut sd = a.inv.model_options.load(&a.inv.model, device)?;
     let subject = match &fine_tuned {
         Some(_) => None,
         None => a.subject.as_deref().map(Subject::load).transpose()?,
@@ -111,19 +124,25 @@ pub fn run(mut a: Args) -> Result<()> {
         self_replace: a.self_replace,
     };
     // Everything that can be refused is checked before any work or any file.
-    let inv_req = a.inv.request();
+    let inv_req = a.inv.request(&caption, caption_source.clone());
     inv_req.nti.validate()?;
-    let swap = prepare_swap(&sd, &a.inv.caption, &req, subject.as_ref())?;
+    let swap = prepare_swap(&sd, &caption, &req, subject.as_ref()).map_err(|e| match &caption_source {
+        // a caption the user did not write: say so, and how to go on
+        Some(src) => e.context(format!(
+            "the photo's caption {caption:?} was written by {src}: choose --source-word among its words, or give \
+             --caption"
+        )),
+        None => e,
+    })?;
     let want = expected_meta(&sd, &inv_req)?;
     sd.check_size(want.height, want.width)?;
-    let (inversion, source) = match &a.inversion {
-        Some(dir) => {
-            let inv = load_inversion(dir, sd.device)?;
+    let (inversion, source) = match (&a.inversion, reused) {
+        (Some(dir), Some(inv)) => {
             check_matches(&inv.meta, &want, dir)?;
             let source = hifi_tuner::io::load_image_cover(&a.inv.image, want.height, want.width)?;
             (inv, hifi_tuner::io::image_to_u8(&source).unsqueeze(0))
         }
-        None => {
+        _ => {
             let inv = invert(&sd, &inv_req)?;
             let dir = sibling(&a.out, "inversion");
             save_inverted(&dir, &inv)?;

@@ -36,6 +36,8 @@ pub struct InversionMeta {
     /// SHA-256 of the photo file.
     pub image_sha256: String,
     pub caption: String,
+    /// Who wrote the caption when it was not typed ("blip DIR"); not compared on reuse.
+    pub caption_source: Option<String>,
     pub height: i64,
     pub width: i64,
     pub steps: usize,
@@ -54,6 +56,9 @@ pub struct Inversion {
 pub struct InvertRequest {
     pub image: PathBuf,
     pub caption: String,
+    /// Where the caption came from when not typed (e.g. "blip DIR"): stored in the inversion's
+    /// metadata as `caption_source`.
+    pub caption_source: Option<String>,
     pub steps: usize,
     /// Default: the model's default size.
     pub height: Option<i64>,
@@ -79,6 +84,7 @@ pub fn expected_meta(sd: &StableDiffusion, req: &InvertRequest) -> Result<Invers
         model: model_id(sd),
         image_sha256: file_sha256(&req.image)?,
         caption: req.caption.clone(),
+        caption_source: req.caption_source.clone(),
         height: req.height.unwrap_or(dh),
         width: req.width.unwrap_or(dw),
         steps: req.steps,
@@ -166,6 +172,9 @@ pub fn save_inversion(path: &Path, inv: &Inversion) -> Result<()> {
     meta.insert("model".into(), m.model.clone());
     meta.insert("image_sha256".into(), m.image_sha256.clone());
     meta.insert("caption".into(), m.caption.clone());
+    if let Some(src) = &m.caption_source {
+        meta.insert("caption_source".into(), src.clone());
+    }
     meta.insert("height".into(), m.height.to_string());
     meta.insert("width".into(), m.width.to_string());
     meta.insert("steps".into(), m.steps.to_string());
@@ -192,6 +201,7 @@ pub fn load_inversion(path: &Path, device: Device) -> Result<Inversion> {
         model: get("model")?,
         image_sha256: get("image_sha256")?,
         caption: get("caption")?,
+        caption_source: md.get("caption_source").cloned(),
         height: num("height")? as i64,
         width: num("width")? as i64,
         steps: num("steps")? as usize,
