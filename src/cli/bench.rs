@@ -3,8 +3,9 @@
 //! spaces and in TI mode (a TI step is the UNet forward + backward diffusers' textual-inversion
 //! script times), the share of a reference-guided image spent optimising φ_h, and null-text
 //! inversion + replacement (Algorithm 3), and a DreamBooth-LoRA step against the TI step, all at
-//! the chosen `--dtype`. Prints one JSON object
-//! per measurement and the ratios between them.
+//! the chosen `--dtype`; with `--blip`, seconds per BLIP caption (random weights at BLIP-base or
+//! -large shapes, or a BLIP folder). Prints one JSON object per measurement and the ratios
+//! between them.
 
 use anyhow::Result;
 use hifi_tuner::guidance::invert::ddim_invert;
@@ -24,8 +25,13 @@ use tch::{Device, Kind, Tensor};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// The Stable Diffusion model to time (may be left out with --blip: captions only).
+    #[arg(long, required_unless_present = "blip")]
+    model: Option<PathBuf>,
+    /// Also time BLIP captions: `base` or `large` (random weights at those shapes:
+    /// Salesforce/blip-image-captioning-base / -large) or a BLIP folder.
     #[arg(long)]
-    model: PathBuf,
+    blip: Option<String>,
     #[command(flatten)]
     model_options: super::ModelOptions,
     /// DDIM steps of the generation and guided runs.
@@ -46,7 +52,11 @@ fn sync(device: Device) {
 
 pub fn run(a: Args) -> Result<()> {
     let device = super::parse_device(&a.device)?;
-    let mut sd = a.model_options.load(&a.model, device)?;
+    if let Some(b) = &a.blip {
+        bench_blip(b, device)?;
+    }
+    let Some(model) = &a.model else { return Ok(()) };
+    let mut sd = a.model_options.load(model, device)?;
     let size = sd.default_size();
     let req = GenerateRequest {
         prompt: "a photo of a dog on the beach".into(),
@@ -114,7 +124,7 @@ pub fn run(a: Args) -> Result<()> {
         rates.push(rate);
         if mode == Mode::Ti {
             // Reload to drop the TI tokens again.
-            sd = a.model_options.load(&a.model, device)?;
+            sd = a.model_options.load(model, device)?;
         }
     }
     println!(
@@ -184,6 +194,7 @@ pub fn run(a: Args) -> Result<()> {
         model: String::new(),
         image_sha256: String::new(),
         caption: caption.into(),
+        caption_source: None,
         height: size,
         width: size,
         steps: a.steps,
@@ -209,7 +220,7 @@ pub fn run(a: Args) -> Result<()> {
 /// Steps per second of `learn --mode lora`'s step (fresh rank-4 adapters on a fresh model).
 fn lora_steps_per_second(a: &Args, device: Device, size: i64) -> Result<f64> {
     use hifi_tuner::dreambooth::{step_on, DbBatch, DbState, DreamBoothArgs, Params};
-    let mut sd = a.model_options.load(&a.model, device)?;
+    let mut sd = a.model_options.load(a.model.as_deref().expect("checked"), device)?;
     let mut args = DreamBoothArgs::new_lora("sks", "dog");
     args.prior_weight = None;
     let lora = args.lora.clone().expect("a LoRA recipe");
@@ -233,4 +244,70 @@ fn lora_steps_per_second(a: &Args, device: Device, size: i64) -> Result<f64> {
     }
     sync(device);
     Ok((a.learn_steps - 1) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Seconds per BLIP caption (greedy and 3 beams, 20 new tokens: random weights rarely stop
+/// earlier, so this is the default limit's worst case), the image encoding alone, and the first
+/// and last decoding step (with the key / value cache the last costs about what the first does).
+fn bench_blip(which: &str, device: Device) -> Result<()> {
+    use hifi_tuner::caption::BlipImageProcessor;
+    use hifi_tuner::models::blip::{BlipConfig, BlipForConditionalGeneration, GenerationConfig, MaxLength};
+    let model = match which {
+        "base" | "large" => {
+            let mut cfg: BlipConfig = serde_json::from_value(json!({"text_config": {}, "vision_config": {}}))?;
+            if which == "large" {
+                let v = &mut cfg.vision_config;
+                (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size) = (1024, 24, 16, 4096);
+                cfg.text_config.encoder_hidden_size = 1024;
+            }
+            BlipForConditionalGeneration::new(cfg, device)?
+        }
+        dir => BlipForConditionalGeneration::load(std::path::Path::new(dir), device, Kind::Float)?,
+    };
+    let s = model.config.vision_config.image_size;
+    let proc = BlipImageProcessor::default_for(s);
+    let img =
+        image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(640, 480, |x, y| image::Rgb([x as u8, y as u8, 128])));
+    let px = proc.preprocess(&img)?.unsqueeze(0);
+    let bos = model.config.text_config.bos_token_id;
+    let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+        f()?; // warm-up
+        sync(device);
+        let t = Instant::now();
+        f()?;
+        sync(device);
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let encode_s = time(&|| tch::no_grad(|| model.image_embeds(&px)).map(|_| ()))?;
+    let embeds = tch::no_grad(|| model.image_embeds(&px))?;
+    let g = GenerationConfig { max_length: MaxLength::New(20), ..GenerationConfig::default() };
+    let mut rows = vec![];
+    for beams in [1usize, 3] {
+        let g = GenerationConfig { num_beams: beams, ..g.clone() };
+        let secs = time(&|| {
+            let e = tch::no_grad(|| model.image_embeds(&px))?;
+            model.generate(&e, &[bos], &g).map(|_| ())
+        })?;
+        let len = model.generate(&embeds, &[bos], &g)?.len();
+        rows.push(json!({"beams": beams, "tokens": len, "seconds_per_caption": secs}));
+    }
+    // one decoding step at the first and at the 20th position (cache of 19 tokens)
+    let step = |pos: usize| -> Result<f64> {
+        tch::no_grad(|| {
+            let mut cache = model.new_cache(&embeds);
+            if pos > 0 {
+                let _ = model.decode(&Tensor::full([1, pos as i64], bos, (Kind::Int64, device)), &mut cache)?;
+            }
+            let one = Tensor::full([1, 1], bos, (Kind::Int64, device));
+            time(&|| model.decode(&one, &mut cache.fork()).map(|_| ()))
+        })
+    };
+    let (first, last) = (step(0)?, step(19)?);
+    println!(
+        "{}",
+        json!({"what": "caption", "blip": which, "device": format!("{device:?}"), "image_size": s,
+        "encode_seconds": encode_s, "runs": rows, "step_seconds_first": first, "step_seconds_at_20": last,
+        "step_20_over_first": last / first})
+    );
+    Ok(())
 }
