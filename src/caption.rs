@@ -7,6 +7,8 @@
 
 use crate::load::read_json;
 use crate::models::blip::{BlipForConditionalGeneration, GenerationConfig, MaxLength};
+// OpenAI CLIP's normalisation is BLIP's default too
+use crate::models::clip::{pixel_values, CLIP_MEAN, CLIP_STD};
 use anyhow::{anyhow, bail, Context, Result};
 use image::imageops::FilterType;
 use image::DynamicImage;
@@ -32,10 +34,6 @@ pub struct BlipImageProcessor {
     pub mean: [f64; 3],
     pub std: [f64; 3],
 }
-
-/// OpenAI CLIP's normalisation, BLIP's default.
-const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
-const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -126,15 +124,11 @@ impl BlipImageProcessor {
             let (nh, nw) = self.size;
             rgb = image::imageops::resize(&rgb, nw, nh, FilterType::CatmullRom);
         }
-        let (w, h) = rgb.dimensions();
-        let x = Tensor::from_slice(rgb.as_raw()).view([h as i64, w as i64, 3]).permute([2, 0, 1]).to_kind(Kind::Double);
-        let x = if self.do_rescale { x * self.rescale_factor } else { x };
-        let x = if self.do_normalize {
-            (x - Tensor::from_slice(&self.mean).view([3, 1, 1])) / Tensor::from_slice(&self.std).view([3, 1, 1])
-        } else {
-            x
-        };
-        Ok(x.to_kind(Kind::Float))
+        Ok(pixel_values(
+            &rgb,
+            self.do_rescale.then_some(self.rescale_factor),
+            self.do_normalize.then_some((self.mean, self.std)),
+        ))
     }
 }
 

@@ -175,8 +175,13 @@ pub fn resolve(repo: &str, revision: Option<&str>, variant: Option<&str>) -> Res
     download(&cache, repo, rev, variant)
 }
 
-/// Downloads the files our loader reads into the cache; returns the snapshot folder.
-fn download(cache: &Path, repo: &str, rev: &str, variant: Option<&str>) -> Result<PathBuf> {
+/// The hub client's handle on `repo` at `rev` (`HF_ENDPOINT` and `HF_TOKEN` honoured, the
+/// given cache), the endpoint, and the repository's file names.
+fn open_repo(
+    cache: &Path,
+    repo: &str,
+    rev: &str,
+) -> Result<(hf_hub::api::sync::ApiRepo, String, std::collections::HashSet<String>)> {
     use hf_hub::api::sync::ApiBuilder;
     use hf_hub::{Repo, RepoType};
     let endpoint =
@@ -191,10 +196,16 @@ fn download(cache: &Path, repo: &str, rev: &str, variant: Option<&str>) -> Resul
     let api = builder.build().context("cannot set up the Hugging Face client")?;
     let handle = api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, rev.to_string()));
     let info = handle.info().map_err(|e| anyhow!("{repo}@{rev}: cannot read the repository from {endpoint}: {e}"))?;
-    let siblings: std::collections::HashSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    let siblings = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    Ok((handle, endpoint, siblings))
+}
+
+/// Downloads the files our loader reads into the cache; returns the snapshot folder.
+fn download(cache: &Path, repo: &str, rev: &str, variant: Option<&str>) -> Result<PathBuf> {
+    let (handle, endpoint, siblings) = open_repo(cache, repo, rev)?;
     let mut wanted: Vec<String> = Vec::new();
     for f in CONFIGS.iter().chain(TOKENIZER_OPTIONAL.iter()) {
-        if siblings.contains(f) {
+        if siblings.contains(*f) {
             wanted.push(f.to_string());
         } else if CONFIGS.contains(f) {
             bail!(
@@ -298,24 +309,10 @@ pub fn resolve_folder(arg: &Path, files: &FolderFiles) -> Result<PathBuf> {
 }
 
 fn download_folder(cache: &Path, repo: &str, rev: &str, files: &FolderFiles) -> Result<PathBuf> {
-    use hf_hub::api::sync::ApiBuilder;
-    use hf_hub::{Repo, RepoType};
-    let endpoint =
-        std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()).unwrap_or_else(|| "https://huggingface.co".into());
-    let mut builder = ApiBuilder::new()
-        .with_cache_dir(cache.to_path_buf())
-        .with_endpoint(endpoint.trim_end_matches('/').to_string())
-        .with_progress(true);
-    if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
-        builder = builder.with_token(Some(token));
-    }
-    let api = builder.build().context("cannot set up the Hugging Face client")?;
-    let handle = api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, rev.to_string()));
-    let info = handle.info().map_err(|e| anyhow!("{repo}@{rev}: cannot read the repository from {endpoint}: {e}"))?;
-    let siblings: std::collections::HashSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    let (handle, endpoint, siblings) = open_repo(cache, repo, rev)?;
     let mut wanted: Vec<&str> = Vec::new();
     for alts in files.required {
-        let Some(f) = alts.iter().find(|f| siblings.contains(*f)) else {
+        let Some(f) = alts.iter().find(|f| siblings.contains(**f)) else {
             bail!(
                 "{repo}@{rev} is not {}: it has no {} (pickled .bin weights are never loaded)",
                 files.what,
@@ -324,7 +321,7 @@ fn download_folder(cache: &Path, repo: &str, rev: &str, files: &FolderFiles) -> 
         };
         wanted.push(f);
     }
-    wanted.extend(files.optional.iter().filter(|f| siblings.contains(*f)));
+    wanted.extend(files.optional.iter().filter(|f| siblings.contains(**f)));
     let mut snapshot = None;
     for f in wanted {
         let path = handle.get(f).map_err(|e| anyhow!("{repo}@{rev}: cannot download {f} from {endpoint}: {e}"))?;

@@ -461,18 +461,28 @@ impl ClipImageProcessor {
             let (top, left) = ((h - ch) / 2, (w - cw) / 2); // floor division, as transformers
             rgb = image::imageops::crop_imm(&rgb, left, top, cw, ch).to_image();
         }
-        let (w, h) = rgb.dimensions();
-        let x = Tensor::from_slice(rgb.as_raw()).view([h as i64, w as i64, 3]).permute([2, 0, 1]).to_kind(Kind::Double);
-        let x = if self.do_rescale { x * self.rescale_factor } else { x };
-        let x = if self.do_normalize {
-            let mean = Tensor::from_slice(&self.mean).view([3, 1, 1]);
-            let std = Tensor::from_slice(&self.std).view([3, 1, 1]);
-            (x - mean) / std
-        } else {
-            x
-        };
-        Ok(x.to_kind(Kind::Float))
+        Ok(pixel_values(
+            &rgb,
+            self.do_rescale.then_some(self.rescale_factor),
+            self.do_normalize.then_some((self.mean, self.std)),
+        ))
     }
+}
+
+/// An RGB image -> (3, H, W) f32 pixel values: × `rescale`, then (x − mean) / std, in f64 as
+/// transformers' processors compute them (CLIP's and BLIP's).
+pub fn pixel_values(rgb: &image::RgbImage, rescale: Option<f64>, normalize: Option<([f64; 3], [f64; 3])>) -> Tensor {
+    let (w, h) = rgb.dimensions();
+    let x = Tensor::from_slice(rgb.as_raw()).view([h as i64, w as i64, 3]).permute([2, 0, 1]).to_kind(Kind::Double);
+    let x = match rescale {
+        Some(f) => x * f,
+        None => x,
+    };
+    let x = match normalize {
+        Some((mean, std)) => (x - Tensor::from_slice(&mean).view([3, 1, 1])) / Tensor::from_slice(&std).view([3, 1, 1]),
+        None => x,
+    };
+    x.to_kind(Kind::Float)
 }
 
 /// A CLIP model folder with its processor: image and text embeddings for the metrics.
