@@ -50,7 +50,7 @@
 //! | `--dtype`: half precision, mixed-precision rules | [`precision`] |
 //! | nested progress bars (units over learn / generate) | [`progress`] |
 //!
-//! Layers: `models` → `pipeline` → algorithms (`subject`, `guidance`, `replace`, `eval`,
+//! Layers: `models` → `pipeline` (and `caption`, BLIP over `models::blip`) → algorithms (`subject`, `guidance`, `replace`, `eval`,
 //! `dreambooth`, `world`) → `benchmark` (runs the algorithms per unit; scores world datasets
 //! with `world::score`) → the CLI (`src/cli`); imports go down only.
 

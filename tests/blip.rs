@@ -160,9 +160,11 @@ fn bf16_is_close_to_float32() {
     let l = tch::no_grad(|| m.logits(px, &bos)).unwrap().select(1, -1);
     let d = max_abs_diff(&l, &r["square.first_logits"]);
     eprintln!("bf16 first logits max |diff| {d:.4}");
-    // logits of magnitude ≤ 6 through 4 layers at bf16 (relative step 2^-8 ≈ 0.004)
+    // logits of magnitude ≤ 6 through 4 layers at bf16 (relative step 2^-8 ≈ 0.004): seen 0.044
+    // (AVX-512), at most 0.075 (ATEN_CPU_CAPABILITY=default, make test-portable); 0.5 keeps a
+    // 6.7× margin and still catches a broken layer (differences of order 1 and more)
     assert!(d > 0.0, "bf16 gave float32's logits exactly: the weights were not cast");
-    check_tol("bf16 first logits", d, 0.3);
+    check_tol("bf16 first logits", d, 0.5);
 }
 
 /// Bad folders are refused by name before anything is computed.
