@@ -4,7 +4,8 @@ use hifi_tuner::dreambooth::job::Manifest;
 use hifi_tuner::io::heat_overlay;
 use hifi_tuner::io::RgbImage;
 use hifi_tuner::replace::job::{
-    check_matches, expected_meta, invert, load_inversion, prepare_swap, replace, save_inverted, ReplaceRequest,
+    check_matches, expected_meta, find_word, invert, load_inversion, prepare_swap, replace, save_inverted,
+    ReplaceRequest,
 };
 use hifi_tuner::subject::file::Subject;
 use hifi_tuner::subject::ti;
@@ -126,23 +127,25 @@ pub fn run(mut a: Args) -> Result<()> {
     // Everything that can be refused is checked before any work or any file.
     let inv_req = a.inv.request(&caption, caption_source.clone());
     inv_req.nti.validate()?;
-    let swap = prepare_swap(&sd, &caption, &req, subject.as_ref()).map_err(|e| match &caption_source {
+    if let (Some(src), None) = (&caption_source, find_word(&caption, &a.source_word)) {
         // a caption the user did not write: say so, and how to go on
-        Some(src) => e.context(format!(
-            "the photo's caption {caption:?} was written by {src}: choose --source-word among its words, or give \
-             --caption"
-        )),
-        None => e,
-    })?;
+        bail!(
+            "the source word {:?} is not in the photo's caption {caption:?}, which {src} wrote: choose \
+             --source-word among its words, or give --caption",
+            a.source_word
+        );
+    }
+    let swap = prepare_swap(&sd, &caption, &req, subject.as_ref())?;
     let want = expected_meta(&sd, &inv_req)?;
     sd.check_size(want.height, want.width)?;
-    let (inversion, source) = match (&a.inversion, reused) {
-        (Some(dir), Some(inv)) => {
+    let (inversion, source) = match reused {
+        Some(inv) => {
+            let dir = a.inversion.as_deref().expect("reused inversions come from --inversion");
             check_matches(&inv.meta, &want, dir)?;
             let source = hifi_tuner::io::load_image_cover(&a.inv.image, want.height, want.width)?;
             (inv, hifi_tuner::io::image_to_u8(&source).unsqueeze(0))
         }
-        _ => {
+        None => {
             let inv = invert(&sd, &inv_req)?;
             let dir = sibling(&a.out, "inversion");
             save_inverted(&dir, &inv)?;
