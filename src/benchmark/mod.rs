@@ -1168,6 +1168,7 @@ fn embedding_unit(b: &mut UnitBuild) -> Result<Phases> {
         out: subject_dir.clone(),
         args: b.args.clone(),
         checkpoint_every: 0,
+        preview_every: 0,
         resume: false,
         device: cfg.device,
     };
@@ -1217,6 +1218,7 @@ fn dreambooth_unit(b: &mut UnitBuild) -> Result<Phases> {
         out: subject_dir.clone(),
         args: d.clone(),
         checkpoint_every: 0,
+        preview_every: 0,
         resume: false,
         device: cfg.device,
     };

@@ -74,6 +74,10 @@ pub struct Args {
     /// Write a checkpoint every this many steps (0 = only at the end).
     #[arg(long, default_value_t = 100)]
     checkpoint_every: usize,
+    /// Every this many steps write OUT/previews/step-N.png (the class prompt at seed 0 with the
+    /// state of step N; hifi, dreambooth and lora) and OUT/loss.svg (0 = never).
+    #[arg(long, default_value_t = 0)]
+    preview_every: usize,
     /// Continue the run whose checkpoint is in --out.
     #[arg(long)]
     resume: bool,
@@ -161,6 +165,7 @@ pub fn run(mut a: Args) -> Result<()> {
         masks: a.masks,
         out: a.out,
         checkpoint_every: a.checkpoint_every,
+        preview_every: a.preview_every,
         resume: a.resume,
         device: super::parse_device(&a.device)?,
     };
@@ -236,6 +241,7 @@ fn run_dreambooth(a: Args) -> Result<()> {
         out: a.out,
         args,
         checkpoint_every: a.checkpoint_every,
+        preview_every: a.preview_every,
         resume: a.resume,
         device,
     };

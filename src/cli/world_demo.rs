@@ -91,6 +91,7 @@ pub fn run(a: Args) -> Result<()> {
             masked: true,
         },
         checkpoint_every: 0,
+        preview_every: 0,
         resume: false,
         device: dev,
     };

@@ -46,6 +46,9 @@ pub struct DreamBoothJob {
     pub args: DreamBoothArgs,
     /// Checkpoint every this many steps (0 = never).
     pub checkpoint_every: usize,
+    /// Write a preview image (the instance prompt at a fixed seed, with the weights or adapters
+    /// of that step) and the loss curve every this many steps (0 = never).
+    pub preview_every: usize,
     pub resume: bool,
     pub device: Device,
 }
@@ -191,12 +194,14 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
     let inputs = crate::subject::job::input_hashes(&photos)?;
     if job.resume {
         // before anything is written: the checkpoint must come from these arguments and inputs
-        crate::subject::job::checkpoint_metadata(
+        // --steps may grow ("extend"): AdamW at a constant rate continues as the longer run
+        crate::subject::job::checkpoint_metadata_extending(
             &ckpt_path,
             CHECKPOINT_FORMAT,
             CHECKPOINT_WHAT,
             &identity,
             Some(&inputs),
+            true,
         )?;
     }
     check_disk_space(&job.out, &sd, args)?;
@@ -248,6 +253,9 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
             if job.checkpoint_every > 0 && state.step % job.checkpoint_every == 0 {
                 write_checkpoint(&ckpt_path, &params, &state, &identity, &inputs)?;
             }
+            if job.preview_every > 0 && state.step % job.preview_every == 0 {
+                write_preview(&sd, job, state.step)?;
+            }
             if let Some(d) = delay {
                 std::thread::sleep(d);
             }
@@ -269,6 +277,27 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
         std::fs::remove_file(&ckpt_path).with_context(|| format!("cannot remove {}", ckpt_path.display()))?;
     }
     Ok(model)
+}
+
+fn write_preview(sd: &StableDiffusion, job: &DreamBoothJob, step: usize) -> Result<()> {
+    use crate::progress::previews;
+    previews::write_loss_svg(&job.out.join(LOG_FILE), &job.out)?;
+    let size = sd.default_size();
+    let req = crate::pipeline::GenerateRequest {
+        prompt: job.args.instance_prompt.clone(),
+        negative_prompt: None,
+        seed: previews::SEED,
+        steps: previews::STEPS,
+        guidance: previews::GUIDANCE,
+        height: size,
+        width: size,
+        num_images: 1,
+    };
+    let images = tch::no_grad(|| sd.generate(&req))?;
+    let img = crate::io::RgbImage::from_hwc_u8(&images.get(0))?;
+    let path = previews::path(&job.out, step);
+    crate::io::create_dir_all(path.parent().expect("previews/"))?;
+    img.save_png(&path, &[("parameters", &format!("{}\nstep {step}", req.prompt))])
 }
 
 /// Refuses an `--out` that holds another subject (a HiFi / TI result, or a DreamBooth one of
@@ -535,8 +564,14 @@ fn read_checkpoint(
     params: &mut Params,
     args: &DreamBoothArgs,
 ) -> Result<DbState> {
-    let meta =
-        crate::subject::job::checkpoint_metadata(path, CHECKPOINT_FORMAT, CHECKPOINT_WHAT, identity, Some(inputs))?;
+    let meta = crate::subject::job::checkpoint_metadata_extending(
+        path,
+        CHECKPOINT_FORMAT,
+        CHECKPOINT_WHAT,
+        identity,
+        Some(inputs),
+        true,
+    )?;
     let mut state = DbState::new(params, args);
     let mut per_name = per_name_adam(params, &state.adam);
     read_adam_checkpoint(path, &meta, &params.names, &mut params.tensors, &mut per_name)?;

@@ -50,6 +50,8 @@ pub struct LearnJob {
     pub args: LearnArgs,
     /// Checkpoint every this many steps (0 = never).
     pub checkpoint_every: usize,
+    /// Write a preview image and the loss curve every this many steps (0 = never; hifi mode).
+    pub preview_every: usize,
     pub resume: bool,
     pub device: Device,
 }
@@ -80,10 +82,21 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
     let mut sd = StableDiffusion::load_with(&job.model, &job.load, job.device)?;
     let photos = load_photos(&job.images, job.masks.as_deref(), sd.default_size() as u32, MaskFit::SameAspect)?;
     let inputs = input_hashes(&photos)?;
-    if job.resume {
+    let saved_steps = if job.resume {
         // before anything is written: the checkpoint must come from these arguments and inputs
-        checkpoint_metadata(&ckpt_path, CHECKPOINT_FORMAT, CHECKPOINT_WHAT, &identity, Some(&inputs))?;
-    }
+        // (--steps may grow: "extend")
+        let meta = checkpoint_metadata_extending(
+            &ckpt_path,
+            CHECKPOINT_FORMAT,
+            CHECKPOINT_WHAT,
+            &identity,
+            Some(&inputs),
+            true,
+        )?;
+        saved_steps(&ckpt_path, &meta)?
+    } else {
+        job.args.steps
+    };
     let args = &job.args;
     let (ti_base, init_ti) = if args.mode == Mode::Ti { setup_ti(&mut sd, args)? } else { (0, None) };
     let caption_ids = caption_ids(&sd, args)?;
@@ -92,7 +105,13 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
     // before the first file is written.
     let obj = Objective::new(&sd, args.clone(), data, caption_ids, ti_base)?;
     let mut state = if job.resume {
-        read_checkpoint(&ckpt_path, &identity, &inputs, args.lr, job.device)?
+        let mut s = read_checkpoint(&ckpt_path, &identity, &inputs, args.lr, job.device)?;
+        if args.steps > saved_steps {
+            // extend: past phase 0, back to its end (the step-wise phases run again from c_s)
+            super::learn::rewind_to_phase0(&mut s, saved_steps)
+                .with_context(|| format!("cannot extend {}", ckpt_path.display()))?;
+        }
+        s
     } else {
         State::new(init_ti.as_ref().unwrap_or(&obj.phi_s), args.lr)
     };
@@ -113,6 +132,9 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
         if job.checkpoint_every > 0 && g % job.checkpoint_every == 0 {
             write_checkpoint(&ckpt_path, state, &identity, &inputs)?;
         }
+        if job.preview_every > 0 && g % job.preview_every == 0 {
+            write_preview(&sd, job, state, g)?;
+        }
         if let Some(d) = delay {
             std::thread::sleep(d);
         }
@@ -124,6 +146,46 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
     }
     write_checkpoint(&ckpt_path, &state, &identity, &inputs)?;
     write_result(job, &obj, &state)
+}
+
+/// `--preview-every`: the class prompt drawn at a fixed seed with the current c_s (φ during
+/// phase 0, c_s after it; the step-wise c_s^t only in the final subject), and the loss curve.
+/// Textual inversion's rows live in the text encoder's table, which the step does not write, so
+/// its runs get the loss curve only.
+fn write_preview(sd: &StableDiffusion, job: &LearnJob, state: &State, step: usize) -> Result<()> {
+    use crate::progress::previews;
+    previews::write_loss_svg(&job.out.join(LOG_FILE), &job.out)?;
+    let args = &job.args;
+    if args.mode != Mode::Hifi {
+        return Ok(());
+    }
+    let c_s = if state.phase == 0 { &state.param } else { state.c_s.as_ref().unwrap_or(&state.param) };
+    let subject = Subject {
+        c_s: c_s.detach().to_device(Device::Cpu),
+        stepwise: vec![],
+        timesteps: vec![],
+        space: args.space,
+        class_noun: args.class_noun.clone(),
+        captions: vec![],
+        model: String::new(),
+        ddim_steps: previews::STEPS,
+    };
+    let size = sd.default_size();
+    let req = crate::pipeline::GenerateRequest {
+        prompt: format!("a photo of a {}", args.class_noun),
+        negative_prompt: None,
+        seed: previews::SEED,
+        steps: previews::STEPS,
+        guidance: previews::GUIDANCE,
+        height: size,
+        width: size,
+        num_images: 1,
+    };
+    let images = tch::no_grad(|| conditioning::generate(sd, &req, Some(&subject)))?;
+    let img = RgbImage::from_hwc_u8(&images.get(0))?;
+    let path = previews::path(&job.out, step);
+    crate::io::create_dir_all(path.parent().expect("previews/"))?;
+    img.save_png(&path, &[("parameters", &format!("{}\nstep {step}", req.prompt))])
 }
 
 fn validate(job: &LearnJob) -> Result<()> {
@@ -248,6 +310,10 @@ fn write_checkpoint(path: &Path, s: &State, identity: &serde_json::Value, inputs
     if let Some(c) = &s.c_s {
         t.push(("c_s".into(), c.shallow_clone()));
     }
+    if let Some(a) = &s.adam0 {
+        t.push(("adam0.m".into(), a.m.shallow_clone()));
+        t.push(("adam0.v".into(), a.v.shallow_clone()));
+    }
     if !s.stepwise.is_empty() {
         t.push(("c_s_t".into(), Tensor::stack(&s.stepwise, 0)));
     }
@@ -256,6 +322,9 @@ fn write_checkpoint(path: &Path, s: &State, identity: &serde_json::Value, inputs
     meta.insert("phase".into(), s.phase.to_string());
     meta.insert("step".into(), s.step.to_string());
     meta.insert("adam.step".into(), s.adam.step.to_string());
+    if let Some(a) = &s.adam0 {
+        meta.insert("adam0.step".into(), a.step.to_string());
+    }
     meta.insert("args".into(), serde_json::to_string(identity)?);
     meta.insert(INPUTS_KEY.into(), serde_json::to_string(inputs)?);
     write_safetensors_atomic(path, &t, &meta)
@@ -268,7 +337,7 @@ fn read_checkpoint(
     lr: f64,
     device: Device,
 ) -> Result<State> {
-    let meta = checkpoint_metadata(path, CHECKPOINT_FORMAT, CHECKPOINT_WHAT, identity, Some(inputs))?;
+    let meta = checkpoint_metadata_extending(path, CHECKPOINT_FORMAT, CHECKPOINT_WHAT, identity, Some(inputs), true)?;
     let t: BTreeMap<String, Tensor> =
         read_safetensors_finite(path)?.into_iter().map(|(k, v)| (k, v.to_device(device))).collect();
     let get = |k: &str| t.get(k).map(|x| x.shallow_clone()).with_context(|| format!("{}: no {k}", path.display()));
@@ -279,6 +348,17 @@ fn read_checkpoint(
     adam.m = get("adam.m")?;
     adam.v = get("adam.v")?;
     adam.step = num("adam.step")?;
+    let adam0 = match (t.get("adam0.m"), t.get("adam0.v")) {
+        (Some(m), Some(v)) => {
+            let c_s = get("c_s")?;
+            let mut a = super::adam::Adam::new(&c_s, lr);
+            a.m = m.shallow_clone();
+            a.v = v.shallow_clone();
+            a.step = num("adam0.step")?;
+            Some(a)
+        }
+        _ => None,
+    };
     let stepwise = match t.get("c_s_t") {
         Some(s) => (0..s.size()[0]).map(|i| s.get(i)).collect(),
         None => vec![],
@@ -289,6 +369,7 @@ fn read_checkpoint(
         param,
         adam,
         c_s: t.get("c_s").map(|c| c.shallow_clone()),
+        adam0,
         stepwise,
     })
 }
@@ -381,6 +462,15 @@ pub(crate) fn step_delay() -> Option<std::time::Duration> {
     Some(std::time::Duration::from_millis(ms))
 }
 
+/// The `--steps` a checkpoint was made with (its saved arguments).
+fn saved_steps(path: &Path, meta: &HashMap<String, String>) -> Result<usize> {
+    let args: serde_json::Value = serde_json::from_str(meta.get("args").map(String::as_str).unwrap_or("null"))?;
+    args.get("steps")
+        .and_then(serde_json::Value::as_u64)
+        .map(|s| s as usize)
+        .with_context(|| format!("{}: no steps in its arguments", path.display()))
+}
+
 /// A training loop's error, saying what became of its checkpoint (`what` = "learning", …).
 pub fn stopped(e: anyhow::Error, ckpt_path: &Path, what: &str) -> anyhow::Error {
     let kept = if ckpt_path.exists() {
@@ -402,11 +492,34 @@ pub fn checkpoint_metadata(
     identity: &serde_json::Value,
     inputs: Option<&serde_json::Value>,
 ) -> Result<HashMap<String, String>> {
+    checkpoint_metadata_extending(path, format, what, identity, inputs, false)
+}
+
+/// [`checkpoint_metadata`]; with `steps_may_grow`, `identity`'s `steps` may exceed the saved
+/// one ("extend by N steps": the schedule is constant, so a run continued to more steps is the
+/// longer run); fewer steps is still refused.
+pub fn checkpoint_metadata_extending(
+    path: &Path,
+    format: &str,
+    what: &str,
+    identity: &serde_json::Value,
+    inputs: Option<&serde_json::Value>,
+    steps_may_grow: bool,
+) -> Result<HashMap<String, String>> {
     let meta = safetensors_metadata(path)?;
     if meta.get("format").map(String::as_str) != Some(format) {
         bail!("{} is not a {what}", path.display());
     }
-    let saved: serde_json::Value = serde_json::from_str(meta.get("args").map(String::as_str).unwrap_or("null"))?;
+    let mut saved: serde_json::Value = serde_json::from_str(meta.get("args").map(String::as_str).unwrap_or("null"))?;
+    if steps_may_grow {
+        let steps = |v: &serde_json::Value| v.get("steps").and_then(serde_json::Value::as_u64);
+        if let (Some(old), Some(new)) = (steps(&saved), steps(identity)) {
+            if new < old {
+                bail!("--resume with --steps {new}: {} was made for {old} steps; --steps can grow on --resume (extend), not shrink", path.display());
+            }
+            saved["steps"] = new.into();
+        }
+    }
     if &saved != identity {
         bail!(
             "--resume with changed arguments ({}); {} was made with other settings",

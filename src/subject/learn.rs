@@ -213,6 +213,9 @@ pub struct State {
     pub adam: Adam,
     /// c_s once phase 0 is done.
     pub c_s: Option<Tensor>,
+    /// Phase 0's optimiser as it ended (kept with c_s): a finished run resumed with more
+    /// `--steps` continues phase 0 from here exactly as a longer run would have.
+    pub adam0: Option<Adam>,
     /// c_s^t of the finished step-wise phases, from t = T down.
     pub stepwise: Vec<Tensor>,
 }
@@ -220,7 +223,7 @@ pub struct State {
 impl State {
     pub fn new(init: &Tensor, lr: f64) -> Self {
         let param = init.detach().copy();
-        Self { phase: 0, step: 0, adam: Adam::new(&param, lr), param, c_s: None, stepwise: vec![] }
+        Self { phase: 0, step: 0, adam: Adam::new(&param, lr), param, c_s: None, adam0: None, stepwise: vec![] }
     }
 }
 
@@ -274,12 +277,33 @@ pub fn finish_phase(obj: &Objective, state: &mut State) {
     let done = state.param.detach().copy();
     if state.phase == 0 {
         state.c_s = Some(done);
+        let fresh = Adam::new(&state.param, obj.args.lr);
+        state.adam0 = Some(std::mem::replace(&mut state.adam, fresh));
     } else {
         state.stepwise.push(done);
     }
     state.phase += 1;
     state.step = 0;
     state.adam = Adam::new(&state.param, obj.args.lr);
+}
+
+/// "Extend": moves a state that has finished phase 0 (made with `old_steps` of it) back to
+/// phase 0's end — c_s with phase 0's optimiser — so that a run with more `--steps` continues
+/// it; the step-wise phases, which start from c_s, run again. Errors when the state keeps no
+/// phase-0 optimiser (an older checkpoint).
+pub fn rewind_to_phase0(state: &mut State, old_steps: usize) -> Result<()> {
+    if state.phase == 0 {
+        return Ok(());
+    }
+    let (Some(c_s), Some(adam0)) = (state.c_s.take(), state.adam0.take()) else {
+        bail!("this checkpoint keeps no phase-0 optimiser state (an older version wrote it): it cannot be extended");
+    };
+    state.param = c_s;
+    state.adam = adam0;
+    state.phase = 0;
+    state.step = old_steps;
+    state.stepwise.clear();
+    Ok(())
 }
 
 /// Runs to the end, calling `after_step` after each step (checkpoints, logs, progress).
