@@ -48,11 +48,14 @@
 //! | does a world model follow its prompts? (a classifier of colour, shape, scene) | [`world::classify`] |
 //! | seeded draws (tch has no per-call generator) | [`rng`] |
 //! | `--dtype`: half precision, mixed-precision rules | [`precision`] |
-//! | nested progress bars (units over learn / generate) | [`progress`] |
+//! | nested progress bars (units over learn / generate); training previews and the loss curve (`learn --preview-every`) | [`progress`], [`progress::previews`] |
+//! | the local web app (`serve`): one embedded page, the JSON API (`docs/api.md`), token and file-path safety | [`serve`] |
+//! | its subjects (uploads decoded before they are kept) and its job queue (one CLI run at a time, state on disk, interrupted → resume / extend) | [`serve::subjects`], [`serve::jobs`] |
 //!
 //! Layers: `models` → `pipeline` (and `caption`, BLIP over `models::blip`) → algorithms (`subject`, `guidance`, `replace`, `eval`,
 //! `dreambooth`, `world`) → `benchmark` (runs the algorithms per unit; scores world datasets
-//! with `world::score`) → the CLI (`src/cli`); imports go down only.
+//! with `world::score`) and `serve` (runs them as CLI child processes, one at a time) → the CLI
+//! (`src/cli`); imports go down only.
 
 pub mod attention;
 pub mod benchmark;
@@ -72,6 +75,7 @@ pub mod progress;
 pub mod replace;
 pub mod rng;
 pub mod scheduler;
+pub mod serve;
 pub mod single_file;
 pub mod subject;
 pub mod tokenizer;

@@ -155,6 +155,39 @@ fn killed_and_resumed_run_equals_unbroken_run() {
     assert_fails(&run(c), "changed arguments");
 }
 
+/// "Extend": a finished run resumed with a larger `--steps` ends bit-identical to a run made
+/// with those steps from the start (phase 0 continues from its saved optimiser; the step-wise
+/// phases run again); fewer steps are refused, and `--preview-every` writes its files.
+#[test]
+fn a_finished_run_extended_equals_the_longer_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = |steps: &'static str| ["--steps", steps, "--stepwise-steps", "1", "--ddim-steps", "2", "--tokens", "3"];
+    let long = tmp.path().join("long");
+    let mut c = learn_cmd(&long, &args("6"));
+    c.args(with_masks(&masks()));
+    let o = run(c);
+    assert!(o.status.success(), "{}", err(&o));
+
+    let ext = tmp.path().join("ext");
+    let mut c = learn_cmd(&ext, &args("4"));
+    c.args(with_masks(&masks())).args(["--preview-every", "3"]);
+    let o = run(c);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(ext.join("previews/step-000003.png").is_file() && ext.join("loss.svg").is_file());
+    let mut c = learn_cmd(&ext, &args("6"));
+    c.args(with_masks(&masks())).arg("--resume");
+    let o = run(c);
+    assert!(o.status.success(), "{}", err(&o));
+    let read = |d: &Path| std::fs::read(d.join("subject.safetensors")).unwrap();
+    assert_eq!(read(&long), read(&ext), "4 steps extended to 6 differ from 6 straight");
+    let log = std::fs::read_to_string(ext.join("train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 6 + 2, "the extended log has each step once");
+
+    let mut c = learn_cmd(&ext, &args("5"));
+    c.args(with_masks(&masks())).arg("--resume");
+    assert_fails(&run(c), "not shrink");
+}
+
 #[test]
 fn bad_inputs_are_refused_with_the_file_named() {
     let tmp = tempfile::tempdir().unwrap();

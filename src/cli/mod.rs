@@ -15,6 +15,7 @@ mod replace;
 mod report;
 mod sam;
 mod score;
+mod serve;
 mod tokenize;
 mod train_base;
 mod train_encoders;
@@ -88,6 +89,9 @@ pub enum Command {
     /// Does each fidelity score (DINO, CLIP-I, CLIP-T, GT RMSE) rank a subject's true render above
     /// a blob, a plain shape, another subject, the base model's class image and a copied photo?
     WorldValidity(world_validity::Args),
+    /// A local web app: upload photos, check masks, watch learning live, generate plain and
+    /// reference-guided (one page and a JSON API, docs/api.md).
+    Serve(serve::Args),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -113,6 +117,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::WorldEval(a) => world_eval::run(a),
         Command::WorldDemo(a) => world_demo::run(a),
         Command::WorldValidity(a) => world_validity::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 
