@@ -351,6 +351,20 @@ fn the_app_learns_draws_and_replaces_through_its_api() {
             .any(|d| d["url"].as_str().unwrap().ends_with("subject.safetensors")),
         "{subj}"
     );
+    // the whole learned folder as one zip: the subject file and the photos, not the checkpoint
+    let (st, ct, z) = s.bytes(&format!("/api/jobs/{learn}/download.zip"));
+    assert_eq!((st, ct.as_str()), (200, "application/zip"));
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(z)).unwrap();
+    let names: Vec<String> = zip.file_names().map(str::to_string).collect();
+    assert!(
+        names.contains(&"subject.safetensors".to_string()) && names.contains(&"photos/00.png".to_string()),
+        "{names:?}"
+    );
+    assert!(!names.iter().any(|n| n.contains("checkpoint")), "{names:?}");
+    let mut inner = Vec::new();
+    zip.by_name("subject.safetensors").unwrap().read_to_end(&mut inner).unwrap();
+    assert_eq!(inner, std::fs::read(data.join(format!("jobs/{learn}/out/subject.safetensors"))).unwrap());
+    assert_eq!(s.call("GET", &format!("/api/jobs/{plain}/download.zip"), None).0, 409);
     for p in ["/files/../Cargo.toml", "/files/%2e%2e/Cargo.toml", "/files//etc/passwd", "/files/subjects"] {
         let r = raw_get(&s.url, p);
         assert!(

@@ -162,6 +162,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/api/jobs/{id}", get(get_job))
         .route("/api/jobs/{id}/cancel", post(cancel_job))
         .route("/api/jobs/{id}/resume", post(resume_job))
+        .route("/api/jobs/{id}/download.zip", get(download_zip))
         .route("/api/events", get(events))
         .route("/files/{*path}", get(file))
         .fallback(|| async { not_found("such page or API") })
@@ -255,6 +256,7 @@ fn subject_view(app: &App, s: &subjects::SubjectSpec) -> Result<Value> {
                     );
                 }
             }
+            downloads.push(json!({"label": format!("the whole folder, zip ({mode})"), "url": format!("/api/jobs/{}/download.zip", j.id)}));
             for p in std::fs::read_dir(out.join("a1111")).into_iter().flatten().flatten() {
                 let n = p.file_name().to_string_lossy().into_owned();
                 downloads.push(json!({"label": format!("a1111/{n} ({mode})"), "url": format!("/files/jobs/{}/out/a1111/{n}", j.id)}));
@@ -750,8 +752,7 @@ async fn file(State(app): State<Arc<App>>, UrlPath(path): UrlPath<String>) -> Ap
         Some("jsonl" | "txt") => "text/plain; charset=utf-8",
         _ => "application/octet-stream",
     };
-    let bytes = tokio::fs::read(&full).await.map_err(|e| internal(e.into()))?;
-    let mut r = ([(header::CONTENT_TYPE, ct)], bytes).into_response();
+    let mut r = stream_file(&full, ct).await?;
     if ct == "application/octet-stream" {
         let name = full.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
@@ -759,6 +760,80 @@ async fn file(State(app): State<Arc<App>>, UrlPath(path): UrlPath<String>) -> Ap
         }
     }
     Ok(r)
+}
+
+/// A file as a streamed response (not read into memory).
+async fn stream_file(path: &Path, content_type: &'static str) -> ApiResult<Response> {
+    let f = tokio::fs::File::open(path).await.map_err(|e| internal(e.into()))?;
+    let len = f.metadata().await.map_err(|e| internal(e.into()))?.len();
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(f));
+    Ok(([(header::CONTENT_TYPE, content_type.to_string()), (header::CONTENT_LENGTH, len.to_string())], body)
+        .into_response())
+}
+
+/// A finished learn job's folder as one zip (`jobs/ID/download.zip`, made once, atomically):
+/// the learned files (subject / TI / LoRA / A1111 files, a DreamBooth run's diffusers `model/`),
+/// its photos, masks, previews and log; not the checkpoint, the lock or DreamBooth's class images.
+async fn download_zip(State(app): State<Arc<App>>, UrlPath(id): UrlPath<String>) -> ApiResult<Response> {
+    let j = job_or_404(&app, &id)?;
+    if j.kind != "learn" || j.state != "done" {
+        return Err(ApiError(StatusCode::CONFLICT, format!("job {id} is not a finished learn job")));
+    }
+    let zip_path = app.jobs.job_dir(&id).join("download.zip");
+    let out = app.jobs.job_dir(&id).join(jobs::OUT_DIR);
+    // made after the job last finished (an extended job finishes again)
+    let made = zip_path.metadata().and_then(|z| z.modified()).ok();
+    let made = made.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64());
+    let fresh = matches!((made, j.finished), (Some(m), Some(f)) if m >= f);
+    if !fresh {
+        let (zp, o) = (zip_path.clone(), out.clone());
+        tokio::task::spawn_blocking(move || write_zip(&o, &zp))
+            .await
+            .map_err(|e| internal(anyhow::anyhow!("{e}")))?
+            .map_err(internal)?;
+    }
+    let mut r = stream_file(&zip_path, "application/zip").await?;
+    let name = format!(
+        "{}-{}-{id}.zip",
+        j.subject.as_deref().unwrap_or("subject"),
+        j.params["mode"].as_str().unwrap_or("learn")
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+        r.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(r)
+}
+
+/// Zips `dir` (stored entries, relative names) into `dest` through a temp file.
+pub fn write_zip(dir: &Path, dest: &Path) -> Result<()> {
+    use std::io::Write;
+    const SKIP: [&str; 3] =
+        [crate::subject::job::CHECKPOINT_FILE, crate::outdir::LOCK_FILE, crate::dreambooth::job::CLASS_DIR];
+    let tmp = dest.with_extension("zip.tmp");
+    let mut z =
+        zip::ZipWriter::new(std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?);
+    let opts = zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored).large_file(true);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(&d)?.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for p in entries {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if SKIP.contains(&name.as_str()) || name.ends_with(".tmp") {
+                continue;
+            }
+            let meta = std::fs::symlink_metadata(&p)?;
+            let rel = p.strip_prefix(dir).unwrap_or(&p).to_string_lossy().replace('\\', "/");
+            if meta.is_dir() {
+                stack.push(p);
+            } else if meta.is_file() {
+                z.start_file(rel, opts)?;
+                std::io::copy(&mut std::fs::File::open(&p)?, &mut z)?;
+            }
+        }
+    }
+    z.finish()?.flush()?;
+    std::fs::rename(&tmp, dest).with_context(|| format!("cannot write {}", dest.display()))
 }
 
 #[cfg(test)]
