@@ -56,6 +56,24 @@ pub struct GenerateRequest {
     pub num_images: i64,
 }
 
+impl GenerateRequest {
+    /// A training preview (`learn --preview-every`): one square image of `prompt` at the fixed
+    /// seed, steps and guidance of [`crate::progress::previews`].
+    pub fn preview(prompt: String, size: i64) -> Self {
+        use crate::progress::previews;
+        Self {
+            prompt,
+            negative_prompt: None,
+            seed: previews::SEED,
+            steps: previews::STEPS,
+            guidance: previews::GUIDANCE,
+            height: size,
+            width: size,
+            num_images: 1,
+        }
+    }
+}
+
 /// Classifier-free guidance, the one rule of the whole crate: ε_u + w·(ε_c − ε_u) for w > 1, and
 /// the conditional branch ε_c alone for w ≤ 1 (diffusers' `do_classifier_free_guidance =
 /// guidance_scale > 1`). [`StableDiffusion::guided_eps`] skips the φ branch for w ≤ 1; every other

@@ -66,9 +66,11 @@ fn generate_subject_uses_its_base_model_and_lora_and_guidance_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("dog");
     let mut c = learn_cmd(&out, &ARGS);
-    c.arg("--masks").arg(fixtures().join("photos/dog-masks"));
+    c.arg("--masks").arg(fixtures().join("photos/dog-masks")).args(["--preview-every", "2"]);
     assert_ok(&c.output().unwrap());
     assert!(peft(&out).is_file() && out.join("a1111/dog.safetensors").is_file());
+    // --preview-every: the instance prompt drawn at step 2, and the loss curve
+    assert!(out.join("previews/step-000002.png").is_file() && out.join("loss.svg").is_file());
     // --subject: no --model, no --lora
     let s = tmp.path().join("s.png");
     assert_ok(&generate(&[], &[("--subject", &out)], &s));

@@ -282,17 +282,7 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
 fn write_preview(sd: &StableDiffusion, job: &DreamBoothJob, step: usize) -> Result<()> {
     use crate::progress::previews;
     previews::write_loss_svg(&job.out.join(LOG_FILE), &job.out)?;
-    let size = sd.default_size();
-    let req = crate::pipeline::GenerateRequest {
-        prompt: job.args.instance_prompt.clone(),
-        negative_prompt: None,
-        seed: previews::SEED,
-        steps: previews::STEPS,
-        guidance: previews::GUIDANCE,
-        height: size,
-        width: size,
-        num_images: 1,
-    };
+    let req = crate::pipeline::GenerateRequest::preview(job.args.instance_prompt.clone(), sd.default_size());
     let images = tch::no_grad(|| sd.generate(&req))?;
     let img = crate::io::RgbImage::from_hwc_u8(&images.get(0))?;
     let path = previews::path(&job.out, step);

@@ -170,17 +170,7 @@ fn write_preview(sd: &StableDiffusion, job: &LearnJob, state: &State, step: usiz
         model: String::new(),
         ddim_steps: previews::STEPS,
     };
-    let size = sd.default_size();
-    let req = crate::pipeline::GenerateRequest {
-        prompt: format!("a photo of a {}", args.class_noun),
-        negative_prompt: None,
-        seed: previews::SEED,
-        steps: previews::STEPS,
-        guidance: previews::GUIDANCE,
-        height: size,
-        width: size,
-        num_images: 1,
-    };
+    let req = crate::pipeline::GenerateRequest::preview(format!("a photo of a {}", args.class_noun), sd.default_size());
     let images = tch::no_grad(|| conditioning::generate(sd, &req, Some(&subject)))?;
     let img = RgbImage::from_hwc_u8(&images.get(0))?;
     let path = previews::path(&job.out, step);
