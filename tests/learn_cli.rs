@@ -380,7 +380,8 @@ fn arguments_are_refused_before_anything_is_written() {
     std::fs::remove_file(out.join("subject.safetensors")).unwrap();
     std::fs::remove_dir_all(out.join("photos")).unwrap();
     // (a larger --steps is "extend", allowed; another --lr is not)
-    let o = run(learn_cmd(&out, &["--steps", "2", "--stepwise-steps", "0", "--tokens", "2", "--lr", "0.1", "--resume"]));
+    let o =
+        run(learn_cmd(&out, &["--steps", "2", "--stepwise-steps", "0", "--tokens", "2", "--lr", "0.1", "--resume"]));
     assert_fails(&o, "changed arguments");
     assert!(!out.join("photos").exists(), "photos/ is not rewritten by a refused run");
 }
