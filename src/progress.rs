@@ -73,6 +73,13 @@ pub mod previews {
         out.join(DIR).join(format!("step-{step:06}.png"))
     }
 
+    /// Writes the preview of `step`: `image` (H, W, 3) uint8, drawn from `prompt`.
+    pub fn save(out: &Path, step: usize, image: &tch::Tensor, prompt: &str) -> Result<()> {
+        let path = path(out, step);
+        crate::io::create_dir_all(path.parent().expect("previews/"))?;
+        crate::io::RgbImage::from_hwc_u8(image)?.save_png(&path, &[("parameters", &format!("{prompt}\nstep {step}"))])
+    }
+
     /// Rewrites `OUT/loss.svg` from the losses of `log` (one JSON object per line with `loss`).
     pub fn write_loss_svg(log: &Path, out: &Path) -> Result<()> {
         let text = std::fs::read_to_string(log).unwrap_or_default();

@@ -74,8 +74,9 @@ pub struct Args {
     /// Write a checkpoint every this many steps (0 = only at the end).
     #[arg(long, default_value_t = 100)]
     checkpoint_every: usize,
-    /// Every this many steps write OUT/previews/step-N.png (the class prompt at seed 0 with the
-    /// state of step N; hifi, dreambooth and lora) and OUT/loss.svg (0 = never).
+    /// Every this many steps write OUT/loss.svg and OUT/previews/step-N.png, drawn at seed 0 with
+    /// the state of step N (hifi: the class prompt with c_s; dreambooth / lora: the instance
+    /// prompt; ti: the loss curve only) (0 = never).
     #[arg(long, default_value_t = 0)]
     preview_every: usize,
     /// Continue the run whose checkpoint is in --out.

@@ -284,10 +284,7 @@ fn write_preview(sd: &StableDiffusion, job: &DreamBoothJob, step: usize) -> Resu
     previews::write_loss_svg(&job.out.join(LOG_FILE), &job.out)?;
     let req = crate::pipeline::GenerateRequest::preview(job.args.instance_prompt.clone(), sd.default_size());
     let images = tch::no_grad(|| sd.generate(&req))?;
-    let img = crate::io::RgbImage::from_hwc_u8(&images.get(0))?;
-    let path = previews::path(&job.out, step);
-    crate::io::create_dir_all(path.parent().expect("previews/"))?;
-    img.save_png(&path, &[("parameters", &format!("{}\nstep {step}", req.prompt))])
+    previews::save(&job.out, step, &images.get(0), &req.prompt)
 }
 
 /// Refuses an `--out` that holds another subject (a HiFi / TI result, or a DreamBooth one of

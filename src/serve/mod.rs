@@ -53,7 +53,7 @@ pub struct ServeConfig {
 struct App {
     cfg: ServeConfig,
     data: PathBuf,
-    subjects: Subjects,
+    subjects: Arc<Subjects>,
     jobs: Arc<Jobs>,
 }
 
@@ -113,9 +113,9 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
     crate::io::create_dir_all(&cfg.data)?;
     let data = cfg.data.canonicalize().with_context(|| format!("cannot open --data {}", cfg.data.display()))?;
     let _lock = crate::outdir::lock_dir(&data, "--data")?;
-    let subjects = Subjects::open(&data)?;
-    let subjects_dir = subjects.dir.clone();
-    let on_done = Box::new(move |j: &jobs::JobSpec| file_masks(&subjects_dir, &data_jobs(&subjects_dir), j));
+    let subjects = Arc::new(Subjects::open(&data)?);
+    let (filing, jobs_dir) = (subjects.clone(), data.join("jobs"));
+    let on_done = Box::new(move |j: &jobs::JobSpec| file_masks(&filing, &jobs_dir, j));
     let jobs = Jobs::open(&data.join("jobs"), cfg.exe.clone(), on_done)?;
     let worker = jobs.clone();
     std::thread::Builder::new().name("jobs".into()).spawn(move || worker.work())?;
@@ -132,10 +132,6 @@ pub fn run(cfg: ServeConfig) -> Result<()> {
         axum::serve(listener, router(app)).with_graceful_shutdown(shutdown()).await?;
         anyhow::Ok(())
     })
-}
-
-fn data_jobs(subjects_dir: &Path) -> PathBuf {
-    subjects_dir.parent().map(|d| d.join("jobs")).unwrap_or_default()
 }
 
 async fn shutdown() {
@@ -412,11 +408,11 @@ async fn mask_from_points(
 
 /// After a masks job: its STEM.png go to the subject's masks/, STEM.overlay.png to overlays/;
 /// after a `sam` (points) job, its one mask replaces that photo's.
-fn file_masks(subjects_dir: &Path, jobs_dir: &Path, j: &jobs::JobSpec) -> Result<()> {
+fn file_masks(subjects: &Subjects, jobs_dir: &Path, j: &jobs::JobSpec) -> Result<()> {
     if j.kind == "sam" {
         let id = j.subject.as_deref().context("a sam job without a subject")?;
         let stem = j.params["stem"].as_str().context("a sam job without a stem")?;
-        let sdir = subjects_dir.join(id);
+        let sdir = subjects.subject_dir(id);
         let made = jobs_dir.join(&j.id).join(jobs::OUT_DIR).join(format!("{stem}.png"));
         let dest = sdir.join("masks").join(format!("{stem}.png"));
         crate::io::create_dir_all(dest.parent().unwrap())?;
@@ -425,17 +421,15 @@ fn file_masks(subjects_dir: &Path, jobs_dir: &Path, j: &jobs::JobSpec) -> Result
             &std::fs::read(&made).with_context(|| format!("cannot read {}", made.display()))?,
         )?;
         subjects::write_overlay(&sdir, stem)?;
-        let spec_path = sdir.join(subjects::SUBJECT_FILE);
-        let mut s: subjects::SubjectSpec = serde_json::from_str(&std::fs::read_to_string(&spec_path)?)?;
+        let mut s = subjects.get(id)?.with_context(|| format!("subject {id} vanished"))?;
         s.mask_source = Some("sam".into());
-        crate::io::write_bytes_atomic(&spec_path, serde_json::to_string_pretty(&s)?.as_bytes())?;
-        return Ok(());
+        return subjects.save(&s);
     }
     if j.kind != "masks" {
         return Ok(());
     }
     let id = j.subject.as_deref().context("a masks job without a subject")?;
-    let sdir = subjects_dir.join(id);
+    let sdir = subjects.subject_dir(id);
     let out = jobs_dir.join(&j.id).join(jobs::OUT_DIR);
     for f in jobs::pngs(&out) {
         let name = f.file_name().unwrap().to_string_lossy().into_owned();
@@ -446,15 +440,14 @@ fn file_masks(subjects_dir: &Path, jobs_dir: &Path, j: &jobs::JobSpec) -> Result
         crate::io::create_dir_all(dest.parent().unwrap())?;
         crate::io::write_bytes_atomic(&dest, &std::fs::read(&f)?)?;
     }
-    let spec_path = sdir.join(subjects::SUBJECT_FILE);
-    let mut s: subjects::SubjectSpec = serde_json::from_str(&std::fs::read_to_string(&spec_path)?)?;
+    let mut s = subjects.get(id)?.with_context(|| format!("subject {id} vanished"))?;
     let sam = j.args.iter().any(|a| a == "--sam");
     s.mask_source = Some(if sam { "sam" } else { "attention" }.into());
     s.mask_warning = (!sam).then(|| {
         "coarse masks: the thresholded attention map (the server has no --sam); check them, or upload your own"
             .to_string()
     });
-    crate::io::write_bytes_atomic(&spec_path, serde_json::to_string_pretty(&s)?.as_bytes())
+    subjects.save(&s)
 }
 
 fn num<T: serde::de::DeserializeOwned>(v: &Value, key: &str, default: T) -> ApiResult<T> {

@@ -50,7 +50,7 @@ pub struct LearnJob {
     pub args: LearnArgs,
     /// Checkpoint every this many steps (0 = never).
     pub checkpoint_every: usize,
-    /// Write a preview image and the loss curve every this many steps (0 = never; hifi mode).
+    /// Write the loss curve, and in hifi mode a preview image, every this many steps (0 = never).
     pub preview_every: usize,
     pub resume: bool,
     pub device: Device,
@@ -172,10 +172,7 @@ fn write_preview(sd: &StableDiffusion, job: &LearnJob, state: &State, step: usiz
     };
     let req = crate::pipeline::GenerateRequest::preview(format!("a photo of a {}", args.class_noun), sd.default_size());
     let images = tch::no_grad(|| conditioning::generate(sd, &req, Some(&subject)))?;
-    let img = RgbImage::from_hwc_u8(&images.get(0))?;
-    let path = previews::path(&job.out, step);
-    crate::io::create_dir_all(path.parent().expect("previews/"))?;
-    img.save_png(&path, &[("parameters", &format!("{}\nstep {step}", req.prompt))])
+    previews::save(&job.out, step, &images.get(0), &req.prompt)
 }
 
 fn validate(job: &LearnJob) -> Result<()> {
