@@ -164,6 +164,49 @@ SPECS = {
             seed=4321, steps=6, guidance=5.0, height=48, width=32, num_images=2,
         ),
     ),
+    "tiny-sd2": dict(
+        # Stable Diffusion 2.x in miniature: the OpenCLIP-H text encoder as transformers ships it
+        # (gelu, the legacy bos/eos/pad ids 0/2/1 of SD-2's config, pad "!" in the tokenizer),
+        # linear projections and per-block head counts in the UNet, upcast_attention, and a
+        # v-prediction DDIM schedule (stabilityai/stable-diffusion-2-1's scheduler_config).
+        seed=3,
+        fp16=False,
+        legacy_vae_names=False,
+        text=dict(
+            vocab_size=1000, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
+            layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+            projection_dim=32,
+        ),
+        unet=dict(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=[2, 4, 8], use_linear_projection=True, upcast_attention=True,
+            norm_num_groups=8, cross_attention_dim=48,
+        ),
+        vae=dict(
+            in_channels=3, out_channels=3, block_out_channels=(16, 32),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=16,
+            scaling_factor=0.18215,
+        ),
+        sched=dict(SCHED_COMMON, prediction_type="v_prediction", set_alpha_to_one=False,
+                   timestep_spacing="leading"),
+        text_prompts=[
+            "a photo of a sks dog wearing a red hat, 4k",
+            "a cinematic still of a lighthouse on a cliff at dusk, volumetric fog " * 3,
+        ],
+        unet_hw=(8, 12),
+        vae_hw=(16, 24),
+        gen=dict(
+            prompt="a photo of a sks dog wearing a red hat, 4k",
+            negative_prompt=None,
+            seed=2025, steps=6, guidance=7.5, height=16, width=24, num_images=1,
+        ),
+    ),
 }
 
 
@@ -505,6 +548,15 @@ def compute_refs(name: str, spec: dict, out_dir: Path, pipe) -> tuple[dict, dict
         T["sched.t_last"] = torch.tensor([t_last], dtype=torch.int64)
         T["sched.prev_sample_last"] = sch.step(mo, t_last, sample, eta=0.0).prev_sample
         T["sched.alphas_cumprod"] = sch.alphas_cumprod.clone()
+        if sch.config.prediction_type == "v_prediction":
+            # the training target of a v-prediction model (diffusers' train scripts:
+            # noise_scheduler.get_velocity(latents, noise, timesteps))
+            from diffusers import DDPMScheduler
+            ddpm = DDPMScheduler.from_pretrained(out_dir / "scheduler")
+            x0, noise = torch.randn(2, 4, h, w, generator=g), torch.randn(2, 4, h, w, generator=g)
+            tt = torch.tensor([999, 7], dtype=torch.int64)
+            T["sched.velocity_x0"], T["sched.velocity_noise"], T["sched.velocity_t"] = x0, noise, tt
+            T["sched.velocity"] = ddpm.get_velocity(x0, noise, tt)
         M["sched.num_inference_steps"] = "10"
         M["sched.eta"] = "0.0"
 
@@ -696,7 +748,7 @@ def main() -> None:
         tokenizer = CLIPTokenizer.from_pretrained(tmp_tok)
         shutil.rmtree(tmp_tok)
         pad_id = check_tokenizer(name, tokenizer)
-        if name == "tiny-b":
+        if name in ("tiny-b", "tiny-sd2"):
             assert (pad_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 998, 999)
         else:
             assert (pad_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (49407, 49406, 49407)

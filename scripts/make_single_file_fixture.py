@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the single-file checkpoint fixture: tiny-b written with the original LDM key names.
+"""Build the single-file checkpoint fixtures: tiny-b (SD-1.x) and tiny-sd2 (SD-2.x) written with LDM key names.
 
 Run by hand from the repository root, after scripts/make_fixtures.py (CPU only, a few seconds):
 
@@ -11,9 +11,14 @@ It (re)writes, deterministically (byte-identical on rerun):
                                                the original Stable Diffusion code saves them
                                                (model.diffusion_model.*, first_stage_model.*,
                                                cond_stage_model.transformer.*), float32
+    tests/fixtures/single/tiny-sd2.safetensors tiny-sd2 as SD-2.x files are: the text encoder in
+                                               OpenCLIP's names (cond_stage_model.model.*, fused
+                                               in_proj, one extra resblock, text_projection,
+                                               logit_scale), float32
 
 The diffusers -> LDM key mapping below is the inverse of diffusers' single-file conversion
-(`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`). It
+(`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`,
+`convert_open_clip_checkpoint`). It
 is checked by loading the written file back with diffusers'
 `StableDiffusionPipeline.from_single_file(file, config=tiny-b)` and asserting that every
 parameter of the three networks equals the folder's exactly. Pinned versions:
@@ -43,8 +48,9 @@ from make_fixtures import check_versions, save_safetensors_sorted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
-MODEL = FIX / "tiny-b"
-OUT = FIX / "single" / "tiny-b.safetensors"
+# tiny-b as an SD-1.x file (CLIP under cond_stage_model.transformer.), tiny-sd2 as an SD-2.x file
+# (OpenCLIP under cond_stage_model.model.).
+MODELS = ["tiny-b", "tiny-sd2"]
 
 RESNET = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
           ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection.")]
@@ -142,17 +148,62 @@ def vae_key(k: str, cfg: dict) -> str:
     return f"{side}.{out}"
 
 
-def main() -> None:
-    check_versions()
-    torch.manual_seed(0)
-    unet = load_file(MODEL / "unet" / "diffusion_pytorch_model.safetensors")
-    vae = load_file(MODEL / "vae" / "diffusion_pytorch_model.safetensors")
+OPEN_CLIP_PARTS = [("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."),
+                   ("mlp.fc2.", "mlp.c_proj."), ("self_attn.out_proj.", "attn.out_proj.")]
+
+
+def open_clip_text(text: dict, tcfg: dict, seed: int) -> dict:
+    """transformers CLIPTextModel keys -> SD-2's OpenCLIP keys (after `cond_stage_model.model.`).
+
+    The inverse of diffusers' `convert_open_clip_checkpoint`: q/k/v fused into `in_proj_*`, plus
+    what SD-2 files carry and the conversion drops: one more resblock than the text encoder uses
+    (SD-2 conditions on the penultimate layer), `text_projection` and `logit_scale` (random here).
+    """
+    out = {
+        "token_embedding.weight": text["text_model.embeddings.token_embedding.weight"],
+        "positional_embedding": text["text_model.embeddings.position_embedding.weight"],
+        "ln_final.weight": text["text_model.final_layer_norm.weight"],
+        "ln_final.bias": text["text_model.final_layer_norm.bias"],
+    }
+    n, d = tcfg["num_hidden_layers"], tcfg["hidden_size"]
+    for i in range(n):
+        pre = f"text_model.encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
+                [text[f"{pre}self_attn.{p}_proj.{kind}"] for p in "qkv"], 0)
+        for k, v in text.items():
+            if not k.startswith(pre) or ".self_attn." in k and "out_proj" not in k:
+                continue
+            rest = k[len(pre):]
+            for ours, ldm in OPEN_CLIP_PARTS:
+                if rest.startswith(ours):
+                    out[f"transformer.resblocks.{i}.{ldm}{rest[len(ours):]}"] = v
+                    break
+            else:
+                raise KeyError(k)
+    g = torch.Generator().manual_seed(seed)
+    extra = {k.replace(f"resblocks.{n - 1}.", f"resblocks.{n}."): torch.randn(v.shape, generator=g)
+             for k, v in out.items() if k.startswith(f"transformer.resblocks.{n - 1}.")}
+    out.update(extra)
+    out["text_projection"] = torch.randn(d, tcfg["projection_dim"], generator=g)
+    out["logit_scale"] = torch.tensor(4.6052)
+    assert len(out) == 4 + 12 * (n + 1) + 2, len(out)
+    return out
+
+
+def write_single(name: str) -> None:
+    model = FIX / name
+    out_path = FIX / "single" / f"{name}.safetensors"
+    unet = load_file(model / "unet" / "diffusion_pytorch_model.safetensors")
+    vae = load_file(model / "vae" / "diffusion_pytorch_model.safetensors")
     # tiny-b's text encoder file has the keys without `text_model.` (older transformers); SD-1.x
     # single files carry them with it.
     text = {(k if k.startswith("text_model.") else "text_model." + k): v
-            for k, v in load_file(MODEL / "text_encoder" / "model.safetensors").items()}
-    ucfg = json.loads((MODEL / "unet" / "config.json").read_text())
-    vcfg = json.loads((MODEL / "vae" / "config.json").read_text())
+            for k, v in load_file(model / "text_encoder" / "model.safetensors").items()}
+    ucfg = json.loads((model / "unet" / "config.json").read_text())
+    vcfg = json.loads((model / "vae" / "config.json").read_text())
+    tcfg = json.loads((model / "text_encoder" / "config.json").read_text())
+    open_clip = tcfg["hidden_act"] == "gelu" and tcfg["eos_token_id"] == 2  # SD-2's text config
 
     out: dict[str, torch.Tensor] = {}
     for k, v in unet.items():
@@ -162,19 +213,25 @@ def main() -> None:
         if ".mid.attn_1." in ldm and v.dim() == 2:
             v = v[:, :, None, None]  # LDM's attention projections are 1x1 convs
         out["first_stage_model." + ldm] = v.contiguous()
-    for k, v in text.items():
-        out["cond_stage_model.transformer." + k] = v.contiguous()
-    # The buffer SD-1.x releases carry (transformers < 4.31 saved it).
-    max_pos = json.loads((MODEL / "text_encoder" / "config.json").read_text())["max_position_embeddings"]
-    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(max_pos)[None]
-    assert len(out) == len(unet) + len(vae) + len(text) + 1, "two keys mapped to one LDM name"
+    if open_clip:
+        oc = open_clip_text(text, tcfg, seed=11)
+        for k, v in oc.items():
+            out["cond_stage_model.model." + k] = v.contiguous()
+        assert len(out) == len(unet) + len(vae) + len(oc), "two keys mapped to one LDM name"
+    else:
+        for k, v in text.items():
+            out["cond_stage_model.transformer." + k] = v.contiguous()
+        # The buffer SD-1.x releases carry (transformers < 4.31 saved it).
+        out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = \
+            torch.arange(tcfg["max_position_embeddings"])[None]
+        assert len(out) == len(unet) + len(vae) + len(text) + 1, "two keys mapped to one LDM name"
 
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors_sorted(out, OUT, {"format": "pt", "generator": "scripts/make_single_file_fixture.py",
-                                       "source": "tests/fixtures/tiny-b", "diffusers": diffusers.__version__})
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors_sorted(out, out_path, {"format": "pt", "generator": "scripts/make_single_file_fixture.py",
+                                            "source": f"tests/fixtures/{name}", "diffusers": diffusers.__version__})
 
     # Independent check: diffusers' own single-file loader gives back the folder's weights.
-    pipe = StableDiffusionPipeline.from_single_file(str(OUT), config=str(MODEL), safety_checker=None,
+    pipe = StableDiffusionPipeline.from_single_file(str(out_path), config=str(model), safety_checker=None,
                                                     torch_dtype=torch.float32, local_files_only=True)
     legacy = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
@@ -184,18 +241,25 @@ def main() -> None:
         return k
 
     vae_modern = {modern(k): v for k, v in vae.items()}
-    for name, ref, net in [("unet", unet, pipe.unet), ("vae", vae_modern, pipe.vae),
-                           ("text_encoder", text, pipe.text_encoder)]:
+    for net_name, ref, net in [("unet", unet, pipe.unet), ("vae", vae_modern, pipe.vae),
+                               ("text_encoder", text, pipe.text_encoder)]:
         # transformers 5's CLIPTextModel.state_dict() names keys without `text_model.`.
         got = {k.removeprefix("text_model."): v for k, v in net.state_dict().items()}
         ref = {k.removeprefix("text_model."): v for k, v in ref.items()}
         keys = set(ref) - {"embeddings.position_ids"}
         gkeys = set(got) - {"embeddings.position_ids"}
-        assert keys == gkeys, (name, sorted(keys ^ gkeys)[:10])
+        assert keys == gkeys, (net_name, sorted(keys ^ gkeys)[:10])
         for k in keys:
-            assert torch.equal(got[k], ref[k].reshape(got[k].shape)), (name, k)
-        print(f"{name}: {len(keys)} tensors equal after diffusers' from_single_file")
-    print(f"wrote {OUT.relative_to(ROOT)} ({OUT.stat().st_size} bytes, {len(out)} keys)")
+            assert torch.equal(got[k], ref[k].reshape(got[k].shape)), (net_name, k)
+        print(f"{name} {net_name}: {len(keys)} tensors equal after diffusers' from_single_file")
+    print(f"wrote {out_path.relative_to(ROOT)} ({out_path.stat().st_size} bytes, {len(out)} keys)")
+
+
+def main() -> None:
+    check_versions()
+    torch.manual_seed(0)
+    for name in MODELS:
+        write_single(name)
 
 
 if __name__ == "__main__":

@@ -230,6 +230,35 @@ impl ModelDir {
     pub fn component(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
+
+    /// SDXL's layout: `Some(force_zeros_for_empty_prompt)` (default true, as
+    /// `StableDiffusionXLPipeline`) when `model_index.json` lists `text_encoder_2` or the folder
+    /// has `text_encoder_2/`; then `tokenizer_2/` must be there too. `None` for SD-1.x / 2.x.
+    pub fn xl(&self) -> Result<Option<bool>> {
+        let index_path = self.root.join("model_index.json");
+        let index: serde_json::Value = read_json(&index_path)?;
+        let listed =
+            |k: &str| index.get(k).is_some_and(|v| v.as_array().is_some_and(|a| a.iter().any(|x| !x.is_null())));
+        if !listed("text_encoder_2") && !self.root.join("text_encoder_2").is_dir() {
+            return Ok(None);
+        }
+        for c in ["text_encoder_2", "tokenizer_2"] {
+            if !self.root.join(c).is_dir() {
+                bail!(
+                    "{}: missing component folder {c}/ (an SDXL folder has text_encoder/, text_encoder_2/, tokenizer/, \
+                     tokenizer_2/, unet/, vae/ and scheduler/)",
+                    self.root.display()
+                );
+            }
+        }
+        let force_zeros = match index.get("force_zeros_for_empty_prompt") {
+            None | Some(serde_json::Value::Null) => true,
+            Some(v) => v.as_bool().with_context(|| {
+                format!("{}: force_zeros_for_empty_prompt must be true or false, got {v}", index_path.display())
+            })?,
+        };
+        Ok(Some(force_zeros))
+    }
 }
 
 /// The string metadata (`__metadata__`) of a safetensors file's header.

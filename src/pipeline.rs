@@ -10,6 +10,7 @@ use crate::attention::{reborrow, AttentionController};
 use crate::hub::{self, ModelSpec};
 use crate::load::ModelDir;
 use crate::models::unet::config::PerLevel;
+use crate::models::unet::AddedCond;
 use crate::models::{clip_text::ClipTextModel, unet::UNet2DConditionModel, vae::AutoencoderKL};
 use crate::scheduler::{DdimScheduler, SchedulerConfig};
 use crate::single_file::{self, Configs};
@@ -19,10 +20,27 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 /// The encoder hidden states of one step: `cond` = c (or [c, c_s^t]), `uncond` = φ; each
-/// (B, 77, d).
+/// (B, 77, d). An SDXL model also takes `added` = (φ's, c's) [`AddedCond`] (pooled text embeds
+/// and time ids); `None` for SD-1.x / 2.x.
 pub struct StepCond {
     pub cond: Tensor,
     pub uncond: Tensor,
+    pub added: Option<(AddedCond, AddedCond)>,
+}
+
+impl StepCond {
+    /// (c, φ) of an SD-1.x / 2.x model (no added conditioning).
+    pub fn new(cond: Tensor, uncond: Tensor) -> Self {
+        Self { cond, uncond, added: None }
+    }
+
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            cond: self.cond.shallow_clone(),
+            uncond: self.uncond.shallow_clone(),
+            added: self.added.as_ref().map(|(u, c)| (u.shallow_clone(), c.shallow_clone())),
+        }
+    }
 }
 
 /// What conditions DDIM step `index` (timestep `t`).
@@ -35,7 +53,7 @@ pub struct Fixed(pub StepCond);
 
 impl StepConditioning for Fixed {
     fn at(&mut self, _index: usize, _t: i64) -> Result<StepCond> {
-        Ok(StepCond { cond: self.0.cond.shallow_clone(), uncond: self.0.uncond.shallow_clone() })
+        Ok(self.0.shallow_clone())
     }
 }
 
@@ -101,7 +119,16 @@ pub struct LoadOptions {
     pub loras: Vec<crate::lora::LoraSpec>,
 }
 
-/// A loaded Stable Diffusion v1.x model.
+/// SDXL's second text encoder (OpenCLIP bigG as `CLIPTextModelWithProjection`), its tokenizer
+/// (pad `"!"`), and the pipeline's `force_zeros_for_empty_prompt` from `model_index.json`.
+pub struct XlParts {
+    pub tokenizer_2: ClipTokenizer,
+    pub text_encoder_2: ClipTextModel,
+    /// With no negative prompt, φ and its pooled embeds are zeros (diffusers' default for SDXL).
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+/// A loaded Stable Diffusion 1.x, 2.x (ε- or v-prediction, by its scheduler config) or XL model.
 pub struct StableDiffusion {
     /// Where the weights were read from: the diffusers folder (for a hub id, its cache
     /// snapshot) or the single file.
@@ -114,10 +141,12 @@ pub struct StableDiffusion {
     pub vae: AutoencoderKL,
     pub scheduler_config: SchedulerConfig,
     pub device: Device,
+    /// SDXL's second encoder; `None` for SD-1.x / 2.x.
+    pub xl: Option<XlParts>,
 }
 
 impl StableDiffusion {
-    /// Loads a model onto `device` (fp32): a diffusers folder, a single-file SD-1.x checkpoint
+    /// Loads a model onto `device` (fp32): a diffusers folder, a single-file SD-1.x / 2.x checkpoint
     /// (with the standard configs) or a Hugging Face id `org/name[@revision]` (see
     /// [`ModelSpec::parse`]). [`load_with`](Self::load_with) takes `--config` / `--variant`.
     pub fn load(model: &Path, device: Device) -> Result<Self> {
@@ -142,6 +171,12 @@ impl StableDiffusion {
             }
         }?;
         let mut sd = sd;
+        if sd.xl.is_some() && !opts.loras.is_empty() {
+            bail!(
+                "--lora on an SDXL model is not supported yet (SD-1.x / 2.x LoRAs only); {} is SDXL",
+                model.display()
+            );
+        }
         crate::lora::apply_all(&opts.loras, &sd.unet.vs, &sd.text_encoder.vs)?;
         sd.loras = opts.loras.clone();
         if device.is_cuda() {
@@ -154,6 +189,9 @@ impl StableDiffusion {
     /// `force_upcast`); see [`crate::precision`].
     pub fn with_dtype(mut self, kind: Kind) -> Self {
         self.text_encoder.vs.set_kind(kind);
+        if let Some(xl) = &mut self.xl {
+            xl.text_encoder_2.vs.set_kind(kind);
+        }
         self.unet.vs.set_kind(kind);
         self.vae.vs.set_kind(crate::precision::vae_kind(kind, self.vae.config.force_upcast));
         self
@@ -164,10 +202,19 @@ impl StableDiffusion {
         self.unet.kind()
     }
 
-    /// Loads every component of a diffusers folder.
+    /// Loads every component of a diffusers folder (SD-1.x / 2.x, or SDXL when it has
+    /// `text_encoder_2/`).
     pub fn load_folder(root: &Path, device: Device) -> Result<Self> {
         let dir = ModelDir::open(root)?;
         let scheduler_config = SchedulerConfig::from_file(&dir.component("scheduler").join("scheduler_config.json"))?;
+        let xl = match dir.xl()? {
+            None => None,
+            Some(force_zeros_for_empty_prompt) => Some(XlParts {
+                tokenizer_2: ClipTokenizer::from_dir(&dir.component("tokenizer_2"))?,
+                text_encoder_2: ClipTextModel::load(&dir.component("text_encoder_2"), device)?,
+                force_zeros_for_empty_prompt,
+            }),
+        };
         let sd = Self {
             tokenizer: ClipTokenizer::from_dir(&dir.component("tokenizer"))?,
             text_encoder: ClipTextModel::load(&dir.component("text_encoder"), device)?,
@@ -177,16 +224,89 @@ impl StableDiffusion {
             source: dir.root,
             loras: vec![],
             device,
+            xl,
         };
+        sd.check_widths()?;
         Ok(sd.frozen())
     }
 
+    /// The widths the components must agree on: the UNet's `cross_attention_dim` is the text
+    /// encoder's hidden size (SDXL: the sum of both), and SDXL's `add_embedding` takes the
+    /// second encoder's `projection_dim` + 6 × `addition_time_embed_dim`.
+    fn check_widths(&self) -> Result<()> {
+        let src = self.source.display();
+        let cross = match &self.unet.config.cross_attention_dim {
+            PerLevel::One(c) => *c,
+            PerLevel::Each(v) => v[0],
+        };
+        let te = self.text_encoder.hidden_size();
+        match &self.xl {
+            None => {
+                if cross != te {
+                    bail!(
+                        "{src}: unet/config.json's cross_attention_dim {cross} does not match text_encoder/config.json's \
+                         hidden_size {te}"
+                    );
+                }
+                if self.unet.needs_added_cond() {
+                    bail!(
+                        "{src}: the UNet has addition_embed_type \"text_time\" (SDXL) but there is no text_encoder_2/ \
+                         (an SDXL folder has text_encoder/, text_encoder_2/, tokenizer/ and tokenizer_2/)"
+                    );
+                }
+            }
+            Some(xl) => {
+                let te2 = xl.text_encoder_2.hidden_size();
+                if cross != te + te2 {
+                    bail!(
+                        "{src}: unet/config.json's cross_attention_dim {cross} is not text_encoder's hidden_size {te} + \
+                         text_encoder_2's {te2}"
+                    );
+                }
+                let Some((dim, d_in)) = self.unet.config.text_time() else {
+                    bail!("{src}: an SDXL folder's UNet must have addition_embed_type \"text_time\"");
+                };
+                if !xl.text_encoder_2.config.with_projection() {
+                    bail!(
+                        "{src}: text_encoder_2/config.json must be a CLIPTextModelWithProjection (its `architectures`)"
+                    );
+                }
+                let p = xl.text_encoder_2.config.projection_dim.unwrap_or(512);
+                if d_in != p + 6 * dim {
+                    bail!(
+                        "{src}: unet/config.json's projection_class_embeddings_input_dim {d_in} is not text_encoder_2's \
+                         projection_dim {p} + 6 × addition_time_embed_dim {dim}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this is an SDXL model.
+    pub fn is_xl(&self) -> bool {
+        self.xl.is_some()
+    }
+
+    /// Refuses an SDXL model for what is not built for it yet, naming it.
+    pub fn require_not_xl(&self, what: &str) -> Result<()> {
+        if self.is_xl() {
+            bail!(
+                "{what} does not support SDXL models yet ({} is SDXL): so far SDXL runs `generate` (plain text to \
+                 image); the paper's algorithms need SD-1.x or SD-2.x",
+                self.source.display()
+            );
+        }
+        Ok(())
+    }
+
     /// Loads a single-file checkpoint (LDM key names), converted with the configs and tokenizer
-    /// of the diffusers folder `config`, or the standard SD-1.x ones.
+    /// of the diffusers folder `config`, or the standard SD-1.x or SD-2.1 ones (by its text
+    /// encoder's keys).
     pub fn load_single_file(file: &Path, config: Option<&Path>, device: Device) -> Result<Self> {
         let configs = match config {
             Some(dir) => Configs::from_diffusers_dir(dir)?,
-            None => Configs::sd15()?,
+            None => Configs::builtin(single_file::Family::of_file(file)?)?,
         };
         let nets = single_file::load(file, &configs, device)?;
         let sd = Self {
@@ -198,7 +318,9 @@ impl StableDiffusion {
             source: file.to_path_buf(),
             loras: vec![],
             device,
+            xl: None,
         };
+        sd.check_widths()?;
         Ok(sd.frozen())
     }
 
@@ -206,6 +328,9 @@ impl StableDiffusion {
         let sd = &mut self;
         // The networks are never trained here: only embeddings are (subject learning, TI).
         sd.text_encoder.vs.freeze();
+        if let Some(xl) = &mut sd.xl {
+            xl.text_encoder_2.vs.freeze();
+        }
         sd.unet.vs.freeze();
         sd.vae.vs.freeze();
         self
@@ -249,22 +374,53 @@ impl StableDiffusion {
     /// Token ids (1, 77) of a prompt, padded; a prompt longer than the encoder's window is
     /// truncated with a warning, as diffusers does.
     pub fn tokenize(&self, text: &str) -> Tensor {
-        let enc = self.tokenizer.encode_padded(text);
-        if enc.truncated {
-            // enc.n_tokens counts what was kept; the warning gives the prompt's own length.
-            eprintln!(
-                "warning: the prompt is {} tokens long (with <bos> and <eos>); CLIP can only handle {} — the rest \
-                 was truncated",
-                self.tokenizer.encode(text).len(),
-                self.tokenizer.model_max_length()
-            );
-        }
-        Tensor::from_slice(&enc.ids).view([1, -1]).to_device(self.device)
+        tokenize_with(&self.tokenizer, text, true).to_device(self.device)
     }
 
-    /// The text encoder's last hidden state (1, 77, d) for a prompt.
+    /// The text conditioning c (1, 77, d) of a prompt: the text encoder's last hidden state;
+    /// SDXL: both encoders' penultimate hidden states, concatenated (see [`encode_prompt_xl`](Self::encode_prompt_xl)).
     pub fn encode_prompt(&self, text: &str) -> Tensor {
-        self.text_encoder.forward(&self.tokenize(text))
+        match &self.xl {
+            None => self.text_encoder.forward(&self.tokenize(text)),
+            Some(_) => self.encode_prompt_xl(text).0,
+        }
+    }
+
+    /// SDXL's `encode_prompt` for one prompt (`clip_skip=None`): (the penultimate hidden states
+    /// of encoder 1 and encoder 2 concatenated (1, 77, d₁ + d₂), encoder 2's pooled, projected
+    /// `text_embeds` (1, P)). Each encoder reads its own tokenizer's ids.
+    pub fn encode_prompt_xl(&self, text: &str) -> (Tensor, Tensor) {
+        let xl = self.xl.as_ref().expect("encode_prompt_xl needs an SDXL model");
+        let ids_1 = self.tokenize(text);
+        let ids_2 = tokenize_with(&xl.tokenizer_2, text, false).to_device(self.device);
+        let h1 = self.text_encoder.penultimate_and_pooled(&ids_1).unwrap_or_else(|e| panic!("{e:#}"));
+        let h2 = xl.text_encoder_2.penultimate_and_pooled(&ids_2).unwrap_or_else(|e| panic!("{e:#}"));
+        let pooled = h2.text_embeds.expect("text_encoder_2 has text_projection (checked at load)");
+        (Tensor::cat(&[h1.penultimate, h2.penultimate], -1), pooled)
+    }
+
+    /// φ for a negative prompt (`None`: none given) as the pipelines build it: the empty
+    /// prompt's encoding; SDXL with `force_zeros_for_empty_prompt` and no negative prompt:
+    /// zeros, pooled embeds too. Returns (φ (1, 77, d), SDXL's pooled φ (1, P)).
+    pub fn encode_negative(&self, negative: Option<&str>) -> (Tensor, Option<Tensor>) {
+        match &self.xl {
+            None => (self.encode_prompt(negative.unwrap_or("")), None),
+            Some(xl) if negative.is_none() && xl.force_zeros_for_empty_prompt => {
+                let (h, p) = self.encode_prompt_xl("");
+                (h.zeros_like(), Some(p.zeros_like()))
+            }
+            Some(_) => {
+                let (h, p) = self.encode_prompt_xl(negative.unwrap_or(""));
+                (h, Some(p))
+            }
+        }
+    }
+
+    /// SDXL's `add_time_ids` for an image of `height` × `width` with diffusers' defaults
+    /// (original size = target size = (height, width), crop top-left (0, 0)): (1, 6) float32.
+    pub fn add_time_ids(&self, height: i64, width: i64) -> Tensor {
+        let ids = [height, width, 0, 0, height, width].map(|v| v as f32);
+        Tensor::from_slice(&ids).view([1, 6]).to_device(self.device)
     }
 
     /// x_T exactly as diffusers draws it with `generator=torch.Generator("cpu").manual_seed(seed)`:
@@ -288,7 +444,8 @@ impl StableDiffusion {
         let ts = Tensor::from(t).to_device(self.device);
         let xx = Tensor::cat(&[x, x], 0); // (2B, C, h, w)
         let ctx = Tensor::cat(&[&c.uncond, &c.cond], 0); // (2B, 77, d)
-        let eps = self.unet.forward(&xx, &ts, &ctx, ctrl).chunk(2, 0);
+        let added = c.added.as_ref().map(|(u, k)| AddedCond::cat(u, k));
+        let eps = self.unet.forward_added(&xx, &ts, &ctx, added.as_ref(), ctrl).chunk(2, 0);
         (eps[0].shallow_clone(), eps[1].shallow_clone())
     }
 
@@ -303,7 +460,8 @@ impl StableDiffusion {
         ctrl: Option<&mut dyn AttentionController>,
     ) -> Tensor {
         if guidance <= 1.0 {
-            return self.unet.forward(x, &Tensor::from(t).to_device(self.device), &c.cond, ctrl);
+            let added = c.added.as_ref().map(|(_, k)| k);
+            return self.unet.forward_added(x, &Tensor::from(t).to_device(self.device), &c.cond, added, ctrl);
         }
         let (eps_u, eps_c) = self.eps_pair(x, t, c, ctrl);
         cfg(&eps_u, &eps_c, guidance)
@@ -339,9 +497,31 @@ impl StableDiffusion {
     /// guidance_scale, height, width, num_images_per_prompt, generator)`; returns (B, H, W, 3)
     /// uint8 images.
     pub fn generate(&self, req: &GenerateRequest) -> Result<Tensor> {
+        if self.xl.is_some() {
+            return self.generate_xl(req);
+        }
         self.generate_conditioned(req, &mut |_, uncond, n| {
             let cond = self.encode_prompt(&req.prompt).repeat([n, 1, 1]);
-            Ok(Box::new(Fixed(StepCond { cond, uncond: uncond.repeat([n, 1, 1]) })))
+            Ok(Box::new(Fixed(StepCond::new(cond, uncond.repeat([n, 1, 1])))))
+        })
+    }
+
+    /// Text-to-image on SDXL as `StableDiffusionXLPipeline(prompt, negative_prompt, …)` with a
+    /// `DDIMScheduler` and diffusers' defaults for everything else (original and target size
+    /// = (height, width), no crop, `guidance_rescale` 0, no `denoising_end`).
+    fn generate_xl(&self, req: &GenerateRequest) -> Result<Tensor> {
+        self.generate_conditioned(req, &mut |_, uncond, n| {
+            let (cond, pooled) = self.encode_prompt_xl(&req.prompt);
+            let (_, pooled_u) = self.encode_negative(req.negative_prompt.as_deref());
+            let pooled_u = pooled_u.expect("SDXL has pooled embeds");
+            let time_ids = self.add_time_ids(req.height, req.width);
+            let added_c = AddedCond { text_embeds: pooled, time_ids: time_ids.shallow_clone() }.repeat(n);
+            let added_u = AddedCond { text_embeds: pooled_u, time_ids }.repeat(n);
+            Ok(Box::new(Fixed(StepCond {
+                cond: cond.repeat([n, 1, 1]),
+                uncond: uncond.repeat([n, 1, 1]),
+                added: Some((added_u, added_c)),
+            })))
         })
     }
 
@@ -359,7 +539,7 @@ impl StableDiffusion {
         tch::no_grad(|| {
             let sched = self.scheduler(req.steps)?;
             let n = req.num_images;
-            let uncond = self.encode_prompt(req.negative_prompt.as_deref().unwrap_or(""));
+            let (uncond, _) = self.encode_negative(req.negative_prompt.as_deref());
             let x_t = self.initial_latents(req.seed, n, req.height, req.width);
             let mut steps = make(&sched, uncond, n)?;
             let x0 = self.denoise(x_t, &sched, steps.as_mut(), req.guidance, None)?;
@@ -375,6 +555,21 @@ impl StableDiffusion {
             Ok(crate::io::decoded_to_u8(&images))
         })
     }
+}
+
+/// Token ids (1, 77) on the CPU; a truncated prompt is reported when `warn`.
+fn tokenize_with(tokenizer: &ClipTokenizer, text: &str, warn: bool) -> Tensor {
+    let enc = tokenizer.encode_padded(text);
+    if enc.truncated && warn {
+        // enc.n_tokens counts what was kept; the warning gives the prompt's own length.
+        eprintln!(
+            "warning: the prompt is {} tokens long (with <bos> and <eos>); CLIP can only handle {} — the rest was \
+             truncated",
+            tokenizer.encode(text).len(),
+            tokenizer.model_max_length()
+        );
+    }
+    Tensor::from_slice(&enc.ids).view([1, -1])
 }
 
 /// `--config` only applies to single-file checkpoints.
@@ -397,9 +592,12 @@ pub fn load_tokenizer(model: &Path, opts: &LoadOptions) -> Result<ClipTokenizer>
     match ModelSpec::parse(model)? {
         ModelSpec::Folder(dir) if !dir.join("tokenizer").is_dir() => ClipTokenizer::from_dir(&dir),
         ModelSpec::Folder(dir) => ClipTokenizer::from_dir(&ModelDir::open(&dir)?.component("tokenizer")),
-        ModelSpec::SingleFile(_) => match &opts.config {
+        ModelSpec::SingleFile(file) => match &opts.config {
             Some(c) => ClipTokenizer::from_dir(&c.join("tokenizer")),
-            None => ClipTokenizer::sd15(),
+            None => match single_file::Family::of_file(&file)? {
+                single_file::Family::Sd1 => ClipTokenizer::sd15(),
+                single_file::Family::Sd2 => ClipTokenizer::sd2(),
+            },
         },
         ModelSpec::Hub { repo, revision } => {
             let snap = hub::resolve(&repo, revision.as_deref(), opts.variant.as_deref())?;

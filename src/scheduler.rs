@@ -245,6 +245,33 @@ impl DdimScheduler {
     }
 }
 
+impl DdimScheduler {
+    /// Refuses a `prediction_type` that the training losses cannot target (the diffusers
+    /// training scripts' rule: `epsilon` and `v_prediction` only).
+    pub fn check_trainable(&self) -> Result<()> {
+        match self.config.prediction_type.as_str() {
+            "epsilon" | "v_prediction" => Ok(()),
+            p => bail!("training supports prediction_type epsilon and v_prediction (scheduler_config.json), not {p:?}"),
+        }
+    }
+
+    /// The network's training target for x_t = [`add_noise`](Self::add_noise)`(x_0, ε, t)`: ε, or
+    /// v = √ᾱ_t·ε − √(1−ᾱ_t)·x_0 for `v_prediction` (`DDPMScheduler.get_velocity`; SD-2.x's
+    /// 768 models). Every loss we optimise (Eq. 6, TI, DreamBooth, LoRA) regresses onto this.
+    pub fn training_target(&self, x0: &Tensor, noise: &Tensor, t: &Tensor) -> Result<Tensor> {
+        self.check_trainable()?;
+        if self.config.prediction_type == "epsilon" {
+            return Ok(noise.shallow_clone());
+        }
+        let a = self.alphas_cumprod.to_device(x0.device()).index_select(0, &t.to_device(x0.device()));
+        let shape: Vec<i64> = std::iter::once(-1).chain(std::iter::repeat_n(1, x0.dim() - 1)).collect();
+        let sqrt_a = a.pow_tensor_scalar(0.5).view(shape.as_slice());
+        let b: Tensor = 1.0 - &a;
+        let sqrt_b = b.pow_tensor_scalar(0.5).view(shape.as_slice());
+        Ok(sqrt_a * noise - sqrt_b * x0)
+    }
+}
+
 /// `betas_for_alpha_bar` with the cosine ᾱ (squaredcos_cap_v2), max β 0.999.
 fn cosine_betas(n: i64) -> Tensor {
     let f = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);

@@ -1,12 +1,17 @@
-//! Single-file Stable Diffusion 1.x checkpoints (the `v1-5-pruned-emaonly.safetensors` format of
-//! the original LDM code, Civitai fine-tunes): original key names, converted in memory.
+//! Single-file Stable Diffusion 1.x and 2.x checkpoints (the `v1-5-pruned-emaonly.safetensors` /
+//! `v2-1_768-ema-pruned.safetensors` format of the original LDM code, Civitai fine-tunes):
+//! original key names, converted in memory.
 //!
 //! A file holds the UNet under `model.diffusion_model.`, the VAE under `first_stage_model.` and
-//! the CLIP text encoder under `cond_stage_model.transformer.`. Each of our modules is built from
-//! a config — the standard SD-1.x (v1-inference) ones in `assets/configs/sd15/` with the CLIP
-//! tokenizer of `assets/tokenizer/`, or those of a diffusers folder given as `--config`, as
-//! diffusers' `from_single_file(config=…)` — and every parameter name of the module is mapped
-//! to its LDM name by [`ldm_unet_key`] / [`ldm_vae_key`] (the inverse of diffusers'
+//! the text encoder under `cond_stage_model.transformer.` (SD-1.x: OpenAI's CLIP in
+//! transformers' names) or `cond_stage_model.model.` (SD-2.x: OpenCLIP ViT-H's names, converted
+//! by [`open_clip_text_key`] as diffusers' `convert_open_clip_checkpoint` does: fused `in_proj`
+//! split into q/k/v, the layers past the penultimate and the projection dropped). Each of our
+//! modules is built from a config — the standard SD-1.x (v1-inference) ones in
+//! `assets/configs/sd15/` or SD-2.1's (768-v) in `assets/configs/sd21/`, chosen by the text
+//! encoder's keys ([`Family`]), or those of a diffusers folder given as `--config`, as diffusers'
+//! `from_single_file(config=…)` — and every parameter name of the module is mapped to its LDM
+//! name by [`ldm_unet_key`] / [`ldm_vae_key`] (the inverse of diffusers'
 //! `convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint`). Loading is as strict as for a
 //! folder: every parameter must be in the file with its shape, and every key of the file must be
 //! used, or be in the known ignorable set ([`ignorable`]: the EMA copy `model_ema.*` and the
@@ -23,11 +28,53 @@ use crate::tokenizer::ClipTokenizer;
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use tch::Device;
+use tch::{Device, Tensor};
 
 pub const UNET_PREFIX: &str = "model.diffusion_model.";
 pub const VAE_PREFIX: &str = "first_stage_model.";
 pub const TEXT_PREFIX: &str = "cond_stage_model.transformer.";
+/// SD-2.x's OpenCLIP text encoder (`FrozenOpenCLIPEmbedder`).
+pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+
+/// The model family of a single file, told by its text encoder's keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// OpenAI CLIP ViT-L/14 under `cond_stage_model.transformer.`.
+    Sd1,
+    /// OpenCLIP ViT-H/14 under `cond_stage_model.model.`.
+    Sd2,
+}
+
+impl Family {
+    /// SD-2.x when any key is under [`OPEN_CLIP_PREFIX`], else SD-1.x.
+    pub fn of_keys<'a>(mut keys: impl Iterator<Item = &'a str>) -> Self {
+        if keys.any(|k| k.starts_with(OPEN_CLIP_PREFIX)) {
+            Family::Sd2
+        } else {
+            Family::Sd1
+        }
+    }
+
+    /// The family of a `.safetensors` file, from its header alone (no tensor is read).
+    pub fn of_file(path: &Path) -> Result<Self> {
+        refuse_pickle(path)?;
+        let bad = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!("cannot read {} as safetensors (truncated or not a safetensors file?): {e}", path.display())
+        };
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|e| bad(&e))?;
+        let mut n = [0u8; 8];
+        f.read_exact(&mut n).map_err(|e| bad(&e))?;
+        let n = u64::from_le_bytes(n);
+        if n > 100 << 20 {
+            return Err(bad(&format!("a header of {n} bytes")));
+        }
+        let mut header = vec![0u8; n as usize];
+        f.read_exact(&mut header).map_err(|e| bad(&e))?;
+        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).map_err(|e| bad(&e))?;
+        Ok(Self::of_keys(map.keys().map(String::as_str)))
+    }
+}
 
 /// LDM's DDPM buffers (noise schedule, loss weights): recomputed from the scheduler config.
 const DDPM_BUFFERS: [&str; 13] = [
@@ -56,6 +103,8 @@ pub fn ignorable(key: &str) -> Option<&'static str> {
         Some("VAE training loss (LPIPS / discriminator)")
     } else if key.starts_with(TEXT_PREFIX) && key.ends_with("embeddings.position_ids") {
         Some("position_ids buffer")
+    } else if key == "cond_stage_model.model.text_projection" || key == "cond_stage_model.model.logit_scale" {
+        Some("OpenCLIP's projection and logit scale (SD-2.x conditions on hidden states)")
     } else {
         None
     }
@@ -87,6 +136,32 @@ impl Configs {
             tokenizer: ClipTokenizer::sd15()?,
             origin: "the standard SD-1.x configs (assets/configs/sd15)".into(),
         })
+    }
+
+    /// SD-2.1's (768-v) configs kept in `assets/configs/sd21/` — the OpenCLIP ViT-H text encoder as
+    /// transformers ships it (23 layers: SD-2 conditions on the penultimate), linear projections,
+    /// per-level heads, `v_prediction` — and SD-2.x's tokenizer (pad `"!"`). An SD-2 *base*
+    /// (512, ε-prediction) file needs `--config` of a folder that says `epsilon`.
+    pub fn sd21() -> Result<Self> {
+        fn parse<T: serde::de::DeserializeOwned>(name: &str, text: &str) -> Result<T> {
+            serde_json::from_str(text).with_context(|| format!("built-in assets/configs/sd21/{name} is not valid"))
+        }
+        Ok(Self {
+            unet: parse("unet.json", include_str!("../assets/configs/sd21/unet.json"))?,
+            vae: parse("vae.json", include_str!("../assets/configs/sd21/vae.json"))?,
+            text_encoder: parse("text_encoder.json", include_str!("../assets/configs/sd21/text_encoder.json"))?,
+            scheduler: parse("scheduler.json", include_str!("../assets/configs/sd21/scheduler.json"))?,
+            tokenizer: ClipTokenizer::sd2()?,
+            origin: "the standard SD-2.1 (768-v) configs (assets/configs/sd21)".into(),
+        })
+    }
+
+    /// The built-in configs of a family.
+    pub fn builtin(family: Family) -> Result<Self> {
+        match family {
+            Family::Sd1 => Self::sd15(),
+            Family::Sd2 => Self::sd21(),
+        }
     }
 
     /// The component configs and tokenizer of a diffusers folder (`unet/config.json`, …,
@@ -136,7 +211,7 @@ pub fn load(path: &Path, configs: &Configs, device: Device) -> Result<Loaded> {
     refuse_pickle(path)?;
     let what = path.display().to_string();
     let tensors = read_safetensors(path)?;
-    let (mut unet_t, mut vae_t, mut text_t) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut unet_t, mut vae_t, mut text_t, mut open_clip_t) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut skipped: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut unknown = Vec::new();
     for (key, value) in tensors {
@@ -148,6 +223,8 @@ pub fn load(path: &Path, configs: &Configs, device: Device) -> Result<Loaded> {
             vae_t.push((rest.to_string(), value));
         } else if let Some(rest) = key.strip_prefix(TEXT_PREFIX) {
             text_t.push((rest.to_string(), value));
+        } else if let Some(rest) = key.strip_prefix(OPEN_CLIP_PREFIX) {
+            open_clip_t.push((rest.to_string(), value));
         } else {
             unknown.push(key);
         }
@@ -155,25 +232,43 @@ pub fn load(path: &Path, configs: &Configs, device: Device) -> Result<Loaded> {
     if !unknown.is_empty() {
         unknown.sort();
         bail!(
-            "{what}: {} key(s) that belong to no Stable Diffusion 1.x component: {} (expected {UNET_PREFIX}*, \
-             {VAE_PREFIX}*, {TEXT_PREFIX}*, or model_ema.* / DDPM buffers, which are skipped)",
+            "{what}: {} key(s) that belong to no Stable Diffusion 1.x / 2.x component: {} (expected {UNET_PREFIX}*, \
+             {VAE_PREFIX}*, {TEXT_PREFIX}* or {OPEN_CLIP_PREFIX}*, or model_ema.* / DDPM buffers, which are skipped)",
             unknown.len(),
             preview(&unknown)
         );
     }
-    if unet_t.is_empty() || vae_t.is_empty() || text_t.is_empty() {
+    if !text_t.is_empty() && !open_clip_t.is_empty() {
         bail!(
-            "{what} is not a full SD-1.x checkpoint: it has {} UNet ({UNET_PREFIX}*), {} VAE ({VAE_PREFIX}*) and {} \
-             text-encoder ({TEXT_PREFIX}*) tensors",
+            "{what} holds two text encoders, {} tensors of SD-1.x's CLIP ({TEXT_PREFIX}*) and {} of SD-2.x's OpenCLIP \
+             ({OPEN_CLIP_PREFIX}*); a Stable Diffusion 1.x / 2.x checkpoint has one",
+            text_t.len(),
+            open_clip_t.len()
+        );
+    }
+    let open_clip = !open_clip_t.is_empty();
+    if unet_t.is_empty() || vae_t.is_empty() || (text_t.is_empty() && !open_clip) {
+        bail!(
+            "{what} is not a full SD-1.x / 2.x checkpoint: it has {} UNet ({UNET_PREFIX}*), {} VAE ({VAE_PREFIX}*) and \
+             {} text-encoder ({TEXT_PREFIX}* or {OPEN_CLIP_PREFIX}*) tensors",
             unet_t.len(),
             vae_t.len(),
             text_t.len()
         );
     }
+    let hint = format!("(converted with {})", configs.origin);
+    if open_clip {
+        let (converted, dropped) = open_clip_to_transformers(open_clip_t, &configs.text_encoder)
+            .with_context(|| format!("{what}: converting the OpenCLIP text encoder {hint}"))?;
+        if dropped > 0 {
+            let why = "OpenCLIP layers past the penultimate (SD-2.x conditions on the penultimate layer)";
+            *skipped.entry(why).or_default() += dropped;
+        }
+        text_t = converted;
+    }
     for (why, n) in &skipped {
         eprintln!("note: {what}: skipped {n} key(s): {why}");
     }
-    let hint = format!("(converted with {})", configs.origin);
 
     let unet = UNet2DConditionModel::new(configs.unet.clone(), device)?;
     let map = name_map(&unet.vs, |k| ldm_unet_key(k, &configs.unet))?;
@@ -200,6 +295,83 @@ pub fn load(path: &Path, configs: &Configs, device: Device) -> Result<Loaded> {
     })
     .with_context(|| format!("loading the text encoder {hint}"))?;
     Ok(Loaded { unet, vae, text_encoder })
+}
+
+/// The transformers name (`text_model.…`) of an OpenCLIP text-encoder key (after
+/// `cond_stage_model.model.`), as diffusers' `convert_open_clip_checkpoint` maps it; `in_proj_*`
+/// keys map to the `self_attn.` prefix their q/k/v parts go under. `None` for an unknown key.
+pub fn open_clip_text_key(key: &str) -> Option<String> {
+    let simple = [
+        ("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
+        ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+        ("ln_final.weight", "text_model.final_layer_norm.weight"),
+        ("ln_final.bias", "text_model.final_layer_norm.bias"),
+    ];
+    if let Some((_, ours)) = simple.iter().find(|(k, _)| *k == key) {
+        return Some(ours.to_string());
+    }
+    let (i, rest) = indexed(key, "transformer.resblocks.")?;
+    const PARTS: [(&str, &str); 7] = [
+        ("ln_1.", "layer_norm1."),
+        ("ln_2.", "layer_norm2."),
+        ("mlp.c_fc.", "mlp.fc1."),
+        ("mlp.c_proj.", "mlp.fc2."),
+        ("attn.out_proj.", "self_attn.out_proj."),
+        ("attn.in_proj_weight", "self_attn."),
+        ("attn.in_proj_bias", "self_attn."),
+    ];
+    let (ldm, ours) = PARTS.iter().find(|(p, _)| rest.starts_with(p))?;
+    let tail = &rest[ldm.len()..];
+    if ldm.starts_with("attn.in_proj") && !tail.is_empty() {
+        return None;
+    }
+    Some(format!("text_model.encoder.layers.{i}.{ours}{tail}"))
+}
+
+/// OpenCLIP text-encoder tensors (after `cond_stage_model.model.`) in transformers' names, the
+/// fused `in_proj` (3d, d) split into q, k, v in that order. Resblocks at or past the config's
+/// `num_hidden_layers` are dropped (SD-2's 24th, unused: it conditions on the penultimate
+/// layer), and their count returned. Unknown keys keep a marked name, so that the strict load
+/// reports them.
+fn open_clip_to_transformers(
+    tensors: Vec<(String, Tensor)>,
+    cfg: &crate::models::clip_text::ClipTextConfig,
+) -> Result<(Vec<(String, Tensor)>, usize)> {
+    let d = cfg.hidden_size;
+    let mut out = Vec::with_capacity(tensors.len() + 64);
+    let mut dropped = 0;
+    for (key, value) in tensors {
+        if let Some((i, _)) = indexed(&key, "transformer.resblocks.") {
+            if i as i64 >= cfg.num_hidden_layers {
+                dropped += 1;
+                continue;
+            }
+        }
+        let Some(name) = open_clip_text_key(&key) else {
+            out.push((format!("<unmapped> {OPEN_CLIP_PREFIX}{key}"), value));
+            continue;
+        };
+        let kind = if key.ends_with("in_proj_weight") {
+            "weight"
+        } else if key.ends_with("in_proj_bias") {
+            "bias"
+        } else {
+            out.push((name, value));
+            continue;
+        };
+        if value.size().first() != Some(&(3 * d)) {
+            bail!(
+                "{OPEN_CLIP_PREFIX}{key} has shape {:?}; the fused q/k/v projection of a text encoder of hidden size {d} \
+                 must have {} rows",
+                value.size(),
+                3 * d
+            );
+        }
+        for (j, part) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+            out.push((format!("{name}{part}.{kind}"), value.narrow(0, j as i64 * d, d).contiguous()));
+        }
+    }
+    Ok((out, dropped))
 }
 
 fn preview(items: &[String]) -> String {

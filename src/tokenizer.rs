@@ -211,7 +211,10 @@ type SerializedAdded = Vec<(u64, TokenSpec)>;
 #[derive(Clone, Copy)]
 enum Files<'a> {
     Dir(&'a Path),
-    Builtin,
+    /// `assets/tokenizer/`, with SD-2.x's `special_tokens_map.json` (pad `"!"`) when `sd2`.
+    Builtin {
+        sd2: bool,
+    },
 }
 
 /// `assets/tokenizer/`: OpenAI's CLIP vocabulary and merges (MIT, see `assets/README.md`) with
@@ -223,12 +226,26 @@ const BUILTIN: [(&str, &str); 4] = [
     ("special_tokens_map.json", include_str!("../assets/tokenizer/special_tokens_map.json")),
 ];
 
+/// SD-2.x's `special_tokens_map.json` (`assets/tokenizer-sd2/`): the same vocabulary, merges and
+/// `tokenizer_config.json`, with pad `"!"` (id 0) as stabilityai/stable-diffusion-2-1 ships it.
+const SD2_SPECIAL_TOKENS_MAP: &str = include_str!("../assets/tokenizer-sd2/special_tokens_map.json");
+
 impl Files<'_> {
+    fn builtin(sd2: bool, name: &str) -> Option<&'static str> {
+        if sd2 && name == "special_tokens_map.json" {
+            return Some(SD2_SPECIAL_TOKENS_MAP);
+        }
+        BUILTIN.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
+    }
+
     /// The file's name in messages.
     fn label(&self, name: &str) -> String {
         match self {
             Files::Dir(d) => d.join(name).display().to_string(),
-            Files::Builtin => format!("<built-in assets/tokenizer/{name}>"),
+            Files::Builtin { sd2: true } if name == "special_tokens_map.json" => {
+                format!("<built-in assets/tokenizer-sd2/{name}>")
+            }
+            Files::Builtin { .. } => format!("<built-in assets/tokenizer/{name}>"),
         }
     }
 
@@ -236,7 +253,7 @@ impl Files<'_> {
     fn folder(&self) -> String {
         match self {
             Files::Dir(d) => d.display().to_string(),
-            Files::Builtin => "<built-in assets/tokenizer>".into(),
+            Files::Builtin { .. } => "<built-in assets/tokenizer>".into(),
         }
     }
 
@@ -252,14 +269,14 @@ impl Files<'_> {
                     .with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?;
                 Ok(Some(text))
             }
-            Files::Builtin => Ok(BUILTIN.iter().find(|(n, _)| *n == name).map(|(_, t)| t.to_string())),
+            Files::Builtin { sd2 } => Ok(Files::builtin(*sd2, name).map(str::to_string)),
         }
     }
 
     fn exists(&self, name: &str) -> bool {
         match self {
             Files::Dir(d) => d.join(name).is_file(),
-            Files::Builtin => BUILTIN.iter().any(|(n, _)| *n == name),
+            Files::Builtin { sd2 } => Files::builtin(*sd2, name).is_some(),
         }
     }
 }
@@ -439,7 +456,13 @@ impl ClipTokenizer {
     /// The SD-1.x CLIP tokenizer kept in the repository (`assets/tokenizer/`, built into the
     /// binary): what single-file checkpoints use without `--config`.
     pub fn sd15() -> Result<Self> {
-        Self::from_files(Files::Builtin)
+        Self::from_files(Files::Builtin { sd2: false })
+    }
+
+    /// SD-2.x's tokenizer: [`sd15`](Self::sd15)'s files with pad `"!"` (id 0) — what
+    /// single-file SD-2.x checkpoints use without `--config`.
+    pub fn sd2() -> Result<Self> {
+        Self::from_files(Files::Builtin { sd2: true })
     }
 
     fn from_files(files: Files) -> Result<Self> {

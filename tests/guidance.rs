@@ -87,7 +87,7 @@ fn mask_area_outside_the_sane_range_is_refused() {
 fn guidance_rule_is_one_for_pipeline_and_reference_guidance() {
     let sd = sd();
     let x = seeded(3, || Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu)));
-    let c = tch::no_grad(|| StepCond { cond: sd.encode_prompt("a dog"), uncond: sd.encode_prompt("") });
+    let c = tch::no_grad(|| StepCond { cond: sd.encode_prompt("a dog"), uncond: sd.encode_prompt(""), added: None });
     let t = 500;
     let (eps_u, eps_c) = tch::no_grad(|| sd.eps_pair(&x, t, &c, None));
     check_min("the two branches differ", max_abs_diff(&eps_u, &eps_c), 1e-3);
@@ -144,7 +144,8 @@ fn round_trip(sd: &StableDiffusion) -> (f64, f64, f64) {
     let cond = tch::no_grad(|| sd.encode_prompt("a photo of a dog"));
     let traj = ddim_invert(sd, &sched, &x0, &cond);
     assert_eq!(traj.latents.len(), 51);
-    let mut fixed = hifi_tuner::pipeline::Fixed(StepCond { cond: cond.shallow_clone(), uncond: cond.shallow_clone() });
+    let mut fixed =
+        hifi_tuner::pipeline::Fixed(StepCond { cond: cond.shallow_clone(), uncond: cond.shallow_clone(), added: None });
     let back = tch::no_grad(|| sd.denoise(traj.latents[50].shallow_clone(), &sched, &mut fixed, 1.0, None)).unwrap();
     let max = (&back - &x0).abs().max().double_value(&[]);
     let rms = (&back - &x0).square().mean(Kind::Float).sqrt().double_value(&[]);

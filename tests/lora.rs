@@ -195,7 +195,11 @@ fn lora_images_equal_diffusers_before_rounding() {
         let (h, w) = sd.default_hw();
         tch::no_grad(|| {
             let sched = sd.scheduler(3).unwrap();
-            let cond = StepCond { cond: sd.encode_prompt("a sks dog on the beach"), uncond: sd.encode_prompt("") };
+            let cond = StepCond {
+                cond: sd.encode_prompt("a sks dog on the beach"),
+                uncond: sd.encode_prompt(""),
+                added: None,
+            };
             let x0 = sd.denoise(sd.initial_latents(0, 1, h, w), &sched, &mut Fixed(cond), 7.5, None).unwrap();
             (sd.decode(&x0) / 2.0 + 0.5).clamp(0.0, 1.0).permute([0, 2, 3, 1]).get(0)
         })

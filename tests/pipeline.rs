@@ -103,6 +103,7 @@ fn final_latents_match_diffusers() {
             let cond = StepCond {
                 cond: r["gen.cond_embeds"].repeat([n, 1, 1]),
                 uncond: r["gen.uncond_embeds"].repeat([n, 1, 1]),
+                added: None,
             };
             let mut fixed = hifi_tuner::pipeline::Fixed(cond);
             sd.denoise(r["gen.latents_init"].shallow_clone(), &sched, &mut fixed, req.guidance, None).unwrap()
@@ -117,8 +118,16 @@ fn batch_of_two_equals_two_singles() {
     let sd = load("tiny-b");
     let r = reference("tiny-b");
     let x = &r["gen.latents_init"]; // (2, 4, h, w)
-    let c = StepCond { cond: r["gen.cond_embeds"].repeat([2, 1, 1]), uncond: r["gen.uncond_embeds"].repeat([2, 1, 1]) };
-    let one = StepCond { cond: r["gen.cond_embeds"].shallow_clone(), uncond: r["gen.uncond_embeds"].shallow_clone() };
+    let c = StepCond {
+        cond: r["gen.cond_embeds"].repeat([2, 1, 1]),
+        uncond: r["gen.uncond_embeds"].repeat([2, 1, 1]),
+        added: None,
+    };
+    let one = StepCond {
+        cond: r["gen.cond_embeds"].shallow_clone(),
+        uncond: r["gen.uncond_embeds"].shallow_clone(),
+        added: None,
+    };
     tch::no_grad(|| {
         let both = sd.guided_eps(x, 501, &c, 5.0, None);
         let singles = Tensor::cat(

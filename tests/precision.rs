@@ -25,7 +25,7 @@ fn image(sd: &StableDiffusion) -> Tensor {
     tch::no_grad(|| {
         let sched = sd.scheduler(steps).unwrap();
         let x_t = sd.initial_latents(m["seed"].parse().unwrap(), 1, 32, 32);
-        let mut c = Fixed(StepCond { cond: sd.encode_prompt(&m["prompt"]), uncond: sd.encode_prompt("") });
+        let mut c = Fixed(StepCond { cond: sd.encode_prompt(&m["prompt"]), uncond: sd.encode_prompt(""), added: None });
         let x0 = sd.denoise(x_t, &sched, &mut c, w, None).unwrap();
         assert_eq!(x0.kind(), Kind::Float, "latents stay float32");
         (sd.decode(&x0) * 0.5 + 0.5).clamp(0.0, 1.0).permute([0, 2, 3, 1])

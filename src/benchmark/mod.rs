@@ -1177,6 +1177,7 @@ fn embedding_unit(b: &mut UnitBuild) -> Result<Phases> {
     b.log.push_str(&format!("learned {} in {learn_s:.2}s\n", learned.display()));
     let t1 = Instant::now();
     let mut sd = StableDiffusion::load_with(&cfg.model, &cfg.load, cfg.device)?;
+    sd.require_not_xl("benchmark")?;
     let (subject, loaded) = match m.mode() {
         Mode::Ti => (None, Some(ti::load_embedding(&mut sd, &learned, None)?)),
         Mode::Hifi => (Some(Subject::load(&subject_dir.join(SUBJECT_FILE))?), None),
@@ -1258,6 +1259,7 @@ fn base_unit(b: &mut UnitBuild) -> Result<Phases> {
     let (cfg, s) = (b.cfg, b.s);
     let t1 = Instant::now();
     let sd = StableDiffusion::load_with(&cfg.model, &cfg.load, cfg.device)?;
+    sd.require_not_xl("benchmark")?;
     b.generate(&sd, &cfg.model, |tpl| class_prompt(tpl, &s.class), |req, _, _| conditioning::generate(&sd, req, None))?;
     Ok(Phases { learn: 0.0, generate: t1.elapsed().as_secs_f64() })
 }

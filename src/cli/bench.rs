@@ -80,6 +80,13 @@ pub fn run(a: Args) -> Result<()> {
         json!({"what": "generate", "device": format!("{device:?}"), "dtype": hifi_tuner::precision::name(sd.dtype()),
         "size": size, "steps": a.steps, "seconds": gen_s, "seconds_per_step": gen_s / a.steps as f64})
     );
+    if sd.is_xl() {
+        eprintln!(
+            "note: {} is SDXL: only `generate` is timed (learning, guidance and replacement need SD-1.x / 2.x)",
+            model.display()
+        );
+        return Ok(());
+    }
 
     let mut rates = vec![];
     for (mode, space) in [(Mode::Hifi, Space::Input), (Mode::Hifi, Space::Output), (Mode::Ti, Space::Input)] {
@@ -221,6 +228,7 @@ pub fn run(a: Args) -> Result<()> {
 fn lora_steps_per_second(a: &Args, device: Device, size: i64) -> Result<f64> {
     use hifi_tuner::dreambooth::{step_on, DbBatch, DbState, DreamBoothArgs, Params};
     let mut sd = a.model_options.load(a.model.as_deref().expect("checked"), device)?;
+    sd.require_not_xl("bench")?;
     let mut args = DreamBoothArgs::new_lora("sks", "dog");
     args.prior_weight = None;
     let lora = args.lora.clone().expect("a LoRA recipe");

@@ -9,10 +9,13 @@ use tch::Device;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// tiny (a few MB, 64×64 images) or sd15 (Stable Diffusion 1.5 shapes, 512×512).
-    #[arg(long, value_parser = ["tiny", "sd15"])]
+    /// tiny (a few MB, 64×64 images), sd15 (Stable Diffusion 1.5 shapes, 512×512), sd2
+    /// (SD-2.1's: OpenCLIP-H text encoder, v-prediction, 768×768), tiny-xl (tiny's widths in
+    /// SDXL's structure, two text encoders) or sdxl (SDXL-base shapes, 1024×1024).
+    #[arg(long, value_parser = ["tiny", "sd15", "sd2", "tiny-xl", "sdxl"])]
     config: String,
-    /// A CLIP tokenizer folder (vocab.json + merges.txt); copied into the model.
+    /// A CLIP tokenizer folder (vocab.json + merges.txt); copied into the model (SD-2.x and the
+    /// second SDXL tokenizer pad with "!", as theirs do).
     #[arg(long)]
     tokenizer: PathBuf,
     /// The model folder to create (must not exist or be empty).
@@ -25,11 +28,19 @@ pub struct Args {
     fp16: bool,
 }
 
-/// (component, config file name, JSON) for each preset.
-fn preset(name: &str) -> [(&'static str, &'static str, &'static str); 4] {
+/// One preset: its folder under `assets/configs/` and whether it is SDXL.
+struct Preset {
+    /// (component, config file name, JSON)
+    configs: Vec<(&'static str, &'static str, &'static str)>,
+    xl: bool,
+    /// Whether `tokenizer/` pads with "!" (SD-2.x).
+    pad_bang: bool,
+}
+
+fn preset(name: &str) -> Preset {
     macro_rules! cfg {
         ($p:literal) => {
-            [
+            vec![
                 ("unet", "config.json", include_str!(concat!("../../assets/configs/", $p, "/unet.json"))),
                 ("vae", "config.json", include_str!(concat!("../../assets/configs/", $p, "/vae.json"))),
                 (
@@ -45,10 +56,23 @@ fn preset(name: &str) -> [(&'static str, &'static str, &'static str); 4] {
             ]
         };
     }
-    if name == "sd15" {
-        cfg!("sd15")
-    } else {
-        cfg!("tiny")
+    macro_rules! xl {
+        ($p:literal) => {{
+            let mut c = cfg!($p);
+            c.push((
+                "text_encoder_2",
+                "config.json",
+                include_str!(concat!("../../assets/configs/", $p, "/text_encoder_2.json")),
+            ));
+            Preset { configs: c, xl: true, pad_bang: false }
+        }};
+    }
+    match name {
+        "sd15" => Preset { configs: cfg!("sd15"), xl: false, pad_bang: false },
+        "sd2" => Preset { configs: cfg!("sd21"), xl: false, pad_bang: true },
+        "tiny-xl" => xl!("tiny-xl"),
+        "sdxl" => xl!("sdxl"),
+        _ => Preset { configs: cfg!("tiny"), xl: false, pad_bang: false },
     }
 }
 
@@ -56,12 +80,23 @@ pub fn run(a: Args) -> Result<()> {
     if a.out.exists() && std::fs::read_dir(&a.out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         bail!("--out {} already exists and is not empty; refusing to overwrite it", a.out.display());
     }
-    let tokenizer = ClipTokenizer::from_dir(&a.tokenizer)?;
-    copy_tokenizer(&a.tokenizer, &a.out.join("tokenizer"))?;
-    write_bytes_atomic(&a.out.join("model_index.json"), include_bytes!("../../assets/configs/model_index.json"))?;
-    for (component, file, json) in preset(&a.config) {
+    ClipTokenizer::from_dir(&a.tokenizer)?; // a bad tokenizer is named before anything is written
+    let p = preset(&a.config);
+    copy_tokenizer(&a.tokenizer, &a.out.join("tokenizer"), p.pad_bang)?;
+    if p.xl {
+        copy_tokenizer(&a.tokenizer, &a.out.join("tokenizer_2"), true)?;
+        write_bytes_atomic(
+            &a.out.join("model_index.json"),
+            include_bytes!("../../assets/configs/model_index_xl.json"),
+        )?;
+    } else {
+        write_bytes_atomic(&a.out.join("model_index.json"), include_bytes!("../../assets/configs/model_index.json"))?;
+    }
+    for (component, file, json) in p.configs {
         let mut v: Value = serde_json::from_str(json).context("embedded config")?;
-        if component == "text_encoder" {
+        if component.starts_with("text_encoder") {
+            let tok = if component == "text_encoder_2" { "tokenizer_2" } else { "tokenizer" };
+            let tokenizer = ClipTokenizer::from_dir(&a.out.join(tok))?;
             v["vocab_size"] = tokenizer.vocab_size().into();
             v["bos_token_id"] = tokenizer.bos_id().into();
             v["eos_token_id"] = tokenizer.eos_id().into();
@@ -78,6 +113,13 @@ pub fn run(a: Args) -> Result<()> {
             &a.out.join("text_encoder/model.safetensors"),
             a.fp16,
         )?;
+        if p.xl {
+            write_var_store_atomic(
+                &ClipTextModel::new(read_json(&cfg("text_encoder_2"))?, dev)?.vs,
+                &a.out.join("text_encoder_2/model.safetensors"),
+                a.fp16,
+            )?;
+        }
         write_var_store_atomic(
             &AutoencoderKL::new(read_json(&cfg("vae"))?, dev)?.vs,
             &a.out.join("vae/diffusion_pytorch_model.safetensors"),
@@ -94,12 +136,28 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {
+/// Copies the tokenizer files; with `pad_bang`, the pad token becomes "!" (SD-2.x's and SDXL's
+/// second tokenizer's `special_tokens_map.json`).
+fn copy_tokenizer(from: &Path, to: &Path, pad_bang: bool) -> Result<()> {
     std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
     for name in ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
         let src = from.join(name);
         if src.is_file() {
             std::fs::copy(&src, to.join(name)).with_context(|| format!("cannot copy {}", src.display()))?;
+        }
+    }
+    if pad_bang {
+        let map = to.join("special_tokens_map.json");
+        let mut v: Value = if map.is_file() { read_json(&map)? } else { Value::Object(Default::default()) };
+        v["pad_token"] = "!".into();
+        write_bytes_atomic(&map, serde_json::to_string_pretty(&v)?.as_bytes())?;
+        let cfg = to.join("tokenizer_config.json");
+        if cfg.is_file() {
+            let mut c: Value = read_json(&cfg)?;
+            if c.get("added_tokens_decoder").is_some() || c.get("pad_token").is_some() {
+                c["pad_token"] = "!".into();
+                write_bytes_atomic(&cfg, serde_json::to_string_pretty(&c)?.as_bytes())?;
+            }
         }
     }
     Ok(())

@@ -166,6 +166,7 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
     check_out(&job.out, &manifest)?;
     let ckpt_path = crate::subject::job::checkpoint_path(&job.out, job.resume)?;
     let mut sd = StableDiffusion::load_with(&job.model, &job.load, job.device)?;
+    sd.require_not_xl("learn --mode dreambooth / lora")?;
     // LoRA: frozen base weights in any dtype, float32 adapters; DreamBooth: float32 weights
     if args.gradient_checkpointing && sd.dtype() != Kind::Float {
         bail!("--gradient-checkpointing needs float32 weights: pass --dtype fp32, or --gradient-checkpointing false");

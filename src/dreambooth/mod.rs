@@ -360,21 +360,6 @@ pub struct DbStepReport {
     pub grad_norm: f64,
 }
 
-/// The noise-prediction target: ε, or v = √ᾱ_t·ε − √(1−ᾱ_t)·x_0 (`get_velocity`) for
-/// `v_prediction`.
-pub fn target(sched: &DdimScheduler, x0: &Tensor, noise: &Tensor, t: &Tensor) -> Result<Tensor> {
-    match sched.config.prediction_type.as_str() {
-        "epsilon" => Ok(noise.shallow_clone()),
-        "v_prediction" => {
-            let a = sched.alphas_cumprod_table().to_device(x0.device()).index_select(0, &t.to_device(x0.device()));
-            let a = a.view([-1, 1, 1, 1]);
-            let b: Tensor = 1.0 - &a;
-            Ok(a.sqrt() * noise - b.sqrt() * x0)
-        }
-        p => bail!("DreamBooth training supports prediction_type epsilon and v_prediction, not {p:?}"),
-    }
-}
-
 /// The step's draw, seeded by (seed, step): an instance photo, a class image (with prior
 /// preservation), the posterior draw z and ε for each, and t for each. x_0 = (mean + std·z) ×
 /// the scaling factor, as diffusers' `vae.encode(x).latent_dist.sample() * scaling_factor`.
@@ -417,7 +402,7 @@ pub fn loss(sd: &StableDiffusion, sched: &DdimScheduler, b: &DbBatch, prior_weig
     let x_t = sched.add_noise(&b.latents, &b.noise, &b.t);
     let ctx = sd.text_encoder.forward(&b.ids);
     let pred = sd.unet.forward(&x_t, &b.t, &ctx, None);
-    let tgt = target(sched, &b.latents, &b.noise, &b.t)?;
+    let tgt = sched.training_target(&b.latents, &b.noise, &b.t)?;
     Ok(losses_of(&pred, &tgt, b, prior_weight))
 }
 
@@ -453,7 +438,7 @@ pub fn checkpointed_grads(
     }
     let x_t = sched.add_noise(&b.latents, &b.noise, &b.t);
     let ctx = sd.text_encoder.forward(&b.ids);
-    let tgt = target(sched, &b.latents, &b.noise, &b.t)?;
+    let tgt = sched.training_target(&b.latents, &b.noise, &b.t)?;
     let parts = std::cell::RefCell::new(None);
     let total = sd.unet.backward_checkpointed(&x_t, &b.t, &ctx, &|pred| {
         let l = losses_of(pred, &tgt, b, prior_weight);

@@ -117,7 +117,7 @@ impl GuidedSubject<'_> {
             GuidedSubject::Embedding(s) => Box::new(SubjectSteps::new(sd, prompt, s, sched, uncond, 1)?),
             GuidedSubject::FineTuned { .. } => {
                 let cond = tch::no_grad(|| sd.encode_prompt(prompt));
-                Box::new(Fixed(StepCond { cond, uncond }))
+                Box::new(Fixed(StepCond { cond, uncond, added: None }))
             }
         })
     }

@@ -61,9 +61,21 @@ pub struct ClipTextConfig {
     pub bos_token_id: Option<i64>,
     #[serde(default)]
     pub eos_token_id: Option<i64>,
-    /// Ignored: only `CLIPTextModelWithProjection` uses it.
+    /// The width of `text_projection` (`CLIPTextModelWithProjection`; 512 when absent, as
+    /// transformers' default).
     #[serde(default)]
     pub projection_dim: Option<i64>,
+    /// `["CLIPTextModelWithProjection"]` builds the projection of the pooled output (SDXL's
+    /// second encoder); anything else the plain `CLIPTextModel`.
+    #[serde(default)]
+    pub architectures: Vec<String>,
+}
+
+impl ClipTextConfig {
+    /// Whether this is a `CLIPTextModelWithProjection` (has `text_projection`).
+    pub fn with_projection(&self) -> bool {
+        self.architectures.iter().any(|a| a == "CLIPTextModelWithProjection")
+    }
 }
 
 fn d_vocab() -> i64 {
@@ -269,6 +281,17 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<ClipEncoderLayer>,
     final_layer_norm: nn::LayerNorm,
+    /// `text_projection` (d → projection_dim, no bias) of a `CLIPTextModelWithProjection`.
+    text_projection: Option<nn::Linear>,
+}
+
+/// What SDXL takes from a text encoder (diffusers' `encode_prompt` with `clip_skip=None`).
+pub struct PenultimateAndPooled {
+    /// `hidden_states[-2]`: the input of the last layer, without `final_layer_norm` (B, L, d).
+    pub penultimate: Tensor,
+    /// `text_embeds`: the projected pooled output (B, projection_dim); `None` without
+    /// `text_projection`.
+    pub text_embeds: Option<Tensor>,
 }
 
 impl ClipTextModel {
@@ -314,7 +337,11 @@ impl ClipTextModel {
             vec![d],
             nn::LayerNormConfig { eps: config.layer_norm_eps, ..Default::default() },
         );
-        Ok(Self { vs, config, token_embedding, position_embedding, layers, final_layer_norm })
+        let text_projection = config.with_projection().then(|| {
+            let p = config.projection_dim.unwrap_or(512);
+            nn::linear(vs.root() / "text_projection", d, p, nn::LinearConfig { bias: false, ..Default::default() })
+        });
+        Ok(Self { vs, config, token_embedding, position_embedding, layers, final_layer_norm, text_projection })
     }
 
     /// Loads `dir/config.json` and the weights of `dir` (strict). Keys may carry the
@@ -326,7 +353,12 @@ impl ClipTextModel {
         let model = Self::build(config, device, &cfg_path.display().to_string())?;
         let weights = weight_file(dir)?;
         load_strict(&model.vs, &weights, &|key, _| {
-            let name = if key.starts_with("text_model.") { key.to_string() } else { format!("text_model.{key}") };
+            // `text_projection` sits beside `text_model` (CLIPTextModelWithProjection).
+            let name = if key.starts_with("text_model.") || key.starts_with("text_projection.") {
+                key.to_string()
+            } else {
+                format!("text_model.{key}")
+            };
             if name == POSITION_IDS_KEY {
                 KeyAction::Skip
             } else {
@@ -415,6 +447,41 @@ impl ClipTextModel {
             h = layer.forward(&h);
         }
         Ok(self.final_layer_norm.forward(&h).to_kind(Kind::Float))
+    }
+
+    /// SDXL's view of a prompt: the penultimate hidden state and, with `text_projection`, the
+    /// projected pooled output — transformers' `hidden_states[-2]` and `text_embeds`. The pooled
+    /// token is transformers' choice: `argmax(ids)` when the config's `eos_token_id` is the
+    /// legacy 2 (SDXL's configs; the eos has the largest id), else the first `eos_token_id`.
+    pub fn penultimate_and_pooled(&self, ids: &Tensor) -> Result<PenultimateAndPooled> {
+        let n = self.layers.len();
+        if n < 2 {
+            bail!("the text encoder has {n} layer(s); a penultimate hidden state needs at least 2");
+        }
+        let embeds = self.f_token_embedding(ids)?;
+        let l = embeds.size()[1];
+        if l > self.config.max_position_embeddings {
+            bail!("sequence length {l} exceeds max_position_embeddings {}", self.config.max_position_embeddings);
+        }
+        let mut h = embeds.to_kind(self.vs.kind()) + self.position_embedding.narrow(0, 0, l).unsqueeze(0);
+        for layer in &self.layers[..n - 1] {
+            h = layer.forward(&h);
+        }
+        let penultimate = h.to_kind(Kind::Float);
+        let text_embeds = match &self.text_projection {
+            None => None,
+            Some(proj) => {
+                let last = self.final_layer_norm.forward(&self.layers[n - 1].forward(&h)); // (B, L, d)
+                let ids = ids.to_device(last.device());
+                let eos = self.config.eos_token_id.unwrap_or(2);
+                let pos =
+                    if eos == 2 { ids.argmax(-1, false) } else { ids.eq(eos).to_kind(Kind::Int).argmax(-1, false) };
+                let b = ids.size()[0];
+                let pooled = last.index(&[Some(Tensor::arange(b, (Kind::Int64, last.device()))), Some(pos)]); // (B, d)
+                Some(proj.forward(&pooled).to_kind(Kind::Float))
+            }
+        };
+        Ok(PenultimateAndPooled { penultimate, text_embeds })
     }
 
     /// Appends `rows` (n, d) to the token embedding matrix and returns their new ids

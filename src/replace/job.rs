@@ -390,7 +390,7 @@ pub fn replace(
         Some(s) => Box::new(SubjectSteps::new(sd, &swap.target_caption, s, &sched, empty, 1)?),
         None => {
             let c = tch::no_grad(|| sd.encode_prompt(&swap.target_caption));
-            Box::new(crate::pipeline::Fixed(StepCond { cond: c, uncond: empty }))
+            Box::new(crate::pipeline::Fixed(StepCond { cond: c, uncond: empty, added: None }))
         }
     };
     let alignment = align_tokens(max_len, swap.start, swap.n_source, swap.n_target);
@@ -421,7 +421,7 @@ pub fn replace(
         for (i, &t) in sched.timesteps.iter().enumerate() {
             let c_g = target_steps.at(i, t)?.cond; // (1, 77, d)
             let phi = &inversion.nti.phi[i]; // (1, 77, d)
-            let c = StepCond { cond: Tensor::cat(&[&c_r, &c_g], 0), uncond: Tensor::cat(&[phi, phi], 0) };
+            let c = StepCond { cond: Tensor::cat(&[&c_r, &c_g], 0), uncond: Tensor::cat(&[phi, phi], 0), added: None };
             p2p.step = i;
             let mut chain = Chain(vec![&mut source_map, &mut target_map, &mut p2p]);
             let (eps_u, eps_c) = sd.eps_pair(&x, t, &c, Some(&mut chain));

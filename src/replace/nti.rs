@@ -183,6 +183,6 @@ impl StepConditioning for NullTextSteps {
             bail!("no null-text embedding for DDIM step {index}");
         };
         let b = self.cond.size()[0];
-        Ok(StepCond { cond: self.cond.shallow_clone(), uncond: phi.repeat([b, 1, 1]) })
+        Ok(StepCond { cond: self.cond.shallow_clone(), uncond: phi.repeat([b, 1, 1]), added: None })
     }
 }

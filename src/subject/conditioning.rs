@@ -75,7 +75,7 @@ impl StepConditioning for SubjectSteps<'_> {
             bail!("no subject embedding for DDIM step {index}");
         };
         let cond = splice(self.te, &self.ids, c_s, self.space).repeat([self.batch, 1, 1]);
-        Ok(StepCond { cond, uncond: self.uncond.repeat([self.batch, 1, 1]) })
+        Ok(StepCond { cond, uncond: self.uncond.repeat([self.batch, 1, 1]), added: None })
     }
 }
 

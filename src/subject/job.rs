@@ -80,6 +80,7 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
     let ckpt_path = checkpoint_path(&job.out, job.resume)?;
     let identity = identity(job)?;
     let mut sd = StableDiffusion::load_with(&job.model, &job.load, job.device)?;
+    sd.require_not_xl("learn --mode hifi / ti")?;
     let photos = load_photos(&job.images, job.masks.as_deref(), sd.default_size() as u32, MaskFit::SameAspect)?;
     let inputs = input_hashes(&photos)?;
     let saved_steps = if job.resume {

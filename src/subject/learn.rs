@@ -109,6 +109,7 @@ impl<'a> Objective<'a> {
         let caption_out = (args.mode == Mode::Hifi && args.space == Space::Output)
             .then(|| tch::no_grad(|| sd.text_encoder.forward(&caption_ids)));
         let sched = sd.scheduler(args.ddim_steps)?;
+        sched.check_trainable()?;
         Ok(Self { sd, args, data, caption_ids, phi_s, caption_out, ti_base, sched })
     }
 
@@ -158,10 +159,18 @@ impl<'a> Objective<'a> {
         self.sd.unet.forward(&x_t, &b.t, &self.conditioning(p, &b.caption), None)
     }
 
-    /// Eq. 6: ‖M ⊙ (ε_θ(x_t, [c, c_s]) − ε)‖² + w_s‖c_s − φ_s‖² (TI: the first term only).
+    /// What [`predict`](Self::predict) regresses onto: ε, or v for a v-prediction model
+    /// ([`DdimScheduler::training_target`]).
+    pub fn target(&self, b: &Batch) -> Tensor {
+        let x0 = self.data.latents.index_select(0, &b.photo);
+        self.sched.training_target(&x0, &b.noise, &b.t).expect("checked trainable in Objective::new")
+    }
+
+    /// Eq. 6: ‖M ⊙ (ε_θ(x_t, [c, c_s]) − ε)‖² + w_s‖c_s − φ_s‖² (TI: the first term only; v in
+    /// place of ε for a v-prediction model).
     pub fn loss(&self, p: &Tensor, b: &Batch) -> Losses {
         let mask = self.data.masks.as_ref().map(|m| m.index_select(0, &b.photo));
-        let denoise = masked_mse(&self.predict(p, b), &b.noise, mask.as_ref());
+        let denoise = masked_mse(&self.predict(p, b), &self.target(b), mask.as_ref());
         let reg = match self.args.mode {
             Mode::Hifi => (p - &self.phi_s).square().sum(Kind::Float) * self.args.reg_weight,
             Mode::Ti => Tensor::zeros([], (Kind::Float, p.device())),

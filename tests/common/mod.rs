@@ -78,7 +78,7 @@ fn record(kind: &str, what: &str, observed: f64, bound: f64, at: &std::panic::Lo
     f.write_all(line.as_bytes()).expect("HIFI_TOL_LOG");
 }
 
-pub const MODELS: [&str; 2] = ["tiny-a", "tiny-b"];
+pub const MODELS: [&str; 3] = ["tiny-a", "tiny-b", "tiny-sd2"];
 
 /// Runs `c` slowed down (`HIFI_TUNER_STEP_DELAY_MS=delay_ms` between its steps) and kills it
 /// (SIGKILL) once `ready()` holds and `after` more has passed: the "killed mid-run" half of the

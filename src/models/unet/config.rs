@@ -2,15 +2,15 @@
 //! resolves to.
 //!
 //! Keys this crate does not know are ignored. Keys that select diffusers features outside the
-//! Stable Diffusion 1.x family (class / addition embeddings, Fourier time embedding,
-//! scale-shift resnets, …) are accepted only at their default value; anything else is an error
-//! that names the file and the key.
+//! Stable Diffusion 1.x / 2.x / XL family (class embeddings, other addition embeddings, Fourier
+//! time embedding, scale-shift resnets, …) are accepted only at their default value; anything
+//! else is an error that names the file and the key. SDXL's `addition_embed_type = "text_time"`
+//! needs `addition_time_embed_dim` and `projection_class_embeddings_input_dim`.
 //!
 //! Read but without effect on the forward: `sample_size`, `upcast_attention` (diffusers'
 //! `AttnProcessor2_0` never reads it), `dropout` (the forward is eval-mode). Left to the
 //! "unknown key" path because they only matter for refused block or embedding types:
-//! `resnet_out_scale_factor`, `cross_attention_norm`, `addition_time_embed_dim`,
-//! `addition_embed_type_num_heads`, `projection_class_embeddings_input_dim`.
+//! `resnet_out_scale_factor`, `cross_attention_norm`, `addition_embed_type_num_heads`.
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -157,9 +157,11 @@ pub struct UNetConfig {
     pub dual_cross_attention: bool,
     #[serde(default)]
     pub use_linear_projection: bool,
-    /// fp32 upcast of the attention scores; no effect with fused attention in fp32.
+    /// fp32 upcast of the attention scores (SD-2.1: true; SDXL: null). diffusers' default
+    /// `AttnProcessor2_0` (fused SDPA) never reads it, and neither does our fused path; the
+    /// path that records attention probabilities takes its softmax in float32 always.
     #[serde(default)]
-    pub upcast_attention: bool,
+    pub upcast_attention: Option<bool>,
     #[serde(default = "default_str_default")]
     pub resnet_time_scale_shift: String,
     #[serde(default)]
@@ -186,8 +188,15 @@ pub struct UNetConfig {
     /// Doubles the resnets' time-embedding width in diffusers even without a class embedding.
     #[serde(default)]
     pub class_embeddings_concat: bool,
+    /// `"text_time"` (SDXL: pooled text embeds + size/crop ids) or null.
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// Width of each of the six `time_ids`' sinusoidal embeddings (SDXL: 256).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<i64>,
+    /// Input width of `add_embedding` (SDXL: 1280 pooled + 6 × 256 = 2816).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<i64>,
     #[serde(default)]
     pub encoder_hid_dim: Option<i64>,
     #[serde(default)]
@@ -223,6 +232,14 @@ impl UNetConfig {
     /// Width of the time embedding fed to every resnet.
     pub fn time_embed_dim(&self) -> i64 {
         self.time_embedding_dim.unwrap_or(self.block_out_channels[0] * 4)
+    }
+
+    /// SDXL's micro-conditioning: (addition_time_embed_dim, projection_class_embeddings_input_dim)
+    /// when `addition_embed_type` is `"text_time"` (checked by [`validate`](Self::validate)).
+    pub fn text_time(&self) -> Option<(i64, i64)> {
+        (self.addition_embed_type.as_deref() == Some("text_time")).then(|| {
+            (self.addition_time_embed_dim.unwrap_or(0), self.projection_class_embeddings_input_dim.unwrap_or(0))
+        })
     }
 
     /// Whether down block `i` is a `CrossAttnDownBlock2D`.
@@ -322,8 +339,22 @@ impl UNetConfig {
 
     fn validate_unsupported(&self) -> Result<()> {
         let refuse = |key: &str, why: &str| -> Result<()> {
-            bail!("{FILE}: `{key}` {why} is not supported by this Stable Diffusion 1.x UNet")
+            bail!("{FILE}: `{key}` {why} is not supported by this Stable Diffusion 1.x / 2.x / XL UNet")
         };
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time") => {
+                for (key, v) in [
+                    ("addition_time_embed_dim", self.addition_time_embed_dim),
+                    ("projection_class_embeddings_input_dim", self.projection_class_embeddings_input_dim),
+                ] {
+                    if v.is_none_or(|v| v <= 0) {
+                        bail!("{FILE}: `addition_embed_type` \"text_time\" (SDXL) needs a positive `{key}`, got {v:?}");
+                    }
+                }
+            }
+            Some(other) => refuse("addition_embed_type", &format!("{other:?} (only \"text_time\", SDXL's)"))?,
+        }
         if self.num_attention_heads.is_some() {
             // diffusers 0.42 raises here too (naming issue #2011).
             refuse("num_attention_heads", "set (diffusers itself refuses it; use attention_head_dim)")?;
@@ -359,13 +390,12 @@ impl UNetConfig {
         if self.attention_type != "default" {
             refuse("attention_type", &format!("{:?}", self.attention_type))?;
         }
-        let must_be_null: [(&str, bool); 8] = [
+        let must_be_null: [(&str, bool); 7] = [
             ("time_embedding_act_fn", self.time_embedding_act_fn.is_some()),
             ("timestep_post_act", self.timestep_post_act.is_some()),
             ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
             ("class_embed_type", self.class_embed_type.is_some()),
             ("num_class_embeds", self.num_class_embeds.is_some()),
-            ("addition_embed_type", self.addition_embed_type.is_some()),
             ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
             ("encoder_hid_dim_type", self.encoder_hid_dim_type.is_some()),
         ];

@@ -1,6 +1,8 @@
-//! diffusers' `UNet2DConditionModel` for the Stable Diffusion 1.x family (the noise predictor
-//! ε_θ(x_t, t, c)), built from `unet/config.json` with diffusers' parameter names, so the
-//! diffusers safetensors file loads strictly without renaming.
+//! diffusers' `UNet2DConditionModel` for the Stable Diffusion 1.x, 2.x and XL families (the
+//! noise predictor ε_θ(x_t, t, c), or v_θ for v-prediction models), built from
+//! `unet/config.json` with diffusers' parameter names, so the diffusers safetensors file loads
+//! strictly without renaming. SDXL's micro-conditioning (`addition_embed_type = "text_time"`)
+//! takes an [`AddedCond`] beside the encoder hidden states.
 //!
 //! Every attention call reports an [`AttnSite`](crate::attention::AttnSite) to the optional
 //! [`AttentionController`]: `place` Down/Mid/Up, `block` (index in `down_blocks` / `up_blocks`,
@@ -30,6 +32,34 @@ use resnet::{conv_same, group_norm};
 use std::path::Path;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
+/// SDXL's `added_cond_kwargs`: the pooled, projected prompt embedding of the second text encoder
+/// (`text_embeds`, (B, P)) and the six size / crop numbers (`time_ids`, (B, 6): original height
+/// and width, crop top and left, target height and width).
+#[derive(Debug)]
+pub struct AddedCond {
+    pub text_embeds: Tensor,
+    pub time_ids: Tensor,
+}
+
+impl AddedCond {
+    pub fn shallow_clone(&self) -> Self {
+        Self { text_embeds: self.text_embeds.shallow_clone(), time_ids: self.time_ids.shallow_clone() }
+    }
+
+    /// Rows repeated `n` times (`num_images_per_prompt`).
+    pub fn repeat(&self, n: i64) -> Self {
+        Self { text_embeds: self.text_embeds.repeat([n, 1]), time_ids: self.time_ids.repeat([n, 1]) }
+    }
+
+    /// Two batches stacked (`[a; b]`), as the guidance batch [φ; c].
+    pub fn cat(a: &Self, b: &Self) -> Self {
+        Self {
+            text_embeds: Tensor::cat(&[&a.text_embeds, &b.text_embeds], 0),
+            time_ids: Tensor::cat(&[&a.time_ids, &b.time_ids], 0),
+        }
+    }
+}
+
 /// The conditional UNet. Parameter paths are diffusers' (`conv_in`, `time_embedding.linear_1`,
 /// `down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k`, …).
 #[derive(Debug)]
@@ -38,6 +68,8 @@ pub struct UNet2DConditionModel {
     pub config: UNetConfig,
     pub conv_in: nn::Conv2D,
     pub time_embedding: TimestepEmbedding,
+    /// SDXL's `add_embedding`: (pooled text embeds ++ sinusoids of the time ids) → time width.
+    pub add_embedding: Option<TimestepEmbedding>,
     pub down_blocks: Vec<DownBlock>,
     pub mid_block: Option<MidBlock>,
     pub up_blocks: Vec<UpBlock>,
@@ -79,6 +111,9 @@ impl UNet2DConditionModel {
         let c0 = config.block_out_channels[0];
         let conv_in = conv_same(&root / "conv_in", config.in_channels, c0, config.conv_in_kernel);
         let time_embedding = TimestepEmbedding::new(&root / "time_embedding", c0, config.time_embed_dim());
+        let add_embedding = config
+            .text_time()
+            .map(|(_, d_in)| TimestepEmbedding::new(&root / "add_embedding", d_in, config.time_embed_dim()));
         let down_blocks = Self::build_down(&root / "down_blocks", &config, &levels);
         let mid_block = config
             .mid_block_type
@@ -87,7 +122,18 @@ impl UNet2DConditionModel {
         let up_blocks = Self::build_up(&root / "up_blocks", &config, &levels);
         let conv_norm_out = group_norm(&root / "conv_norm_out", config.groups(), c0, config.norm_eps);
         let conv_out = conv_same(&root / "conv_out", c0, config.out_channels, config.conv_out_kernel);
-        Ok(Self { vs, config, conv_in, time_embedding, down_blocks, mid_block, up_blocks, conv_norm_out, conv_out })
+        Ok(Self {
+            vs,
+            config,
+            conv_in,
+            time_embedding,
+            add_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out,
+            conv_out,
+        })
     }
 
     fn build_down(vs: nn::Path, cfg: &UNetConfig, levels: &[Level]) -> Vec<DownBlock> {
@@ -132,19 +178,55 @@ impl UNet2DConditionModel {
 
     /// Predicts the noise. `sample`: (B, in_channels, h, w); `timesteps`: (B,) or a 0-dim
     /// scalar (broadcast to B), integer or float; `encoder_hidden_states`: (B, M, cross_attention_dim).
-    /// Returns (B, out_channels, h, w).
+    /// Returns (B, out_channels, h, w). An SDXL UNet needs [`forward_added`](Self::forward_added).
     pub fn forward(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
+        ctrl: Option<&mut dyn AttentionController>,
+    ) -> Tensor {
+        self.forward_added(sample, timesteps, encoder_hidden_states, None, ctrl)
+    }
+
+    /// Whether the UNet needs SDXL's [`AddedCond`].
+    pub fn needs_added_cond(&self) -> bool {
+        self.add_embedding.is_some()
+    }
+
+    /// [`forward`](Self::forward) with SDXL's micro-conditioning: the time embedding gains
+    /// `add_embedding(text_embeds ++ sinusoids(time_ids))`, as diffusers' `get_aug_embed` for
+    /// `"text_time"`. `added` must be given exactly when [`needs_added_cond`](Self::needs_added_cond);
+    /// callers check that first (a mismatch is a programming error and panics).
+    pub fn forward_added(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedCond>,
         mut ctrl: Option<&mut dyn AttentionController>,
     ) -> Tensor {
         // Mixed precision: inputs in the weights' kind, the prediction in the caller's kind.
         let out_kind = sample.kind();
         let sample = &sample.to_kind(self.vs.kind());
         let context = encoder_hidden_states.to_kind(self.vs.kind());
-        let emb = self.time_embed(timesteps, sample);
+        let mut emb = self.time_embed(timesteps, sample);
+        match (&self.add_embedding, added) {
+            (Some(add), Some(a)) => {
+                let (dim, _) = self.config.text_time().expect("add_embedding exists for text_time");
+                let b = a.text_embeds.size()[0];
+                let ids = a.time_ids.to_device(sample.device()).flatten(0, -1); // (B·6,)
+                let t = timestep_embedding(&ids, dim, self.config.flip_sin_to_cos, self.config.freq_shift);
+                let t = t.reshape([b, -1]); // (B, 6·dim)
+                let add_in = Tensor::cat(&[a.text_embeds.to_device(sample.device()).to_kind(Kind::Float), t], -1);
+                let aug = add.forward(&add_in.to_kind(emb.kind()));
+                emb = emb + aug;
+            }
+            (None, None) => {}
+            (Some(_), None) => panic!("this SDXL UNet needs text_embeds and time_ids (AddedCond)"),
+            (None, Some(_)) => panic!("AddedCond given to a UNet without addition_embed_type \"text_time\""),
+        }
+        let emb = emb;
         let cond = Cond { temb: &emb, context: &context };
         let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
         let mut h = self.conv_in.forward(&sample);
