@@ -50,6 +50,14 @@ for dt in fp16 bf16; do
     | sed "s/^{/{\"run\":\"ours-$dt\",/" | tee -a "$OUT/bench.jsonl"
 done
 $PY scripts/diffusers_bench.py --model "$MODEL" --steps 50 --size 512 | sed 's/^{/{"run":"diffusers",/' | tee -a "$OUT/bench.jsonl"
+# 1b. The other backbones at their own sizes (fp16, random weights): SD-2.1 at 768² (v-prediction;
+#     every row of bench) and SDXL-base at 1024² (bench times its generation only).
+for cfg in sd2 sdxl; do
+  M=/tmp/$cfg-random
+  [ -d "$M" ] || $BIN init-random --config $cfg --tokenizer assets/tokenizer --out "$M" --fp16 --seed 0
+  $BIN bench --model "$M" --steps 50 --learn-steps 10 --device cuda --dtype fp16 \
+    | sed "s/^{/{\"run\":\"ours-$cfg-fp16\",/" | tee -a "$OUT/bench.jsonl"
+done
 kill $SMI
 sort -n "$OUT/memory_samples.txt" | tail -1 > "$OUT/peak_mib.txt"
 

@@ -42,15 +42,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import diffusers  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from diffusers import StableDiffusionPipeline  # noqa: E402
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: E402
 
 from make_fixtures import check_versions, save_safetensors_sorted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
 # tiny-b as an SD-1.x file (CLIP under cond_stage_model.transformer.), tiny-sd2 as an SD-2.x file
-# (OpenCLIP under cond_stage_model.model.).
-MODELS = ["tiny-b", "tiny-sd2"]
+# (OpenCLIP under cond_stage_model.model.), tiny-xl as an SDXL file (CLIP under
+# conditioner.embedders.0.transformer., OpenCLIP under conditioner.embedders.1.model.).
+MODELS = ["tiny-b", "tiny-sd2", "tiny-xl"]
 
 RESNET = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
           ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection.")]
@@ -73,6 +74,7 @@ def unet_key(k: str, cfg: dict) -> str:
     lpb = cfg["layers_per_block"]
     layers = lpb if isinstance(lpb, list) else [lpb] * n
     for ours, ldm in [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
+                      ("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2."),
                       ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2.")]:
         if k.startswith(ours):
             return ldm + k[len(ours):]
@@ -152,7 +154,7 @@ OPEN_CLIP_PARTS = [("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.f
                    ("mlp.fc2.", "mlp.c_proj."), ("self_attn.out_proj.", "attn.out_proj.")]
 
 
-def open_clip_text(text: dict, tcfg: dict, seed: int) -> dict:
+def open_clip_text(text: dict, tcfg: dict, seed: int, xl: bool = False) -> dict:
     """transformers CLIPTextModel keys -> SD-2's OpenCLIP keys (after `cond_stage_model.model.`).
 
     The inverse of diffusers' `convert_open_clip_checkpoint`: q/k/v fused into `in_proj_*`, plus
@@ -181,12 +183,18 @@ def open_clip_text(text: dict, tcfg: dict, seed: int) -> dict:
                     break
             else:
                 raise KeyError(k)
+    out["logit_scale"] = torch.tensor(4.6052)
+    if xl:
+        # SDXL's second encoder: every layer is used (the pooled output needs the last one), and
+        # the projection is the model's own, stored as (d, projection_dim) = W.T.
+        out["text_projection"] = text["text_projection.weight"].T.contiguous()
+        assert len(out) == 4 + 12 * n + 2, len(out)
+        return out
     g = torch.Generator().manual_seed(seed)
     extra = {k.replace(f"resblocks.{n - 1}.", f"resblocks.{n}."): torch.randn(v.shape, generator=g)
              for k, v in out.items() if k.startswith(f"transformer.resblocks.{n - 1}.")}
     out.update(extra)
     out["text_projection"] = torch.randn(d, tcfg["projection_dim"], generator=g)
-    out["logit_scale"] = torch.tensor(4.6052)
     assert len(out) == 4 + 12 * (n + 1) + 2, len(out)
     return out
 
@@ -200,6 +208,8 @@ def write_single(name: str) -> None:
     # single files carry them with it.
     text = {(k if k.startswith("text_model.") else "text_model." + k): v
             for k, v in load_file(model / "text_encoder" / "model.safetensors").items()}
+    xl = (model / "text_encoder_2").is_dir()
+    text_2 = load_file(model / "text_encoder_2" / "model.safetensors") if xl else {}
     ucfg = json.loads((model / "unet" / "config.json").read_text())
     vcfg = json.loads((model / "vae" / "config.json").read_text())
     tcfg = json.loads((model / "text_encoder" / "config.json").read_text())
@@ -213,7 +223,15 @@ def write_single(name: str) -> None:
         if ".mid.attn_1." in ldm and v.dim() == 2:
             v = v[:, :, None, None]  # LDM's attention projections are 1x1 convs
         out["first_stage_model." + ldm] = v.contiguous()
-    if open_clip:
+    if xl:
+        for k, v in text.items():
+            out["conditioner.embedders.0.transformer." + k] = v.contiguous()
+        tcfg2 = json.loads((model / "text_encoder_2" / "config.json").read_text())
+        oc = open_clip_text(text_2, tcfg2, seed=12, xl=True)
+        for k, v in oc.items():
+            out["conditioner.embedders.1.model." + k] = v.contiguous()
+        assert len(out) == len(unet) + len(vae) + len(text) + len(oc), "two keys mapped to one LDM name"
+    elif open_clip:
         oc = open_clip_text(text, tcfg, seed=11)
         for k, v in oc.items():
             out["cond_stage_model.model." + k] = v.contiguous()
@@ -231,8 +249,12 @@ def write_single(name: str) -> None:
                                             "source": f"tests/fixtures/{name}", "diffusers": diffusers.__version__})
 
     # Independent check: diffusers' own single-file loader gives back the folder's weights.
-    pipe = StableDiffusionPipeline.from_single_file(str(out_path), config=str(model), safety_checker=None,
-                                                    torch_dtype=torch.float32, local_files_only=True)
+    if xl:
+        pipe = StableDiffusionXLPipeline.from_single_file(str(out_path), config=str(model), torch_dtype=torch.float32,
+                                                          local_files_only=True)
+    else:
+        pipe = StableDiffusionPipeline.from_single_file(str(out_path), config=str(model), safety_checker=None,
+                                                        torch_dtype=torch.float32, local_files_only=True)
     legacy = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
     def modern(k: str) -> str:  # tiny-b's VAE file has the legacy attention names
@@ -241,8 +263,10 @@ def write_single(name: str) -> None:
         return k
 
     vae_modern = {modern(k): v for k, v in vae.items()}
-    for net_name, ref, net in [("unet", unet, pipe.unet), ("vae", vae_modern, pipe.vae),
-                               ("text_encoder", text, pipe.text_encoder)]:
+    nets = [("unet", unet, pipe.unet), ("vae", vae_modern, pipe.vae), ("text_encoder", text, pipe.text_encoder)]
+    if xl:
+        nets.append(("text_encoder_2", text_2, pipe.text_encoder_2))
+    for net_name, ref, net in nets:
         # transformers 5's CLIPTextModel.state_dict() names keys without `text_model.`.
         got = {k.removeprefix("text_model."): v for k, v in net.state_dict().items()}
         ref = {k.removeprefix("text_model."): v for k, v in ref.items()}

@@ -7,13 +7,13 @@
 //!
 //! | paper | module |
 //! |---|---|
-//! | Stable Diffusion v1.x text encoder, UNet, VAE | [`models`] |
+//! | Stable Diffusion 1.x / 2.x / XL text encoders (CLIP, OpenCLIP as transformers ships it; SDXL's penultimate states and pooled `text_embeds`), UNet (SDXL's `text_time` micro-conditioning), VAE | [`models`], [`models::clip_text`], [`models::unet`] |
 //! | CLIP BPE tokenizer (on the `tokenizers` crate) | [`tokenizer`] |
-//! | DDIM step F^(t) (Eq. 1) and its inverse F^-1 (Eq. 3) | [`scheduler`] |
+//! | DDIM step F^(t) (Eq. 1) and its inverse F^-1 (Eq. 3); the training target ε or v (v-prediction, SD-2.x) of Eq. 6 and every other loss | [`scheduler`] |
 //! | attention hooks (DAAM maps §3.4, prompt-to-prompt) | [`attention`] |
-//! | classifier-free guided sampling, one loop for all conditionings | [`pipeline`] |
+//! | classifier-free guided sampling, one loop for all conditionings; SDXL's two encoders, `add_time_ids`, `force_zeros_for_empty_prompt` | [`pipeline`] |
 //! | diffusers folder layout, typed configs, strict weight loading | [`load`] |
-//! | single-file SD-1.x checkpoints (LDM key names), converted in memory | [`single_file`] |
+//! | single-file SD-1.x / 2.x checkpoints (LDM and OpenCLIP key names), converted in memory | [`single_file`] |
 //! | `--model` forms: folder, single file, Hugging Face id (cache, downloads) | [`hub`] |
 //! | images, PNG metadata, atomic writes | [`io`] |
 //! | output folders: one run at a time (an `flock` lock naming its holder), settings compared | [`outdir`] |

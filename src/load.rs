@@ -231,6 +231,15 @@ impl ModelDir {
         self.root.join(name)
     }
 
+    /// [`xl`](Self::xl) for a `--config` folder, which may lack `model_index.json` (then
+    /// `force_zeros_for_empty_prompt` is SDXL's default, true).
+    pub fn xl_if_indexed(&self) -> Result<Option<bool>> {
+        if self.root.join("model_index.json").is_file() {
+            return self.xl();
+        }
+        Ok(self.root.join("text_encoder_2").is_dir().then_some(true))
+    }
+
     /// SDXL's layout: `Some(force_zeros_for_empty_prompt)` (default true, as
     /// `StableDiffusionXLPipeline`) when `model_index.json` lists `text_encoder_2` or the folder
     /// has `text_encoder_2/`; then `tokenizer_2/` must be there too. `None` for SD-1.x / 2.x.

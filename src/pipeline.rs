@@ -301,14 +301,22 @@ impl StableDiffusion {
     }
 
     /// Loads a single-file checkpoint (LDM key names), converted with the configs and tokenizer
-    /// of the diffusers folder `config`, or the standard SD-1.x or SD-2.1 ones (by its text
-    /// encoder's keys).
+    /// of the diffusers folder `config`, or the standard SD-1.x, SD-2.1 or SDXL-base ones (by its
+    /// text encoders' keys).
     pub fn load_single_file(file: &Path, config: Option<&Path>, device: Device) -> Result<Self> {
         let configs = match config {
             Some(dir) => Configs::from_diffusers_dir(dir)?,
             None => Configs::builtin(single_file::Family::of_file(file)?)?,
         };
         let nets = single_file::load(file, &configs, device)?;
+        let xl = match (configs.xl, nets.text_encoder_2) {
+            (Some(x), Some(text_encoder_2)) => Some(XlParts {
+                tokenizer_2: x.tokenizer_2,
+                text_encoder_2,
+                force_zeros_for_empty_prompt: x.force_zeros_for_empty_prompt,
+            }),
+            _ => None,
+        };
         let sd = Self {
             tokenizer: configs.tokenizer,
             text_encoder: nets.text_encoder,
@@ -318,7 +326,7 @@ impl StableDiffusion {
             source: file.to_path_buf(),
             loras: vec![],
             device,
-            xl: None,
+            xl,
         };
         sd.check_widths()?;
         Ok(sd.frozen())
@@ -595,7 +603,7 @@ pub fn load_tokenizer(model: &Path, opts: &LoadOptions) -> Result<ClipTokenizer>
         ModelSpec::SingleFile(file) => match &opts.config {
             Some(c) => ClipTokenizer::from_dir(&c.join("tokenizer")),
             None => match single_file::Family::of_file(&file)? {
-                single_file::Family::Sd1 => ClipTokenizer::sd15(),
+                single_file::Family::Sd1 | single_file::Family::Sdxl => ClipTokenizer::sd15(),
                 single_file::Family::Sd2 => ClipTokenizer::sd2(),
             },
         },

@@ -35,23 +35,53 @@ pub const VAE_PREFIX: &str = "first_stage_model.";
 pub const TEXT_PREFIX: &str = "cond_stage_model.transformer.";
 /// SD-2.x's OpenCLIP text encoder (`FrozenOpenCLIPEmbedder`).
 pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+/// SDXL's first text encoder (OpenAI CLIP ViT-L/14, transformers' names).
+pub const XL_TEXT_PREFIX: &str = "conditioner.embedders.0.transformer.";
+/// SDXL's second text encoder (OpenCLIP ViT-bigG/14, OpenCLIP's names, with its projection).
+pub const XL_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
 
-/// The model family of a single file, told by its text encoder's keys.
+/// The model family of a single file, told by its text encoders' keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     /// OpenAI CLIP ViT-L/14 under `cond_stage_model.transformer.`.
     Sd1,
     /// OpenCLIP ViT-H/14 under `cond_stage_model.model.`.
     Sd2,
+    /// CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 under `conditioner.embedders.{0,1}.`.
+    Sdxl,
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Family::Sd1 => "Stable Diffusion 1.x",
+            Family::Sd2 => "Stable Diffusion 2.x",
+            Family::Sdxl => "SDXL",
+        })
+    }
 }
 
 impl Family {
-    /// SD-2.x when any key is under [`OPEN_CLIP_PREFIX`], else SD-1.x.
-    pub fn of_keys<'a>(mut keys: impl Iterator<Item = &'a str>) -> Self {
-        if keys.any(|k| k.starts_with(OPEN_CLIP_PREFIX)) {
-            Family::Sd2
-        } else {
-            Family::Sd1
+    /// SDXL when any key is under `conditioner.embedders.`, SD-2.x when any is under
+    /// [`OPEN_CLIP_PREFIX`], else SD-1.x.
+    pub fn of_keys<'a>(keys: impl Iterator<Item = &'a str>) -> Self {
+        let mut family = Family::Sd1;
+        for k in keys {
+            if k.starts_with("conditioner.embedders.") {
+                return Family::Sdxl;
+            }
+            if k.starts_with(OPEN_CLIP_PREFIX) {
+                family = Family::Sd2;
+            }
+        }
+        family
+    }
+
+    /// The prefixes of its (CLIP, OpenCLIP) text encoder keys.
+    fn text_prefixes(self) -> (&'static str, &'static str) {
+        match self {
+            Family::Sd1 | Family::Sd2 => (TEXT_PREFIX, OPEN_CLIP_PREFIX),
+            Family::Sdxl => (XL_TEXT_PREFIX, XL_OPEN_CLIP_PREFIX),
         }
     }
 
@@ -101,13 +131,24 @@ pub fn ignorable(key: &str) -> Option<&'static str> {
         Some("DDPM training buffer")
     } else if key.starts_with("first_stage_model.loss.") {
         Some("VAE training loss (LPIPS / discriminator)")
-    } else if key.starts_with(TEXT_PREFIX) && key.ends_with("embeddings.position_ids") {
+    } else if (key.starts_with(TEXT_PREFIX) || key.starts_with(XL_TEXT_PREFIX))
+        && key.ends_with("embeddings.position_ids")
+    {
         Some("position_ids buffer")
     } else if key == "cond_stage_model.model.text_projection" || key == "cond_stage_model.model.logit_scale" {
         Some("OpenCLIP's projection and logit scale (SD-2.x conditions on hidden states)")
+    } else if key == "conditioner.embedders.1.model.logit_scale" {
+        Some("OpenCLIP's logit scale")
     } else {
         None
     }
+}
+
+/// SDXL's second text encoder config, its tokenizer and `force_zeros_for_empty_prompt`.
+pub struct XlConfigs {
+    pub text_encoder_2: ClipTextConfig,
+    pub tokenizer_2: ClipTokenizer,
+    pub force_zeros_for_empty_prompt: bool,
 }
 
 /// The configs (and tokenizer) a single file is converted with.
@@ -117,6 +158,8 @@ pub struct Configs {
     pub text_encoder: ClipTextConfig,
     pub scheduler: SchedulerConfig,
     pub tokenizer: ClipTokenizer,
+    /// SDXL's second encoder; `None` for SD-1.x / 2.x.
+    pub xl: Option<XlConfigs>,
     /// Where they come from, for messages.
     pub origin: String,
 }
@@ -134,6 +177,7 @@ impl Configs {
             text_encoder: parse("text_encoder.json", include_str!("../assets/configs/sd15/text_encoder.json"))?,
             scheduler: parse("scheduler.json", include_str!("../assets/configs/sd15/scheduler.json"))?,
             tokenizer: ClipTokenizer::sd15()?,
+            xl: None,
             origin: "the standard SD-1.x configs (assets/configs/sd15)".into(),
         })
     }
@@ -152,7 +196,33 @@ impl Configs {
             text_encoder: parse("text_encoder.json", include_str!("../assets/configs/sd21/text_encoder.json"))?,
             scheduler: parse("scheduler.json", include_str!("../assets/configs/sd21/scheduler.json"))?,
             tokenizer: ClipTokenizer::sd2()?,
+            xl: None,
             origin: "the standard SD-2.1 (768-v) configs (assets/configs/sd21)".into(),
+        })
+    }
+
+    /// SDXL-base 1.0's configs kept in `assets/configs/sdxl/` (both text encoders, the UNet with
+    /// `text_time`, the VAE with scaling factor 0.13025 and `force_upcast`, DDIM with SDXL's
+    /// schedule), SD-1.x's tokenizer and SD-2.x's (pad `"!"`) as the second.
+    pub fn sdxl() -> Result<Self> {
+        fn parse<T: serde::de::DeserializeOwned>(name: &str, text: &str) -> Result<T> {
+            serde_json::from_str(text).with_context(|| format!("built-in assets/configs/sdxl/{name} is not valid"))
+        }
+        Ok(Self {
+            unet: parse("unet.json", include_str!("../assets/configs/sdxl/unet.json"))?,
+            vae: parse("vae.json", include_str!("../assets/configs/sdxl/vae.json"))?,
+            text_encoder: parse("text_encoder.json", include_str!("../assets/configs/sdxl/text_encoder.json"))?,
+            scheduler: parse("scheduler.json", include_str!("../assets/configs/sdxl/scheduler.json"))?,
+            tokenizer: ClipTokenizer::sd15()?,
+            xl: Some(XlConfigs {
+                text_encoder_2: parse(
+                    "text_encoder_2.json",
+                    include_str!("../assets/configs/sdxl/text_encoder_2.json"),
+                )?,
+                tokenizer_2: ClipTokenizer::sd2()?,
+                force_zeros_for_empty_prompt: true,
+            }),
+            origin: "the standard SDXL-base 1.0 configs (assets/configs/sdxl)".into(),
         })
     }
 
@@ -161,6 +231,7 @@ impl Configs {
         match family {
             Family::Sd1 => Self::sd15(),
             Family::Sd2 => Self::sd21(),
+            Family::Sdxl => Self::sdxl(),
         }
     }
 
@@ -176,6 +247,14 @@ impl Configs {
             text_encoder: read_json(&dir.join("text_encoder/config.json"))?,
             scheduler: SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?,
             tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
+            xl: match (crate::load::ModelDir { root: dir.to_path_buf() }).xl_if_indexed()? {
+                None => None,
+                Some(force_zeros_for_empty_prompt) => Some(XlConfigs {
+                    text_encoder_2: read_json(&dir.join("text_encoder_2/config.json"))?,
+                    tokenizer_2: ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?,
+                    force_zeros_for_empty_prompt,
+                }),
+            },
             origin: format!("the configs of {}", dir.display()),
         })
     }
@@ -186,6 +265,8 @@ pub struct Loaded {
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
     pub text_encoder: ClipTextModel,
+    /// SDXL's second text encoder.
+    pub text_encoder_2: Option<ClipTextModel>,
 }
 
 /// Refuses pickled checkpoints with directions to convert them.
@@ -205,12 +286,14 @@ pub fn refuse_pickle(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Loads a single-file SD-1.x checkpoint with `configs`. Prints a note when EMA weights or
-/// other known keys are skipped.
+/// Loads a single-file SD-1.x / 2.x / XL checkpoint with `configs` (which must be of the same
+/// family). Prints a note when EMA weights or other known keys are skipped.
 pub fn load(path: &Path, configs: &Configs, device: Device) -> Result<Loaded> {
     refuse_pickle(path)?;
     let what = path.display().to_string();
     let tensors = read_safetensors(path)?;
+    let family = Family::of_keys(tensors.iter().map(|(k, _)| k.as_str()));
+    let (clip_prefix, open_clip_prefix) = family.text_prefixes();
     let (mut unet_t, mut vae_t, mut text_t, mut open_clip_t) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut skipped: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut unknown = Vec::new();
@@ -221,9 +304,9 @@ pub fn load(path: &Path, configs: &Configs, device: Device) -> Result<Loaded> {
             unet_t.push((rest.to_string(), value));
         } else if let Some(rest) = key.strip_prefix(VAE_PREFIX) {
             vae_t.push((rest.to_string(), value));
-        } else if let Some(rest) = key.strip_prefix(TEXT_PREFIX) {
+        } else if let Some(rest) = key.strip_prefix(clip_prefix) {
             text_t.push((rest.to_string(), value));
-        } else if let Some(rest) = key.strip_prefix(OPEN_CLIP_PREFIX) {
+        } else if let Some(rest) = key.strip_prefix(open_clip_prefix) {
             open_clip_t.push((rest.to_string(), value));
         } else {
             unknown.push(key);
@@ -232,13 +315,13 @@ pub fn load(path: &Path, configs: &Configs, device: Device) -> Result<Loaded> {
     if !unknown.is_empty() {
         unknown.sort();
         bail!(
-            "{what}: {} key(s) that belong to no Stable Diffusion 1.x / 2.x component: {} (expected {UNET_PREFIX}*, \
-             {VAE_PREFIX}*, {TEXT_PREFIX}* or {OPEN_CLIP_PREFIX}*, or model_ema.* / DDPM buffers, which are skipped)",
+            "{what}: {} key(s) that belong to no {family} component: {} (expected {UNET_PREFIX}*, {VAE_PREFIX}*, \
+             {clip_prefix}* or {open_clip_prefix}*, or model_ema.* / DDPM buffers, which are skipped)",
             unknown.len(),
             preview(&unknown)
         );
     }
-    if !text_t.is_empty() && !open_clip_t.is_empty() {
+    if family != Family::Sdxl && !text_t.is_empty() && !open_clip_t.is_empty() {
         bail!(
             "{what} holds two text encoders, {} tensors of SD-1.x's CLIP ({TEXT_PREFIX}*) and {} of SD-2.x's OpenCLIP \
              ({OPEN_CLIP_PREFIX}*); a Stable Diffusion 1.x / 2.x checkpoint has one",
@@ -246,25 +329,52 @@ pub fn load(path: &Path, configs: &Configs, device: Device) -> Result<Loaded> {
             open_clip_t.len()
         );
     }
-    let open_clip = !open_clip_t.is_empty();
-    if unet_t.is_empty() || vae_t.is_empty() || (text_t.is_empty() && !open_clip) {
+    let text_missing = match family {
+        Family::Sdxl => text_t.is_empty() || open_clip_t.is_empty(),
+        _ => text_t.is_empty() && open_clip_t.is_empty(),
+    };
+    if unet_t.is_empty() || vae_t.is_empty() || text_missing {
         bail!(
-            "{what} is not a full SD-1.x / 2.x checkpoint: it has {} UNet ({UNET_PREFIX}*), {} VAE ({VAE_PREFIX}*) and \
-             {} text-encoder ({TEXT_PREFIX}* or {OPEN_CLIP_PREFIX}*) tensors",
+            "{what} is not a full {family} checkpoint: it has {} UNet ({UNET_PREFIX}*), {} VAE ({VAE_PREFIX}*), {} \
+             CLIP ({clip_prefix}*) and {} OpenCLIP ({open_clip_prefix}*) tensors",
             unet_t.len(),
             vae_t.len(),
-            text_t.len()
+            text_t.len(),
+            open_clip_t.len()
         );
     }
     let hint = format!("(converted with {})", configs.origin);
-    if open_clip {
-        let (converted, dropped) = open_clip_to_transformers(open_clip_t, &configs.text_encoder)
+    match (family, &configs.xl) {
+        (Family::Sdxl, None) => bail!(
+            "{what} is an SDXL checkpoint (conditioner.embedders.*) but {} are not SDXL's: give --config an SDXL \
+             folder, or leave --config out for the built-in SDXL-base configs",
+            configs.origin
+        ),
+        (Family::Sd1 | Family::Sd2, Some(_)) => bail!(
+            "{what} is a {family} checkpoint but {} are SDXL's: give --config a folder of the same family",
+            configs.origin
+        ),
+        _ => {}
+    }
+    // The OpenCLIP encoder in transformers' names: SD-2.x's (past-penultimate layers and the
+    // projection dropped) is the only text encoder; SDXL's is the second, projection kept.
+    let mut text_2 = None;
+    if !open_clip_t.is_empty() {
+        let (cfg, xl) = match &configs.xl {
+            Some(x) => (&x.text_encoder_2, true),
+            None => (&configs.text_encoder, false),
+        };
+        let (converted, dropped) = open_clip_to_transformers(open_clip_t, cfg, xl)
             .with_context(|| format!("{what}: converting the OpenCLIP text encoder {hint}"))?;
         if dropped > 0 {
             let why = "OpenCLIP layers past the penultimate (SD-2.x conditions on the penultimate layer)";
             *skipped.entry(why).or_default() += dropped;
         }
-        text_t = converted;
+        if xl {
+            text_2 = Some(converted);
+        } else {
+            text_t = converted;
+        }
     }
     for (why, n) in &skipped {
         eprintln!("note: {what}: skipped {n} key(s): {why}");
@@ -288,13 +398,25 @@ pub fn load(path: &Path, configs: &Configs, device: Device) -> Result<Loaded> {
     })
     .with_context(|| format!("loading the VAE {hint}"))?;
 
+    let text_what = if family == Family::Sd2 { open_clip_prefix } else { clip_prefix };
     let text_encoder = ClipTextModel::new(configs.text_encoder.clone(), device)?;
-    load_strict_tensors(&text_encoder.vs, &format!("{what} [{TEXT_PREFIX}*]"), text_t, &|k, _| {
+    load_strict_tensors(&text_encoder.vs, &format!("{what} [{text_what}*]"), text_t, &|k, _| {
         // Older checkpoints lack the `text_model.` level (transformers < 4.22).
         KeyAction::Load(if k.starts_with("text_model.") { k.to_string() } else { format!("text_model.{k}") })
     })
     .with_context(|| format!("loading the text encoder {hint}"))?;
-    Ok(Loaded { unet, vae, text_encoder })
+    let text_encoder_2 = match (text_2, &configs.xl) {
+        (Some(t), Some(x)) => {
+            let te2 = ClipTextModel::new(x.text_encoder_2.clone(), device)?;
+            load_strict_tensors(&te2.vs, &format!("{what} [{XL_OPEN_CLIP_PREFIX}*]"), t, &|k, _| {
+                KeyAction::Load(k.to_string())
+            })
+            .with_context(|| format!("loading the second text encoder {hint}"))?;
+            Some(te2)
+        }
+        _ => None,
+    };
+    Ok(Loaded { unet, vae, text_encoder, text_encoder_2 })
 }
 
 /// The transformers name (`text_model.…`) of an OpenCLIP text-encoder key (after
@@ -328,27 +450,33 @@ pub fn open_clip_text_key(key: &str) -> Option<String> {
     Some(format!("text_model.encoder.layers.{i}.{ours}{tail}"))
 }
 
-/// OpenCLIP text-encoder tensors (after `cond_stage_model.model.`) in transformers' names, the
-/// fused `in_proj` (3d, d) split into q, k, v in that order. Resblocks at or past the config's
-/// `num_hidden_layers` are dropped (SD-2's 24th, unused: it conditions on the penultimate
-/// layer), and their count returned. Unknown keys keep a marked name, so that the strict load
-/// reports them.
+/// OpenCLIP text-encoder tensors (after its prefix) in transformers' names, the fused
+/// `in_proj` (3d, d) split into q, k, v in that order. SD-2.x (`xl` false): resblocks at or past
+/// the config's `num_hidden_layers` are dropped (SD-2's 24th, unused: it conditions on the
+/// penultimate layer), and their count returned. SDXL (`xl` true): every layer is kept and
+/// `text_projection` (d, P) becomes `text_projection.weight` (P, d), as diffusers transposes it.
+/// Unknown keys keep a marked name, so that the strict load reports them.
 fn open_clip_to_transformers(
     tensors: Vec<(String, Tensor)>,
     cfg: &crate::models::clip_text::ClipTextConfig,
+    xl: bool,
 ) -> Result<(Vec<(String, Tensor)>, usize)> {
     let d = cfg.hidden_size;
     let mut out = Vec::with_capacity(tensors.len() + 64);
     let mut dropped = 0;
     for (key, value) in tensors {
+        if xl && key == "text_projection" {
+            out.push(("text_projection.weight".to_string(), value.tr().contiguous()));
+            continue;
+        }
         if let Some((i, _)) = indexed(&key, "transformer.resblocks.") {
-            if i as i64 >= cfg.num_hidden_layers {
+            if !xl && i as i64 >= cfg.num_hidden_layers {
                 dropped += 1;
                 continue;
             }
         }
         let Some(name) = open_clip_text_key(&key) else {
-            out.push((format!("<unmapped> {OPEN_CLIP_PREFIX}{key}"), value));
+            out.push((format!("<unmapped> {key}"), value));
             continue;
         };
         let kind = if key.ends_with("in_proj_weight") {
@@ -361,7 +489,7 @@ fn open_clip_to_transformers(
         };
         if value.size().first() != Some(&(3 * d)) {
             bail!(
-                "{OPEN_CLIP_PREFIX}{key} has shape {:?}; the fused q/k/v projection of a text encoder of hidden size {d} \
+                "{key} has shape {:?}; the fused q/k/v projection of a text encoder of hidden size {d} \
                  must have {} rows",
                 value.size(),
                 3 * d
@@ -429,6 +557,8 @@ pub fn ldm_unet_key(name: &str, cfg: &UNetConfig) -> Option<String> {
     let simple = [
         ("time_embedding.linear_1.", "time_embed.0."),
         ("time_embedding.linear_2.", "time_embed.2."),
+        ("add_embedding.linear_1.", "label_emb.0.0."),
+        ("add_embedding.linear_2.", "label_emb.0.2."),
         ("conv_in.", "input_blocks.0.0."),
         ("conv_norm_out.", "out.0."),
         ("conv_out.", "out.2."),

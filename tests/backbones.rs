@@ -412,3 +412,46 @@ fn builtin_sd2_and_sdxl_configs_and_init_random_tiny_xl() {
     };
     assert_eq!(sd.generate(&req).unwrap().size(), [1, 32, 48, 3]);
 }
+
+/// An SDXL single file (`conditioner.embedders.0.transformer.*` CLIP, `…1.model.*` OpenCLIP with
+/// its projection, `label_emb` for `add_embedding`) loads into the folder's weights and draws
+/// the folder's image; without `--config` the built-in SDXL-base configs are used (and named).
+#[test]
+fn sdxl_single_file_equals_the_folder() {
+    let file = fixtures().join("single/tiny-xl.safetensors");
+    assert_eq!(Family::of_file(&file).unwrap(), Family::Sdxl);
+    let opts = LoadOptions { config: Some(model_dir("tiny-xl")), ..Default::default() };
+    let single = StableDiffusion::load_with(&file, &opts, Device::Cpu).unwrap_or_else(|e| panic!("{e:#}"));
+    let folder = load("tiny-xl");
+    let te2 = |sd: &StableDiffusion| sd.xl.as_ref().expect("SDXL").text_encoder_2.vs.variables();
+    for (what, va, vb) in [
+        ("text encoder", single.text_encoder.vs.variables(), folder.text_encoder.vs.variables()),
+        ("text encoder 2", te2(&single), te2(&folder)),
+        ("unet", single.unet.vs.variables(), folder.unet.vs.variables()),
+        ("vae", single.vae.vs.variables(), folder.vae.vs.variables()),
+    ] {
+        assert_eq!(va.len(), vb.len(), "{what}");
+        for (k, t) in &vb {
+            assert!(va[k].equal(t), "{what}: {k} differs after the conversion");
+        }
+    }
+    let req = xl_request(&reference_meta("tiny-xl"), "gen");
+    assert!(single.generate(&req).unwrap().equal(&folder.generate(&req).unwrap()));
+    let err = format!("{:#}", StableDiffusion::load(&file, Device::Cpu).err().expect("tiny vs SDXL-base shapes"));
+    assert!(err.contains("SDXL-base") && err.contains("assets/configs/sdxl"), "{err}");
+    // An SD-1.x --config for an SDXL file, and an SDXL --config for an SD-1.x file: refused.
+    let err = format!(
+        "{:#}",
+        StableDiffusion::load_with(
+            &file,
+            &LoadOptions { config: Some(model_dir("tiny-b")), ..Default::default() },
+            Device::Cpu
+        )
+        .err()
+        .expect("SD-1 configs")
+    );
+    assert!(err.contains("is an SDXL checkpoint"), "{err}");
+    let sd1 = fixtures().join("single/tiny-b.safetensors");
+    let err = format!("{:#}", StableDiffusion::load_with(&sd1, &opts, Device::Cpu).err().expect("SDXL configs"));
+    assert!(err.contains("Stable Diffusion 1.x checkpoint") && err.contains("SDXL"), "{err}");
+}

@@ -167,7 +167,7 @@ fn unknown_keys_are_named() {
     // Only a UNet: not a full checkpoint.
     let path = edited(tmp.path(), "unet-only.safetensors", |t| t.retain(|(k, _)| k.starts_with("model.")));
     let err = load_err(&path, &with_config());
-    assert!(err.contains("not a full SD-1.x / 2.x checkpoint"), "{err}");
+    assert!(err.contains("not a full Stable Diffusion 1.x checkpoint"), "{err}");
 }
 
 #[test]
