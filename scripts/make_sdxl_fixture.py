@@ -14,12 +14,19 @@ It (re)writes, deterministically (a rerun gives byte-identical files):
                                            level without attention and a deeper transformer
                                            stack below, a VAE with SDXL's scaling factor and
                                            force_upcast, and a DDIM scheduler
+    tests/fixtures/ti-xl/                  an SDXL textual-inversion embedding (2 vectors, random) in
+                                           the two forms users have: A1111 / ComfyUI's one file
+                                           {"clip_l", "clip_g"} (sks-xl.safetensors) and diffusers'
+                                           two files (learned_embeds.safetensors for encoder 1,
+                                           learned_embeds_2.safetensors for encoder 2)
     tests/fixtures/tiny-xl.ref.safetensors tokenizer ids, prompt embeddings (penultimate hidden
                                            states of both encoders, concatenated) and pooled
                                            text_embeds, one UNet call with added_cond_kwargs,
                                            and two pipeline runs: negative prompt None
                                            (force_zeros_for_empty_prompt: zeros as φ) and a
-                                           negative prompt, non-square, two images per prompt
+                                           negative prompt, non-square, two images per prompt;
+                                           and a run with the embedding loaded into both encoders
+                                           by `load_textual_inversion` (ti.*)
 
 Not the shapes of the real SDXL (tiny, random), but every code path of it. Pinned versions:
 scripts/requirements-fixtures.txt (asserted, as in make_fixtures.py).
@@ -58,6 +65,9 @@ ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
 OUT = FIX / "tiny-xl"
 REF = FIX / "tiny-xl.ref.safetensors"
+TI = FIX / "ti-xl"
+TI_TOKEN = "<sks-xl>"
+TI_PROMPT = "a photo of <sks-xl> on a mossy rock"
 SEED = 4
 
 # SDXL's two text configs carry the legacy ids 0/2/1 of the OpenAI / LAION configs; with
@@ -204,6 +214,35 @@ def gen_refs(pipe, key: str, gs: dict, T: dict, M: dict) -> None:
             M[f"{key}.{k}"] = str(v)
 
 
+def ti_refs(T: dict, M: dict) -> None:
+    """An SDXL embedding, loaded as the diffusers docs show (once per encoder), and one image."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(SEED * 1000 + 11)
+    clip_l, clip_g = 0.5 * torch.randn(2, 32, generator=g), 0.5 * torch.randn(2, 48, generator=g)
+    if TI.exists():
+        shutil.rmtree(TI)
+    TI.mkdir(parents=True)
+    save_file({"clip_l": clip_l, "clip_g": clip_g}, str(TI / "sks-xl.safetensors"))
+    save_file({TI_TOKEN: clip_l}, str(TI / "learned_embeds.safetensors"))
+    save_file({TI_TOKEN: clip_g}, str(TI / "learned_embeds_2.safetensors"))
+    pipe = StableDiffusionXLPipeline.from_pretrained(OUT, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_textual_inversion(clip_l, token=TI_TOKEN, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(clip_g, token=TI_TOKEN, text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    gs = dict(prompt=TI_PROMPT, negative_prompt=None, seed=79, steps=4, guidance=5.0, height=16, width=16,
+              num_images=1)
+    gen_refs(pipe, "ti", gs, T, M)
+    with torch.no_grad():
+        T["ti.input_ids_1"] = pipe.tokenizer(pipe.maybe_convert_prompt(TI_PROMPT, pipe.tokenizer), padding="max_length",
+                                             max_length=77, truncation=True, return_tensors="pt").input_ids
+        T["ti.input_ids_2"] = pipe.tokenizer_2(pipe.maybe_convert_prompt(TI_PROMPT, pipe.tokenizer_2),
+                                               padding="max_length", max_length=77, truncation=True,
+                                               return_tensors="pt").input_ids
+    M["ti.token"] = TI_TOKEN
+    print(f"  ti: ids_1 {T['ti.input_ids_1'][0, :12].tolist()}")
+
+
 def main() -> None:
     check_versions()
     torch.set_num_threads(1)
@@ -254,6 +293,7 @@ def main() -> None:
                                                      "time_ids": T["unet.time_ids"]}).sample
     for key, gs in GENS.items():
         gen_refs(pipe, key, gs, T, M)
+    ti_refs(T, M)
     for k, v in T.items():
         if v.is_floating_point():
             assert v.dtype == torch.float32 and torch.isfinite(v).all(), k

@@ -455,3 +455,54 @@ fn sdxl_single_file_equals_the_folder() {
     let err = format!("{:#}", StableDiffusion::load_with(&sd1, &opts, Device::Cpu).err().expect("SDXL configs"));
     assert!(err.contains("Stable Diffusion 1.x checkpoint") && err.contains("SDXL"), "{err}");
 }
+
+/// An SDXL textual inversion in both forms users have — A1111 / ComfyUI's `{"clip_l",
+/// "clip_g"}` and diffusers' `learned_embeds.safetensors` + `learned_embeds_2.safetensors` —
+/// loads into both encoders and draws the image diffusers draws after
+/// `load_textual_inversion` into each encoder (`scripts/make_sdxl_fixture.py`, `ti.*`).
+#[test]
+fn sdxl_textual_inversion_in_both_forms_matches_diffusers() {
+    use hifi_tuner::subject::ti;
+    let r = reference("tiny-xl");
+    let meta = reference_meta("tiny-xl");
+    let req = xl_request(&meta, "ti");
+    let token = meta["ti.token"].clone();
+    let dir = fixtures().join("ti-xl");
+    for (path, tok) in [
+        (dir.join("sks-xl.safetensors"), Some(token.as_str())),
+        (dir.join("learned_embeds.safetensors"), None),
+        (dir.clone(), None),
+    ] {
+        let mut sd = load("tiny-xl");
+        let loaded = ti::load_embedding(&mut sd, &path, tok).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        assert_eq!((loaded.token.as_str(), loaded.n), (token.as_str(), 2), "{}", path.display());
+        let prompt = ti::convert_prompt(&sd, &req.prompt, &[loaded]);
+        let xl = sd.xl.as_ref().unwrap();
+        let ids_1 = sd.tokenizer.encode_padded(&prompt).ids;
+        let ids_2 = xl.tokenizer_2.encode_padded(&prompt).ids;
+        assert_eq!(ids_1, Vec::<i64>::try_from(r["ti.input_ids_1"].get(0)).unwrap(), "{}", path.display());
+        assert_eq!(ids_2, Vec::<i64>::try_from(r["ti.input_ids_2"].get(0)).unwrap(), "{}", path.display());
+        let images = sd.generate(&GenerateRequest { prompt, ..req.clone() }).unwrap();
+        assert_same_image(&images, &r["ti.image_u8"], &path.display().to_string());
+    }
+    // The same from the command line.
+    let tmp = tempfile::tempdir().unwrap();
+    let png = tmp.path().join("ti.png");
+    let mut c = bin();
+    c.args(["generate", "--model"]).arg(model_dir("tiny-xl")).arg("--embedding").arg(&dir);
+    c.args(["--prompt", &req.prompt, "--steps", &req.steps.to_string(), "--seed", &req.seed.to_string()]);
+    c.args(["--guidance", "5", "--height", "16", "--width", "16", "--device", "cpu", "--out"]).arg(&png);
+    ok(&c.output().unwrap());
+    let want = Vec::<u8>::try_from(r["ti.image_u8"].view([-1])).unwrap();
+    let got = png_rgb(&png);
+    let worst = got.iter().zip(&want).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
+    assert!(worst <= 1, "CLI image vs diffusers: {worst} levels");
+    // An SDXL embedding on an SD-1.x model, and an SD-1.x embedding on SDXL: refused by name.
+    let mut sd1 = load("tiny-b");
+    let err = format!("{:#}", ti::load_embedding(&mut sd1, &dir.join("sks-xl.safetensors"), None).unwrap_err());
+    assert!(err.contains("is an SDXL embedding"), "{err}");
+    let mut xl = load("tiny-xl");
+    let err =
+        format!("{:#}", ti::load_embedding(&mut xl, &fixtures().join("ti/single.safetensors"), None).unwrap_err());
+    assert!(err.contains("is not an SDXL embedding") && err.contains("clip_g"), "{err}");
+}

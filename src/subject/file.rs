@@ -130,6 +130,82 @@ pub fn save_learned_embeds(path: &Path, token: &str, rows: &Tensor) -> Result<()
     write_safetensors_atomic(path, &[(token.to_string(), rows.to_kind(Kind::Float).detach())], &BTreeMap::new())
 }
 
+/// The keys of an SDXL embedding in AUTOMATIC1111 / ComfyUI's form: the rows for the first
+/// (CLIP ViT-L) and the second (OpenCLIP bigG) text encoder.
+pub const SDXL_L_KEY: &str = "clip_l";
+pub const SDXL_G_KEY: &str = "clip_g";
+
+/// An SDXL textual-inversion embedding: (token, rows for encoder 1 (n, d₁), rows for encoder 2
+/// (n, d₂)). Read from A1111 / ComfyUI's one file `{"clip_l": (n, d₁), "clip_g": (n, d₂)}` (the
+/// token is `token`, else the file stem), or diffusers' two files (`textual_inversion_sdxl.py`):
+/// `learned_embeds.safetensors` `{token: (n, d₁)}` with `learned_embeds_2.safetensors`
+/// `{token: (n, d₂)}` beside it — `path` may name the first file or their folder.
+pub fn read_learned_embeds_xl(path: &Path, token: Option<&str>) -> Result<(String, Tensor, Tensor)> {
+    let first = if path.is_dir() { path.join("learned_embeds.safetensors") } else { path.to_path_buf() };
+    let tensors = read_safetensors_finite(&first)?;
+    let get = |k: &str| tensors.iter().find(|(key, _)| key == k).map(|(_, t)| t.shallow_clone());
+    if let (Some(l), Some(g)) = (get(SDXL_L_KEY), get(SDXL_G_KEY)) {
+        let name = match token {
+            Some(t) => t.to_string(),
+            None => first
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .with_context(|| format!("{}: no file name to take the token from; pass --token", first.display()))?,
+        };
+        let two_d = |t: Tensor, k: &str| -> Result<Tensor> {
+            let t = if t.dim() == 1 { t.unsqueeze(0) } else { t };
+            if t.dim() != 2 {
+                bail!("{}: {k} has shape {:?}, expected (n, d)", first.display(), t.size());
+            }
+            Ok(t.to_kind(Kind::Float))
+        };
+        let (l, g) = (two_d(l, SDXL_L_KEY)?, two_d(g, SDXL_G_KEY)?);
+        if l.size()[0] != g.size()[0] {
+            bail!(
+                "{}: clip_l has {} vectors and clip_g {}; they must be as many",
+                first.display(),
+                l.size()[0],
+                g.size()[0]
+            );
+        }
+        if tensors.len() != 2 {
+            let keys: Vec<&str> = tensors.iter().map(|(k, _)| k.as_str()).collect();
+            bail!("{}: an SDXL embedding holds clip_l and clip_g only, found keys {keys:?}", first.display());
+        }
+        return Ok((name, l, g));
+    }
+    let stem = first.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let second = first.with_file_name(format!("{stem}_2.safetensors"));
+    if !second.is_file() {
+        bail!(
+            "{} is not an SDXL embedding: SDXL needs rows for both text encoders — one file {{\"clip_l\": (n, d₁), \
+             \"clip_g\": (n, d₂)}} (AUTOMATIC1111 / ComfyUI), or diffusers' learned_embeds.safetensors with \
+             learned_embeds_2.safetensors beside it ({} is missing)",
+            first.display(),
+            second.display()
+        );
+    }
+    let (t1, l) = read_learned_embeds(&first, token)?;
+    let (t2, g) = read_learned_embeds(&second, token)?;
+    if t1 != t2 {
+        bail!(
+            "{} holds the token {t1:?} and {} the token {t2:?}; they must be the same",
+            first.display(),
+            second.display()
+        );
+    }
+    if l.size()[0] != g.size()[0] {
+        bail!(
+            "{} has {} vectors and {} {}; they must be as many",
+            first.display(),
+            l.size()[0],
+            second.display(),
+            g.size()[0]
+        );
+    }
+    Ok((t1, l, g))
+}
+
 /// The key AUTOMATIC1111 / ComfyUI embedding safetensors hold the vectors under.
 pub const A1111_KEY: &str = "emb_params";
 
@@ -162,6 +238,12 @@ pub fn save_a1111_embedding(path: &Path, token: &str, rows: &Tensor) -> Result<(
 pub fn read_learned_embeds(path: &Path, token: Option<&str>) -> Result<(String, Tensor)> {
     let tensors = read_safetensors_finite(path)?;
     let keys: Vec<String> = tensors.iter().map(|(k, _)| k.clone()).collect();
+    if keys.iter().any(|k| k == SDXL_L_KEY) && keys.iter().any(|k| k == SDXL_G_KEY) {
+        bail!(
+            "{} is an SDXL embedding ({{\"clip_l\", \"clip_g\"}}: one part per text encoder); it needs an SDXL model",
+            path.display()
+        );
+    }
     let mut params: Vec<(String, Tensor)> =
         tensors.into_iter().filter(|(k, _)| !k.starts_with("string_to_token.")).collect();
     if params.len() != 1 {

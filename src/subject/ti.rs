@@ -2,7 +2,7 @@
 //! `<name>_1`, … whose input embeddings are learned; and using such embeddings at generation
 //! exactly as diffusers' `load_textual_inversion` + `maybe_convert_prompt` do.
 
-use super::file::read_learned_embeds;
+use super::file::{read_learned_embeds, read_learned_embeds_xl};
 use crate::pipeline::StableDiffusion;
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -24,8 +24,13 @@ pub struct LoadedToken {
 
 /// Loads a `learned_embeds.safetensors` into the tokenizer and text encoder, as diffusers'
 /// `load_textual_inversion`: the n tokens are added to the tokenizer and their rows appended
-/// to the token-embedding matrix.
+/// to the token-embedding matrix. On SDXL the embedding has a part per encoder
+/// ([`read_learned_embeds_xl`]) and each is loaded into its own tokenizer and encoder, as
+/// diffusers' docs load one (`load_textual_inversion(…, text_encoder=…_2, tokenizer=…_2)`).
 pub fn load_embedding(sd: &mut StableDiffusion, path: &Path, token: Option<&str>) -> Result<LoadedToken> {
+    if sd.xl.is_some() {
+        return load_embedding_xl(sd, path, token);
+    }
     let (token, rows) = read_learned_embeds(path, token)?;
     let d = sd.text_encoder.hidden_size();
     if rows.size()[1] != d {
@@ -42,6 +47,35 @@ pub fn load_embedding(sd: &mut StableDiffusion, path: &Path, token: Option<&str>
     let te_ids = sd.text_encoder.append_token_embeddings(&rows.to_device(sd.device))?;
     if ids != te_ids {
         bail!("tokenizer and text encoder disagree on the new token ids ({ids:?} vs {te_ids:?})");
+    }
+    Ok(LoadedToken { token, n, ids })
+}
+
+fn load_embedding_xl(sd: &mut StableDiffusion, path: &Path, token: Option<&str>) -> Result<LoadedToken> {
+    let (token, rows_1, rows_2) = read_learned_embeds_xl(path, token)?;
+    let xl = sd.xl.as_mut().expect("an SDXL model");
+    for (what, rows, d) in
+        [("clip_l", &rows_1, sd.text_encoder.hidden_size()), ("clip_g", &rows_2, xl.text_encoder_2.hidden_size())]
+    {
+        if rows.size()[1] != d {
+            bail!(
+                "{}: the {what} part of embedding {token} has width {}, but its text encoder has {d}",
+                path.display(),
+                rows.size()[1]
+            );
+        }
+    }
+    let n = rows_1.size()[0];
+    let names = expanded_tokens(&token, n);
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let ids = sd.tokenizer.add_tokens(&refs)?;
+    let te_ids = sd.text_encoder.append_token_embeddings(&rows_1.to_device(sd.device))?;
+    let ids_2 = xl.tokenizer_2.add_tokens(&refs)?;
+    let te_ids_2 = xl.text_encoder_2.append_token_embeddings(&rows_2.to_device(sd.device))?;
+    if ids != te_ids || ids_2 != te_ids_2 {
+        bail!(
+            "tokenizers and text encoders disagree on the new token ids ({ids:?}, {te_ids:?}; {ids_2:?}, {te_ids_2:?})"
+        );
     }
     Ok(LoadedToken { token, n, ids })
 }
