@@ -7,7 +7,7 @@
 //! `refs/REVISION` holding the commit. `HF_ENDPOINT` (default `https://huggingface.co`),
 //! `HF_TOKEN` and `HF_HUB_OFFLINE=1` are honoured. Only the files the loader reads are fetched:
 //! `model_index.json`, the component configs, the tokenizer files and one safetensors file per
-//! network (the `fp16` variant when asked).
+//! network (the `fp16` variant when asked) — for SDXL also `text_encoder_2/` and `tokenizer_2/`.
 
 use crate::single_file::refuse_pickle;
 use anyhow::{anyhow, bail, Context, Result};
@@ -97,8 +97,40 @@ const CONFIGS: [&str; 5] = [
     "vae/config.json",
     "text_encoder/config.json",
 ];
-const TOKENIZER_OPTIONAL: [&str; 3] =
-    ["tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer.json"];
+/// Optional files of each tokenizer folder.
+const TOKENIZER_OPTIONAL: [&str; 3] = ["tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"];
+
+/// What our loader reads from a repository: SD-1.x / 2.x's five components, and for SDXL
+/// (`xl`) also `text_encoder_2/` and `tokenizer_2/`.
+struct Layout {
+    configs: Vec<String>,
+    networks: Vec<(&'static str, &'static str)>,
+    tokenizers: Vec<&'static str>,
+}
+
+impl Layout {
+    fn new(xl: bool) -> Self {
+        let mut configs: Vec<String> = CONFIGS.iter().map(|s| s.to_string()).collect();
+        let mut networks = NETWORKS.to_vec();
+        let mut tokenizers = vec!["tokenizer"];
+        if xl {
+            configs.push("text_encoder_2/config.json".into());
+            networks.push(("text_encoder_2", "model"));
+            tokenizers.push("tokenizer_2");
+        }
+        Self { configs, networks, tokenizers }
+    }
+
+    /// The layout of a snapshot folder: SDXL when its `model_index.json` lists `text_encoder_2`.
+    fn of_snapshot(snapshot: &Path) -> Self {
+        let index = std::fs::read_to_string(snapshot.join("model_index.json")).ok();
+        let v: Option<serde_json::Value> = index.and_then(|t| serde_json::from_str(&t).ok());
+        let xl = v.is_some_and(|v| {
+            v.get("text_encoder_2").is_some_and(|e| e.as_array().is_some_and(|a| a.iter().any(|x| !x.is_null())))
+        });
+        Self::new(xl)
+    }
+}
 
 /// Weight file names of a network in order of preference: with a `variant`, the variant first.
 fn weight_names(component: &str, stem: &str, variant: Option<&str>) -> Vec<String> {
@@ -113,11 +145,15 @@ fn weight_names(component: &str, stem: &str, variant: Option<&str>) -> Vec<Strin
 /// What is missing from a snapshot folder for our loader (empty: complete).
 fn missing_files(snapshot: &Path, variant: Option<&str>) -> Vec<String> {
     let has = |f: &str| snapshot.join(f).is_file();
-    let mut missing: Vec<String> = CONFIGS.iter().filter(|f| !has(f)).map(|f| f.to_string()).collect();
-    if !(has("tokenizer/tokenizer.json") || has("tokenizer/vocab.json") && has("tokenizer/merges.txt")) {
-        missing.push("tokenizer/vocab.json + tokenizer/merges.txt (or tokenizer/tokenizer.json)".into());
+    let layout = Layout::of_snapshot(snapshot);
+    let mut missing: Vec<String> = layout.configs.iter().filter(|f| !has(f)).cloned().collect();
+    for t in &layout.tokenizers {
+        if !(has(&format!("{t}/tokenizer.json")) || has(&format!("{t}/vocab.json")) && has(&format!("{t}/merges.txt")))
+        {
+            missing.push(format!("{t}/vocab.json + {t}/merges.txt (or {t}/tokenizer.json)"));
+        }
     }
-    for (component, stem) in NETWORKS {
+    for (component, stem) in &layout.networks {
         let names = weight_names(component, stem, variant);
         // With a variant asked for, only that file will do.
         let acceptable = if variant.is_some() { &names[..1] } else { &names[..] };
@@ -203,26 +239,29 @@ fn open_repo(
 /// Downloads the files our loader reads into the cache; returns the snapshot folder.
 fn download(cache: &Path, repo: &str, rev: &str, variant: Option<&str>) -> Result<PathBuf> {
     let (handle, endpoint, siblings) = open_repo(cache, repo, rev)?;
+    let layout = Layout::new(siblings.contains("text_encoder_2/config.json"));
     let mut wanted: Vec<String> = Vec::new();
-    for f in CONFIGS.iter().chain(TOKENIZER_OPTIONAL.iter()) {
-        if siblings.contains(*f) {
-            wanted.push(f.to_string());
-        } else if CONFIGS.contains(f) {
+    for f in &layout.configs {
+        if !siblings.contains(f) {
             bail!(
                 "{repo}@{rev} is not a diffusers Stable Diffusion repository: it has no {f} (for a single-file \
                  checkpoint, download the .safetensors and pass its path)"
             );
         }
+        wanted.push(f.clone());
     }
-    let has_json = siblings.contains("tokenizer/tokenizer.json");
-    for f in ["tokenizer/vocab.json", "tokenizer/merges.txt"] {
-        if siblings.contains(f) {
-            wanted.push(f.to_string());
-        } else if !has_json {
-            bail!("{repo}@{rev}: the tokenizer has neither {f} nor tokenizer.json");
+    for t in &layout.tokenizers {
+        wanted.extend(TOKENIZER_OPTIONAL.iter().map(|f| format!("{t}/{f}")).filter(|f| siblings.contains(f)));
+        let has_json = siblings.contains(&format!("{t}/tokenizer.json"));
+        for f in ["vocab.json", "merges.txt"].map(|f| format!("{t}/{f}")) {
+            if siblings.contains(&f) {
+                wanted.push(f);
+            } else if !has_json {
+                bail!("{repo}@{rev}: the tokenizer has neither {f} nor {t}/tokenizer.json");
+            }
         }
     }
-    for (component, stem) in NETWORKS {
+    for (component, stem) in &layout.networks {
         let names = weight_names(component, stem, variant);
         let acceptable = if variant.is_some() { &names[..1] } else { &names[..] };
         let Some(f) = acceptable.iter().find(|f| siblings.contains(f.as_str())) else {

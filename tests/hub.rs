@@ -16,9 +16,18 @@ const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 /// Every file of tiny-b, relative, plus files the loader must never fetch.
 fn repo_files() -> Vec<(String, Vec<u8>)> {
-    let root = model_dir("tiny-b");
+    repo_files_of("tiny-b")
+}
+
+/// Every file of a fixture model folder (SD or SDXL), relative, plus files the loader must never
+/// fetch.
+fn repo_files_of(name: &str) -> Vec<(String, Vec<u8>)> {
+    let root = model_dir(name);
     let mut out = Vec::new();
-    for c in ["", "unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+    for c in ["", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2"] {
+        if !root.join(c).is_dir() {
+            continue;
+        }
         for e in std::fs::read_dir(root.join(c)).unwrap() {
             let p = e.unwrap().path();
             if p.is_file() {
@@ -38,7 +47,12 @@ fn repo_files() -> Vec<(String, Vec<u8>)> {
 /// the headers `hf-hub` reads (etag, x-repo-commit, Content-Range). Returns the endpoint and the
 /// log of requested paths.
 fn mock_hub() -> (String, Arc<Mutex<Vec<String>>>) {
-    let files = repo_files();
+    mock_hub_of("tiny-b")
+}
+
+/// [`mock_hub`] serving the files of another fixture model as `org/tiny`.
+fn mock_hub_of(name: &str) -> (String, Arc<Mutex<Vec<String>>>) {
+    let files = repo_files_of(name);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -264,4 +278,56 @@ fn downloads_only_what_the_loader_reads_from_a_mock_hub() {
     let o = run(&["tokenize", "--model", "org/other", "x"], &env);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("org/other"), "{}", stderr(&o));
+}
+
+/// An SDXL repository: the second text encoder and tokenizer are fetched too (and nothing the
+/// loader does not read), and the model draws from the cache.
+#[test]
+fn downloads_an_sdxl_repository_with_both_text_encoders() {
+    let (endpoint, log) = mock_hub_of("tiny-xl");
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let env = [("HF_HUB_CACHE", cache.to_str().unwrap()), ("HF_ENDPOINT", endpoint.as_str())];
+    let png = tmp.path().join("xl.png");
+    let o = run(
+        &[
+            "generate",
+            "--model",
+            "org/tiny",
+            "--prompt",
+            "a backpack",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            png.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(png.is_file());
+    let requested = log.lock().unwrap().clone();
+    for f in [
+        "text_encoder_2/model.safetensors",
+        "text_encoder_2/config.json",
+        "tokenizer_2/vocab.json",
+        "tokenizer_2/merges.txt",
+    ] {
+        assert!(requested.iter().any(|p| p.ends_with(f)), "{f} not fetched: {requested:?}");
+    }
+    for never in [".bin", ".ckpt", "README.md"] {
+        assert!(!requested.iter().any(|p| p.ends_with(never)), "fetched {never}: {requested:?}");
+    }
+    let snap = cache.join("models--org--tiny/snapshots").join(COMMIT);
+    for (f, data) in repo_files_of("tiny-xl") {
+        if !(f.ends_with(".bin") || f.ends_with(".ckpt") || f == "README.md") {
+            assert_eq!(std::fs::read(snap.join(&f)).unwrap_or_else(|e| panic!("{f}: {e}")), data, "{f}");
+        }
+    }
+    // A cached SDXL snapshot without tokenizer_2 is incomplete: offline, the error names it.
+    std::fs::remove_dir_all(snap.join("tokenizer_2")).unwrap();
+    let offline = [("HF_HUB_CACHE", cache.to_str().unwrap()), ("HF_HUB_OFFLINE", "1")];
+    let o = run(&["tokenize", "--model", "org/tiny", "x"], &offline);
+    assert!(!o.status.success() && stderr(&o).contains("tokenizer_2/vocab.json"), "{}", stderr(&o));
 }
