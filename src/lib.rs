@@ -17,7 +17,7 @@
 //! | `--model` forms: folder, single file, Hugging Face id (cache, downloads) | [`hub`] |
 //! | images, PNG metadata, atomic writes | [`io`] |
 //! | output folders: one run at a time (an `flock` lock naming its holder), settings compared | [`outdir`] |
-//! | §3.2: [c, c_s], φ_s, Eq. 5–6 (masked, regularised loss), Eq. 7 | [`subject::conditioning`], [`subject::learn`] |
+//! | §3.2: [c, c_s], φ_s, Eq. 5–6 (masked, regularised loss), Eq. 7 (SDXL: c_s as the pair for both encoders, side by side) | [`subject::conditioning`], [`subject::learn`] |
 //! | Algorithm 1 (step-wise c_s^t), checkpoints, the `learn` job | [`subject::learn`], [`subject::job`] |
 //! | Eq. 7 sampling with a subject ([c, c_s^t] per step) | [`subject::conditioning`] |
 //! | textual inversion (the baseline; `learned_embeds.safetensors`) | [`subject::ti`], [`subject::file`] |

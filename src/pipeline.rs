@@ -398,13 +398,76 @@ impl StableDiffusion {
     /// of encoder 1 and encoder 2 concatenated (1, 77, d₁ + d₂), encoder 2's pooled, projected
     /// `text_embeds` (1, P)). Each encoder reads its own tokenizer's ids.
     pub fn encode_prompt_xl(&self, text: &str) -> (Tensor, Tensor) {
-        let xl = self.xl.as_ref().expect("encode_prompt_xl needs an SDXL model");
-        let ids_1 = self.tokenize(text);
-        let ids_2 = tokenize_with(&xl.tokenizer_2, text, false).to_device(self.device);
-        let h1 = self.text_encoder.penultimate_and_pooled(&ids_1).unwrap_or_else(|e| panic!("{e:#}"));
-        let h2 = xl.text_encoder_2.penultimate_and_pooled(&ids_2).unwrap_or_else(|e| panic!("{e:#}"));
-        let pooled = h2.text_embeds.expect("text_encoder_2 has text_projection (checked at load)");
-        (Tensor::cat(&[h1.penultimate, h2.penultimate], -1), pooled)
+        assert!(self.xl.is_some(), "encode_prompt_xl needs an SDXL model");
+        let (h, pooled) = self.encode_ids(&self.tokenize_each(text));
+        (h, pooled.expect("text_encoder_2 has text_projection (checked at load)"))
+    }
+
+    /// The width of the UNet's text conditioning: d, or d₁ + d₂ for SDXL (the rows of c_s).
+    pub fn cond_width(&self) -> i64 {
+        self.encoder_widths().iter().sum()
+    }
+
+    /// The text encoders' widths, in order (one, or two for SDXL).
+    pub fn encoder_widths(&self) -> Vec<i64> {
+        let mut w = vec![self.text_encoder.hidden_size()];
+        if let Some(xl) = &self.xl {
+            w.push(xl.text_encoder_2.hidden_size());
+        }
+        w
+    }
+
+    /// A prompt's ids (1, 77) from each tokenizer (SDXL's second pads with "!").
+    pub fn tokenize_each(&self, text: &str) -> Vec<Tensor> {
+        let mut ids = vec![self.tokenize(text)];
+        if let Some(xl) = &self.xl {
+            ids.push(tokenize_with(&xl.tokenizer_2, text, false).to_device(self.device));
+        }
+        ids
+    }
+
+    fn encoders(&self) -> Vec<&ClipTextModel> {
+        std::iter::once(&self.text_encoder).chain(self.xl.as_ref().map(|x| &x.text_encoder_2)).collect()
+    }
+
+    /// Input token embeddings of each encoder's ids, side by side: (B, L, Σd).
+    pub fn token_embeddings(&self, ids: &[Tensor]) -> Tensor {
+        let parts: Vec<Tensor> = self.encoders().iter().zip(ids).map(|(te, i)| te.token_embedding(i)).collect();
+        if parts.len() == 1 {
+            return parts.into_iter().next().expect("one part");
+        }
+        Tensor::cat(&parts, -1)
+    }
+
+    /// The UNet's text conditioning from input embeddings (B, L, Σd), each encoder reading its
+    /// own slice: the last hidden state (SD-1.x / 2.x), or SDXL's penultimate states side by side
+    /// with encoder 2's pooled `text_embeds` (at the pooled position of its `ids`).
+    /// Differentiable with respect to `embeds`.
+    pub fn encode_embeds(&self, embeds: &Tensor, ids: &[Tensor]) -> (Tensor, Option<Tensor>) {
+        let Some(xl) = &self.xl else {
+            return (self.text_encoder.forward_embeds(embeds), None);
+        };
+        let d1 = self.text_encoder.hidden_size();
+        let d2 = xl.text_encoder_2.hidden_size();
+        let e1 = embeds.narrow(-1, 0, d1);
+        let e2 = embeds.narrow(-1, d1, d2);
+        let o1 = self.text_encoder.penultimate_and_pooled_embeds(&e1, &ids[0]).unwrap_or_else(|e| panic!("{e:#}"));
+        let o2 = xl.text_encoder_2.penultimate_and_pooled_embeds(&e2, &ids[1]).unwrap_or_else(|e| panic!("{e:#}"));
+        (Tensor::cat(&[o1.penultimate, o2.penultimate], -1), o2.text_embeds)
+    }
+
+    /// [`encode_embeds`](Self::encode_embeds) of the ids' own embeddings.
+    pub fn encode_ids(&self, ids: &[Tensor]) -> (Tensor, Option<Tensor>) {
+        if self.xl.is_none() {
+            return (self.text_encoder.forward(&ids[0]), None);
+        }
+        self.encode_embeds(&self.token_embeddings(ids), ids)
+    }
+
+    /// SDXL's added conditioning for pooled embeds (B, P) at an image size.
+    pub fn added_cond(&self, pooled: Tensor, height: i64, width: i64) -> AddedCond {
+        let b = pooled.size()[0];
+        AddedCond { text_embeds: pooled, time_ids: self.add_time_ids(height, width).repeat([b, 1]) }
     }
 
     /// φ for a negative prompt (`None`: none given) as the pipelines build it: the empty

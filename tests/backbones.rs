@@ -332,14 +332,15 @@ fn sdxl_generate_matches_stable_diffusion_xl_pipeline() {
 
 #[test]
 fn sdxl_is_refused_where_it_is_not_built_and_incomplete_folders_are_named() {
+    // (inversion and replacement, reference guidance, DreamBooth / LoRA are not built for SDXL)
     let tmp = tempfile::tempdir().unwrap();
     let xl = model_dir("tiny-xl");
-    let out = tmp.path().join("subject");
+    let out = tmp.path().join("inversion");
     let mut c = bin();
-    c.args(["learn", "--model"]).arg(&xl).arg("--images").arg(fixtures().join("photos/dog"));
-    c.arg("--masks").arg(fixtures().join("photos/dog-masks"));
-    c.args(["--class-noun", "dog", "--device", "cpu", "--steps", "1", "--stepwise-steps", "0", "--out"]).arg(&out);
+    c.args(["invert", "--model"]).arg(&xl).arg("--image").arg(fixtures().join("photos/dog/00.jpg"));
+    c.args(["--caption", "a photo of a dog", "--steps", "2", "--device", "cpu", "--out"]).arg(&out);
     refused(&c.output().unwrap(), "does not support SDXL models yet");
+    assert!(!out.exists(), "nothing is written");
     // generate works on SDXL (plain text to image), and writes its PNG.
     let png = tmp.path().join("xl.png");
     let mut c = bin();
@@ -505,4 +506,56 @@ fn sdxl_textual_inversion_in_both_forms_matches_diffusers() {
     let err =
         format!("{:#}", ti::load_embedding(&mut xl, &fixtures().join("ti/single.safetensors"), None).unwrap_err());
     assert!(err.contains("is not an SDXL embedding") && err.contains("clip_g"), "{err}");
+}
+
+/// Learning on SDXL from the command line: HiFi (masked, step-wise; c_s for both encoders) then
+/// generate with the subject; textual inversion then its three exports — diffusers' two files
+/// and A1111's `{clip_l, clip_g}` — which draw the same image.
+#[test]
+fn sdxl_learn_hifi_and_ti_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir("tiny-xl");
+    let learn = |out: &Path, extra: &[&str]| {
+        let mut c = bin();
+        c.args(["learn", "--model"]).arg(&model).arg("--images").arg(fixtures().join("photos/dog"));
+        c.args(["--class-noun", "dog", "--device", "cpu", "--seed", "3", "--tokens", "2"]).args(extra);
+        c.arg("--out").arg(out);
+        ok(&c.output().unwrap());
+    };
+    let subject = tmp.path().join("hifi");
+    let masks = fixtures().join("photos/dog-masks");
+    learn(
+        &subject,
+        &["--steps", "4", "--stepwise-steps", "1", "--ddim-steps", "3", "--masks", masks.to_str().unwrap()],
+    );
+    let s = hifi_tuner::subject::file::Subject::load(&subject).unwrap();
+    assert_eq!((s.c_s.size(), s.stepwise.len()), (vec![2, 32 + 48], 3), "c_s spans both encoders");
+    let gen = |extra: &[&str], out: &str| {
+        let p = tmp.path().join(out);
+        let mut c = bin();
+        c.args(["generate", "--model"]).arg(&model).args(extra);
+        c.args(["--steps", "3", "--seed", "2", "--device", "cpu", "--out"]).arg(&p);
+        ok(&c.output().unwrap());
+        png_rgb(&p)
+    };
+    let with = gen(&["--subject", subject.to_str().unwrap(), "--prompt", "a dog on the beach"], "s.png");
+    let without = gen(&["--prompt", "a dog on the beach"], "p.png");
+    assert_eq!(with.len(), 16 * 16 * 3);
+    assert!(with != without, "the subject changes the image");
+
+    let ti = tmp.path().join("ti");
+    learn(&ti, &["--mode", "ti", "--token", "<dx>", "--steps", "3"]);
+    for f in ["learned_embeds.safetensors", "learned_embeds_2.safetensors", "a1111/dx.safetensors"] {
+        assert!(ti.join(f).is_file(), "{f}");
+    }
+    let l = read_tensors(&ti.join("learned_embeds.safetensors"));
+    let g = read_tensors(&ti.join("learned_embeds_2.safetensors"));
+    let a = read_tensors(&ti.join("a1111/dx.safetensors"));
+    assert_eq!((l["<dx>"].size(), g["<dx>"].size()), (vec![2, 32], vec![2, 48]));
+    assert!(a["clip_l"].equal(&l["<dx>"]) && a["clip_g"].equal(&g["<dx>"]));
+    let prompt = ["--prompt", "a photo of <dx> on a rock"];
+    let x = gen(&[&["--embedding", ti.to_str().unwrap()][..], &prompt[..]].concat(), "t1.png");
+    let a1111 = ti.join("a1111/dx.safetensors");
+    let y = gen(&[&["--embedding", a1111.to_str().unwrap(), "--token", "<dx>"][..], &prompt[..]].concat(), "t2.png");
+    assert!(x == y, "the diffusers and A1111 exports draw the same image");
 }

@@ -15,7 +15,11 @@ use hifi_tuner::subject::{Mode, Space};
 use tch::{Device, Kind, Tensor};
 
 fn sd() -> StableDiffusion {
-    StableDiffusion::load(&model_dir("tiny-a"), Device::Cpu).unwrap()
+    sd_of("tiny-a")
+}
+
+fn sd_of(name: &str) -> StableDiffusion {
+    StableDiffusion::load(&model_dir(name), Device::Cpu).unwrap()
 }
 
 fn args(mode: Mode, space: Space, masked: bool, reg_weight: f64) -> LearnArgs {
@@ -89,6 +93,40 @@ fn gradient_of_eq6_matches_finite_differences_in_both_spaces_and_for_ti() {
     let (base, init) = setup_ti(&mut sd, &a).unwrap();
     let obj = objective(&sd, a, base);
     check_gradient(&obj, &init.unwrap(), "textual inversion");
+}
+
+/// The same on SDXL (tiny-xl): c_s is the pair for both encoders side by side (n × (32 + 48)),
+/// and the loss reaches the UNet through both encoders' penultimate states and the pooled
+/// `text_embeds` (TI: the learned tokens sit before <eos>, so the pooled output sees them).
+#[test]
+fn sdxl_gradient_of_eq6_and_ti_match_finite_differences() {
+    let sd = sd_of("tiny-xl");
+    for space in [Space::Input, Space::Output] {
+        let obj = objective(&sd, args(Mode::Hifi, space, true, 0.5), 0);
+        assert_eq!(obj.phi_s.size(), [3, 32 + 48]);
+        let p0 =
+            &obj.phi_s + seeded(5, || Tensor::randn(obj.phi_s.size().as_slice(), (Kind::Float, Device::Cpu))) * 0.1;
+        check_gradient(&obj, &p0, &format!("SDXL {}", space.as_str()));
+    }
+    let mut sd = sd;
+    let a = args(Mode::Ti, Space::Input, false, 0.0);
+    let (base, init) = setup_ti(&mut sd, &a).unwrap();
+    let obj = objective(&sd, a, base);
+    check_gradient(&obj, &init.unwrap(), "SDXL textual inversion");
+    // c_s = φ_s is the captions' own conditioning, hidden states and pooled embeds (input space).
+    let sd_xl = sd_of("tiny-xl");
+    let obj = objective(&sd_xl, args(Mode::Hifi, Space::Input, true, 0.5), 0);
+    let caption = Tensor::from_slice(&[0i64, 1]);
+    tch::no_grad(|| {
+        let (h, p) = obj.conditioning(&obj.phi_s, &caption);
+        let ids =
+            [obj.caption_ids.index_select(0, &caption), obj.caption_ids_2.as_ref().unwrap().index_select(0, &caption)];
+        let (h0, p0) = obj.sd.encode_ids(&ids);
+        // the same operations on the same numbers (the spliced rows equal the padding's): exact
+        // up to a re-association of nothing; 1e-5 allows libtorch a different kernel path.
+        check_tol("SDXL [c, φ_s] vs c: hidden", max_abs_diff(&h, &h0), 1e-5);
+        check_tol("SDXL [c, φ_s] vs c: pooled", max_abs_diff(&p.unwrap(), &p0.unwrap()), 1e-5);
+    });
 }
 
 #[test]

@@ -454,16 +454,23 @@ impl ClipTextModel {
     /// token is transformers' choice: `argmax(ids)` when the config's `eos_token_id` is the
     /// legacy 2 (SDXL's configs; the eos has the largest id), else the first `eos_token_id`.
     pub fn penultimate_and_pooled(&self, ids: &Tensor) -> Result<PenultimateAndPooled> {
+        let embeds = self.f_token_embedding(ids)?;
+        self.penultimate_and_pooled_embeds(&embeds, ids)
+    }
+
+    /// [`penultimate_and_pooled`](Self::penultimate_and_pooled) from input embeddings (B, L, d)
+    /// (e.g. with learned rows spliced in); `ids` only tell the pooled position. Differentiable
+    /// with respect to `input_embeds`.
+    pub fn penultimate_and_pooled_embeds(&self, input_embeds: &Tensor, ids: &Tensor) -> Result<PenultimateAndPooled> {
         let n = self.layers.len();
         if n < 2 {
             bail!("the text encoder has {n} layer(s); a penultimate hidden state needs at least 2");
         }
-        let embeds = self.f_token_embedding(ids)?;
-        let l = embeds.size()[1];
+        let l = input_embeds.size()[1];
         if l > self.config.max_position_embeddings {
             bail!("sequence length {l} exceeds max_position_embeddings {}", self.config.max_position_embeddings);
         }
-        let mut h = embeds.to_kind(self.vs.kind()) + self.position_embedding.narrow(0, 0, l).unsqueeze(0);
+        let mut h = input_embeds.to_kind(self.vs.kind()) + self.position_embedding.narrow(0, 0, l).unsqueeze(0);
         for layer in &self.layers[..n - 1] {
             h = layer.forward(&h);
         }

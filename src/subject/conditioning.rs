@@ -7,10 +7,18 @@
 //! conditioning ("[c, c_s] = c if c_s is not optimized"). With causal attention c_s shapes only
 //! the last n outputs, which also see the caption. In the **output** space c_s replaces the last
 //! n rows of the encoder's output directly (no gradient through the encoder).
+//!
+//! On SDXL c_s is the pair (c_s for encoder 1, c_s for encoder 2) side by side, n × (d₁ + d₂):
+//! in the input space each half replaces the last n input embeddings of its own encoder; in
+//! the output space c_s replaces the last n rows of the concatenated penultimate states, which
+//! is the same thing per half. φ_s is the empty prompt's pair, so ‖c_s − φ_s‖² regularises each
+//! half to its own φ_s. The pooled `text_embeds` (taken at the caption's <eos>, before the last n
+//! positions, under causal attention) do not see c_s.
 
 use super::file::Subject;
 use super::Space;
 use crate::models::clip_text::ClipTextModel;
+use crate::models::unet::AddedCond;
 use crate::pipeline::{GenerateRequest, StableDiffusion, StepCond, StepConditioning};
 use crate::scheduler::DdimScheduler;
 use anyhow::{bail, Result};
@@ -42,6 +50,36 @@ pub fn phi_s(te: &ClipTextModel, empty_ids: &Tensor, n: i64, space: Space) -> Te
     x.narrow(1, l - n, n).squeeze_dim(0).detach()
 }
 
+/// [c, c_s] for any model: each tokenizer's caption ids (B, 77) (one, or two for SDXL) →
+/// (the UNet's encoder hidden states (B, 77, Σd), SDXL's pooled `text_embeds` (B, P)). For
+/// SD-1.x / 2.x it is [`splice`], operation for operation.
+pub fn splice_sd(sd: &StableDiffusion, ids: &[Tensor], c_s: &Tensor, space: Space) -> (Tensor, Option<Tensor>) {
+    if !sd.is_xl() {
+        return (splice(&sd.text_encoder, &ids[0], c_s, space), None);
+    }
+    match space {
+        Space::Input => sd.encode_embeds(&replace_last(&sd.token_embeddings(ids), c_s), ids),
+        Space::Output => {
+            let (h, pooled) = sd.encode_ids(ids);
+            (replace_last(&h, c_s), pooled)
+        }
+    }
+}
+
+/// φ_s for any model: the last n rows (n, Σd) of the empty prompt's ids (one per tokenizer) in
+/// the given space; for SD-1.x / 2.x it is [`phi_s`].
+pub fn phi_s_sd(sd: &StableDiffusion, empty_ids: &[Tensor], n: i64, space: Space) -> Tensor {
+    if !sd.is_xl() {
+        return phi_s(&sd.text_encoder, &empty_ids[0], n, space);
+    }
+    let x = match space {
+        Space::Input => sd.token_embeddings(empty_ids),
+        Space::Output => sd.encode_ids(empty_ids).0,
+    }; // (1, 77, d₁ + d₂)
+    let l = x.size()[1];
+    x.narrow(1, l - n, n).squeeze_dim(0).detach()
+}
+
 /// Checks that a caption leaves its last n positions to c_s (they must be padding).
 pub fn check_room(n_tokens: usize, n: i64, max_len: i64, caption: &str) -> Result<()> {
     if n_tokens as i64 + n > max_len {
@@ -58,13 +96,18 @@ pub fn check_room(n_tokens: usize, n: i64, max_len: i64, caption: &str) -> Resul
 /// unconditional one. `per_step[i]` is c_s^t for DDIM step i (all equal to c_s when the file
 /// has no step-wise embeddings).
 pub struct SubjectSteps<'a> {
-    pub te: &'a ClipTextModel,
-    /// The prompt's ids (1, 77).
-    pub ids: Tensor,
+    pub sd: &'a StableDiffusion,
+    /// The prompt's ids (1, 77), one per tokenizer.
+    pub ids: Vec<Tensor>,
     pub per_step: Vec<Tensor>,
     pub space: Space,
     /// φ (or the negative prompt), (1, 77, d).
     pub uncond: Tensor,
+    /// SDXL: φ's pooled embeds (1, P) — the empty prompt's, or zeros with
+    /// `force_zeros_for_empty_prompt`; set it for a negative prompt.
+    pub uncond_pooled: Option<Tensor>,
+    /// SDXL: the image size of the `time_ids`; the model's default until set.
+    pub size: (i64, i64),
     /// Images per prompt.
     pub batch: i64,
 }
@@ -74,14 +117,23 @@ impl StepConditioning for SubjectSteps<'_> {
         let Some(c_s) = self.per_step.get(index) else {
             bail!("no subject embedding for DDIM step {index}");
         };
-        let cond = splice(self.te, &self.ids, c_s, self.space).repeat([self.batch, 1, 1]);
-        Ok(StepCond { cond, uncond: self.uncond.repeat([self.batch, 1, 1]), added: None })
+        let (cond, pooled) = splice_sd(self.sd, &self.ids, c_s, self.space);
+        let added = match (pooled, &self.uncond_pooled) {
+            (Some(p), Some(u)) => {
+                let (h, w) = self.size;
+                let c: AddedCond = self.sd.added_cond(p, h, w).repeat(self.batch);
+                let u = self.sd.added_cond(u.shallow_clone(), h, w).repeat(self.batch);
+                Some((u, c))
+            }
+            _ => None,
+        };
+        Ok(StepCond { cond: cond.repeat([self.batch, 1, 1]), uncond: self.uncond.repeat([self.batch, 1, 1]), added })
     }
 }
 
 impl<'a> SubjectSteps<'a> {
     /// Eq. 7's per-step conditioning for a prompt and a learned subject: checks the width of
-    /// c_s against the text encoder and that the prompt leaves the last n positions free.
+    /// c_s against the text encoder(s) and that the prompt leaves the last n positions free.
     pub fn new(
         sd: &'a StableDiffusion,
         prompt: &str,
@@ -90,18 +142,20 @@ impl<'a> SubjectSteps<'a> {
         uncond: Tensor,
         batch: i64,
     ) -> Result<Self> {
-        let d = sd.text_encoder.hidden_size();
+        let d = sd.cond_width();
         if subject.c_s.size()[1] != d {
             bail!(
-                "the subject's embeddings have width {}, but this model's text encoder has {d}",
-                subject.c_s.size()[1]
+                "the subject's embeddings have width {}, but this model's text conditioning has {d}{}",
+                subject.c_s.size()[1],
+                if sd.is_xl() { " (SDXL: both encoders side by side)" } else { "" }
             );
         }
-        let ids = sd.tokenize(prompt);
+        let ids = sd.tokenize_each(prompt);
         let n_tokens = sd.tokenizer.encode_padded(prompt).n_tokens;
         check_room(n_tokens, subject.n_tokens(), sd.tokenizer.model_max_length() as i64, prompt)?;
         let per_step = subject.per_step(&sched.timesteps).into_iter().map(|t| t.to_device(sd.device)).collect();
-        Ok(Self { te: &sd.text_encoder, ids, per_step, space: subject.space, uncond, batch })
+        let uncond_pooled = if sd.is_xl() { sd.encode_negative(None).1 } else { None };
+        Ok(Self { sd, ids, per_step, space: subject.space, uncond, uncond_pooled, size: sd.default_hw(), batch })
     }
 }
 
@@ -111,7 +165,12 @@ pub fn generate(sd: &StableDiffusion, req: &GenerateRequest, subject: Option<&Su
     match subject {
         None => sd.generate(req),
         Some(s) => sd.generate_conditioned(req, &mut |sched, uncond, n| {
-            Ok(Box::new(SubjectSteps::new(sd, &req.prompt, s, sched, uncond, n)?))
+            let mut steps = SubjectSteps::new(sd, &req.prompt, s, sched, uncond, n)?;
+            if sd.is_xl() {
+                steps.uncond_pooled = sd.encode_negative(req.negative_prompt.as_deref()).1;
+                steps.size = (req.height, req.width);
+            }
+            Ok(Box::new(steps))
         }),
     }
 }

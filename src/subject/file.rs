@@ -21,6 +21,8 @@ pub const SUBJECT_FILE: &str = "subject.safetensors";
 pub const MANIFEST_FILE: &str = "dreambooth.json";
 /// The textual-inversion file of a `learn --mode ti` folder (diffusers' name).
 pub const LEARNED_EMBEDS_FILE: &str = "learned_embeds.safetensors";
+/// SDXL: the second text encoder's rows, beside [`LEARNED_EMBEDS_FILE`] (`textual_inversion_sdxl.py`).
+pub const LEARNED_EMBEDS_2_FILE: &str = "learned_embeds_2.safetensors";
 
 /// A learned subject: c_s and the step-wise c_s^t of Algorithm 1.
 #[derive(Debug)]
@@ -219,6 +221,18 @@ pub fn a1111_file_name(token: &str) -> String {
         .collect();
     let stem = if stem.is_empty() { "embedding".to_string() } else { stem };
     format!("{stem}.safetensors")
+}
+
+/// Writes an SDXL embedding as AUTOMATIC1111 / ComfyUI read it: `{"clip_l": (n, d₁),
+/// "clip_g": (n, d₂)}`; the header records the token as `name`.
+pub fn save_a1111_embedding_xl(path: &Path, token: &str, clip_l: &Tensor, clip_g: &Tensor) -> Result<()> {
+    let mut meta = BTreeMap::new();
+    meta.insert("name".to_string(), token.to_string());
+    let rows = [
+        (SDXL_L_KEY.to_string(), clip_l.to_kind(Kind::Float).detach()),
+        (SDXL_G_KEY.to_string(), clip_g.to_kind(Kind::Float).detach()),
+    ];
+    write_safetensors_atomic(path, &rows, &meta)
 }
 
 /// Writes `{"emb_params": (n, d)}`, the safetensors embedding AUTOMATIC1111 reads from its

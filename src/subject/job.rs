@@ -80,7 +80,6 @@ pub fn learn(job: &LearnJob) -> Result<PathBuf> {
     let ckpt_path = checkpoint_path(&job.out, job.resume)?;
     let identity = identity(job)?;
     let mut sd = StableDiffusion::load_with(&job.model, &job.load, job.device)?;
-    sd.require_not_xl("learn --mode hifi / ti")?;
     let photos = load_photos(&job.images, job.masks.as_deref(), sd.default_size() as u32, MaskFit::SameAspect)?;
     let inputs = input_hashes(&photos)?;
     let saved_steps = if job.resume {
@@ -205,22 +204,40 @@ fn validate(job: &LearnJob) -> Result<()> {
 /// Adds the TI tokens; returns their first id and the initial rows (the class noun's mean
 /// token embedding, repeated n times).
 pub fn setup_ti(sd: &mut StableDiffusion, args: &LearnArgs) -> Result<(i64, Option<Tensor>)> {
-    let noun_ids: Vec<i64> = sd.tokenizer.encode(&args.class_noun);
-    let inner = &noun_ids[1..noun_ids.len() - 1]; // without bos / eos
-    if inner.is_empty() {
-        bail!("--class-noun {:?} has no tokens", args.class_noun);
+    // The class noun's mean input embedding, per encoder (SDXL: both, side by side).
+    let noun_rows = |tok: &crate::tokenizer::ClipTokenizer, te: &crate::models::clip_text::ClipTextModel| {
+        let noun_ids: Vec<i64> = tok.encode(&args.class_noun);
+        let inner = &noun_ids[1..noun_ids.len() - 1]; // without bos / eos
+        if inner.is_empty() {
+            bail!("--class-noun {:?} has no tokens", args.class_noun);
+        }
+        Ok(tch::no_grad(|| {
+            let ids = Tensor::from_slice(inner).view([1, -1]).to_device(sd.device);
+            te.token_embedding(&ids).squeeze_dim(0).mean_dim(0, true, Kind::Float)
+            // (1, d)
+        }))
+    };
+    let mut rows = noun_rows(&sd.tokenizer, &sd.text_encoder)?;
+    if let Some(xl) = &sd.xl {
+        rows = Tensor::cat(&[rows, noun_rows(&xl.tokenizer_2, &xl.text_encoder_2)?], 1);
+        // (1, d₁ + d₂)
     }
-    let rows = tch::no_grad(|| {
-        let ids = Tensor::from_slice(inner).view([1, -1]).to_device(sd.device);
-        sd.text_encoder.token_embedding(&ids).squeeze_dim(0).mean_dim(0, true, Kind::Float)
-        // (1, d)
-    });
     let names = ti::expanded_tokens(&args.token, args.n_tokens);
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let base = sd.text_encoder.vocab_size();
     let ids = sd.tokenizer.add_tokens(&refs)?;
     if ids.first() != Some(&base) {
         bail!("the tokenizer's new ids {ids:?} do not follow the text encoder's vocabulary ({base})");
+    }
+    if let Some(xl) = &mut sd.xl {
+        let base_2 = xl.text_encoder_2.vocab_size();
+        let ids_2 = xl.tokenizer_2.add_tokens(&refs)?;
+        if base_2 != base || ids_2 != ids {
+            bail!(
+                "SDXL's second tokenizer gives the new tokens ids {ids_2:?} (vocabulary {base_2}), the first {ids:?} \
+                 ({base}); textual inversion here needs them equal"
+            );
+        }
     }
     Ok((base, Some(rows.repeat([args.n_tokens, 1]))))
 }
@@ -401,11 +418,25 @@ fn write_result(job: &LearnJob, obj: &Objective, state: &State) -> Result<PathBu
     match args.mode {
         Mode::Ti => {
             let path = job.out.join(super::file::LEARNED_EMBEDS_FILE);
-            save_learned_embeds(&path, &args.token, &state.param)?;
-            // The same vectors for AUTOMATIC1111 / ComfyUI: copy this file into their embeddings folder.
             let a1111 = job.out.join("a1111").join(a1111_file_name(&args.token));
             crate::io::create_dir_all(&job.out.join("a1111"))?;
-            save_a1111_embedding(&a1111, &args.token, &state.param)?;
+            match &obj.sd.xl {
+                None => {
+                    save_learned_embeds(&path, &args.token, &state.param)?;
+                    // The same vectors for AUTOMATIC1111 / ComfyUI: copy this file into their embeddings folder.
+                    save_a1111_embedding(&a1111, &args.token, &state.param)?;
+                }
+                Some(_) => {
+                    // SDXL, as textual_inversion_sdxl.py writes it (one file per encoder) and as
+                    // A1111 / ComfyUI read it ({"clip_l", "clip_g"}).
+                    let d1 = obj.sd.text_encoder.hidden_size();
+                    let d = state.param.size()[1];
+                    let (l, g) = (state.param.narrow(1, 0, d1), state.param.narrow(1, d1, d - d1));
+                    save_learned_embeds(&path, &args.token, &l)?;
+                    save_learned_embeds(&job.out.join(super::file::LEARNED_EMBEDS_2_FILE), &args.token, &g)?;
+                    super::file::save_a1111_embedding_xl(&a1111, &args.token, &l, &g)?;
+                }
+            }
             Ok(path)
         }
         Mode::Hifi => {

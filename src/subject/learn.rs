@@ -5,10 +5,15 @@
 //! phase's result (c_s^{T+1} = c_s), with a fresh Adam. Each step's randomness (photo, caption,
 //! t, ε) is drawn from a generator seeded by (seed, phase, step) alone, so a run resumed from a
 //! checkpoint is bit-identical to an unbroken one.
+//!
+//! On SDXL the parameter is the pair of both encoders' rows side by side (n × (d₁ + d₂), see
+//! [`super::conditioning`]); the UNet also takes the captions' pooled `text_embeds` and the
+//! `time_ids` of the square training size.
 
 use super::adam::Adam;
-use super::conditioning::{phi_s, replace_last, splice};
+use super::conditioning::{phi_s_sd, replace_last, splice_sd};
 use super::{ti, Mode, Space};
+use crate::models::unet::AddedCond;
 use crate::pipeline::StableDiffusion;
 use crate::scheduler::DdimScheduler;
 use anyhow::{bail, Result};
@@ -67,10 +72,15 @@ pub struct Objective<'a> {
     pub data: TrainSet,
     /// Caption ids (K, 77).
     pub caption_ids: Tensor,
+    /// SDXL: the captions' ids of the second tokenizer (K, 77).
+    pub caption_ids_2: Option<Tensor>,
+    /// SDXL: the `time_ids` (1, 6) of the square training size.
+    pub time_ids: Option<Tensor>,
     /// φ_s (n, d) — HiFi mode; the initial value of c_s.
     pub phi_s: Tensor,
-    /// The caption encodings (K, 77, d) for the output space (no gradient needed there).
-    caption_out: Option<Tensor>,
+    /// The caption encodings (K, 77, d) for the output space (no gradient needed there), with
+    /// SDXL's pooled embeds (K, P).
+    caption_out: Option<(Tensor, Option<Tensor>)>,
     /// First id of the TI tokens (TI mode).
     pub ti_base: i64,
     pub sched: DdimScheduler,
@@ -104,13 +114,27 @@ impl<'a> Objective<'a> {
         caption_ids: Tensor,
         ti_base: i64,
     ) -> Result<Self> {
-        let empty = sd.tokenize("");
-        let phi_s = tch::no_grad(|| phi_s(&sd.text_encoder, &empty, args.n_tokens, args.space));
-        let caption_out = (args.mode == Mode::Hifi && args.space == Space::Output)
-            .then(|| tch::no_grad(|| sd.text_encoder.forward(&caption_ids)));
+        let caption_ids_2 = match &sd.xl {
+            None => None,
+            Some(xl) => {
+                let rows: Vec<Tensor> =
+                    args.captions.iter().map(|c| Tensor::from_slice(&xl.tokenizer_2.encode_padded(c).ids)).collect();
+                Some(Tensor::stack(&rows, 0).to_device(sd.device))
+            }
+        };
+        let empty = sd.tokenize_each("");
+        let phi_s = tch::no_grad(|| phi_s_sd(sd, &empty, args.n_tokens, args.space));
+        let all_ids: Vec<Tensor> = std::iter::once(caption_ids.shallow_clone())
+            .chain(caption_ids_2.iter().map(|t| t.shallow_clone()))
+            .collect();
+        let caption_out =
+            (args.mode == Mode::Hifi && args.space == Space::Output).then(|| tch::no_grad(|| sd.encode_ids(&all_ids)));
         let sched = sd.scheduler(args.ddim_steps)?;
         sched.check_trainable()?;
-        Ok(Self { sd, args, data, caption_ids, phi_s, caption_out, ti_base, sched })
+        // SDXL's size ids: the photos' square size (original = target, no crop).
+        let size = data.latents.size()[2] * sd.vae_scale_factor();
+        let time_ids = sd.is_xl().then(|| sd.add_time_ids(size, size));
+        Ok(Self { sd, args, data, caption_ids, caption_ids_2, time_ids, phi_s, caption_out, ti_base, sched })
     }
 
     /// The draw of step `step` of `phase`: photos, captions, t (uniform, or `fixed_t`), ε.
@@ -140,15 +164,19 @@ impl<'a> Objective<'a> {
         }
     }
 
-    /// The UNet conditioning for parameter `p` and caption indices.
-    pub fn conditioning(&self, p: &Tensor, caption: &Tensor) -> Tensor {
-        let ids = self.caption_ids.index_select(0, caption); // (B, 77)
+    /// The UNet conditioning for parameter `p` and caption indices: the encoder hidden states
+    /// and, for SDXL, the pooled `text_embeds`.
+    pub fn conditioning(&self, p: &Tensor, caption: &Tensor) -> (Tensor, Option<Tensor>) {
+        let mut ids = vec![self.caption_ids.index_select(0, caption)]; // (B, 77) each
+        if let Some(c2) = &self.caption_ids_2 {
+            ids.push(c2.index_select(0, caption));
+        }
         match (self.args.mode, &self.caption_out) {
-            (Mode::Hifi, Some(c)) => replace_last(&c.index_select(0, caption), p),
-            (Mode::Hifi, None) => splice(&self.sd.text_encoder, &ids, p, self.args.space),
-            (Mode::Ti, _) => {
-                self.sd.text_encoder.forward_embeds(&ti::embed_with_learned(self.sd, &ids, self.ti_base, p))
+            (Mode::Hifi, Some((c, pooled))) => {
+                (replace_last(&c.index_select(0, caption), p), pooled.as_ref().map(|t| t.index_select(0, caption)))
             }
+            (Mode::Hifi, None) => splice_sd(self.sd, &ids, p, self.args.space),
+            (Mode::Ti, _) => self.sd.encode_embeds(&ti::embed_with_learned_each(self.sd, &ids, self.ti_base, p), &ids),
         }
     }
 
@@ -156,7 +184,15 @@ impl<'a> Objective<'a> {
     pub fn predict(&self, p: &Tensor, b: &Batch) -> Tensor {
         let x0 = self.data.latents.index_select(0, &b.photo);
         let x_t = self.sched.add_noise(&x0, &b.noise, &b.t);
-        self.sd.unet.forward(&x_t, &b.t, &self.conditioning(p, &b.caption), None)
+        let (c, pooled) = self.conditioning(p, &b.caption);
+        let added = match (pooled, &self.time_ids) {
+            (Some(text_embeds), Some(t)) => {
+                let time_ids = t.repeat([text_embeds.size()[0], 1]);
+                Some(AddedCond { text_embeds, time_ids })
+            }
+            _ => None,
+        };
+        self.sd.unet.forward_added(&x_t, &b.t, &c, added.as_ref(), None)
     }
 
     /// What [`predict`](Self::predict) regresses onto: ε, or v for a v-prediction model

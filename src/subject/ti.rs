@@ -103,3 +103,25 @@ pub fn embed_with_learned(sd: &StableDiffusion, ids: &Tensor, base: i64, learned
     let is_new = ids.ge(base).unsqueeze(-1); // (B, L, 1)
     rows.where_self(&is_new, &known)
 }
+
+/// [`embed_with_learned`] for every encoder of the model: `ids` holds each tokenizer's ids, and
+/// `learned` (n, Σd) each encoder's rows side by side (SDXL: encoder 1's d₁ columns, then
+/// encoder 2's). The new tokens have the same ids in both tokenizers (`base` on).
+pub fn embed_with_learned_each(sd: &StableDiffusion, ids: &[Tensor], base: i64, learned: &Tensor) -> Tensor {
+    let Some(xl) = &sd.xl else {
+        return embed_with_learned(sd, &ids[0], base, learned);
+    };
+    let d1 = sd.text_encoder.hidden_size();
+    let d2 = xl.text_encoder_2.hidden_size();
+    let mut parts = Vec::with_capacity(2);
+    for (te, (i, (off, d))) in
+        [&sd.text_encoder, &xl.text_encoder_2].into_iter().zip(ids.iter().zip([(0, d1), (d1, d2)]))
+    {
+        let rows_k = learned.narrow(1, off, d); // (n, d_k)
+        let known = te.token_embedding(&i.clamp_max(base - 1)); // (B, L, d_k)
+        let (b, l, _) = known.size3().expect("(B, L, d)");
+        let rows = rows_k.index_select(0, &(i - base).clamp_min(0).view([-1])).view([b, l, d]);
+        parts.push(rows.where_self(&i.ge(base).unsqueeze(-1), &known));
+    }
+    Tensor::cat(&parts, -1)
+}
