@@ -164,18 +164,23 @@ pub struct Configs {
     pub origin: String,
 }
 
+/// A config built into the binary: `assets/configs/PRESET/NAME`, parsed, or an error naming it.
+macro_rules! builtin {
+    ($preset:literal, $name:literal) => {
+        serde_json::from_str(include_str!(concat!("../assets/configs/", $preset, "/", $name)))
+            .with_context(|| concat!("built-in assets/configs/", $preset, "/", $name, " is not valid"))
+    };
+}
+
 impl Configs {
     /// The standard SD-1.x (v1-inference) configs kept in `assets/configs/sd15/` and the CLIP
     /// tokenizer of `assets/tokenizer/`.
     pub fn sd15() -> Result<Self> {
-        fn parse<T: serde::de::DeserializeOwned>(name: &str, text: &str) -> Result<T> {
-            serde_json::from_str(text).with_context(|| format!("built-in assets/configs/sd15/{name} is not valid"))
-        }
         Ok(Self {
-            unet: parse("unet.json", include_str!("../assets/configs/sd15/unet.json"))?,
-            vae: parse("vae.json", include_str!("../assets/configs/sd15/vae.json"))?,
-            text_encoder: parse("text_encoder.json", include_str!("../assets/configs/sd15/text_encoder.json"))?,
-            scheduler: parse("scheduler.json", include_str!("../assets/configs/sd15/scheduler.json"))?,
+            unet: builtin!("sd15", "unet.json")?,
+            vae: builtin!("sd15", "vae.json")?,
+            text_encoder: builtin!("sd15", "text_encoder.json")?,
+            scheduler: builtin!("sd15", "scheduler.json")?,
             tokenizer: ClipTokenizer::sd15()?,
             xl: None,
             origin: "the standard SD-1.x configs (assets/configs/sd15)".into(),
@@ -187,14 +192,11 @@ impl Configs {
     /// per-level heads, `v_prediction` — and SD-2.x's tokenizer (pad `"!"`). An SD-2 *base*
     /// (512, ε-prediction) file needs `--config` of a folder that says `epsilon`.
     pub fn sd21() -> Result<Self> {
-        fn parse<T: serde::de::DeserializeOwned>(name: &str, text: &str) -> Result<T> {
-            serde_json::from_str(text).with_context(|| format!("built-in assets/configs/sd21/{name} is not valid"))
-        }
         Ok(Self {
-            unet: parse("unet.json", include_str!("../assets/configs/sd21/unet.json"))?,
-            vae: parse("vae.json", include_str!("../assets/configs/sd21/vae.json"))?,
-            text_encoder: parse("text_encoder.json", include_str!("../assets/configs/sd21/text_encoder.json"))?,
-            scheduler: parse("scheduler.json", include_str!("../assets/configs/sd21/scheduler.json"))?,
+            unet: builtin!("sd21", "unet.json")?,
+            vae: builtin!("sd21", "vae.json")?,
+            text_encoder: builtin!("sd21", "text_encoder.json")?,
+            scheduler: builtin!("sd21", "scheduler.json")?,
             tokenizer: ClipTokenizer::sd2()?,
             xl: None,
             origin: "the standard SD-2.1 (768-v) configs (assets/configs/sd21)".into(),
@@ -205,20 +207,14 @@ impl Configs {
     /// `text_time`, the VAE with scaling factor 0.13025 and `force_upcast`, DDIM with SDXL's
     /// schedule), SD-1.x's tokenizer and SD-2.x's (pad `"!"`) as the second.
     pub fn sdxl() -> Result<Self> {
-        fn parse<T: serde::de::DeserializeOwned>(name: &str, text: &str) -> Result<T> {
-            serde_json::from_str(text).with_context(|| format!("built-in assets/configs/sdxl/{name} is not valid"))
-        }
         Ok(Self {
-            unet: parse("unet.json", include_str!("../assets/configs/sdxl/unet.json"))?,
-            vae: parse("vae.json", include_str!("../assets/configs/sdxl/vae.json"))?,
-            text_encoder: parse("text_encoder.json", include_str!("../assets/configs/sdxl/text_encoder.json"))?,
-            scheduler: parse("scheduler.json", include_str!("../assets/configs/sdxl/scheduler.json"))?,
+            unet: builtin!("sdxl", "unet.json")?,
+            vae: builtin!("sdxl", "vae.json")?,
+            text_encoder: builtin!("sdxl", "text_encoder.json")?,
+            scheduler: builtin!("sdxl", "scheduler.json")?,
             tokenizer: ClipTokenizer::sd15()?,
             xl: Some(XlConfigs {
-                text_encoder_2: parse(
-                    "text_encoder_2.json",
-                    include_str!("../assets/configs/sdxl/text_encoder_2.json"),
-                )?,
+                text_encoder_2: builtin!("sdxl", "text_encoder_2.json")?,
                 tokenizer_2: ClipTokenizer::sd2()?,
                 force_zeros_for_empty_prompt: true,
             }),

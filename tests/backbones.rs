@@ -21,7 +21,7 @@ use hifi_tuner::single_file::{open_clip_text_key, Family};
 use hifi_tuner::tokenizer::ClipTokenizer;
 use std::path::Path;
 use std::process::{Command, Output};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 fn load(name: &str) -> StableDiffusion {
     StableDiffusion::load(&model_dir(name), Device::Cpu).unwrap_or_else(|e| panic!("{e:#}"))
@@ -46,16 +46,6 @@ fn refused(o: &Output, needle: &str) -> String {
     assert!(e.contains(needle), "the error should name {needle:?}: {e}");
     assert!(!e.contains("panicked"), "{e}");
     e
-}
-
-/// In 8-bit levels: mean |diff| ≤ 0.1 and max ≤ 1 (a rounding flip at .5), the bar of the
-/// SD-1.x pipeline tests.
-fn assert_same_image(ours: &Tensor, want: &Tensor, what: &str) {
-    assert_eq!(ours.size(), want.size(), "{what}");
-    let diff = (ours.to_kind(Kind::Float) - want.to_kind(Kind::Float)).abs();
-    let mean = diff.mean(Kind::Double).double_value(&[]);
-    let max = diff.max().double_value(&[]);
-    assert!(mean <= 0.1 && max <= 1.0, "{what}: mean |diff| {mean} max {max} (8-bit levels)");
 }
 
 // ---- SD-2.x ---------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use hifi_tuner::pipeline::{GenerateRequest, StableDiffusion, StepCond};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 fn load(name: &str) -> StableDiffusion {
     StableDiffusion::load(&model_dir(name), Device::Cpu).unwrap()
@@ -82,14 +82,8 @@ fn generate_matches_stable_diffusion_pipeline() {
     for name in MODELS {
         let (sd, r, req) = (load(name), reference(name), request(name));
         let images = sd.generate(&req).unwrap();
-        let expect = &r["gen.image_u8"];
-        assert_eq!(images.size(), expect.size(), "{name}");
-        let diff = (images.to_kind(Kind::Float) - expect.to_kind(Kind::Float)).abs();
-        // In 8-bit levels: the bar is a mean within 1 level (1/255); we hold 0.1 and a
-        // maximum of one level (a rounding flip at .5).
-        let mean = diff.mean(Kind::Double).double_value(&[]);
-        let max = diff.max().double_value(&[]);
-        assert!(mean <= 0.1 && max <= 1.0, "{name}: mean |diff| {mean} max {max} (8-bit levels)");
+        // The bar is a mean within 1 level (1/255); we hold 0.1 and a maximum of one.
+        assert_same_image(&images, &r["gen.image_u8"], name);
     }
 }
 

@@ -142,3 +142,14 @@ pub fn assert_fails(o: &std::process::Output, needle: &str) {
 pub fn png_rgb(path: &Path) -> Vec<u8> {
     image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8().into_raw()
 }
+
+/// Two uint8 image batches are the same image for the pipeline-parity tests: in 8-bit levels,
+/// a mean |diff| ≤ 0.1 and a maximum of one level (a rounding flip at .5).
+#[track_caller]
+pub fn assert_same_image(ours: &Tensor, want: &Tensor, what: &str) {
+    assert_eq!(ours.size(), want.size(), "{what}");
+    let diff = (ours.to_kind(Kind::Float) - want.to_kind(Kind::Float)).abs();
+    let mean = diff.mean(Kind::Double).double_value(&[]);
+    let max = diff.max().double_value(&[]);
+    assert!(mean <= 0.1 && max <= 1.0, "{what}: mean |diff| {mean} max {max} (8-bit levels)");
+}
