@@ -549,3 +549,26 @@ fn sdxl_learn_hifi_and_ti_from_the_command_line() {
     let y = gen(&[&["--embedding", a1111.to_str().unwrap(), "--token", "<dx>"][..], &prompt[..]].concat(), "t2.png");
     assert!(x == y, "the diffusers and A1111 exports draw the same image");
 }
+
+/// Attention masks (the class noun's cross-attention, DAAM) on SDXL: both encoders' states and
+/// the added conditioning reach the UNet, whose deeper transformer stacks report every site.
+#[test]
+fn sdxl_attention_masks_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("masks");
+    let mut c = bin();
+    c.args(["mask", "--model"]).arg(model_dir("tiny-xl"));
+    // --min-contrast 1 accepts any photo: the random model's attention says little (a mask is
+    // made all the same, which is what is checked here)
+    c.args(["--class-noun", "dog", "--device", "cpu", "--min-contrast", "1", "--out"]).arg(&out);
+    for f in ["00.jpg", "01.jpg"] {
+        c.arg(fixtures().join("photos/dog").join(f));
+    }
+    ok(&c.output().unwrap());
+    for stem in ["00", "01"] {
+        let m = image::open(out.join(format!("{stem}.png"))).unwrap().to_luma8();
+        assert!(m.pixels().all(|p| p[0] == 0 || p[0] == 255), "{stem}: a 0/255 mask");
+        assert!(m.pixels().any(|p| p[0] == 255), "{stem}: the mask marks something");
+        assert!(out.join(format!("{stem}.overlay.png")).is_file());
+    }
+}

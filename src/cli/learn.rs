@@ -189,7 +189,6 @@ fn sam_masks(a: &Args, sam: &std::path::Path) -> Result<PathBuf> {
     }
     let photos = paths.iter().map(|p| hifi_tuner::io::load_rgb_u8(p)).collect::<Result<Vec<_>>>()?;
     let sd = a.model_options.load(&a.model, device)?;
-    sd.require_not_xl("learn --sam")?;
     let sam = hifi_tuner::models::sam::SamModel::load(sam, device)?;
     let min_contrast = a.min_contrast.unwrap_or(hifi_tuner::guidance::daam::MIN_CONTRAST);
     let masks = super::mask::compute(&sd, Some(&sam), &photos, &paths, &a.class_noun, min_contrast)?;

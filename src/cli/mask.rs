@@ -47,7 +47,6 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     let sd = a.model_options.load(&a.model, device)?;
-    sd.require_not_xl("mask")?;
     let sam = a.sam.as_deref().map(|d| SamModel::load(d, device)).transpose()?;
     let masks = compute(&sd, sam.as_ref(), &photos, &a.images, &a.class_noun, a.min_contrast)?;
     hifi_tuner::io::create_dir_all(&a.out)?;
