@@ -57,8 +57,15 @@ impl StepConditioning for Fixed {
     }
 }
 
-/// Makes a per-step conditioning from (the scheduler, φ (1, 77, d), images per prompt).
-pub type MakeConditioning<'a> = dyn FnMut(&DdimScheduler, Tensor, i64) -> Result<Box<dyn StepConditioning + 'a>> + 'a;
+/// φ of one request: the unconditional branch's hidden states (1, 77, d) and, on SDXL, its
+/// pooled embeds (1, P) ([`StableDiffusion::encode_negative`]).
+pub struct Uncond {
+    pub hidden: Tensor,
+    pub pooled: Option<Tensor>,
+}
+
+/// Makes a per-step conditioning from (the scheduler, φ, images per prompt).
+pub type MakeConditioning<'a> = dyn FnMut(&DdimScheduler, Uncond, i64) -> Result<Box<dyn StepConditioning + 'a>> + 'a;
 
 /// One text-to-image request, with diffusers' argument meanings.
 #[derive(Debug, Clone)]
@@ -477,8 +484,10 @@ impl StableDiffusion {
         match &self.xl {
             None => (self.encode_prompt(negative.unwrap_or("")), None),
             Some(xl) if negative.is_none() && xl.force_zeros_for_empty_prompt => {
-                let (h, p) = self.encode_prompt_xl("");
-                (h.zeros_like(), Some(p.zeros_like()))
+                let len = self.tokenizer.model_max_length() as i64;
+                let p = xl.text_encoder_2.config.projection_dim.unwrap_or(512);
+                let opts = (Kind::Float, self.device);
+                (Tensor::zeros([1, len, self.cond_width()], opts), Some(Tensor::zeros([1, p], opts)))
             }
             Some(_) => {
                 let (h, p) = self.encode_prompt_xl(negative.unwrap_or(""));
@@ -573,7 +582,7 @@ impl StableDiffusion {
         }
         self.generate_conditioned(req, &mut |_, uncond, n| {
             let cond = self.encode_prompt(&req.prompt).repeat([n, 1, 1]);
-            Ok(Box::new(Fixed(StepCond::new(cond, uncond.repeat([n, 1, 1])))))
+            Ok(Box::new(Fixed(StepCond::new(cond, uncond.hidden.repeat([n, 1, 1])))))
         })
     }
 
@@ -583,14 +592,13 @@ impl StableDiffusion {
     fn generate_xl(&self, req: &GenerateRequest) -> Result<Tensor> {
         self.generate_conditioned(req, &mut |_, uncond, n| {
             let (cond, pooled) = self.encode_prompt_xl(&req.prompt);
-            let (_, pooled_u) = self.encode_negative(req.negative_prompt.as_deref());
-            let pooled_u = pooled_u.expect("SDXL has pooled embeds");
+            let pooled_u = uncond.pooled.expect("SDXL's φ has pooled embeds");
             let time_ids = self.add_time_ids(req.height, req.width);
             let added_c = AddedCond { text_embeds: pooled, time_ids: time_ids.shallow_clone() }.repeat(n);
             let added_u = AddedCond { text_embeds: pooled_u, time_ids }.repeat(n);
             Ok(Box::new(Fixed(StepCond {
                 cond: cond.repeat([n, 1, 1]),
-                uncond: uncond.repeat([n, 1, 1]),
+                uncond: uncond.hidden.repeat([n, 1, 1]),
                 added: Some((added_u, added_c)),
             })))
         })
@@ -610,7 +618,8 @@ impl StableDiffusion {
         tch::no_grad(|| {
             let sched = self.scheduler(req.steps)?;
             let n = req.num_images;
-            let (uncond, _) = self.encode_negative(req.negative_prompt.as_deref());
+            let (hidden, pooled) = self.encode_negative(req.negative_prompt.as_deref());
+            let uncond = Uncond { hidden, pooled };
             let x_t = self.initial_latents(req.seed, n, req.height, req.width);
             let mut steps = make(&sched, uncond, n)?;
             let x0 = self.denoise(x_t, &sched, steps.as_mut(), req.guidance, None)?;

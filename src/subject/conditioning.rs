@@ -165,9 +165,9 @@ pub fn generate(sd: &StableDiffusion, req: &GenerateRequest, subject: Option<&Su
     match subject {
         None => sd.generate(req),
         Some(s) => sd.generate_conditioned(req, &mut |sched, uncond, n| {
-            let mut steps = SubjectSteps::new(sd, &req.prompt, s, sched, uncond, n)?;
+            let mut steps = SubjectSteps::new(sd, &req.prompt, s, sched, uncond.hidden, n)?;
             if sd.is_xl() {
-                steps.uncond_pooled = sd.encode_negative(req.negative_prompt.as_deref()).1;
+                steps.uncond_pooled = uncond.pooled;
                 steps.size = (req.height, req.width);
             }
             Ok(Box::new(steps))
