@@ -125,9 +125,7 @@ impl Layout {
     fn of_snapshot(snapshot: &Path) -> Self {
         let index = std::fs::read_to_string(snapshot.join("model_index.json")).ok();
         let v: Option<serde_json::Value> = index.and_then(|t| serde_json::from_str(&t).ok());
-        let xl = v.is_some_and(|v| {
-            v.get("text_encoder_2").is_some_and(|e| e.as_array().is_some_and(|a| a.iter().any(|x| !x.is_null())))
-        });
+        let xl = v.is_some_and(|v| crate::load::index_lists(&v, "text_encoder_2"));
         Self::new(xl)
     }
 }

@@ -246,9 +246,7 @@ impl ModelDir {
     pub fn xl(&self) -> Result<Option<bool>> {
         let index_path = self.root.join("model_index.json");
         let index: serde_json::Value = read_json(&index_path)?;
-        let listed =
-            |k: &str| index.get(k).is_some_and(|v| v.as_array().is_some_and(|a| a.iter().any(|x| !x.is_null())));
-        if !listed("text_encoder_2") && !self.root.join("text_encoder_2").is_dir() {
+        if !index_lists(&index, "text_encoder_2") && !self.root.join("text_encoder_2").is_dir() {
             return Ok(None);
         }
         for c in ["text_encoder_2", "tokenizer_2"] {
@@ -270,8 +268,29 @@ impl ModelDir {
     }
 }
 
+/// Whether a `model_index.json` lists `component` (a `[library, class]` entry that is not
+/// `[null, null]`).
+pub fn index_lists(index: &serde_json::Value, component: &str) -> bool {
+    index.get(component).is_some_and(|v| v.as_array().is_some_and(|a| a.iter().any(|x| !x.is_null())))
+}
+
 /// The string metadata (`__metadata__`) of a safetensors file's header.
 pub fn safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let v = safetensors_header(path)?;
+    let mut out = HashMap::new();
+    if let Some(m) = v.get("__metadata__").and_then(|m| m.as_object()) {
+        for (k, v) in m {
+            if let Some(s) = v.as_str() {
+                out.insert(k.clone(), s.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The JSON header of a safetensors file (tensor names → dtype, shape, offsets, and
+/// `__metadata__`), read without reading any tensor.
+pub fn safetensors_header(path: &Path) -> Result<serde_json::Value> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut len = [0u8; 8];
@@ -283,15 +302,5 @@ pub fn safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
     }
     let mut header = vec![0u8; len as usize];
     f.read_exact(&mut header)?;
-    let v: serde_json::Value = serde_json::from_slice(&header)
-        .with_context(|| format!("{}: safetensors header is not JSON", path.display()))?;
-    let mut out = HashMap::new();
-    if let Some(m) = v.get("__metadata__").and_then(|m| m.as_object()) {
-        for (k, v) in m {
-            if let Some(s) = v.as_str() {
-                out.insert(k.clone(), s.to_string());
-            }
-        }
-    }
-    Ok(out)
+    serde_json::from_slice(&header).with_context(|| format!("{}: safetensors header is not JSON", path.display()))
 }

@@ -88,21 +88,11 @@ impl Family {
     /// The family of a `.safetensors` file, from its header alone (no tensor is read).
     pub fn of_file(path: &Path) -> Result<Self> {
         refuse_pickle(path)?;
-        let bad = |e: &dyn std::fmt::Display| {
-            anyhow::anyhow!("cannot read {} as safetensors (truncated or not a safetensors file?): {e}", path.display())
-        };
-        use std::io::Read;
-        let mut f = std::fs::File::open(path).map_err(|e| bad(&e))?;
-        let mut n = [0u8; 8];
-        f.read_exact(&mut n).map_err(|e| bad(&e))?;
-        let n = u64::from_le_bytes(n);
-        if n > 100 << 20 {
-            return Err(bad(&format!("a header of {n} bytes")));
-        }
-        let mut header = vec![0u8; n as usize];
-        f.read_exact(&mut header).map_err(|e| bad(&e))?;
-        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).map_err(|e| bad(&e))?;
-        Ok(Self::of_keys(map.keys().map(String::as_str)))
+        let header = crate::load::safetensors_header(path)?;
+        let keys = header
+            .as_object()
+            .with_context(|| format!("{}: the safetensors header is not an object", path.display()))?;
+        Ok(Self::of_keys(keys.keys().map(String::as_str)))
     }
 }
 

@@ -432,6 +432,16 @@ impl ClipTextModel {
     }
 
     pub fn f_forward_embeds(&self, input_embeds: &Tensor) -> Result<Tensor> {
+        let mut h = self.with_positions(input_embeds)?;
+        for layer in &self.layers {
+            h = layer.forward(&h);
+        }
+        Ok(self.final_layer_norm.forward(&h).to_kind(Kind::Float))
+    }
+
+    /// Input embeddings (B, L, d), checked, in the weights' kind, plus the position embeddings
+    /// of positions 0..L: the encoder's first hidden state.
+    fn with_positions(&self, input_embeds: &Tensor) -> Result<Tensor> {
         let (_, l, d) = input_embeds
             .size3()
             .with_context(|| format!("input embeddings must be (B, L, d), got {:?}", input_embeds.size()))?;
@@ -442,11 +452,7 @@ impl ClipTextModel {
             bail!("sequence length {l} exceeds max_position_embeddings {}", self.config.max_position_embeddings);
         }
         let positions = self.position_embedding.narrow(0, 0, l).unsqueeze(0); // (1, L, d)
-        let mut h = input_embeds.to_kind(self.vs.kind()) + positions;
-        for layer in &self.layers {
-            h = layer.forward(&h);
-        }
-        Ok(self.final_layer_norm.forward(&h).to_kind(Kind::Float))
+        Ok(input_embeds.to_kind(self.vs.kind()) + positions)
     }
 
     /// SDXL's view of a prompt: the penultimate hidden state and, with `text_projection`, the
@@ -466,11 +472,7 @@ impl ClipTextModel {
         if n < 2 {
             bail!("the text encoder has {n} layer(s); a penultimate hidden state needs at least 2");
         }
-        let l = input_embeds.size()[1];
-        if l > self.config.max_position_embeddings {
-            bail!("sequence length {l} exceeds max_position_embeddings {}", self.config.max_position_embeddings);
-        }
-        let mut h = input_embeds.to_kind(self.vs.kind()) + self.position_embedding.narrow(0, 0, l).unsqueeze(0);
+        let mut h = self.with_positions(input_embeds)?;
         for layer in &self.layers[..n - 1] {
             h = layer.forward(&h);
         }

@@ -3,6 +3,7 @@
 //! exactly as diffusers' `load_textual_inversion` + `maybe_convert_prompt` do.
 
 use super::file::{read_learned_embeds, read_learned_embeds_xl};
+use crate::models::clip_text::ClipTextModel;
 use crate::pipeline::StableDiffusion;
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -97,7 +98,11 @@ pub fn convert_prompt(sd: &StableDiffusion, prompt: &str, loaded: &[LoadedToken]
 /// (n, d) instead of the embedding matrix — textual inversion's trainable tokens, without
 /// touching the text encoder's weights. Gradients flow to `learned`.
 pub fn embed_with_learned(sd: &StableDiffusion, ids: &Tensor, base: i64, learned: &Tensor) -> Tensor {
-    let known = sd.text_encoder.token_embedding(&ids.clamp_max(base - 1)); // (B, L, d)
+    embed_with_learned_in(&sd.text_encoder, ids, base, learned)
+}
+
+fn embed_with_learned_in(te: &ClipTextModel, ids: &Tensor, base: i64, learned: &Tensor) -> Tensor {
+    let known = te.token_embedding(&ids.clamp_max(base - 1)); // (B, L, d)
     let (b, l, d) = known.size3().expect("(B, L, d)");
     let rows = learned.index_select(0, &(ids - base).clamp_min(0).view([-1])).view([b, l, d]); // (B, L, d)
     let is_new = ids.ge(base).unsqueeze(-1); // (B, L, 1)
@@ -113,15 +118,9 @@ pub fn embed_with_learned_each(sd: &StableDiffusion, ids: &[Tensor], base: i64, 
     };
     let d1 = sd.text_encoder.hidden_size();
     let d2 = xl.text_encoder_2.hidden_size();
-    let mut parts = Vec::with_capacity(2);
-    for (te, (i, (off, d))) in
-        [&sd.text_encoder, &xl.text_encoder_2].into_iter().zip(ids.iter().zip([(0, d1), (d1, d2)]))
-    {
-        let rows_k = learned.narrow(1, off, d); // (n, d_k)
-        let known = te.token_embedding(&i.clamp_max(base - 1)); // (B, L, d_k)
-        let (b, l, _) = known.size3().expect("(B, L, d)");
-        let rows = rows_k.index_select(0, &(i - base).clamp_min(0).view([-1])).view([b, l, d]);
-        parts.push(rows.where_self(&i.ge(base).unsqueeze(-1), &known));
-    }
+    let parts = [
+        embed_with_learned_in(&sd.text_encoder, &ids[0], base, &learned.narrow(1, 0, d1)),
+        embed_with_learned_in(&xl.text_encoder_2, &ids[1], base, &learned.narrow(1, d1, d2)),
+    ];
     Tensor::cat(&parts, -1)
 }
