@@ -51,7 +51,7 @@ for dt in fp16 bf16; do
 done
 $PY scripts/diffusers_bench.py --model "$MODEL" --steps 50 --size 512 | sed 's/^{/{"run":"diffusers",/' | tee -a "$OUT/bench.jsonl"
 # 1b. The other backbones at their own sizes (fp16, random weights): SD-2.1 at 768² (v-prediction;
-#     every row of bench) and SDXL-base at 1024² (bench times its generation only).
+#     every row of bench) and SDXL-base at 1024² (every row too: learning, LoRA, guidance, NTI).
 for cfg in sd2 sdxl; do
   M=/tmp/$cfg-random
   [ -d "$M" ] || $BIN init-random --config $cfg --tokenizer assets/tokenizer --out "$M" --fp16 --seed 0

@@ -24,7 +24,7 @@
 //! | §3.3: M_g from cross-attention (DAAM) | [`guidance::daam`] |
 //! | Algorithm 4, Eq. 8–9 (mask alignment T_θ) | [`guidance::align`] |
 //! | DDIM inversion with w = 1 (Eq. 3) | [`guidance::invert`] |
-//! | Algorithm 2, Eq. 10 (reference-guided denoising) | [`guidance::reference`], [`guidance::job`] |
+//! | Algorithm 2, Eq. 10 (reference-guided denoising; SDXL: φ_h = hidden states + pooled embeds, [`pipeline::TextCond`]) | [`guidance::reference`], [`guidance::job`] |
 //! | DINO ViT-S/16 embeddings (reference choice, DINO metric) | [`eval::dino`], [`models::vit`] |
 //! | SAM (masks of the photos, M_g, M_r): transformers' `SamModel` + `SamProcessor` | [`models::sam`] |
 //! | Grounding SAM's role, by the UNet's own attention: heat map → box, points → SAM mask | [`guidance::grounding`] |
@@ -34,11 +34,11 @@
 //! | the report (HTML, CSV, JSON, Markdown; means with bootstrap intervals over subjects, paired differences of the ablation steps) | [`benchmark::report`] |
 //! | do the fidelity scores rank a subject's true render above a blob, a plain shape, another subject, the base model's image, a copied photo? (`world-validity`) | [`benchmark::validity`] |
 //! | §3.4: the caption of I_r that Algorithm 3 starts from (BLIP: transformers' `BlipForConditionalGeneration`, greedy / beam search, `BlipProcessor`) | [`caption`], [`models::blip`] |
-//! | §3.4, Eq. 4: null-text inversion (the first two loops of Algorithm 3) | [`replace::nti`] |
+//! | §3.4, Eq. 4: null-text inversion (the first two loops of Algorithm 3; SDXL: φ_t = hidden states + pooled embeds) | [`replace::nti`] |
 //! | Algorithm 3's F̃: prompt-to-prompt attention control, token alignment | [`replace::p2p`] |
 //! | Algorithm 3: subject replacement, the `invert` and `replace` jobs | [`replace::job`] |
-//! | §4 "Ours (DreamBooth)": full UNet fine-tuning, prior preservation, AdamW + clipping, the model folder | [`dreambooth`], [`dreambooth::job`] |
-//! | LoRA files (diffusers / PEFT, kohya for A1111 / ComfyUI): read, merged at a scale (`--lora`), written | [`lora`] |
+//! | §4 "Ours (DreamBooth)": full UNet fine-tuning, prior preservation, AdamW + clipping, the model folder (SDXL: the UNet, both encoders frozen) | [`dreambooth`], [`dreambooth::job`] |
+//! | LoRA files (diffusers / PEFT, kohya for A1111 / ComfyUI; SDXL: `text_encoder_2`, `lora_te2_`, sd-scripts' LDM UNet names): read, merged at a scale (`--lora`), written | [`lora`] |
 //! | LoRA adapters on the attention projections while they train (peft's `lora.Linear`) | [`models::lora`] |
 //! | gradient checkpointing of the UNet blocks (hand-chained backward; DreamBooth) | [`models::unet::checkpoint`] |
 //! | the procedural world: shapes × colours × scenes, captions, masks, held-out patterned subjects | [`world`] |

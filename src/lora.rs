@@ -1,6 +1,6 @@
 //! LoRA files: read (diffusers / PEFT and kohya, the formats diffusers' `load_lora_weights`,
-//! AUTOMATIC1111 and ComfyUI load), merged into an SD-1.x model's weights at a scale, and
-//! written (by `learn --mode lora`).
+//! AUTOMATIC1111 and ComfyUI load), merged into a model's weights at a scale, and written (by
+//! `learn --mode lora`).
 //!
 //! - **diffusers / PEFT** (`pytorch_lora_weights.safetensors`): `unet.<module>.lora_A.weight`
 //!   (A, (r, in)), `unet.<module>.lora_B.weight` (B, (out, r)), `text_encoder.<module>.…`, with
@@ -12,6 +12,10 @@
 //!   `lora_te_…` (sd-scripts' SD-1 name) or `lora_te1_…` (what diffusers'
 //!   `convert_state_dict_to_kohya` writes). Underscores are ambiguous, so a kohya name is
 //!   resolved against the model's own module names.
+//! - **SDXL**: diffusers' `text_encoder_2.…` and kohya's `lora_te1_…` / `lora_te2_…` for the two
+//!   text encoders; sd-scripts names SDXL's UNet modules by the original (LDM) layout
+//!   (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), which is read (besides the
+//!   diffusers-style names) and written for SDXL ([`crate::single_file::ldm_unet_key`]).
 //!
 //! **Applied by merging** (W ← W + s·(α/r)·B·A, in float32 before any `--dtype` cast), as
 //! diffusers' `fuse_lora(lora_scale=s)`: the result equals diffusers' unfused
@@ -19,11 +23,12 @@
 //! rounding, costs nothing per step, and every command (guidance, inversion, replacement,
 //! benchmark) sees an ordinary model. Linear and convolution weights of the UNet and the text
 //! encoder are accepted (LoCon's 3×3 A with a 1×1 B merges as B·A reshaped); a key that names
-//! no module of the model, a mis-shaped one, or an SDXL text_encoder_2 key is an error naming
-//! it. Training keeps the adapters apart instead ([`crate::models::lora`]).
+//! no module of the model, a mis-shaped one, or an SDXL text_encoder_2 key on a model without
+//! one is an error naming it. Training keeps the adapters apart instead ([`crate::models::lora`]).
 
 use crate::load::{read_safetensors, safetensors_metadata};
 use crate::models::lora::LoraLinear;
+use crate::models::unet::config::UNetConfig;
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -35,6 +40,7 @@ pub const PEFT_FILE: &str = "pytorch_lora_weights.safetensors";
 pub const ADAPTER_METADATA_KEY: &str = "lora_adapter_metadata";
 pub const UNET_PREFIX: &str = "unet";
 pub const TEXT_ENCODER_PREFIX: &str = "text_encoder";
+pub const TEXT_ENCODER_2_PREFIX: &str = "text_encoder_2";
 
 /// `--lora FILE[:SCALE]`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -67,6 +73,8 @@ impl LoraSpec {
 pub enum Component {
     Unet,
     TextEncoder,
+    /// SDXL's second text encoder.
+    TextEncoder2,
 }
 
 impl Component {
@@ -74,8 +82,25 @@ impl Component {
         match self {
             Component::Unet => UNET_PREFIX,
             Component::TextEncoder => TEXT_ENCODER_PREFIX,
+            Component::TextEncoder2 => TEXT_ENCODER_2_PREFIX,
         }
     }
+}
+
+/// The networks a LoRA merges into: the UNet and text encoder(s); on SDXL also the second
+/// text encoder and the UNet's config, which names its modules in sd-scripts' (LDM) layout.
+pub struct Networks<'a> {
+    pub unet: &'a nn::VarStore,
+    pub text_encoder: &'a nn::VarStore,
+    pub text_encoder_2: Option<&'a nn::VarStore>,
+    /// SDXL: the UNet's config, for kohya names in the LDM layout.
+    pub unet_ldm: Option<&'a UNetConfig>,
+}
+
+/// The LDM (sd-scripts' SDXL) path of a UNet module: `down_blocks.1.attentions.0.…` →
+/// `input_blocks.4.1.…`.
+pub fn ldm_module(module: &str, cfg: &UNetConfig) -> Option<String> {
+    crate::single_file::ldm_unet_key(&format!("{module}.weight"), cfg)?.strip_suffix(".weight").map(str::to_string)
 }
 
 /// Where a layer's module is named: a module path of the model (diffusers / PEFT) or a kohya
@@ -122,9 +147,6 @@ pub fn read(path: &Path) -> Result<LoraFile> {
     if tensors.is_empty() {
         bail!("{what}: no tensors (expected a LoRA)");
     }
-    if let Some(k) = tensors.keys().find(|k| k.starts_with("lora_te2_") || k.starts_with("text_encoder_2.")) {
-        bail!("{what}: {k} adapts a second text encoder: this is an SDXL LoRA, and the model is SD-1.x");
-    }
     if let Some(k) = tensors.keys().find(|k| k.contains("dora_scale") || k.contains("lora_magnitude_vector")) {
         bail!("{what}: {k} is a DoRA magnitude; DoRA is not supported (plain LoRA only)");
     }
@@ -167,10 +189,12 @@ fn read_peft(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<Vec<Laye
         };
         let (component, module) = if let Some(m) = module_key.strip_prefix("unet.") {
             (Component::Unet, m)
+        } else if let Some(m) = module_key.strip_prefix("text_encoder_2.") {
+            (Component::TextEncoder2, m)
         } else if let Some(m) = module_key.strip_prefix("text_encoder.") {
             (Component::TextEncoder, m)
         } else {
-            bail!("{what}: {key} is neither unet.… nor text_encoder.… (an SD-1.x diffusers LoRA has these prefixes)");
+            bail!("{what}: {key} is neither unet.… nor text_encoder.… / text_encoder_2.… (a diffusers LoRA has these prefixes)");
         };
         let up_key = format!("{module_key}.lora_B.weight");
         let up = tensors.get(&up_key).with_context(|| format!("{what}: {key} has no {up_key}"))?;
@@ -218,8 +242,10 @@ fn read_kohya(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<Vec<Lay
             (Component::Unet, r)
         } else if let Some(r) = name.strip_prefix("lora_te1_").or_else(|| name.strip_prefix("lora_te_")) {
             (Component::TextEncoder, r)
+        } else if let Some(r) = name.strip_prefix("lora_te2_") {
+            (Component::TextEncoder2, r)
         } else {
-            bail!("{what}: unknown key {key} (expected lora_unet_… or lora_te_… in a kohya LoRA)");
+            bail!("{what}: unknown key {key} (expected lora_unet_…, lora_te_… or SDXL's lora_te1_… / lora_te2_… in a kohya LoRA)");
         };
         match part {
             "lora_down.weight" => {}
@@ -255,7 +281,9 @@ fn read_kohya(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<Vec<Lay
 /// versions with it; both name the same module.
 pub fn module_path(component: Component, module: &str) -> String {
     match component {
-        Component::TextEncoder if !module.starts_with("text_model.") => format!("text_model.{module}"),
+        Component::TextEncoder | Component::TextEncoder2 if !module.starts_with("text_model.") => {
+            format!("text_model.{module}")
+        }
         _ => module.to_string(),
     }
 }
@@ -265,13 +293,25 @@ pub fn kohya_name(module: &str) -> String {
     module.replace('.', "_")
 }
 
-/// Merges `file` at `scale` into the UNet's and the text encoder's weights (in place, without
-/// gradient): W ← W + scale·(α/r)·B·A for each layer. Everything is checked before anything
-/// changes.
-pub fn merge(file: &LoraFile, scale: f64, unet: &nn::VarStore, text_encoder: &nn::VarStore) -> Result<()> {
+/// Merges `file` at `scale` into the networks' weights (in place, without gradient):
+/// W ← W + scale·(α/r)·B·A for each layer. Everything is checked before anything changes.
+pub fn merge(file: &LoraFile, scale: f64, nets: &Networks) -> Result<()> {
     let what = file.path.display();
-    let vars = [(Component::Unet, unet.variables()), (Component::TextEncoder, text_encoder.variables())];
-    let modules = |c: Component| -> &HashMap<String, Tensor> { &vars.iter().find(|(k, _)| *k == c).expect("both").1 };
+    if nets.text_encoder_2.is_none() {
+        if let Some(l) = file.layers.iter().find(|l| l.component == Component::TextEncoder2) {
+            bail!(
+                "{what}: {} adapts a second text encoder: this is an SDXL LoRA, and the model is SD-1.x / 2.x",
+                l.down_key
+            );
+        }
+    }
+    let mut vars =
+        vec![(Component::Unet, nets.unet.variables()), (Component::TextEncoder, nets.text_encoder.variables())];
+    if let Some(te2) = nets.text_encoder_2 {
+        vars.push((Component::TextEncoder2, te2.variables()));
+    }
+    let modules =
+        |c: Component| -> &HashMap<String, Tensor> { &vars.iter().find(|(k, _)| *k == c).expect("present").1 };
     // kohya names of each component's modules (those with a weight)
     let kohya: Vec<(Component, HashMap<String, String>)> = vars
         .iter()
@@ -284,6 +324,12 @@ pub fn merge(file: &LoraFile, scale: f64, unet: &nn::VarStore, text_encoder: &nn
                 if let Some(short) = module.strip_prefix("text_model.") {
                     m.insert(kohya_name(short), module.to_string());
                 }
+                // SDXL's UNet also by its LDM path (sd-scripts' SDXL names)
+                if let (Component::Unet, Some(cfg)) = (c, nets.unet_ldm) {
+                    if let Some(ldm) = ldm_module(module, cfg) {
+                        m.insert(kohya_name(&ldm), module.to_string());
+                    }
+                }
             }
             (*c, m)
         })
@@ -293,11 +339,11 @@ pub fn merge(file: &LoraFile, scale: f64, unet: &nn::VarStore, text_encoder: &nn
         let module = match &l.target {
             Target::Module(m) => module_path(l.component, m),
             Target::Kohya(k) => {
-                let map = &kohya.iter().find(|(c, _)| *c == l.component).expect("both").1;
+                let map = &kohya.iter().find(|(c, _)| *c == l.component).expect("present").1;
                 match map.get(k) {
                     Some(m) => m.clone(),
                     None => bail!(
-                        "{what}: {} names no module of the model's {} (an SD-1.x {} module path, with _ for ., is \
+                        "{what}: {} names no module of the model's {} (a {} module path, with _ for ., is \
                          expected)",
                         l.down_key,
                         l.component.prefix(),
@@ -336,10 +382,10 @@ pub fn merge(file: &LoraFile, scale: f64, unet: &nn::VarStore, text_encoder: &nn
 }
 
 /// Reads and merges each `--lora` into the networks.
-pub fn apply_all(specs: &[LoraSpec], unet: &nn::VarStore, text_encoder: &nn::VarStore) -> Result<()> {
+pub fn apply_all(specs: &[LoraSpec], nets: &Networks) -> Result<()> {
     for s in specs {
         let f = read(&s.path)?;
-        merge(&f, s.scale, unet, text_encoder)?;
+        merge(&f, s.scale, nets)?;
         eprintln!(
             "LoRA {} ({} layers, {} format) merged at scale {}",
             s.path.display(),
@@ -375,7 +421,7 @@ pub fn trained_of<'a>(component: Component, layers: &'a [&'a mut LoraLinear]) ->
 /// diffusers 0.42 on transformers 5 saves and loads them (files with it are read too).
 pub fn peft_key(component: Component, module: &str, up: bool) -> String {
     let module = match component {
-        Component::TextEncoder => module.strip_prefix("text_model.").unwrap_or(module),
+        Component::TextEncoder | Component::TextEncoder2 => module.strip_prefix("text_model.").unwrap_or(module),
         Component::Unet => module,
     };
     format!("{}.{module}.lora_{}.weight", component.prefix(), if up { "B" } else { "A" })
@@ -417,27 +463,46 @@ pub fn write_peft(path: &Path, layers: &[Trained], rank: i64, alpha: f64) -> Res
 
 /// Writes the kohya file AUTOMATIC1111 and ComfyUI load (`lora_unet_…`, `lora_te_…` as
 /// sd-scripts names SD-1 text-encoder layers; `.lora_down.weight`, `.lora_up.weight`, `.alpha`;
-/// `ss_network_dim` / `ss_network_alpha` metadata as sd-scripts writes), atomically.
-pub fn write_kohya(path: &Path, layers: &[Trained], rank: i64, alpha: f64, base_model: &str) -> Result<()> {
+/// `ss_network_dim` / `ss_network_alpha` metadata as sd-scripts writes), atomically. For SDXL
+/// (`unet_ldm` = its UNet's config) the UNet's modules take their LDM paths and the text
+/// encoders `lora_te1_` / `lora_te2_`, as sd-scripts' `sdxl_train_network.py` writes.
+pub fn write_kohya(
+    path: &Path,
+    layers: &[Trained],
+    rank: i64,
+    alpha: f64,
+    base_model: &str,
+    unet_ldm: Option<&UNetConfig>,
+) -> Result<()> {
     let mut tensors = Vec::new();
     for l in layers {
-        let prefix = match l.component {
-            Component::Unet => "lora_unet",
-            Component::TextEncoder => "lora_te",
+        let (prefix, module) = match (l.component, unet_ldm) {
+            (Component::Unet, None) => ("lora_unet", l.module.clone()),
+            (Component::Unet, Some(cfg)) => (
+                "lora_unet",
+                ldm_module(&l.module, cfg).with_context(|| format!("{} has no LDM name in SDXL's UNet", l.module))?,
+            ),
+            (Component::TextEncoder, None) => ("lora_te", l.module.clone()),
+            (Component::TextEncoder, Some(_)) => ("lora_te1", l.module.clone()),
+            (Component::TextEncoder2, _) => ("lora_te2", l.module.clone()),
         };
-        let name = format!("{prefix}_{}", kohya_name(&l.module));
+        let name = format!("{prefix}_{}", kohya_name(&module));
         tensors.push((format!("{name}.lora_down.weight"), cpu_f32(l.down)));
         tensors.push((format!("{name}.lora_up.weight"), cpu_f32(l.up)));
         tensors.push((format!("{name}.alpha"), Tensor::from(alpha as f32)));
     }
+    let (version, architecture) = match unet_ldm {
+        None => ("sd_v1", "stable-diffusion-v1/lora"),
+        Some(_) => ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+    };
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     meta.insert("ss_network_module".to_string(), "networks.lora".to_string());
     meta.insert("ss_network_dim".to_string(), rank.to_string());
     meta.insert("ss_network_alpha".to_string(), format_alpha(alpha));
-    meta.insert("ss_base_model_version".to_string(), "sd_v1".to_string());
+    meta.insert("ss_base_model_version".to_string(), version.to_string());
     meta.insert("ss_sd_model_name".to_string(), base_model.to_string());
-    meta.insert("modelspec.architecture".to_string(), "stable-diffusion-v1/lora".to_string());
+    meta.insert("modelspec.architecture".to_string(), architecture.to_string());
     crate::io::write_safetensors_atomic(path, &tensors, &meta)
 }
 

@@ -34,6 +34,22 @@ impl StepCond {
         Self { cond, uncond, added: None }
     }
 
+    /// The unconditional branch's text: φ and, on SDXL, its pooled embeds.
+    pub fn uncond_text(&self) -> TextCond {
+        TextCond {
+            hidden: self.uncond.shallow_clone(),
+            pooled: self.added.as_ref().map(|(u, _)| u.text_embeds.shallow_clone()),
+        }
+    }
+
+    /// The conditional branch's text: c and, on SDXL, its pooled embeds.
+    pub fn cond_text(&self) -> TextCond {
+        TextCond {
+            hidden: self.cond.shallow_clone(),
+            pooled: self.added.as_ref().map(|(_, c)| c.text_embeds.shallow_clone()),
+        }
+    }
+
     pub fn shallow_clone(&self) -> Self {
         Self {
             cond: self.cond.shallow_clone(),
@@ -57,15 +73,76 @@ impl StepConditioning for Fixed {
     }
 }
 
-/// φ of one request: the unconditional branch's hidden states (1, 77, d) and, on SDXL, its
-/// pooled embeds (1, P) ([`StableDiffusion::encode_negative`]).
-pub struct Uncond {
+/// The text conditioning of one guidance branch: the encoder hidden states (B, 77, d) and, on
+/// SDXL, the pooled `text_embeds` (B, P) that enter the UNet's added conditioning. φ of a
+/// request ([`StableDiffusion::encode_negative`]), c_r of an inversion
+/// ([`StableDiffusion::encode_text`]), and what reference guidance (φ_h) and null-text
+/// inversion (φ_t) optimise.
+pub struct TextCond {
     pub hidden: Tensor,
     pub pooled: Option<Tensor>,
 }
 
+impl TextCond {
+    pub fn shallow_clone(&self) -> Self {
+        Self { hidden: self.hidden.shallow_clone(), pooled: self.pooled.as_ref().map(Tensor::shallow_clone) }
+    }
+
+    /// A detached copy (the start of an optimised φ).
+    pub fn detach_copy(&self) -> Self {
+        Self { hidden: self.hidden.detach().copy(), pooled: self.pooled.as_ref().map(|p| p.detach().copy()) }
+    }
+
+    /// Rows repeated `n` times.
+    pub fn repeat(&self, n: i64) -> Self {
+        Self { hidden: self.hidden.repeat([n, 1, 1]), pooled: self.pooled.as_ref().map(|p| p.repeat([n, 1])) }
+    }
+
+    /// Batches stacked in order (all with or all without pooled embeds).
+    pub fn cat(parts: &[&TextCond]) -> Self {
+        let hidden = Tensor::cat(&parts.iter().map(|p| &p.hidden).collect::<Vec<_>>(), 0);
+        let pooled: Option<Vec<&Tensor>> = parts.iter().map(|p| p.pooled.as_ref()).collect();
+        Self { hidden, pooled: pooled.map(|p| Tensor::cat(&p, 0)) }
+    }
+
+    /// The tensors an optimiser moves: the hidden states, then the pooled embeds if any.
+    pub fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        std::iter::once(&mut self.hidden).chain(self.pooled.as_mut()).collect()
+    }
+
+    /// Fresh leaves that require gradients, with the same values.
+    pub fn leaves(&self) -> Self {
+        let leaf = |t: &Tensor| t.detach().set_requires_grad(true);
+        Self { hidden: leaf(&self.hidden), pooled: self.pooled.as_ref().map(leaf) }
+    }
+
+    /// The hidden states, then the pooled embeds if any (the order of [`tensors_mut`](Self::tensors_mut)).
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        std::iter::once(&self.hidden).chain(self.pooled.as_ref()).collect()
+    }
+}
+
+/// SD-1.x / 2.x conditioning: hidden states only.
+impl From<Tensor> for TextCond {
+    fn from(hidden: Tensor) -> Self {
+        Self { hidden, pooled: None }
+    }
+}
+
+impl From<&Tensor> for TextCond {
+    fn from(hidden: &Tensor) -> Self {
+        Self { hidden: hidden.shallow_clone(), pooled: None }
+    }
+}
+
+impl From<&TextCond> for TextCond {
+    fn from(t: &TextCond) -> Self {
+        t.shallow_clone()
+    }
+}
+
 /// Makes a per-step conditioning from (the scheduler, φ, images per prompt).
-pub type MakeConditioning<'a> = dyn FnMut(&DdimScheduler, Uncond, i64) -> Result<Box<dyn StepConditioning + 'a>> + 'a;
+pub type MakeConditioning<'a> = dyn FnMut(&DdimScheduler, TextCond, i64) -> Result<Box<dyn StepConditioning + 'a>> + 'a;
 
 /// One text-to-image request, with diffusers' argument meanings.
 #[derive(Debug, Clone)]
@@ -178,13 +255,7 @@ impl StableDiffusion {
             }
         }?;
         let mut sd = sd;
-        if sd.xl.is_some() && !opts.loras.is_empty() {
-            bail!(
-                "--lora on an SDXL model is not supported yet (SD-1.x / 2.x LoRAs only); {} is SDXL",
-                model.display()
-            );
-        }
-        crate::lora::apply_all(&opts.loras, &sd.unet.vs, &sd.text_encoder.vs)?;
+        crate::lora::apply_all(&opts.loras, &sd.lora_networks())?;
         sd.loras = opts.loras.clone();
         if device.is_cuda() {
             tch::Cuda::cudnn_set_benchmark(true); // fixed shapes in every loop: let cuDNN pick its kernels once
@@ -290,6 +361,16 @@ impl StableDiffusion {
         Ok(())
     }
 
+    /// The networks a LoRA merges into ([`crate::lora::merge`]).
+    pub fn lora_networks(&self) -> crate::lora::Networks<'_> {
+        crate::lora::Networks {
+            unet: &self.unet.vs,
+            text_encoder: &self.text_encoder.vs,
+            text_encoder_2: self.xl.as_ref().map(|x| &x.text_encoder_2.vs),
+            unet_ldm: self.xl.as_ref().map(|_| &self.unet.config),
+        }
+    }
+
     /// Whether this is an SDXL model.
     pub fn is_xl(&self) -> bool {
         self.xl.is_some()
@@ -299,8 +380,8 @@ impl StableDiffusion {
     pub fn require_not_xl(&self, what: &str) -> Result<()> {
         if self.is_xl() {
             bail!(
-                "{what} does not support SDXL models yet ({} is SDXL): so far SDXL runs `generate` (plain text to \
-                 image); the paper's algorithms need SD-1.x or SD-2.x",
+                "{what} does not support SDXL models yet ({} is SDXL): it needs SD-1.x or SD-2.x (every other \
+                 command runs on SDXL)",
                 self.source.display()
             );
         }
@@ -479,21 +560,54 @@ impl StableDiffusion {
 
     /// φ for a negative prompt (`None`: none given) as the pipelines build it: the empty
     /// prompt's encoding; SDXL with `force_zeros_for_empty_prompt` and no negative prompt:
-    /// zeros, pooled embeds too. Returns (φ (1, 77, d), SDXL's pooled φ (1, P)).
-    pub fn encode_negative(&self, negative: Option<&str>) -> (Tensor, Option<Tensor>) {
+    /// zeros, pooled embeds too. φ (1, 77, d) with, on SDXL, its pooled embeds (1, P).
+    pub fn encode_negative(&self, negative: Option<&str>) -> TextCond {
         match &self.xl {
-            None => (self.encode_prompt(negative.unwrap_or("")), None),
             Some(xl) if negative.is_none() && xl.force_zeros_for_empty_prompt => {
                 let len = self.tokenizer.model_max_length() as i64;
                 let p = xl.text_encoder_2.config.projection_dim.unwrap_or(512);
                 let opts = (Kind::Float, self.device);
-                (Tensor::zeros([1, len, self.cond_width()], opts), Some(Tensor::zeros([1, p], opts)))
+                TextCond {
+                    hidden: Tensor::zeros([1, len, self.cond_width()], opts),
+                    pooled: Some(Tensor::zeros([1, p], opts)),
+                }
             }
+            _ => self.encode_text(negative.unwrap_or("")),
+        }
+    }
+
+    /// A prompt's text conditioning (1, 77, d): [`encode_prompt`](Self::encode_prompt), with
+    /// SDXL's pooled embeds (1, P).
+    pub fn encode_text(&self, text: &str) -> TextCond {
+        match &self.xl {
+            None => TextCond { hidden: self.encode_prompt(text), pooled: None },
             Some(_) => {
-                let (h, p) = self.encode_prompt_xl(negative.unwrap_or(""));
-                (h, Some(p))
+                let (hidden, pooled) = self.encode_prompt_xl(text);
+                TextCond { hidden, pooled: Some(pooled) }
             }
         }
+    }
+
+    /// The per-step conditioning of a conditional and an unconditional text for images of
+    /// `height` × `width` (SDXL's `time_ids`); both of the same batch.
+    pub fn step_cond(&self, cond: &TextCond, uncond: &TextCond, height: i64, width: i64) -> StepCond {
+        let added = match (&cond.pooled, &uncond.pooled) {
+            (Some(c), Some(u)) => Some((
+                self.added_cond(u.shallow_clone(), height, width),
+                self.added_cond(c.shallow_clone(), height, width),
+            )),
+            _ => None,
+        };
+        StepCond { cond: cond.hidden.shallow_clone(), uncond: uncond.hidden.shallow_clone(), added }
+    }
+
+    /// ε_θ(x_t, t, text) of one branch; SDXL's `time_ids` are those of x's image size (the
+    /// latent's × the VAE's factor). Differentiable in `text`.
+    pub fn eps(&self, x: &Tensor, t: i64, text: &TextCond, ctrl: Option<&mut dyn AttentionController>) -> Tensor {
+        let f = self.vae_scale_factor();
+        let (h, w) = (x.size()[2] * f, x.size()[3] * f);
+        let added = text.pooled.as_ref().map(|p| self.added_cond(p.shallow_clone(), h, w));
+        self.unet.forward_added(x, &Tensor::from(t).to_device(self.device), &text.hidden, added.as_ref(), ctrl)
     }
 
     /// SDXL's `add_time_ids` for an image of `height` × `width` with diffusers' defaults
@@ -575,32 +689,13 @@ impl StableDiffusion {
 
     /// Text-to-image as `StableDiffusionPipeline(prompt, negative_prompt, num_inference_steps,
     /// guidance_scale, height, width, num_images_per_prompt, generator)`; returns (B, H, W, 3)
-    /// uint8 images.
+    /// uint8 images. SDXL: `StableDiffusionXLPipeline(…)` with a `DDIMScheduler` and diffusers'
+    /// defaults for everything else (original and target size = (height, width), no crop,
+    /// `guidance_rescale` 0, no `denoising_end`).
     pub fn generate(&self, req: &GenerateRequest) -> Result<Tensor> {
-        if self.xl.is_some() {
-            return self.generate_xl(req);
-        }
         self.generate_conditioned(req, &mut |_, uncond, n| {
-            let cond = self.encode_prompt(&req.prompt).repeat([n, 1, 1]);
-            Ok(Box::new(Fixed(StepCond::new(cond, uncond.hidden.repeat([n, 1, 1])))))
-        })
-    }
-
-    /// Text-to-image on SDXL as `StableDiffusionXLPipeline(prompt, negative_prompt, …)` with a
-    /// `DDIMScheduler` and diffusers' defaults for everything else (original and target size
-    /// = (height, width), no crop, `guidance_rescale` 0, no `denoising_end`).
-    fn generate_xl(&self, req: &GenerateRequest) -> Result<Tensor> {
-        self.generate_conditioned(req, &mut |_, uncond, n| {
-            let (cond, pooled) = self.encode_prompt_xl(&req.prompt);
-            let pooled_u = uncond.pooled.expect("SDXL's φ has pooled embeds");
-            let time_ids = self.add_time_ids(req.height, req.width);
-            let added_c = AddedCond { text_embeds: pooled, time_ids: time_ids.shallow_clone() }.repeat(n);
-            let added_u = AddedCond { text_embeds: pooled_u, time_ids }.repeat(n);
-            Ok(Box::new(Fixed(StepCond {
-                cond: cond.repeat([n, 1, 1]),
-                uncond: uncond.hidden.repeat([n, 1, 1]),
-                added: Some((added_u, added_c)),
-            })))
+            let cond = self.encode_text(&req.prompt).repeat(n);
+            Ok(Box::new(Fixed(self.step_cond(&cond, &uncond.repeat(n), req.height, req.width))))
         })
     }
 
@@ -618,8 +713,7 @@ impl StableDiffusion {
         tch::no_grad(|| {
             let sched = self.scheduler(req.steps)?;
             let n = req.num_images;
-            let (hidden, pooled) = self.encode_negative(req.negative_prompt.as_deref());
-            let uncond = Uncond { hidden, pooled };
+            let uncond = self.encode_negative(req.negative_prompt.as_deref());
             let x_t = self.initial_latents(req.seed, n, req.height, req.width);
             let mut steps = make(&sched, uncond, n)?;
             let x0 = self.denoise(x_t, &sched, steps.as_mut(), req.guidance, None)?;

@@ -6,7 +6,9 @@
 //!   `tests/pipeline.rs` (tiny-sd2 is one of its `MODELS`).
 //! - SDXL (`tiny-xl`): both tokenizers and encoders (penultimate states, pooled `text_embeds`),
 //!   the UNet's `text_time` micro-conditioning, `StableDiffusionXLPipeline`'s images with and
-//!   without a negative prompt (`force_zeros_for_empty_prompt`), and what is refused.
+//!   without a negative prompt (`force_zeros_for_empty_prompt`), learning (HiFi, TI and its
+//!   exports), reference guidance and replacement with φ = (hidden states, pooled embeds), and
+//!   what is refused.
 //!
 //! References: `tests/fixtures/tiny-sd2.ref.safetensors` (scripts/make_fixtures.py),
 //! `tests/fixtures/tiny-xl.ref.safetensors` (scripts/make_sdxl_fixture.py),
@@ -15,13 +17,20 @@
 mod common;
 
 use common::*;
+use hifi_tuner::guidance::invert::ddim_invert;
+use hifi_tuner::guidance::reference::{guided_denoise, GuidanceConfig, Reference};
 use hifi_tuner::models::unet::{AddedCond, UNet2DConditionModel};
-use hifi_tuner::pipeline::{GenerateRequest, LoadOptions, StableDiffusion};
+use hifi_tuner::pipeline::{GenerateRequest, LoadOptions, StableDiffusion, TextCond};
+use hifi_tuner::replace::nti::{nti_loss, null_text_optimize, NtiConfig};
+use hifi_tuner::rng::seeded;
 use hifi_tuner::single_file::{open_clip_text_key, Family};
+use hifi_tuner::subject::conditioning::SubjectSteps;
+use hifi_tuner::subject::file::Subject;
+use hifi_tuner::subject::Space;
 use hifi_tuner::tokenizer::ClipTokenizer;
 use std::path::Path;
 use std::process::{Command, Output};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 fn load(name: &str) -> StableDiffusion {
     StableDiffusion::load(&model_dir(name), Device::Cpu).unwrap_or_else(|e| panic!("{e:#}"))
@@ -273,12 +282,13 @@ fn sdxl_tokenizers_and_text_encoders_match_diffusers() {
             let (h, pooled) = sd.encode_prompt_xl(&req.prompt);
             assert_close(&h, &r[&format!("{key}.prompt_embeds")], 1e-4, "prompt_embeds (77 × 80)");
             assert_close(&pooled, &r[&format!("{key}.pooled_prompt_embeds")], 1e-4, "pooled_prompt_embeds");
-            let (hn, pn) = sd.encode_negative(req.negative_prompt.as_deref());
+            let neg = sd.encode_negative(req.negative_prompt.as_deref());
+            let (hn, pn) = (neg.hidden, neg.pooled);
             assert_close(&hn, &r[&format!("{key}.negative_prompt_embeds")], 1e-4, "negative_prompt_embeds");
             assert_close(&pn.unwrap(), &r[&format!("{key}.negative_pooled_prompt_embeds")], 1e-4, "negative pooled");
         }
     });
-    let (h, _) = sd.encode_negative(None);
+    let h = sd.encode_negative(None).hidden;
     assert_eq!(h.abs().max().double_value(&[]), 0.0, "force_zeros_for_empty_prompt: φ = 0 without a negative prompt");
 }
 
@@ -322,14 +332,15 @@ fn sdxl_generate_matches_stable_diffusion_xl_pipeline() {
 
 #[test]
 fn sdxl_is_refused_where_it_is_not_built_and_incomplete_folders_are_named() {
-    // (inversion and replacement, reference guidance, DreamBooth / LoRA are not built for SDXL)
+    // (fine-tuning SDXL's two text encoders is not built)
     let tmp = tempfile::tempdir().unwrap();
     let xl = model_dir("tiny-xl");
-    let out = tmp.path().join("inversion");
+    let out = tmp.path().join("db");
     let mut c = bin();
-    c.args(["invert", "--model"]).arg(&xl).arg("--image").arg(fixtures().join("photos/dog/00.jpg"));
-    c.args(["--caption", "a photo of a dog", "--steps", "2", "--device", "cpu", "--out"]).arg(&out);
-    refused(&c.output().unwrap(), "does not support SDXL models yet");
+    c.args(["learn", "--mode", "lora", "--train-text-encoder", "--model"]).arg(&xl);
+    c.arg("--images").arg(fixtures().join("photos/dog"));
+    c.args(["--class-noun", "dog", "--steps", "2", "--no-prior", "--device", "cpu", "--out"]).arg(&out);
+    refused(&c.output().unwrap(), "--train-text-encoder is not built for SDXL");
     assert!(!out.exists(), "nothing is written");
     // generate works on SDXL (plain text to image), and writes its PNG.
     let png = tmp.path().join("xl.png");
@@ -348,7 +359,7 @@ fn sdxl_is_refused_where_it_is_not_built_and_incomplete_folders_are_named() {
     let cfg_path = broken.join("unet/config.json");
     let text = std::fs::read_to_string(&cfg_path).unwrap().replace("\"text_time\"", "\"image\"");
     std::fs::write(&cfg_path, text).unwrap();
-    let err = format!("{:#}", UNet2DConditionModel::load(&broken.join("unet"), Device::Cpu).err().expect("image"));
+    let err = format!("{:#}", UNet2DConditionModel::load(&broken.join("unet"), Device::Cpu).expect_err("image"));
     assert!(err.contains("addition_embed_type") && err.contains("\"image\""), "{err}");
 }
 
@@ -548,6 +559,47 @@ fn sdxl_learn_hifi_and_ti_from_the_command_line() {
     let a1111 = ti.join("a1111/dx.safetensors");
     let y = gen(&[&["--embedding", a1111.to_str().unwrap(), "--token", "<dx>"][..], &prompt[..]].concat(), "t2.png");
     assert!(x == y, "the diffusers and A1111 exports draw the same image");
+
+    // §3.3 on SDXL: reference guidance with the HiFi subject; --min-contrast 0 makes the random
+    // model's I_g1 count as showing the subject, so Algorithm 2 runs (its Eq. 10 losses are
+    // in the intermediates) instead of falling back to the plain image.
+    // (seed 1: M_g covers 58 % of the image, inside the usable 1–70 %; seed 2's is 73 %)
+    let g = tmp.path().join("g.png");
+    let mut c = bin();
+    c.args(["generate", "--model"]).arg(&model).arg("--subject").arg(&subject);
+    c.args(["--prompt", "a dog on the beach", "--reference-guidance", "--t-start", "3", "--t-end", "1"]);
+    c.args(["--guidance-steps", "2", "--min-contrast", "0", "--save-intermediates", "--steps", "3", "--seed", "1"]);
+    c.args(["--device", "cpu", "--out"]).arg(&g);
+    let log = ok(&c.output().unwrap());
+    assert!(!log.contains("falling back"), "{log}");
+    let guided = png_rgb(&g);
+    assert_eq!(guided.len(), 16 * 16 * 3);
+    let facts: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("g-intermediates/theta.json")).unwrap()).unwrap();
+    let losses = facts["eq10_losses"].as_array().expect("Algorithm 2 ran");
+    assert_eq!(losses.len(), 3, "t_s 3 … t_e 1");
+    let mut c = bin();
+    c.args(["generate", "--model"]).arg(&model).arg("--subject").arg(&subject);
+    c.args(["--prompt", "a dog on the beach", "--steps", "3", "--seed", "1", "--device", "cpu", "--out"]);
+    ok(&c.arg(tmp.path().join("p1.png")).output().unwrap());
+    assert!(guided != png_rgb(&tmp.path().join("p1.png")), "guidance changes the image");
+
+    // §3.4 on SDXL: replace (NTI with φ_t = hidden states + pooled embeds, then P2P) with the
+    // subject; reusing the saved inversion (phi_pooled read back) draws the same image.
+    let replace = |out: &Path, extra: &[&str]| {
+        let mut c = bin();
+        c.args(["replace", "--model"]).arg(&model).arg("--image").arg(fixtures().join("photos/dog/00.jpg"));
+        c.args(["--source-word", "cat", "--steps", "3", "--inner-steps", "2", "--device", "cpu", "--subject"]);
+        c.arg(&subject).args(extra).arg("--out").arg(out);
+        ok(&c.output().unwrap());
+        png_rgb(out)
+    };
+    let first = tmp.path().join("edit.png");
+    let edited = replace(&first, &["--caption", "a photo of a cat on a bench"]);
+    let inv = tmp.path().join("edit-inversion");
+    assert!(read_tensors(&inv.join("inversion.safetensors")).contains_key("phi_pooled"));
+    let again = replace(&tmp.path().join("edit2.png"), &["--inversion", inv.to_str().unwrap()]);
+    assert!(edited == again, "the saved inversion (with its pooled φ_t) draws the same edit");
 }
 
 /// Attention masks (the class noun's cross-attention, DAAM) on SDXL: both encoders' states and
@@ -571,4 +623,268 @@ fn sdxl_attention_masks_from_the_command_line() {
         assert!(m.pixels().any(|p| p[0] == 255), "{stem}: the mask marks something");
         assert!(out.join(format!("{stem}.overlay.png")).is_file());
     }
+}
+
+// ---- SDXL: reference guidance (§3.3) and replacement (§3.4) ---------------------------------
+
+/// A random subject for tiny-xl: c_s spans both encoders (32 + 48).
+fn xl_subject() -> Subject {
+    Subject {
+        c_s: seeded(9, || Tensor::randn([3, 32 + 48], (Kind::Float, Device::Cpu))) * 0.3,
+        stepwise: vec![],
+        timesteps: vec![],
+        space: Space::Input,
+        class_noun: "dog".into(),
+        captions: vec![],
+        model: "tiny-xl".into(),
+        ddim_steps: 6,
+    }
+}
+
+/// A photo-like latent of tiny-xl's default 16 × 16 image (8 × 8 latent) and its pivots under
+/// "a photo of a dog" (w = 1, the pooled embeds and size ids in the added conditioning).
+fn xl_pivots(sd: &StableDiffusion, steps: usize) -> (Tensor, hifi_tuner::guidance::invert::Trajectory) {
+    let sched = sd.scheduler(steps).unwrap();
+    let x0 = seeded(2, || Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu))) * 0.5;
+    let traj = tch::no_grad(|| ddim_invert(sd, &sched, &x0, sd.encode_text("a photo of a dog")));
+    (x0, traj)
+}
+
+/// Central finite difference of `loss` at `p0` along `v` (normalised over both parts) against
+/// autograd; returns (analytic, fd).
+fn directional(loss: &dyn Fn(&TextCond) -> Tensor, p0: &TextCond, v: &TextCond) -> (f64, f64) {
+    let norm = v.tensors().iter().map(|t| t.square().sum(Kind::Double).double_value(&[])).sum::<f64>().sqrt();
+    let v = TextCond { hidden: &v.hidden / norm, pooled: v.pooled.as_ref().map(|p| p / norm) };
+    let leaves = p0.leaves();
+    let grads = Tensor::run_backward(&[&loss(&leaves)], &leaves.tensors(), false, false);
+    let analytic: f64 = grads.iter().zip(v.tensors()).map(|(g, d)| (g * d).sum(Kind::Double).double_value(&[])).sum();
+    let h = 1e-2;
+    let at = |sign: f64| {
+        let q = TextCond {
+            hidden: &p0.hidden + &v.hidden * (sign * h),
+            pooled: p0.pooled.as_ref().zip(v.pooled.as_ref()).map(|(p, d)| p + d * (sign * h)),
+        };
+        tch::no_grad(|| loss(&q).double_value(&[]))
+    };
+    (analytic, (at(1.0) - at(-1.0)) / (2.0 * h))
+}
+
+/// Eq. 4 (and through the same F^(t)(x_t, c, φ), Eq. 10) on SDXL: φ is the pair (hidden states
+/// (1, 77, 80), pooled embeds (1, 40)); the gradient in each part matches finite differences.
+#[test]
+fn sdxl_gradient_of_the_nti_loss_in_both_parts_of_phi_matches_finite_differences() {
+    let sd = load("tiny-xl");
+    let steps = 6;
+    let sched = sd.scheduler(steps).unwrap();
+    let (_, traj) = xl_pivots(&sd, steps);
+    let cond = tch::no_grad(|| sd.encode_text("a photo of a dog"));
+    let i = 2usize;
+    let t = sched.timesteps[i];
+    let x = traj.before_step(i);
+    let eps_c = tch::no_grad(|| sd.eps(x, t, &cond, None));
+    let loss = |p: &TextCond| nti_loss(&sd, &sched, x, t, &eps_c, p, traj.after_step(i), 7.5);
+    // φ of the empty prompt (not the zeros of force_zeros_for_empty_prompt: a generic point).
+    let p0 = tch::no_grad(|| sd.encode_text(""));
+    let leaves = p0.leaves();
+    let g = Tensor::run_backward(&[&loss(&leaves)], &leaves.tensors(), false, false);
+    // Along each part's gradient plus a random part (a wrong direction would show), the other
+    // part held still.
+    let noise = |t: &Tensor, seed| seeded(seed, || Tensor::randn(t.size().as_slice(), (Kind::Float, Device::Cpu)));
+    let unit = |t: &Tensor| t / t.norm().double_value(&[]);
+    let v_hidden = unit(&g[0]) + unit(&noise(&g[0], 5)) * 0.5;
+    let v_pooled = unit(&g[1]) + unit(&noise(&g[1], 6)) * 0.5;
+    for (what, v) in [
+        ("hidden states", TextCond { hidden: v_hidden, pooled: Some(g[1].zeros_like()) }),
+        ("pooled embeds", TextCond { hidden: g[0].zeros_like(), pooled: Some(v_pooled) }),
+    ] {
+        let (analytic, fd) = directional(&loss, &p0, &v);
+        let rel = (fd - analytic).abs() / analytic.abs().max(1e-6);
+        // 2e-2: f32 central differences at h = 1e-2 on a loss of O(1), as the SD-1.x NTI test.
+        check_tol(&format!("SDXL φ {what}: finite difference vs autograd (rel)"), rel, 2e-2);
+        check_min(&format!("SDXL φ {what}: the gradient does not vanish"), analytic.abs(), 1e-6);
+    }
+}
+
+/// Null-text inversion on SDXL optimises both parts of φ_t and brings the sampled trajectory
+/// back to the photo's latent far better than plain inversion (K = 0), as on SD-1.x.
+#[test]
+fn sdxl_null_text_inversion_moves_both_parts_of_phi_and_beats_plain_inversion() {
+    let sd = load("tiny-xl");
+    let steps = 4;
+    let sched = sd.scheduler(steps).unwrap();
+    let (x0, traj) = xl_pivots(&sd, steps);
+    let (cond, phi) = tch::no_grad(|| (sd.encode_text("a photo of a dog"), sd.encode_negative(None)));
+    // The random tiny-xl's two branches differ wildly, so w = 3 and more, larger Adam steps
+    // than the authors' K = 10 at lr 1e-2 (which still halves the error: 1.75 vs 2.78 at w = 2).
+    // No early stop, so both runs take every step.
+    let cfg = NtiConfig { guidance: 3.0, lr: 0.1, early_stop: 0.0, early_stop_slope: 0.0, ..NtiConfig::default() };
+    let run = |k: usize| {
+        null_text_optimize(&sd, &sched, &traj, &cond, &phi, &NtiConfig { inner_steps: k, ..cfg.clone() }).unwrap()
+    };
+    let (nti, plain) = (run(50), run(0));
+    let mse = |x: &Tensor| (x - &x0).square().mean(Kind::Float).double_value(&[]);
+    let (e_nti, e_plain) = (mse(nti.x0.as_ref().unwrap()), mse(plain.x0.as_ref().unwrap()));
+    // Measured 0.55 vs 9.74 (ratio 0.056); 0.3 leaves 5x.
+    check_tol("SDXL NTI / plain inversion reconstruction MSE", e_nti / e_plain, 0.3);
+    let last = nti.phi.last().unwrap();
+    let moved_h = max_abs_diff(&last.hidden, &phi.hidden);
+    let moved_p = max_abs_diff(last.pooled.as_ref().unwrap(), phi.pooled.as_ref().unwrap());
+    assert!(moved_h > 1e-2 && moved_p > 1e-2, "both parts of φ_t move: hidden {moved_h}, pooled {moved_p}");
+}
+
+/// Algorithm 2 on SDXL: with J = 0 and no substitution it is plain Eq. 7 bit for bit (the same
+/// conditioning, pooled embeds and size ids reach the UNet as in `generate --subject`); with
+/// J Adam steps on φ_h = (hidden states, pooled embeds) Eq. 10 falls at every guided step.
+#[test]
+fn sdxl_algorithm_2_is_plain_eq7_without_steps_and_eq10_falls_with_them() {
+    let sd = load("tiny-xl");
+    let steps = 6;
+    let sched = sd.scheduler(steps).unwrap();
+    let s = xl_subject();
+    let uncond = tch::no_grad(|| sd.encode_negative(None));
+    let x_t = sd.initial_latents(5, 1, 16, 16);
+    let (_, traj) = xl_pivots(&sd, steps);
+    let mask = Tensor::zeros([1, 1, 8, 8], (Kind::Float, Device::Cpu));
+    let _ = mask.narrow(2, 2, 4).narrow(3, 2, 4).fill_(1.0);
+    let reference = Reference { traj: &traj, mask: &mask };
+    let steps_for = || SubjectSteps::new(&sd, "a dog in the snow", &s, &sched, &uncond, 1).unwrap();
+    let plain = tch::no_grad(|| sd.denoise(x_t.shallow_clone(), &sched, &mut steps_for(), 7.5, None).unwrap());
+    let gc = GuidanceConfig { t_start: 5, t_end: 2, steps: 0, lr: 1e-2, substitute: false };
+    let (same, _) = guided_denoise(&sd, &sched, x_t.shallow_clone(), &mut steps_for(), 7.5, &reference, &gc).unwrap();
+    assert!(same.equal(&plain), "J = 0 without substitution must be plain Eq. 7, bit for bit");
+    let gc = GuidanceConfig { steps: 6, substitute: true, ..gc };
+    let (x, report) = guided_denoise(&sd, &sched, x_t, &mut steps_for(), 7.5, &reference, &gc).unwrap();
+    assert!(bool::try_from(x.isfinite().all()).unwrap());
+    assert_eq!(report.losses.len(), 5 - 2 + 1);
+    for l in &report.losses {
+        assert!(l[5] < l[0], "Eq. 10 should fall over the J steps: {l:?}");
+    }
+    assert!(!x.equal(&plain), "guidance changes the image");
+}
+
+// ---- SDXL: DreamBooth and LoRA ----------------------------------------------------------------
+
+/// `learn --mode lora` and `--mode dreambooth` on SDXL (the UNet, conditioned by both frozen
+/// encoders and the added conditioning; prior preservation with SDXL class images): the LoRA's
+/// diffusers file and its kohya file with sd-scripts' SDXL (LDM) UNet names merge into the same
+/// weights; both subjects are drawn by `generate --subject`, the LoRA also through `--lora` in
+/// either format.
+#[test]
+fn sdxl_dreambooth_and_lora_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir("tiny-xl");
+    let learn = |mode: &str, out: &Path, extra: &[&str]| {
+        let mut c = bin();
+        c.args(["learn", "--mode", mode, "--model"]).arg(&model).arg("--images").arg(fixtures().join("photos/dog"));
+        c.args(["--class-noun", "dog", "--steps", "3", "--seed", "3", "--device", "cpu"]).args(extra);
+        c.arg("--out").arg(out);
+        ok(&c.output().unwrap());
+    };
+    let lora = tmp.path().join("xl-lora");
+    learn("lora", &lora, &["--lr", "0.05", "--class-images", "1", "--class-steps", "2"]);
+    assert!(lora.join("class_images").read_dir().unwrap().count() >= 1, "class images drawn by the SDXL model");
+    let peft = lora.join("pytorch_lora_weights.safetensors");
+    let kohya = lora.join("a1111/xl-lora.safetensors");
+    let p = read_tensors(&peft);
+    let k = read_tensors(&kohya);
+    assert!(p.keys().all(|k| k.starts_with("unet.")), "the UNet's adapters only");
+    // layers_per_block 1: down_blocks.1.attentions.0 is input_blocks.3.1, up_blocks.0's are
+    // output_blocks.0.1 and 1.1, the mid block's middle_block.1 (SDXL-base's down_blocks.1 →
+    // input_blocks.4.1, the sd-scripts name users see)
+    for name in [
+        "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q",
+        "lora_unet_input_blocks_5_1_transformer_blocks_1_attn2_to_out_0",
+        "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k",
+        "lora_unet_output_blocks_1_1_transformer_blocks_0_attn1_to_v",
+    ] {
+        assert!(
+            k.contains_key(&format!("{name}.lora_down.weight")),
+            "{name} in {:?}",
+            k.keys().take(4).collect::<Vec<_>>()
+        );
+    }
+    assert!(!k.keys().any(|k| k.contains("down_blocks") || k.contains("up_blocks")), "LDM names only");
+    assert_eq!(p.len(), k.len() / 3 * 2, "every adapter in both files");
+    let meta = hifi_tuner::load::safetensors_metadata(&kohya).unwrap();
+    assert_eq!(meta["ss_base_model_version"], "sdxl_base_v1-0");
+    // Both files merge into the same weights.
+    let merged = |file: &Path| {
+        let sd = load("tiny-xl");
+        let f = hifi_tuner::lora::read(file).unwrap();
+        hifi_tuner::lora::merge(&f, 1.0, &sd.lora_networks()).unwrap();
+        sd
+    };
+    let (a, b, base) = (merged(&peft), merged(&kohya), load("tiny-xl"));
+    let w = |sd: &StableDiffusion| {
+        sd.unet.vs.variables()["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"].copy()
+    };
+    assert!(max_abs_diff(&w(&a), &w(&b)) < 1e-7, "the kohya file's LDM names reach the same modules");
+    assert!(max_abs_diff(&w(&a), &w(&base)) > 1e-4, "the LoRA changes the weights");
+    // Drawn as a subject and through --lora (either file).
+    let gen = |extra: Vec<&std::ffi::OsStr>, out: &str| {
+        let path = tmp.path().join(out);
+        let mut c = bin();
+        c.args(["generate", "--prompt", "a sks dog on the beach", "--steps", "3", "--seed", "0", "--device", "cpu"]);
+        c.args(extra).arg("--out").arg(&path);
+        ok(&c.output().unwrap());
+        png_rgb(&path)
+    };
+    let m = model.as_os_str();
+    let plain = gen(vec!["--model".as_ref(), m], "plain.png");
+    let subject = gen(vec!["--subject".as_ref(), lora.as_os_str()], "lora.png");
+    let via_peft = gen(vec!["--model".as_ref(), m, "--lora".as_ref(), peft.as_os_str()], "peft.png");
+    let via_kohya = gen(vec!["--model".as_ref(), m, "--lora".as_ref(), kohya.as_os_str()], "kohya.png");
+    assert!(subject != plain && subject == via_peft, "the subject is the base model with its LoRA");
+    // (the kohya file's float32 α = 4 and the diffusers file's metadata α give the same scale;
+    // merged weights equal to 1e-7, so the 8-bit images agree within one level)
+    let most = subject.iter().zip(&via_kohya).map(|(x, y)| (*x as i32 - *y as i32).abs()).max().unwrap();
+    assert!(most <= 1, "kohya vs diffusers file: {most} levels");
+
+    let db = tmp.path().join("xl-db");
+    learn("dreambooth", &db, &["--lr", "1e-3", "--no-prior"]);
+    assert!(db.join("model/text_encoder_2").is_dir() && db.join("model/tokenizer_2").is_dir(), "a whole SDXL folder");
+    let drawn = gen(vec!["--subject".as_ref(), db.as_os_str()], "db.png");
+    assert!(drawn != plain, "the fine-tuned UNet draws another image");
+}
+
+/// An SDXL LoRA for the second text encoder (kohya `lora_te2_…`, diffusers `text_encoder_2.…`)
+/// merges into it: W + s·(α/r)·B·A exactly; an SD-1.x model refuses it, naming the key.
+#[test]
+fn sdxl_lora_for_the_second_text_encoder_merges_into_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let module = "text_model.encoder.layers.0.self_attn.q_proj";
+    let (a, b) = seeded(4, || {
+        (Tensor::randn([2, 48], (Kind::Float, Device::Cpu)), Tensor::randn([48, 2], (Kind::Float, Device::Cpu)))
+    });
+    let kohya = tmp.path().join("te2.safetensors");
+    let name = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj";
+    let tensors = vec![
+        (format!("{name}.lora_down.weight"), a.shallow_clone()),
+        (format!("{name}.lora_up.weight"), b.shallow_clone()),
+        (format!("{name}.alpha"), Tensor::from(1f32)),
+    ];
+    hifi_tuner::io::write_safetensors_atomic(&kohya, &tensors, &Default::default()).unwrap();
+    let peft = tmp.path().join("te2-peft.safetensors");
+    let tensors = vec![
+        ("text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_A.weight".to_string(), a.shallow_clone()),
+        ("text_encoder_2.encoder.layers.0.self_attn.q_proj.lora_B.weight".to_string(), b.shallow_clone()),
+    ];
+    hifi_tuner::io::write_safetensors_atomic(&peft, &tensors, &Default::default()).unwrap();
+    let weight = |sd: &StableDiffusion| {
+        sd.xl.as_ref().unwrap().text_encoder_2.vs.variables()[&format!("{module}.weight")].copy()
+    };
+    let base = weight(&load("tiny-xl"));
+    for (file, alpha) in [(&kohya, 1.0), (&peft, 2.0)] {
+        let sd = load("tiny-xl");
+        hifi_tuner::lora::merge(&hifi_tuner::lora::read(file).unwrap(), 0.5, &sd.lora_networks()).unwrap();
+        let want = &base + b.matmul(&a) * (0.5 * alpha / 2.0); // peft without metadata: α = r
+        check_tol(
+            &format!("{}: merged text_encoder_2 weight", file.display()),
+            max_abs_diff(&weight(&sd), &want),
+            1e-5,
+        );
+    }
+    let sd1 = load("tiny-a");
+    let e = hifi_tuner::lora::merge(&hifi_tuner::lora::read(&kohya).unwrap(), 1.0, &sd1.lora_networks()).unwrap_err();
+    assert!(format!("{e:#}").contains("SDXL LoRA") && format!("{e:#}").contains(name), "{e:#}");
 }

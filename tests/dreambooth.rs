@@ -38,6 +38,7 @@ fn parity(prior: bool, checkpointing: bool) {
         noise: r["noise"].narrow(0, 0, rows),
         t: r["timesteps"].narrow(0, 0, rows),
         ids: r["ids"].narrow(0, 0, rows),
+        ids_2: None,
         mask: None,
         n_instance: 1,
     };
@@ -146,6 +147,7 @@ fn gradient_of_the_masked_instance_loss_matches_finite_differences() {
         noise,
         t: Tensor::from_slice(&[300i64, 600]),
         ids,
+        ids_2: None,
         mask: Some(mask.shallow_clone()),
         n_instance: 1,
     };
@@ -196,6 +198,7 @@ fn checkpointed_gradients_equal_the_plain_backward() {
             noise: r["noise"].narrow(0, 0, 2),
             t: r["timesteps"].narrow(0, 0, 2),
             ids: r["ids"].narrow(0, 0, 2),
+            ids_2: None,
             mask: None,
             n_instance: 1,
         };
@@ -245,6 +248,8 @@ fn each_step_samples_the_vae_posterior_as_diffusers_does() {
         scaling_factor: sf,
         instance_ids: sd.tokenize("a sks dog"),
         class_ids: sd.tokenize("a photo of a dog"),
+        instance_ids_2: None,
+        class_ids_2: None,
     };
     let args = DreamBoothArgs::new("sks", "dog");
     let (a, b, a2) = (draw(&sd, &data, &args, 0), draw(&sd, &data, &args, 1), draw(&sd, &data, &args, 0));

@@ -110,7 +110,7 @@ fn algorithm_2_refuses_guidance_at_most_one() {
     let s = subject();
     let uncond = tch::no_grad(|| sd.encode_prompt(""));
     let x0 = Tensor::zeros([1, 4, 16, 16], (Kind::Float, Device::Cpu));
-    let traj = tch::no_grad(|| ddim_invert(&sd, &sched, &x0, &sd.encode_prompt("a dog")));
+    let traj = tch::no_grad(|| ddim_invert(&sd, &sched, &x0, sd.encode_prompt("a dog")));
     let gc = GuidanceConfig { t_start: 8, t_end: 3, steps: 1, lr: 1e-2, substitute: true };
     for w in [1.0, 0.5] {
         let mut c = SubjectSteps::new(&sd, "a dog", &s, &sched, uncond.shallow_clone(), 1).unwrap();
@@ -207,7 +207,7 @@ fn algorithm_2_with_no_steps_and_no_substitution_is_plain_eq7() {
             &sd,
             &sched,
             &(Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu))),
-            &sd.encode_prompt("a dog"),
+            sd.encode_prompt("a dog"),
         )
     });
     let plain = tch::no_grad(|| {
@@ -245,7 +245,7 @@ fn eq10_falls_over_the_phi_h_steps() {
     let uncond = tch::no_grad(|| sd.encode_prompt(""));
     let x_t = sd.initial_latents(5, 1, 32, 32);
     let x0 = seeded(2, || Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu))) * 0.5;
-    let traj = ddim_invert(&sd, &sched, &x0, &tch::no_grad(|| sd.encode_prompt("a photo of a dog")));
+    let traj = ddim_invert(&sd, &sched, &x0, tch::no_grad(|| sd.encode_prompt("a photo of a dog")));
     let gc = GuidanceConfig { t_start: 8, t_end: 5, steps: 6, lr: 1e-2, substitute: true };
     let mut c = SubjectSteps::new(&sd, "a dog in the snow", &s, &sched, uncond, 1).unwrap();
     let (x, report) =

@@ -40,6 +40,7 @@ fn two_lora_steps_equal_diffusers_and_peft() {
         noise: r["noise"].shallow_clone(),
         t: r["timesteps"].shallow_clone(),
         ids: r["ids"].shallow_clone(),
+        ids_2: None,
         mask: None,
         n_instance: 1,
     };
@@ -82,6 +83,7 @@ fn a_checkpointed_lora_step_equals_the_plain_step() {
         noise: r["noise"].shallow_clone(),
         t: r["timesteps"].shallow_clone(),
         ids: r["ids"].shallow_clone(),
+        ids_2: None,
         mask: None,
         n_instance: 1,
     };
@@ -113,7 +115,7 @@ fn merged_lora_equals_runtime_adapters() {
     let mut adapted = sd();
     let _params = Params::lora_from_file(&mut adapted, &init).unwrap();
     let merged = sd();
-    lora::merge(&init, 1.0, &merged.unet.vs, &merged.text_encoder.vs).unwrap();
+    lora::merge(&init, 1.0, &merged.lora_networks()).unwrap();
     let plain = sd();
     let ids = plain.tokenize("a sks dog on the beach");
     let (x, t) = tch::no_grad(|| {
@@ -244,7 +246,7 @@ fn kohya_and_diffusers_files_hold_the_same_adapters() {
     }
     let weights = |f: &lora::LoraFile| {
         let m = sd();
-        lora::merge(f, 1.0, &m.unet.vs, &m.text_encoder.vs).unwrap();
+        lora::merge(f, 1.0, &m.lora_networks()).unwrap();
         let mut v: BTreeMap<String, Tensor> = m.unet.vs.variables().into_iter().collect();
         v.extend(m.text_encoder.vs.variables().into_iter().map(|(k, t)| (format!("te.{k}"), t)));
         v
@@ -287,12 +289,14 @@ fn bad_lora_files_are_refused_by_name_and_nothing_is_written() {
             Tensor::zeros([32, 4], (Kind::Float, Device::Cpu)),
         );
     });
-    let sdxl = write("sdxl.safetensors", &|t| {
-        t.insert(
-            "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight".into(),
-            Tensor::zeros([4, 32], (Kind::Float, Device::Cpu)),
-        );
-    });
+    // a valid SDXL LoRA (kohya, the second text encoder) on an SD-1.x model
+    let sdxl = tmp.path().join("sdxl.safetensors");
+    let name = "lora_te2_text_model_encoder_layers_0_mlp_fc1";
+    let v = vec![
+        (format!("{name}.lora_down.weight"), Tensor::zeros([4, 32], (Kind::Float, Device::Cpu))),
+        (format!("{name}.lora_up.weight"), Tensor::zeros([64, 4], (Kind::Float, Device::Cpu))),
+    ];
+    hifi_tuner::io::write_safetensors_atomic(&sdxl, &v, &Default::default()).unwrap();
     let pickle = tmp.path().join("style.pt");
     std::fs::write(&pickle, b"\x80\x02}q\x00.").unwrap();
     for (file, needle) in [

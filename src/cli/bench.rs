@@ -80,14 +80,6 @@ pub fn run(a: Args) -> Result<()> {
         json!({"what": "generate", "device": format!("{device:?}"), "dtype": hifi_tuner::precision::name(sd.dtype()),
         "size": size, "steps": a.steps, "seconds": gen_s, "seconds_per_step": gen_s / a.steps as f64})
     );
-    if sd.is_xl() {
-        eprintln!(
-            "note: {} is SDXL: only `generate` is timed (learning, guidance and replacement need SD-1.x / 2.x)",
-            model.display()
-        );
-        return Ok(());
-    }
-
     let mut rates = vec![];
     for (mode, space) in [(Mode::Hifi, Space::Input), (Mode::Hifi, Space::Output), (Mode::Ti, Space::Input)] {
         let args = LearnArgs {
@@ -151,7 +143,7 @@ pub fn run(a: Args) -> Result<()> {
     // Reference guidance's second pass (Algorithm 2) with the paper's defaults on a random
     // subject, a random reference latent and a centre mask.
     let sched = sd.scheduler(a.steps)?;
-    let d = sd.text_encoder.hidden_size();
+    let d = sd.cond_width(); // SDXL: both encoders side by side
     let subject = Subject {
         c_s: Tensor::randn([5, d], (Kind::Float, Device::Cpu)) * 0.1,
         stepwise: vec![],
@@ -171,9 +163,9 @@ pub fn run(a: Args) -> Result<()> {
         GuidanceConfig { t_start, t_end: (a.steps / 5).max(1).min(t_start), steps: 10, lr: 1e-2, substitute: true };
     sync(device);
     let t = Instant::now();
-    let uncond = tch::no_grad(|| sd.encode_prompt(""));
-    let traj = ddim_invert(&sd, &sched, &x0, &tch::no_grad(|| sd.encode_prompt("a photo of a dog")));
-    let mut cond = SubjectSteps::new(&sd, "a dog on the beach", &subject, &sched, uncond, 1)?;
+    let uncond = tch::no_grad(|| sd.encode_negative(None));
+    let traj = ddim_invert(&sd, &sched, &x0, tch::no_grad(|| sd.encode_text("a photo of a dog")));
+    let mut cond = SubjectSteps::new(&sd, "a dog on the beach", &subject, &sched, &uncond, 1)?;
     let x_t = sd.initial_latents(0, 1, size, size);
     let (_, report) = guided_denoise(&sd, &sched, x_t, &mut cond, 7.5, &Reference { traj: &traj, mask: &mask }, &gc)?;
     sync(device);
@@ -189,7 +181,7 @@ pub fn run(a: Args) -> Result<()> {
     sync(device);
     let t = Instant::now();
     let caption = "a photo of a cat on a bench";
-    let (cond_r, uncond) = tch::no_grad(|| (sd.encode_prompt(caption), sd.encode_prompt("")));
+    let (cond_r, uncond) = tch::no_grad(|| (sd.encode_text(caption), sd.encode_negative(None)));
     let traj = ddim_invert(&sd, &sched, &x0, &cond_r);
     let nti_cfg = NtiConfig { early_stop: f64::NEG_INFINITY, early_stop_slope: 0.0, ..NtiConfig::default() };
     let t_nti = Instant::now();
@@ -228,7 +220,6 @@ pub fn run(a: Args) -> Result<()> {
 fn lora_steps_per_second(a: &Args, device: Device, size: i64) -> Result<f64> {
     use hifi_tuner::dreambooth::{step_on, DbBatch, DbState, DreamBoothArgs, Params};
     let mut sd = a.model_options.load(a.model.as_deref().expect("checked"), device)?;
-    sd.require_not_xl("bench")?;
     let mut args = DreamBoothArgs::new_lora("sks", "dog");
     args.prior_weight = None;
     let lora = args.lora.clone().expect("a LoRA recipe");
@@ -241,6 +232,7 @@ fn lora_steps_per_second(a: &Args, device: Device, size: i64) -> Result<f64> {
         noise: Tensor::randn([1, c, l, l], (Kind::Float, device)),
         t: Tensor::from_slice(&[500i64]).to_device(device),
         ids: sd.tokenize(&args.instance_prompt),
+        ids_2: sd.tokenize_each(&args.instance_prompt).get(1).map(Tensor::shallow_clone),
         mask: None,
         n_instance: 1,
     });

@@ -130,9 +130,6 @@ pub fn run(mut a: Args) -> Result<()> {
         }
     }
     let mut sd = a.model_options.load(&model, device)?;
-    if dreambooth.is_some() || a.reference_guidance {
-        sd.require_not_xl("generate with a DreamBooth --subject or --reference-guidance")?;
-    }
     if a.token.is_some() && a.embedding.len() != 1 {
         bail!("--token goes with exactly one --embedding");
     }

@@ -90,7 +90,6 @@ pub fn run(a: Args) -> Result<()> {
     let device = super::parse_device(&a.inv.device)?;
     let (caption, source) = a.inv.caption(device)?;
     let sd = a.inv.model_options.load(&a.inv.model, device)?;
-    sd.require_not_xl("invert")?;
     let inv = invert(&sd, &a.inv.request(&caption, source))?;
     save_inverted(&a.out, &inv)?;
     eprintln!("inverted in {:.2}s, of which null-text optimisation {:.2}s", inv.seconds, inv.nti_seconds);

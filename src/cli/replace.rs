@@ -105,7 +105,6 @@ pub fn run(mut a: Args) -> Result<()> {
         _ => a.inv.caption(device)?,
     };
     let mut sd = a.inv.model_options.load(&a.inv.model, device)?;
-    sd.require_not_xl("replace")?;
     let subject = match &fine_tuned {
         Some(_) => None,
         None => a.subject.as_deref().map(Subject::load).transpose()?,

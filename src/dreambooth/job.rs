@@ -166,7 +166,22 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
     check_out(&job.out, &manifest)?;
     let ckpt_path = crate::subject::job::checkpoint_path(&job.out, job.resume)?;
     let mut sd = StableDiffusion::load_with(&job.model, &job.load, job.device)?;
-    sd.require_not_xl("learn --mode dreambooth / lora")?;
+    if sd.is_xl() {
+        // SDXL: the UNet alone (two text encoders to fine-tune, and the checkpointed backward
+        // with added conditioning, are not built)
+        if args.train_text_encoder {
+            bail!(
+                "--train-text-encoder is not built for SDXL models yet ({} is SDXL): train the UNet alone",
+                sd.source.display()
+            );
+        }
+        if args.gradient_checkpointing {
+            bail!(
+                "--gradient-checkpointing is not built for SDXL models yet ({} is SDXL): pass --gradient-checkpointing false",
+                sd.source.display()
+            );
+        }
+    }
     // LoRA: frozen base weights in any dtype, float32 adapters; DreamBooth: float32 weights
     if args.gradient_checkpointing && sd.dtype() != Kind::Float {
         bail!("--gradient-checkpointing needs float32 weights: pass --dtype fp32, or --gradient-checkpointing false");
@@ -224,6 +239,8 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
             scaling_factor: sd.vae.scaling_factor(),
             instance_ids: sd.tokenize(&args.instance_prompt),
             class_ids: sd.tokenize(&args.class_prompt),
+            instance_ids_2: sd.tokenize_each(&args.instance_prompt).get(1).map(Tensor::shallow_clone),
+            class_ids_2: sd.tokenize_each(&args.class_prompt).get(1).map(Tensor::shallow_clone),
         })
     })?;
     let mut params = match lora {
@@ -270,7 +287,7 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
     let steps_per_s = (args.steps - first_step) as f64 / started.elapsed().as_secs_f64().max(1e-9);
     eprintln!("trained at {steps_per_s:.2} steps/s");
     let model = match (lora, &source) {
-        (Some(l), _) => write_lora(&job.out, &params, l, &manifest.model)?,
+        (Some(l), _) => write_lora(&job.out, &params, l, &manifest.model, sd.xl.as_ref().map(|_| &sd.unet.config))?,
         (None, Some(source)) => write_model(&source.root, &job.out.join(MODEL_DIR), &sd, args.train_text_encoder)?,
         (None, None) => unreachable!("a DreamBooth run has a source folder"),
     };
@@ -583,7 +600,13 @@ fn read_checkpoint(
 /// Writes the trained adapters: `OUT/pytorch_lora_weights.safetensors` (diffusers / PEFT keys,
 /// what `pipe.load_lora_weights(OUT)` reads) and `OUT/a1111/NAME.safetensors` (kohya keys, for
 /// AUTOMATIC1111 and ComfyUI); returns the first.
-fn write_lora(out: &Path, params: &Params, l: &super::LoraArgs, base_model: &str) -> Result<PathBuf> {
+fn write_lora(
+    out: &Path,
+    params: &Params,
+    l: &super::LoraArgs,
+    base_model: &str,
+    unet_ldm: Option<&crate::models::unet::config::UNetConfig>,
+) -> Result<PathBuf> {
     use crate::lora::{Component, Trained};
     let by_name: BTreeMap<&str, &Tensor> = params.names.iter().map(String::as_str).zip(&params.tensors).collect();
     let mut layers = Vec::new();
@@ -601,7 +624,7 @@ fn write_lora(out: &Path, params: &Params, l: &super::LoraArgs, base_model: &str
     crate::lora::write_peft(&peft, &layers, l.rank, l.alpha)?;
     let kohya = kohya_path(out);
     crate::io::create_dir_all(kohya.parent().context("a1111 folder")?)?;
-    crate::lora::write_kohya(&kohya, &layers, l.rank, l.alpha, base_model)?;
+    crate::lora::write_kohya(&kohya, &layers, l.rank, l.alpha, base_model, unet_ldm)?;
     eprintln!("wrote {} (diffusers) and {} (A1111 / ComfyUI)", peft.display(), kohya.display());
     Ok(peft)
 }

@@ -14,9 +14,15 @@
 //! photo, class image, z, ε, t) comes from a generator seeded by (seed, step) alone, so a resumed
 //! run is bit-identical to an unbroken one. The job (class images, checkpoints, the model folder) is
 //! [`job`].
+//!
+//! On SDXL the UNet is trained (not the text encoders: `--train-text-encoder` is refused
+//! there), conditioned as `train_dreambooth_lora_sdxl.py` does: both frozen encoders'
+//! penultimate states side by side, and encoder 2's pooled embeds with the `time_ids` of the
+//! square training size (original = target size, no crop) as the added conditioning.
 
 pub mod job;
 
+use crate::models::unet::AddedCond;
 use crate::models::vae::LatentDist;
 use crate::pipeline::StableDiffusion;
 use crate::scheduler::DdimScheduler;
@@ -313,6 +319,9 @@ pub struct DbData {
     /// Ids (1, 77) of the instance and class prompts.
     pub instance_ids: Tensor,
     pub class_ids: Tensor,
+    /// SDXL: the same prompts' ids from the second tokenizer.
+    pub instance_ids_2: Option<Tensor>,
+    pub class_ids_2: Option<Tensor>,
 }
 
 /// One step's batch: [instance; class] latents, ε, t and prompt ids; the first `n_instance`
@@ -322,6 +331,8 @@ pub struct DbBatch {
     pub noise: Tensor,
     pub t: Tensor,
     pub ids: Tensor,
+    /// SDXL: the second tokenizer's ids of the same rows.
+    pub ids_2: Option<Tensor>,
     pub mask: Option<Tensor>,
     pub n_instance: i64,
 }
@@ -387,21 +398,43 @@ pub fn draw(sd: &StableDiffusion, data: &DbData, args: &DreamBoothArgs, step: us
     };
     let inst = sample(&data.instance, &photo, 0);
     let mask = data.masks.as_ref().map(|m| m.index_select(0, &photo.to_device(dev)));
-    let (latents, ids) = match (prior, &data.class, class) {
-        (true, Some(c), Some(k)) => {
-            (Tensor::cat(&[inst, sample(c, &k, 1)], 0), Tensor::cat(&[&data.instance_ids, &data.class_ids], 0))
-        }
-        _ => (inst, data.instance_ids.shallow_clone()),
+    let (latents, ids, ids_2) = match (prior, &data.class, class) {
+        (true, Some(c), Some(k)) => (
+            Tensor::cat(&[inst, sample(c, &k, 1)], 0),
+            Tensor::cat(&[&data.instance_ids, &data.class_ids], 0),
+            data.instance_ids_2.as_ref().zip(data.class_ids_2.as_ref()).map(|(i, c)| Tensor::cat(&[i, c], 0)),
+        ),
+        _ => (inst, data.instance_ids.shallow_clone(), data.instance_ids_2.as_ref().map(Tensor::shallow_clone)),
     };
-    DbBatch { latents, noise: noise.to_device(dev), t: t.to_device(dev), ids, mask, n_instance: 1 }
+    DbBatch { latents, noise: noise.to_device(dev), t: t.to_device(dev), ids, ids_2, mask, n_instance: 1 }
+}
+
+/// The UNet's text conditioning of a batch: the text encoder's last hidden state (gradients
+/// reach it when it is unfrozen); SDXL: both (frozen) encoders' penultimate states, with the
+/// pooled embeds and the `time_ids` of the batch's image size as the added conditioning.
+pub fn conditioning(sd: &StableDiffusion, b: &DbBatch) -> Result<(Tensor, Option<AddedCond>)> {
+    match (&b.ids_2, sd.is_xl()) {
+        (None, false) => Ok((sd.text_encoder.forward(&b.ids), None)),
+        (Some(ids_2), true) => {
+            let (ctx, pooled) = sd.encode_ids(&[b.ids.shallow_clone(), ids_2.shallow_clone()]);
+            let f = sd.vae_scale_factor();
+            let (h, w) = (b.latents.size()[2] * f, b.latents.size()[3] * f);
+            Ok((ctx, pooled.map(|p| sd.added_cond(p, h, w))))
+        }
+        (_, xl) => bail!(
+            "internal: a DreamBooth batch with {} tokenizer's ids for {} model",
+            if b.ids_2.is_some() { "a second" } else { "one" },
+            if xl { "an SDXL" } else { "an SD-1.x / 2.x" }
+        ),
+    }
 }
 
 /// The DreamBooth loss of a batch: MSE(instance) (masked by Eq. 5 when the batch has a mask)
 /// + w_prior·MSE(class). Gradients reach the UNet (and the text encoder when it is unfrozen).
 pub fn loss(sd: &StableDiffusion, sched: &DdimScheduler, b: &DbBatch, prior_weight: Option<f64>) -> Result<DbLosses> {
     let x_t = sched.add_noise(&b.latents, &b.noise, &b.t);
-    let ctx = sd.text_encoder.forward(&b.ids);
-    let pred = sd.unet.forward(&x_t, &b.t, &ctx, None);
+    let (ctx, added) = conditioning(sd, b)?;
+    let pred = sd.unet.forward_added(&x_t, &b.t, &ctx, added.as_ref(), None);
     let tgt = sched.training_target(&b.latents, &b.noise, &b.t)?;
     Ok(losses_of(&pred, &tgt, b, prior_weight))
 }
@@ -433,6 +466,9 @@ pub fn checkpointed_grads(
     b: &DbBatch,
     prior_weight: Option<f64>,
 ) -> Result<(DbLosses, Vec<Tensor>)> {
+    if sd.is_xl() {
+        bail!("gradient checkpointing is not built for SDXL's UNet yet: pass --gradient-checkpointing false");
+    }
     for p in params.leaves().iter_mut() {
         p.zero_grad();
     }

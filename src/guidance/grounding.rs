@@ -96,16 +96,14 @@ pub fn heat_map(sd: &StableDiffusion, photo: &Tensor, class_noun: &str) -> Resul
     tch::no_grad(|| -> Result<Heat> {
         let x0 = sd.vae.encode(&x).mean * sd.vae.scaling_factor(); // (1, 4, S/f, S/f)
                                                                    // SDXL: both encoders' states, and the pooled embeds + size ids as added conditioning.
-        let (cond, pooled) = sd.encode_ids(&sd.tokenize_each(&prompt));
-        let added = pooled.map(|p| sd.added_cond(p, s, s));
+        let text = sd.encode_text(&prompt);
         let mut daam = CrossAttnAggregator::new(tokens, (s / f, s / f), false);
         for &seed in &SEEDS {
             let eps = crate::rng::seeded(seed as i64, || Tensor::randn(x0.size(), (Kind::Float, Device::Cpu)))
                 .to_device(sd.device);
             for &t in &TIMESTEPS {
                 let xt = sched.add_noise(&x0, &eps, &Tensor::from_slice(&[t]));
-                let ts = Tensor::from(t).to_device(sd.device);
-                let _ = sd.unet.forward_added(&xt, &ts, &cond, added.as_ref(), Some(&mut daam));
+                let _ = sd.eps(&xt, t, &text, Some(&mut daam));
             }
         }
         let heat = daam.normalised().expect("the UNet has cross-attention"); // (1, S/f, S/f)

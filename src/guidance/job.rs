@@ -18,7 +18,7 @@ use crate::attention::Chain;
 use crate::eval::dino::Dino;
 use crate::io::{decoded_to_u8, image_to_u8, mask_to_u8, RgbImage};
 use crate::models::sam::SamModel;
-use crate::pipeline::{Fixed, GenerateRequest, StableDiffusion, StepCond, StepConditioning};
+use crate::pipeline::{Fixed, GenerateRequest, StableDiffusion, StepConditioning, TextCond};
 use crate::scheduler::DdimScheduler;
 use crate::subject::conditioning::SubjectSteps;
 use crate::subject::data::{load_photos, MaskFit, Photo};
@@ -111,13 +111,18 @@ impl GuidedSubject<'_> {
         sd: &'s StableDiffusion,
         prompt: &str,
         sched: &DdimScheduler,
-        uncond: Tensor,
+        uncond: &TextCond,
+        size: (i64, i64),
     ) -> Result<Box<dyn StepConditioning + 's>> {
         Ok(match self {
-            GuidedSubject::Embedding(s) => Box::new(SubjectSteps::new(sd, prompt, s, sched, uncond, 1)?),
+            GuidedSubject::Embedding(s) => {
+                let mut steps = SubjectSteps::new(sd, prompt, s, sched, uncond, 1)?;
+                steps.size = size;
+                Box::new(steps)
+            }
             GuidedSubject::FineTuned { .. } => {
-                let cond = tch::no_grad(|| sd.encode_prompt(prompt));
-                Box::new(Fixed(StepCond { cond, uncond, added: None }))
+                let cond = tch::no_grad(|| sd.encode_text(prompt));
+                Box::new(Fixed(sd.step_cond(&cond, uncond, size.0, size.1)))
             }
         })
     }
@@ -140,7 +145,9 @@ pub fn generate_guided(
     super::reference::check_guidance_scale(req.guidance)?;
     let started = Instant::now();
     let photos = reference_photos(subject_dir, opt, sd.default_size())?;
-    let uncond = tch::no_grad(|| sd.encode_prompt(req.negative_prompt.as_deref().unwrap_or("")));
+    // φ as the plain pipeline builds it (SDXL: zeros, pooled too, for no negative prompt).
+    let uncond = tch::no_grad(|| sd.encode_negative(req.negative_prompt.as_deref()));
+    let size = (req.height, req.width);
     let x_t = sd.initial_latents(req.seed, 1, req.height, req.width);
     let (h, w) = (x_t.size()[2], x_t.size()[3]);
     // 1. I_g1 and M_g.
@@ -151,7 +158,7 @@ pub fn generate_guided(
     let mut daam = CrossAttnAggregator::new(tokens, (h, w), req.guidance > 1.0);
     let mut words = CrossAttnAggregator::new(subject.contrast_tokens(sd, &req.prompt), (h, w), req.guidance > 1.0);
     let x0_g1 = tch::no_grad(|| -> Result<Tensor> {
-        let mut steps = subject.steps(sd, &req.prompt, &sched, uncond.shallow_clone())?;
+        let mut steps = subject.steps(sd, &req.prompt, &sched, &uncond, size)?;
         let mut both = Chain(vec![&mut daam, &mut words]);
         sd.denoise(x_t.shallow_clone(), &sched, steps.as_mut(), req.guidance, Some(&mut both))
     })?;
@@ -213,10 +220,10 @@ pub fn generate_guided(
     let caption = opt.reference_caption.clone().unwrap_or_else(|| format!("a photo of a {}", subject.class_noun()));
     let traj = tch::no_grad(|| {
         let x0 = sd.vae.encode(&warped.unsqueeze(0).to_device(sd.device)).mean * sd.vae.scaling_factor();
-        ddim_invert(sd, &sched, &x0, &sd.encode_prompt(&caption))
+        ddim_invert(sd, &sched, &x0, sd.encode_text(&caption))
     });
     // 5. Algorithm 2.
-    let mut steps = subject.steps(sd, &req.prompt, &sched, uncond)?;
+    let mut steps = subject.steps(sd, &req.prompt, &sched, &uncond, size)?;
     let (x0, report) = guided_denoise(
         sd,
         &sched,

@@ -5,11 +5,17 @@
 //! x_{t−1}\[M_r*\] = F^(t)(x_t, [c, c_s^t], φ_h)\[M_r*\]. φ_h carries over between steps; each step
 //! starts a fresh Adam (as null-text inversion does). The conditional branch ε_θ(x_t, c) is
 //! computed once per step; only the φ_h branch takes gradients.
+//!
+//! On SDXL φ_h is the unconditional branch's whole text conditioning: both encoders' hidden
+//! states (1, 77, d₁ + d₂) *and* the pooled `text_embeds` (1, P), which reach every ResNet
+//! block through the added time embedding. Both are optimised: they are what φ is on SDXL
+//! (with `force_zeros_for_empty_prompt` both start at zero), and Eq. 10 only reads M_r*, so the
+//! pooled embeds' global reach changes nothing outside the mask.
 
 use super::invert::Trajectory;
-use crate::pipeline::{cfg, StableDiffusion, StepConditioning};
+use crate::pipeline::{cfg, StableDiffusion, StepConditioning, TextCond};
 use crate::scheduler::DdimScheduler;
-use crate::subject::adam::Adam;
+use crate::subject::adam::TextAdam;
 use anyhow::{bail, Result};
 use std::time::Instant;
 use tch::{Kind, Tensor};
@@ -96,13 +102,13 @@ pub fn guided_denoise(
     check_guidance_scale(guidance)?;
     let bar = crate::progress::bar(n as u64, "guided");
     let mut report = GuidanceReport::default();
-    let (mut x, mut phi_h): (Tensor, Option<Tensor>) = (x_t, None);
+    let (mut x, mut phi_h): (Tensor, Option<TextCond>) = (x_t, None);
     let mut phi_h_moved = false;
     for (i, &t) in sched.timesteps.iter().enumerate() {
         let paper_t = n - i; // T … 1
         let c = cond.at(i, t)?;
         if paper_t == gc.t_start {
-            phi_h = Some(c.uncond.detach().copy());
+            phi_h = Some(c.uncond_text().detach_copy());
             if gc.substitute {
                 x = substitute(&x, traj.before_step(i), mask);
             }
@@ -112,20 +118,16 @@ pub fn guided_denoise(
         if let (Some(p), true) = (phi_h.as_mut(), gc.t_end <= paper_t && paper_t <= gc.t_start) {
             let started = Instant::now();
             let target = traj.after_step(i);
-            let f_h = |p: &Tensor| {
-                let eps_h = sd.unet.forward(&x, &Tensor::from(t).to_device(sd.device), p, None);
-                sched.step(&cfg(&eps_h, &eps_c, guidance), t, &x)
-            };
-            let mut adam = Adam::new(p, gc.lr);
+            let f_h = |p: &TextCond| sched.step(&cfg(&sd.eps(&x, t, p, None), &eps_c, guidance), t, &x);
+            let mut adam = TextAdam::new(p, gc.lr);
             // Losses are kept on the device and read once the step is done: no host sync
             // inside the J Adam steps.
             let mut step_losses = Vec::with_capacity(gc.steps);
             for _ in 0..gc.steps {
-                let leaf = p.detach().set_requires_grad(true);
-                let loss = eq10(&f_h(&leaf), target, mask);
+                let leaves = p.leaves();
+                let loss = eq10(&f_h(&leaves), target, mask);
                 step_losses.push(loss.detach());
-                let g = Tensor::run_backward(&[&loss], &[&leaf], false, false).remove(0);
-                adam.update(p, &g);
+                adam.step(p, &leaves, &loss);
                 phi_h_moved = true;
             }
             if phi_h_moved {

@@ -16,7 +16,7 @@ use crate::io::{
     decoded_to_u8, file_sha256, image_to_u8, load_image_cover, write_bytes_atomic, write_safetensors_atomic,
 };
 use crate::load::{read_safetensors_finite, safetensors_metadata};
-use crate::pipeline::{cfg, StableDiffusion, StepCond, StepConditioning};
+use crate::pipeline::{cfg, StableDiffusion, StepConditioning, TextCond};
 use crate::subject::conditioning::{check_room, SubjectSteps};
 use crate::subject::file::Subject;
 use anyhow::{bail, Context, Result};
@@ -114,7 +114,8 @@ pub fn invert(sd: &StableDiffusion, req: &InvertRequest) -> Result<Inverted> {
     let sched = sd.scheduler(req.steps)?;
     let (cond, uncond, x0) = tch::no_grad(|| {
         let x0 = sd.vae.encode(&pixels.unsqueeze(0).to_device(sd.device)).mean * sd.vae.scaling_factor(); // (1, C, h, w)
-        (sd.encode_prompt(&req.caption), sd.encode_prompt(""), x0)
+                                                                                                          // φ as the plain pipeline builds it (SDXL: zeros, pooled too).
+        (sd.encode_text(&req.caption), sd.encode_negative(None), x0)
     });
     let traj = ddim_invert(sd, &sched, &x0, &cond);
     let nti_started = Instant::now();
@@ -158,15 +159,19 @@ fn step_log_line(i: usize, s: &StepLog) -> String {
     .to_string()
 }
 
-/// Writes an inversion file: `x_T` (1, C, h, w), `phi` (T, 77, d) in generation order,
-/// `timesteps` (T,), and the provenance as metadata.
+/// Writes an inversion file: `x_T` (1, C, h, w), `phi` (T, 77, d) in generation order (SDXL:
+/// and `phi_pooled` (T, P)), `timesteps` (T,), and the provenance as metadata.
 pub fn save_inversion(path: &Path, inv: &Inversion) -> Result<()> {
     let m = &inv.meta;
-    let tensors = vec![
+    let phi = TextCond::cat(&inv.nti.phi.iter().collect::<Vec<_>>());
+    let mut tensors = vec![
         ("x_T".to_string(), inv.nti.x_t.to_kind(Kind::Float)),
-        ("phi".to_string(), Tensor::cat(&inv.nti.phi, 0).to_kind(Kind::Float)), // (T, 77, d)
+        ("phi".to_string(), phi.hidden.to_kind(Kind::Float)), // (T, 77, d)
         ("timesteps".to_string(), Tensor::from_slice(&inv.nti.timesteps)),
     ];
+    if let Some(p) = phi.pooled {
+        tensors.push(("phi_pooled".to_string(), p.to_kind(Kind::Float))); // (T, P)
+    }
     let mut meta = BTreeMap::new();
     meta.insert("format".into(), FORMAT.into());
     meta.insert("model".into(), m.model.clone());
@@ -221,7 +226,21 @@ pub fn load_inversion(path: &Path, device: Device) -> Result<Inversion> {
             meta.steps
         );
     }
-    let phi: Vec<Tensor> = phi.to_device(device).split(1, 0); // T × (1, 77, d)
+    let pooled = match t.remove("phi_pooled") {
+        Some(p) if p.dim() != 2 || p.size()[0] != phi.size()[0] => {
+            bail!("{}: phi_pooled is {:?} but phi is {:?}", file.display(), p.size(), phi.size())
+        }
+        Some(p) => p.to_device(device).split(1, 0).into_iter().map(Some).collect::<Vec<_>>(),
+        None => (0..timesteps.len()).map(|_| None).collect(),
+    };
+    // T × (1, 77, d), with (1, P) on SDXL
+    let phi: Vec<TextCond> = phi
+        .to_device(device)
+        .split(1, 0)
+        .into_iter()
+        .zip(pooled)
+        .map(|(hidden, pooled)| TextCond { hidden, pooled })
+        .collect();
     let x_t = x_t.to_device(device);
     Ok(Inversion { nti: NullTextInversion { x0: None, x_t, phi, timesteps, log: Vec::new() }, meta })
 }
@@ -383,14 +402,27 @@ pub fn replace(
     }
     let max_len = sd.tokenizer.model_max_length();
     let n_subject = subject.map(|s| s.n_tokens()).unwrap_or(0) as usize;
+    if inversion.nti.phi.iter().any(|p| p.pooled.is_some() != sd.is_xl()) {
+        bail!(
+            "the inversion's null-text embeddings {} pooled embeds, but {} is {}an SDXL model",
+            if sd.is_xl() { "lack" } else { "carry" },
+            sd.source.display(),
+            if sd.is_xl() { "" } else { "not " }
+        );
+    }
+    let size = (m.height, m.width);
     // The target's conditional branch per step: [c^g, c_s^t] or c^g.
     // (Their unconditional half is unused: φ*_t replaces it.)
-    let empty = tch::no_grad(|| sd.encode_prompt(""));
+    let empty = tch::no_grad(|| sd.encode_negative(None));
     let mut target_steps: Box<dyn StepConditioning + '_> = match subject {
-        Some(s) => Box::new(SubjectSteps::new(sd, &swap.target_caption, s, &sched, empty, 1)?),
+        Some(s) => {
+            let mut steps = SubjectSteps::new(sd, &swap.target_caption, s, &sched, &empty, 1)?;
+            steps.size = size;
+            Box::new(steps)
+        }
         None => {
-            let c = tch::no_grad(|| sd.encode_prompt(&swap.target_caption));
-            Box::new(crate::pipeline::Fixed(StepCond { cond: c, uncond: empty, added: None }))
+            let c = tch::no_grad(|| sd.encode_text(&swap.target_caption));
+            Box::new(crate::pipeline::Fixed(sd.step_cond(&c, &empty, size.0, size.1)))
         }
     };
     let alignment = align_tokens(max_len, swap.start, swap.n_source, swap.n_target);
@@ -415,13 +447,13 @@ pub fn replace(
     let mut source_map = CrossAttnAggregator::new(source_tokens, (h, w), true);
     let mut target_map = CrossAttnAggregator::new(target_tokens, (h, w), true);
     let latents = tch::no_grad(|| -> Result<Tensor> {
-        let c_r = sd.encode_prompt(&swap.source_caption); // (1, 77, d)
+        let c_r = sd.encode_text(&swap.source_caption); // (1, 77, d)
         let bar = crate::progress::bar(n as u64, "replacing");
         let mut x = Tensor::cat(&[x_t, x_t], 0); // (2, C, h, w): [source; target]
         for (i, &t) in sched.timesteps.iter().enumerate() {
-            let c_g = target_steps.at(i, t)?.cond; // (1, 77, d)
+            let c_g = target_steps.at(i, t)?.cond_text(); // (1, 77, d)
             let phi = &inversion.nti.phi[i]; // (1, 77, d)
-            let c = StepCond { cond: Tensor::cat(&[&c_r, &c_g], 0), uncond: Tensor::cat(&[phi, phi], 0), added: None };
+            let c = sd.step_cond(&TextCond::cat(&[&c_r, &c_g]), &TextCond::cat(&[phi, phi]), size.0, size.1);
             p2p.step = i;
             let mut chain = Chain(vec![&mut source_map, &mut target_map, &mut p2p]);
             let (eps_u, eps_c) = sd.eps_pair(&x, t, &c, Some(&mut chain));

@@ -9,6 +9,11 @@
 //!    prompt). Then x_{t−1} = F^(t)(x_t, c^r, φ*_t): the trajectory an edit will follow, not the
 //!    pivot.
 //!
+//! On SDXL φ_t is the unconditional branch's whole text conditioning, as φ_h of reference
+//! guidance ([`crate::guidance::reference`]): both encoders' hidden states and the pooled
+//! `text_embeds`, each optimised (Eq. 4 reads the whole latent, and the pooled embeds steer
+//! every ResNet block through the added time embedding, so they take part in the fit).
+//!
 //! Defaults are the NTI authors' (`null_optimization` in their notebook): K = 10, a fresh Adam
 //! per step with lr 1e-2·(1 − i/100) at sampling step i = 0 … T−1, and an early stop once a
 //! step's loss (measured before its Adam update, then the update is still taken) falls below
@@ -16,9 +21,9 @@
 //! per step, and only the φ_t branch takes gradients.
 
 use crate::guidance::invert::Trajectory;
-use crate::pipeline::{cfg, StableDiffusion, StepCond, StepConditioning};
+use crate::pipeline::{cfg, StableDiffusion, TextCond};
 use crate::scheduler::DdimScheduler;
-use crate::subject::adam::Adam;
+use crate::subject::adam::TextAdam;
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
@@ -81,8 +86,9 @@ pub struct StepLog {
 pub struct NullTextInversion {
     /// x_T* (1, C, h, w).
     pub x_t: Tensor,
-    /// φ*_t for each sampling step, in generation order (the largest t first), each (1, 77, d).
-    pub phi: Vec<Tensor>,
+    /// φ*_t for each sampling step, in generation order (the largest t first), each (1, 77, d)
+    /// (SDXL: with pooled embeds (1, P)).
+    pub phi: Vec<TextCond>,
     pub timesteps: Vec<i64>,
     pub log: Vec<StepLog>,
     /// x_0 at the end of the NTI trajectory: the reconstruction's latent (1, C, h, w); None for an
@@ -91,7 +97,7 @@ pub struct NullTextInversion {
 }
 
 /// Eq. 4 at one step: mean (x*_{t−1} − F^(t)(x_t, c^r, φ_t))², with ε_c = ε_θ(x_t, t, c^r)
-/// given (it does not depend on φ_t). Differentiable in `phi` (1, 77, d).
+/// given (it does not depend on φ_t). Differentiable in `phi` (1, 77, d) (and SDXL's pooled embeds).
 #[allow(clippy::too_many_arguments)]
 pub fn nti_loss(
     sd: &StableDiffusion,
@@ -99,7 +105,7 @@ pub fn nti_loss(
     x: &Tensor,
     t: i64,
     eps_c: &Tensor,
-    phi: &Tensor,
+    phi: &TextCond,
     target: &Tensor,
     guidance: f64,
 ) -> Tensor {
@@ -114,23 +120,25 @@ fn step_with(
     x: &Tensor,
     t: i64,
     eps_c: &Tensor,
-    phi: &Tensor,
+    phi: &TextCond,
     guidance: f64,
 ) -> Tensor {
-    let eps_u = sd.unet.forward(x, &Tensor::from(t).to_device(sd.device), phi, None);
+    let eps_u = sd.eps(x, t, phi, None);
     sched.step(&cfg(&eps_u, eps_c, guidance), t, x)
 }
 
 /// Null-text optimisation along the pivots `traj` (from [`crate::guidance::invert::ddim_invert`]
-/// under `cond` = c^r (1, 77, d)), starting from `uncond` = φ (1, 77, d).
+/// under `cond` = c^r (1, 77, d)), starting from `uncond` = φ (1, 77, d); on SDXL each with its
+/// pooled embeds.
 pub fn null_text_optimize(
     sd: &StableDiffusion,
     sched: &DdimScheduler,
     traj: &Trajectory,
-    cond: &Tensor,
-    uncond: &Tensor,
+    cond: impl Into<TextCond>,
+    uncond: impl Into<TextCond>,
     config: &NtiConfig,
 ) -> Result<NullTextInversion> {
+    let (cond, uncond): (TextCond, TextCond) = (cond.into(), uncond.into());
     config.validate()?;
     let n = sched.timesteps.len();
     if traj.latents.len() != n + 1 {
@@ -139,18 +147,17 @@ pub fn null_text_optimize(
     let bar = crate::progress::bar(n as u64, "null-text inversion");
     let x_t = traj.before_step(0).shallow_clone();
     let mut x = x_t.shallow_clone();
-    let mut phi = uncond.detach().copy();
+    let mut phi = uncond.detach_copy();
     let (mut phis, mut log) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for (i, &t) in sched.timesteps.iter().enumerate() {
         let target = traj.after_step(i); // x*_{t−1}
-        let eps_c = tch::no_grad(|| sd.unet.forward(&x, &Tensor::from(t).to_device(sd.device), cond, None));
-        let mut adam = Adam::new(&phi, config.lr_at(i));
+        let eps_c = tch::no_grad(|| sd.eps(&x, t, &cond, None));
+        let mut adam = TextAdam::new(&phi, config.lr_at(i));
         let mut losses = Vec::with_capacity(config.inner_steps);
         for _ in 0..config.inner_steps {
-            let leaf = phi.detach().set_requires_grad(true);
-            let loss = nti_loss(sd, sched, &x, t, &eps_c, &leaf, target, config.guidance);
-            let g = Tensor::run_backward(&[&loss], &[&leaf], false, false).remove(0);
-            adam.update(&mut phi, &g);
+            let leaves = phi.leaves();
+            let loss = nti_loss(sd, sched, &x, t, &eps_c, &leaves, target, config.guidance);
+            adam.step(&mut phi, &leaves, &loss);
             let value = loss.double_value(&[]);
             losses.push(value);
             if value < config.threshold_at(i) {
@@ -159,30 +166,11 @@ pub fn null_text_optimize(
         }
         let x_prev = tch::no_grad(|| step_with(sd, sched, &x, t, &eps_c, &phi, config.guidance));
         let final_loss = tch::no_grad(|| (&x_prev - target).square().mean(Kind::Float).double_value(&[]));
-        phis.push(phi.copy());
+        phis.push(phi.detach_copy());
         log.push(StepLog { t, losses, final_loss });
         x = x_prev;
         bar.inc(1);
     }
     bar.finish_and_clear();
     Ok(NullTextInversion { x_t, phi: phis, timesteps: sched.timesteps.clone(), log, x0: Some(x) })
-}
-
-/// Sampling with a per-step unconditional embedding: step i uses (c, φ*_i). Denoising x_T*
-/// with it reproduces the NTI trajectory (the reconstruction).
-pub struct NullTextSteps {
-    /// c (B, 77, d).
-    pub cond: Tensor,
-    /// φ*_i (1, 77, d) per step.
-    pub phi: Vec<Tensor>,
-}
-
-impl StepConditioning for NullTextSteps {
-    fn at(&mut self, index: usize, _t: i64) -> Result<StepCond> {
-        let Some(phi) = self.phi.get(index) else {
-            bail!("no null-text embedding for DDIM step {index}");
-        };
-        let b = self.cond.size()[0];
-        Ok(StepCond { cond: self.cond.shallow_clone(), uncond: phi.repeat([b, 1, 1]), added: None })
-    }
 }

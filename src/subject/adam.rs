@@ -245,3 +245,23 @@ impl Trainable {
         Ok(())
     }
 }
+
+/// Adam over an optimised text conditioning (φ_h of Eq. 10, φ_t of Eq. 4): one [`Adam`] per
+/// tensor — the hidden states and, on SDXL, the pooled embeds. Adam is elementwise, so this is
+/// one Adam over both.
+pub struct TextAdam(Vec<Adam>);
+
+impl TextAdam {
+    pub fn new(phi: &crate::pipeline::TextCond, lr: f64) -> Self {
+        Self(phi.tensors().into_iter().map(|t| Adam::new(t, lr)).collect())
+    }
+
+    /// Backpropagates `loss` into `leaves` (made by [`TextCond::leaves`](crate::pipeline::TextCond::leaves)
+    /// from `phi`) and takes one step on `phi`.
+    pub fn step(&mut self, phi: &mut crate::pipeline::TextCond, leaves: &crate::pipeline::TextCond, loss: &Tensor) {
+        let grads = Tensor::run_backward(&[loss], &leaves.tensors(), false, false);
+        for ((p, a), g) in phi.tensors_mut().into_iter().zip(&mut self.0).zip(&grads) {
+            a.update(p, g);
+        }
+    }
+}

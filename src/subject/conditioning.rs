@@ -18,8 +18,7 @@
 use super::file::Subject;
 use super::Space;
 use crate::models::clip_text::ClipTextModel;
-use crate::models::unet::AddedCond;
-use crate::pipeline::{GenerateRequest, StableDiffusion, StepCond, StepConditioning};
+use crate::pipeline::{GenerateRequest, StableDiffusion, StepCond, StepConditioning, TextCond};
 use crate::scheduler::DdimScheduler;
 use anyhow::{bail, Result};
 use tch::Tensor;
@@ -101,11 +100,8 @@ pub struct SubjectSteps<'a> {
     pub ids: Vec<Tensor>,
     pub per_step: Vec<Tensor>,
     pub space: Space,
-    /// φ (or the negative prompt), (1, 77, d).
-    pub uncond: Tensor,
-    /// SDXL: φ's pooled embeds (1, P) — the empty prompt's, or zeros with
-    /// `force_zeros_for_empty_prompt`; set it for a negative prompt.
-    pub uncond_pooled: Option<Tensor>,
+    /// φ (or the negative prompt), (1, 77, d), with SDXL's pooled embeds (1, P).
+    pub uncond: TextCond,
     /// SDXL: the image size of the `time_ids`; the model's default until set.
     pub size: (i64, i64),
     /// Images per prompt.
@@ -117,17 +113,9 @@ impl StepConditioning for SubjectSteps<'_> {
         let Some(c_s) = self.per_step.get(index) else {
             bail!("no subject embedding for DDIM step {index}");
         };
-        let (cond, pooled) = splice_sd(self.sd, &self.ids, c_s, self.space);
-        let added = match (pooled, &self.uncond_pooled) {
-            (Some(p), Some(u)) => {
-                let (h, w) = self.size;
-                let c: AddedCond = self.sd.added_cond(p, h, w).repeat(self.batch);
-                let u = self.sd.added_cond(u.shallow_clone(), h, w).repeat(self.batch);
-                Some((u, c))
-            }
-            _ => None,
-        };
-        Ok(StepCond { cond: cond.repeat([self.batch, 1, 1]), uncond: self.uncond.repeat([self.batch, 1, 1]), added })
+        let (hidden, pooled) = splice_sd(self.sd, &self.ids, c_s, self.space);
+        let (h, w) = self.size;
+        Ok(self.sd.step_cond(&TextCond { hidden, pooled }.repeat(self.batch), &self.uncond.repeat(self.batch), h, w))
     }
 }
 
@@ -139,7 +127,7 @@ impl<'a> SubjectSteps<'a> {
         prompt: &str,
         subject: &Subject,
         sched: &DdimScheduler,
-        uncond: Tensor,
+        uncond: impl Into<TextCond>,
         batch: i64,
     ) -> Result<Self> {
         let d = sd.cond_width();
@@ -154,8 +142,11 @@ impl<'a> SubjectSteps<'a> {
         let n_tokens = sd.tokenizer.encode_padded(prompt).n_tokens;
         check_room(n_tokens, subject.n_tokens(), sd.tokenizer.model_max_length() as i64, prompt)?;
         let per_step = subject.per_step(&sched.timesteps).into_iter().map(|t| t.to_device(sd.device)).collect();
-        let uncond_pooled = if sd.is_xl() { sd.encode_negative(None).1 } else { None };
-        Ok(Self { sd, ids, per_step, space: subject.space, uncond, uncond_pooled, size: sd.default_hw(), batch })
+        let mut uncond: TextCond = uncond.into();
+        if sd.is_xl() && uncond.pooled.is_none() {
+            uncond.pooled = sd.encode_negative(None).pooled; // SDXL's φ always has pooled embeds
+        }
+        Ok(Self { sd, ids, per_step, space: subject.space, uncond, size: sd.default_hw(), batch })
     }
 }
 
@@ -165,11 +156,8 @@ pub fn generate(sd: &StableDiffusion, req: &GenerateRequest, subject: Option<&Su
     match subject {
         None => sd.generate(req),
         Some(s) => sd.generate_conditioned(req, &mut |sched, uncond, n| {
-            let mut steps = SubjectSteps::new(sd, &req.prompt, s, sched, uncond.hidden, n)?;
-            if sd.is_xl() {
-                steps.uncond_pooled = uncond.pooled;
-                steps.size = (req.height, req.width);
-            }
+            let mut steps = SubjectSteps::new(sd, &req.prompt, s, sched, uncond, n)?;
+            steps.size = (req.height, req.width);
             Ok(Box::new(steps))
         }),
     }
