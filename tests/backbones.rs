@@ -332,15 +332,15 @@ fn sdxl_generate_matches_stable_diffusion_xl_pipeline() {
 
 #[test]
 fn sdxl_is_refused_where_it_is_not_built_and_incomplete_folders_are_named() {
-    // (fine-tuning SDXL's two text encoders is not built)
+    // (full fine-tuning of SDXL's two text encoders is not built)
     let tmp = tempfile::tempdir().unwrap();
     let xl = model_dir("tiny-xl");
     let out = tmp.path().join("db");
     let mut c = bin();
-    c.args(["learn", "--mode", "lora", "--train-text-encoder", "--model"]).arg(&xl);
+    c.args(["learn", "--mode", "dreambooth", "--train-text-encoder", "--model"]).arg(&xl);
     c.arg("--images").arg(fixtures().join("photos/dog"));
     c.args(["--class-noun", "dog", "--steps", "2", "--no-prior", "--device", "cpu", "--out"]).arg(&out);
-    refused(&c.output().unwrap(), "--train-text-encoder is not built for SDXL");
+    refused(&c.output().unwrap(), "--train-text-encoder with --mode dreambooth is not built for SDXL");
     assert!(!out.exists(), "nothing is written");
     // generate works on SDXL (plain text to image), and writes its PNG.
     let png = tmp.path().join("xl.png");
@@ -764,10 +764,10 @@ fn sdxl_algorithm_2_is_plain_eq7_without_steps_and_eq10_falls_with_them() {
 
 // ---- SDXL: DreamBooth and LoRA ----------------------------------------------------------------
 
-/// `learn --mode lora` and `--mode dreambooth` on SDXL (the UNet, conditioned by both frozen
-/// encoders and the added conditioning; prior preservation with SDXL class images): the LoRA's
-/// diffusers file and its kohya file with sd-scripts' SDXL (LDM) UNet names merge into the same
-/// weights; both subjects are drawn by `generate --subject`, the LoRA also through `--lora` in
+/// `learn --mode lora --train-text-encoder` and `--mode dreambooth` on SDXL (conditioned by
+/// both encoders and the added conditioning; prior preservation with SDXL class images): the
+/// LoRA's diffusers file and its kohya file (sd-scripts' SDXL names: LDM UNet paths,
+/// `lora_te1_` / `lora_te2_`) merge into the same weights; both subjects are drawn by `generate --subject`, the LoRA also through `--lora` in
 /// either format.
 #[test]
 fn sdxl_dreambooth_and_lora_from_the_command_line() {
@@ -781,13 +781,17 @@ fn sdxl_dreambooth_and_lora_from_the_command_line() {
         ok(&c.output().unwrap());
     };
     let lora = tmp.path().join("xl-lora");
-    learn("lora", &lora, &["--lr", "0.05", "--class-images", "1", "--class-steps", "2"]);
+    learn("lora", &lora, &["--lr", "0.05", "--class-images", "1", "--class-steps", "2", "--train-text-encoder"]);
     assert!(lora.join("class_images").read_dir().unwrap().count() >= 1, "class images drawn by the SDXL model");
     let peft = lora.join("pytorch_lora_weights.safetensors");
     let kohya = lora.join("a1111/xl-lora.safetensors");
     let p = read_tensors(&peft);
     let k = read_tensors(&kohya);
-    assert!(p.keys().all(|k| k.starts_with("unet.")), "the UNet's adapters only");
+    for prefix in ["unet.", "text_encoder.", "text_encoder_2."] {
+        assert!(p.keys().any(|k| k.starts_with(prefix)), "{prefix}: the UNet's and both encoders' adapters");
+    }
+    assert!(k.keys().any(|k| k.starts_with("lora_te1_text_model_encoder_layers_0_self_attn_q_proj")));
+    assert!(k.keys().any(|k| k.starts_with("lora_te2_text_model_encoder_layers_0_self_attn_q_proj")));
     // layers_per_block 1: down_blocks.1.attentions.0 is input_blocks.3.1, up_blocks.0's are
     // output_blocks.0.1 and 1.1, the mid block's middle_block.1 (SDXL-base's down_blocks.1 →
     // input_blocks.4.1, the sd-scripts name users see)
@@ -804,6 +808,7 @@ fn sdxl_dreambooth_and_lora_from_the_command_line() {
         );
     }
     assert!(!k.keys().any(|k| k.contains("down_blocks") || k.contains("up_blocks")), "LDM names only");
+    assert!(!k.keys().any(|k| k.starts_with("lora_te_")), "SDXL's encoders are te1 / te2");
     assert_eq!(p.len(), k.len() / 3 * 2, "every adapter in both files");
     let meta = hifi_tuner::load::safetensors_metadata(&kohya).unwrap();
     assert_eq!(meta["ss_base_model_version"], "sdxl_base_v1-0");
@@ -816,10 +821,17 @@ fn sdxl_dreambooth_and_lora_from_the_command_line() {
     };
     let (a, b, base) = (merged(&peft), merged(&kohya), load("tiny-xl"));
     let w = |sd: &StableDiffusion| {
-        sd.unet.vs.variables()["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"].copy()
+        let q = "text_model.encoder.layers.1.self_attn.v_proj.weight";
+        [
+            sd.unet.vs.variables()["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"].copy(),
+            sd.text_encoder.vs.variables()[q].copy(),
+            sd.xl.as_ref().unwrap().text_encoder_2.vs.variables()[q].copy(),
+        ]
     };
-    assert!(max_abs_diff(&w(&a), &w(&b)) < 1e-7, "the kohya file's LDM names reach the same modules");
-    assert!(max_abs_diff(&w(&a), &w(&base)) > 1e-4, "the LoRA changes the weights");
+    for ((x, y), z) in w(&a).iter().zip(&w(&b)).zip(&w(&base)) {
+        assert!(max_abs_diff(x, y) < 1e-7, "the kohya file's names (LDM, te1, te2) reach the same modules");
+        assert!(max_abs_diff(x, z) > 1e-4, "the LoRA changes the weights");
+    }
     // Drawn as a subject and through --lora (either file).
     let gen = |extra: Vec<&std::ffi::OsStr>, out: &str| {
         let path = tmp.path().join(out);
@@ -887,4 +899,42 @@ fn sdxl_lora_for_the_second_text_encoder_merges_into_it() {
     let sd1 = load("tiny-a");
     let e = hifi_tuner::lora::merge(&hifi_tuner::lora::read(&kohya).unwrap(), 1.0, &sd1.lora_networks()).unwrap_err();
     assert!(format!("{e:#}").contains("SDXL LoRA") && format!("{e:#}").contains(name), "{e:#}");
+}
+
+/// Our SDXL files as diffusers loads them (`scripts/make_sdxl_files_fixture.py`, by hand): the
+/// LoRA `learn --mode lora` wrote on tiny-xl (diffusers file; kohya file with sd-scripts' LDM
+/// UNet names, through diffusers' own conversion) and the TI pair `learn --mode ti` wrote
+/// (`load_textual_inversion` once per encoder): `StableDiffusionXLPipeline` draws, with each,
+/// the image we draw with it.
+#[test]
+fn sdxl_lora_and_ti_files_we_write_draw_diffusers_images() {
+    use hifi_tuner::lora::LoraSpec;
+    use hifi_tuner::subject::ti;
+    let r = reference("xl-files");
+    let m = reference_meta("xl-files");
+    let dir = fixtures().join("xl-files");
+    let num = |k: &str| m[k].parse::<i64>().unwrap();
+    let req = |prompt: String| GenerateRequest {
+        prompt,
+        negative_prompt: None,
+        seed: num("seed") as u64,
+        steps: num("steps") as usize,
+        guidance: m["guidance"].parse().unwrap(),
+        height: num("height"),
+        width: num("width"),
+        num_images: 1,
+    };
+    let lora_prompt = m["prompt.lora"].clone();
+    let base = load("tiny-xl").generate(&req(lora_prompt.clone())).unwrap();
+    assert_same_image(&base, &r["base.image_u8"], "no LoRA");
+    for (key, file) in [("peft", "pytorch_lora_weights.safetensors"), ("kohya", "kohya.safetensors")] {
+        let opts = LoadOptions { loras: vec![LoraSpec { path: dir.join(file), scale: 1.0 }], ..Default::default() };
+        let sd = StableDiffusion::load_with(&model_dir("tiny-xl"), &opts, Device::Cpu).unwrap();
+        assert_same_image(&sd.generate(&req(lora_prompt.clone())).unwrap(), &r[&format!("{key}.image_u8")], key);
+    }
+    let mut sd = load("tiny-xl");
+    let loaded = ti::load_embedding(&mut sd, &dir, None).unwrap();
+    assert_eq!(loaded.token, m["token"]);
+    let prompt = ti::convert_prompt(&sd, &m["prompt.ti"], &[loaded]);
+    assert_same_image(&sd.generate(&req(prompt)).unwrap(), &r["ti.image_u8"], "our TI pair");
 }

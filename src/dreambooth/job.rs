@@ -167,11 +167,12 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
     let ckpt_path = crate::subject::job::checkpoint_path(&job.out, job.resume)?;
     let mut sd = StableDiffusion::load_with(&job.model, &job.load, job.device)?;
     if sd.is_xl() {
-        // SDXL: the UNet alone (two text encoders to fine-tune, and the checkpointed backward
-        // with added conditioning, are not built)
-        if args.train_text_encoder {
+        // SDXL: full DreamBooth trains the UNet alone (both text encoders' full fine-tuning,
+        // and the checkpointed backward with added conditioning, are not built)
+        if args.train_text_encoder && lora.is_none() {
             bail!(
-                "--train-text-encoder is not built for SDXL models yet ({} is SDXL): train the UNet alone",
+                "--train-text-encoder with --mode dreambooth is not built for SDXL models yet ({} is SDXL): train the \
+                 UNet alone, or adapt both text encoders with --mode lora",
                 sd.source.display()
             );
         }
@@ -615,6 +616,7 @@ fn write_lora(
         let (component, module) = match module_key.split_once('.') {
             Some(("unet", m)) => (Component::Unet, m),
             Some(("text_encoder", m)) => (Component::TextEncoder, m),
+            Some(("text_encoder_2", m)) => (Component::TextEncoder2, m),
             _ => bail!("internal: adapter {name} of no known network"),
         };
         let up = by_name.get(format!("{module_key}.lora_B.weight").as_str()).context("internal: A without B")?;

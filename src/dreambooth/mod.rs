@@ -15,10 +15,11 @@
 //! run is bit-identical to an unbroken one. The job (class images, checkpoints, the model folder) is
 //! [`job`].
 //!
-//! On SDXL the UNet is trained (not the text encoders: `--train-text-encoder` is refused
-//! there), conditioned as `train_dreambooth_lora_sdxl.py` does: both frozen encoders'
+//! On SDXL the UNet is conditioned as `train_dreambooth_lora_sdxl.py` does: both encoders'
 //! penultimate states side by side, and encoder 2's pooled embeds with the `time_ids` of the
-//! square training size (original = target size, no crop) as the added conditioning.
+//! square training size (original = target size, no crop) as the added conditioning. LoRA with
+//! `--train-text-encoder` adapts both encoders (that script's `--train_text_encoder`); full
+//! DreamBooth there trains the UNet alone (both encoders' full fine-tuning is not built).
 
 pub mod job;
 
@@ -179,6 +180,10 @@ impl Params {
             sd.unet.lora_targets_mut().into_iter().map(|t| (Component::Unet, t)).collect();
         if text_encoder {
             targets.extend(sd.text_encoder.lora_targets_mut().into_iter().map(|t| (Component::TextEncoder, t)));
+            // SDXL: both encoders, as train_dreambooth_lora_sdxl.py --train_text_encoder
+            if let Some(xl) = sd.xl.as_mut() {
+                targets.extend(xl.text_encoder_2.lora_targets_mut().into_iter().map(|t| (Component::TextEncoder2, t)));
+            }
         }
         targets.sort_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)));
         let scale = l.alpha / l.rank as f64;
@@ -214,7 +219,15 @@ impl Params {
             .lora_targets_mut()
             .into_iter()
             .map(|t| (Component::Unet, t))
-            .chain(sd.text_encoder.lora_targets_mut().into_iter().map(|t| (Component::TextEncoder, t)));
+            .chain(sd.text_encoder.lora_targets_mut().into_iter().map(|t| (Component::TextEncoder, t)))
+            .chain(
+                sd.xl
+                    .as_mut()
+                    .map(|x| x.text_encoder_2.lora_targets_mut())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|t| (Component::TextEncoder2, t)),
+            );
         let mut init = Vec::new();
         for (c, t) in targets {
             let Some(l) = by_key.remove(&(c, t.name.clone())) else { continue };
@@ -410,7 +423,7 @@ pub fn draw(sd: &StableDiffusion, data: &DbData, args: &DreamBoothArgs, step: us
 }
 
 /// The UNet's text conditioning of a batch: the text encoder's last hidden state (gradients
-/// reach it when it is unfrozen); SDXL: both (frozen) encoders' penultimate states, with the
+/// reach it when it is unfrozen or adapted); SDXL: both encoders' penultimate states, with the
 /// pooled embeds and the `time_ids` of the batch's image size as the added conditioning.
 pub fn conditioning(sd: &StableDiffusion, b: &DbBatch) -> Result<(Tensor, Option<AddedCond>)> {
     match (&b.ids_2, sd.is_xl()) {
