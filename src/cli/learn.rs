@@ -209,9 +209,7 @@ fn run_dreambooth(a: Args) -> Result<()> {
         if lora { DreamBoothArgs::new_lora(token, &a.class_noun) } else { DreamBoothArgs::new(token, &a.class_noun) };
     // default on with CUDA for DreamBooth; LoRA's frozen half-precision weights keep it off
     // unless asked (it needs float32 weights)
-    // (and off for a local SDXL folder, whose checkpointed backward is not built)
-    let xl_folder = hifi_tuner::load::ModelDir { root: a.model.clone() }.xl_if_indexed().ok().flatten() == Some(true);
-    args.gradient_checkpointing = a.gradient_checkpointing.unwrap_or(device.is_cuda() && !lora && !xl_folder);
+    args.gradient_checkpointing = a.gradient_checkpointing.unwrap_or(device.is_cuda() && !lora);
     if let Some(l) = args.lora.as_mut() {
         l.rank = a.rank.unwrap_or(l.rank);
         l.alpha = a.alpha.unwrap_or(l.rank as f64);

@@ -166,23 +166,6 @@ pub fn learn(job: &DreamBoothJob) -> Result<PathBuf> {
     check_out(&job.out, &manifest)?;
     let ckpt_path = crate::subject::job::checkpoint_path(&job.out, job.resume)?;
     let mut sd = StableDiffusion::load_with(&job.model, &job.load, job.device)?;
-    if sd.is_xl() {
-        // SDXL: full DreamBooth trains the UNet alone (both text encoders' full fine-tuning,
-        // and the checkpointed backward with added conditioning, are not built)
-        if args.train_text_encoder && lora.is_none() {
-            bail!(
-                "--train-text-encoder with --mode dreambooth is not built for SDXL models yet ({} is SDXL): train the \
-                 UNet alone, or adapt both text encoders with --mode lora",
-                sd.source.display()
-            );
-        }
-        if args.gradient_checkpointing {
-            bail!(
-                "--gradient-checkpointing is not built for SDXL models yet ({} is SDXL): pass --gradient-checkpointing false",
-                sd.source.display()
-            );
-        }
-    }
     // LoRA: frozen base weights in any dtype, float32 adapters; DreamBooth: float32 weights
     if args.gradient_checkpointing && sd.dtype() != Kind::Float {
         bail!("--gradient-checkpointing needs float32 weights: pass --dtype fp32, or --gradient-checkpointing false");
@@ -393,6 +376,7 @@ pub fn bytes_needed(sd: &StableDiffusion, args: &DreamBoothArgs) -> u64 {
     let mut params = count(&sd.unet.vs);
     if args.train_text_encoder {
         params += count(&sd.text_encoder.vs);
+        params += sd.xl.as_ref().map_or(0, |x| count(&x.text_encoder_2.vs));
     }
     if let Some(l) = &args.lora {
         // an adapter of a (d_out, d_in) projection has r·(d_in + d_out) weights, at most
@@ -648,7 +632,7 @@ pub fn write_model(source: &Path, dst: &Path, sd: &StableDiffusion, text_encoder
         let is_config = rel.file_name().is_some_and(|n| n == "config.json");
         match first.as_deref() {
             Some("unet") => !is_config,
-            Some("text_encoder") if text_encoder => !is_config,
+            Some("text_encoder") | Some("text_encoder_2") if text_encoder => !is_config,
             _ => false,
         }
     };
@@ -662,12 +646,21 @@ pub fn write_model(source: &Path, dst: &Path, sd: &StableDiffusion, text_encoder
     if text_encoder {
         // transformers 5's `save_pretrained` layout (no `text_model.` prefix); diffusers 0.42.1 /
         // transformers 5.24 load it and draw our image (scripts/make_dreambooth_fixture.py
-        // --check-model, by hand).
-        let te: Vec<(String, Tensor)> = vars(&sd.text_encoder.vs)
-            .into_iter()
-            .map(|(k, v)| (k.strip_prefix("text_model.").map(str::to_string).unwrap_or(k), v))
-            .collect();
-        write_safetensors_atomic(&tmp.join("text_encoder/model.safetensors"), &te, &meta)?;
+        // --check-model, by hand). SDXL: both encoders; encoder 2 is a
+        // `CLIPTextModelWithProjection`, whose own layout keeps `text_model.` beside
+        // `text_projection` (as transformers saves SDXL-base's).
+        let encoders = std::iter::once(("text_encoder", &sd.text_encoder, true))
+            .chain(sd.xl.as_ref().map(|x| ("text_encoder_2", &x.text_encoder_2, false)));
+        for (dir, te, strip) in encoders {
+            let te: Vec<(String, Tensor)> = vars(&te.vs)
+                .into_iter()
+                .map(|(k, v)| match k.strip_prefix("text_model.").filter(|_| strip) {
+                    Some(short) => (short.to_string(), v),
+                    None => (k, v),
+                })
+                .collect();
+            write_safetensors_atomic(&tmp.join(format!("{dir}/model.safetensors")), &te, &meta)?;
+        }
     }
     if dst.exists() {
         std::fs::remove_dir_all(dst).with_context(|| format!("cannot replace {}", dst.display()))?;

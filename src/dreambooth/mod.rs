@@ -17,9 +17,9 @@
 //!
 //! On SDXL the UNet is conditioned as `train_dreambooth_lora_sdxl.py` does: both encoders'
 //! penultimate states side by side, and encoder 2's pooled embeds with the `time_ids` of the
-//! square training size (original = target size, no crop) as the added conditioning. LoRA with
-//! `--train-text-encoder` adapts both encoders (that script's `--train_text_encoder`); full
-//! DreamBooth there trains the UNet alone (both encoders' full fine-tuning is not built).
+//! square training size (original = target size, no crop) as the added conditioning;
+//! `--train-text-encoder` trains (LoRA: adapts) both encoders, as that script's
+//! `--train_text_encoder`.
 
 pub mod job;
 
@@ -155,6 +155,7 @@ pub struct Params {
 }
 
 pub const TEXT_ENCODER_PREFIX: &str = "text_encoder.";
+pub const TEXT_ENCODER_2_PREFIX: &str = "text_encoder_2.";
 
 impl Params {
     /// Unfreezes the UNet (and the text encoder when `text_encoder`) and collects its variables.
@@ -164,6 +165,17 @@ impl Params {
         if text_encoder {
             sd.text_encoder.vs.unfreeze();
             v.extend(sd.text_encoder.vs.variables().into_iter().map(|(k, t)| (format!("{TEXT_ENCODER_PREFIX}{k}"), t)));
+            // SDXL: both encoders
+            if let Some(xl) = sd.xl.as_mut() {
+                xl.text_encoder_2.vs.unfreeze();
+                v.extend(
+                    xl.text_encoder_2
+                        .vs
+                        .variables()
+                        .into_iter()
+                        .map(|(k, t)| (format!("{TEXT_ENCODER_2_PREFIX}{k}"), t)),
+                );
+            }
         }
         v.sort_by(|a, b| a.0.cmp(&b.0));
         let (names, tensors) = v.into_iter().unzip();
@@ -479,17 +491,14 @@ pub fn checkpointed_grads(
     b: &DbBatch,
     prior_weight: Option<f64>,
 ) -> Result<(DbLosses, Vec<Tensor>)> {
-    if sd.is_xl() {
-        bail!("gradient checkpointing is not built for SDXL's UNet yet: pass --gradient-checkpointing false");
-    }
     for p in params.leaves().iter_mut() {
         p.zero_grad();
     }
     let x_t = sched.add_noise(&b.latents, &b.noise, &b.t);
-    let ctx = sd.text_encoder.forward(&b.ids);
+    let (ctx, added) = conditioning(sd, b)?;
     let tgt = sched.training_target(&b.latents, &b.noise, &b.t)?;
     let parts = std::cell::RefCell::new(None);
-    let total = sd.unet.backward_checkpointed(&x_t, &b.t, &ctx, &|pred| {
+    let total = sd.unet.backward_checkpointed(&x_t, &b.t, &ctx, added.as_ref(), &|pred| {
         let l = losses_of(pred, &tgt, b, prior_weight);
         *parts.borrow_mut() = Some((l.instance.detach(), l.prior.detach()));
         l.total
@@ -499,11 +508,12 @@ pub fn checkpointed_grads(
         .leaves()
         .iter()
         .map(|p| {
+            // undefined where the loss does not reach (as the plain backward's; the update skips it)
             let g = p.grad();
             if g.defined() {
                 g.detach().copy()
             } else {
-                p.zeros_like()
+                Tensor::new()
             }
         })
         .collect();

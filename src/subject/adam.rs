@@ -117,18 +117,18 @@ pub fn checked_step(
 
 /// [`clip_grad_norm`] of the given gradients at `max_norm` and one update of each parameter by
 /// its optimiser; returns the gradients' total norm before clipping.
-pub fn update_all(
-    params: &mut [Tensor],
-    adam: &mut [Adam],
-    mut grads: Vec<Tensor>,
-    max_norm: f64,
-) -> anyhow::Result<f64> {
-    let norm = clip_grad_norm(&mut grads, max_norm);
+pub fn update_all(params: &mut [Tensor], adam: &mut [Adam], grads: Vec<Tensor>, max_norm: f64) -> anyhow::Result<f64> {
+    // A parameter the loss does not reach (an undefined gradient: SDXL's text encoder 1 past
+    // its penultimate layer) is left alone, as PyTorch skips a `.grad` of None in
+    // `clip_grad_norm_` and in the optimiser's step (no decay either).
+    let (reached, mut defined): (Vec<usize>, Vec<Tensor>) =
+        grads.into_iter().enumerate().filter(|(_, g)| g.defined()).unzip();
+    let norm = clip_grad_norm(&mut defined, max_norm);
     if !norm.is_finite() {
         anyhow::bail!("the gradient norm became {norm}");
     }
-    for ((p, g), a) in params.iter_mut().zip(&grads).zip(adam.iter_mut()) {
-        a.update(p, g);
+    for (i, g) in reached.into_iter().zip(&defined) {
+        adam[i].update(&mut params[i], g);
     }
     Ok(norm)
 }

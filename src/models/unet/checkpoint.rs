@@ -13,16 +13,18 @@
 //! recomputes one segment with a graph from detached inputs that require grad, and backpropagates
 //! the surrogate Σ_k ⟨out_k, ∂L/∂out_k⟩ (the vector–Jacobian product of the segment), which
 //! accumulates the segment's parameter gradients into their `.grad()` and yields the gradients
-//! of its inputs for the segment before. The time embedding and the text context, shared by all
-//! segments, are leaves whose gradients accumulate over the segments and are backpropagated into
-//! `time_embedding` (and the text encoder, when the context requires grad) at the end.
+//! of its inputs for the segment before. The time embedding (on SDXL with the added embedding of
+//! the pooled text embeds and size ids) and the text context, shared by all segments, are
+//! leaves whose gradients accumulate over the segments and are backpropagated into
+//! `time_embedding` / `add_embedding` (and the text encoders, when the context or the pooled
+//! embeds require grad) at the end.
 //!
 //! Peak activation memory is thus one segment's graph plus the stored segment inputs, instead
 //! of the whole UNet's graph, for one extra forward pass. The gradients equal the plain
 //! backward's up to summation order (the shared leaves' contributions are added per segment).
 
 use super::blocks::Cond;
-use super::{spatial, UNet2DConditionModel};
+use super::{spatial, AddedCond, UNet2DConditionModel};
 use tch::{nn::Module, Kind, Tensor};
 
 /// A detached copy of `t` that requires grad (a segment's input leaf).
@@ -50,20 +52,21 @@ fn vjp(outs: &[&Tensor], grads: &[Tensor]) {
 }
 
 impl UNet2DConditionModel {
-    /// The loss `loss_of(ε_θ(sample, t, context))` and its gradient, with the UNet's blocks
-    /// checkpointed (see the module docs): the gradients are *accumulated* into `.grad()` of the
-    /// UNet's trainable variables (and of whatever `context` depends on, when it requires
-    /// grad), as `loss.backward()` would. Returns the loss, detached. float32 weights only.
+    /// The loss `loss_of(ε_θ(sample, t, context[, added]))` and its gradient, with the UNet's
+    /// blocks checkpointed (see the module docs): the gradients are *accumulated* into `.grad()`
+    /// of the UNet's trainable variables (and of whatever `context` and SDXL's `added` depend
+    /// on, when they require grad), as `loss.backward()` would. Returns the loss, detached.
+    /// float32 weights only.
     pub fn backward_checkpointed(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
         context: &Tensor,
+        added: Option<&AddedCond>,
         loss_of: &dyn Fn(&Tensor) -> Tensor,
     ) -> Tensor {
-        assert!(!self.needs_added_cond(), "checkpointed backward of an SDXL UNet is not built yet");
-        // the shared inputs: the time embedding keeps its (small) graph; both become leaves
-        let temb = self.time_embed(timesteps, sample);
+        // the shared inputs: the embedding keeps its (small) graph; both become leaves
+        let temb = self.embedding(timesteps, sample, added);
         let temb_leaf = leaf(&temb);
         let ctx_leaf = if context.requires_grad() { leaf(context) } else { context.detach() };
         let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
@@ -159,11 +162,9 @@ impl UNet2DConditionModel {
             None => g_h,
         };
         vjp(&[&h0], &[g0]);
-        // the shared leaves into the time embedding and the context's producer
-        vjp(&[&temb], &[grad_of(&temb_leaf)]);
-        if context.requires_grad() {
-            vjp(&[context], &[grad_of(&ctx_leaf)]);
-        }
+        // the shared leaves into the time embedding and the context's producer, in one backward
+        // pass: on SDXL both reach the text encoders (the pooled embeds in the embedding)
+        vjp(&[&temb, context], &[grad_of(&temb_leaf), grad_of(&ctx_leaf)]);
         loss.detach()
     }
 }

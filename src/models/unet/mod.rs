@@ -210,23 +210,7 @@ impl UNet2DConditionModel {
         let out_kind = sample.kind();
         let sample = &sample.to_kind(self.vs.kind());
         let context = encoder_hidden_states.to_kind(self.vs.kind());
-        let mut emb = self.time_embed(timesteps, sample);
-        match (&self.add_embedding, added) {
-            (Some(add), Some(a)) => {
-                let (dim, _) = self.config.text_time().expect("add_embedding exists for text_time");
-                let b = a.text_embeds.size()[0];
-                let ids = a.time_ids.to_device(sample.device()).flatten(0, -1); // (B·6,)
-                let t = timestep_embedding(&ids, dim, self.config.flip_sin_to_cos, self.config.freq_shift);
-                let t = t.reshape([b, -1]); // (B, 6·dim)
-                let add_in = Tensor::cat(&[a.text_embeds.to_device(sample.device()).to_kind(Kind::Float), t], -1);
-                let aug = add.forward(&add_in.to_kind(emb.kind()));
-                emb = emb + aug;
-            }
-            (None, None) => {}
-            (Some(_), None) => panic!("this SDXL UNet needs text_embeds and time_ids (AddedCond)"),
-            (None, Some(_)) => panic!("AddedCond given to a UNet without addition_embed_type \"text_time\""),
-        }
-        let emb = emb;
+        let emb = self.embedding(timesteps, sample, added);
         let cond = Cond { temb: &emb, context: &context };
         let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
         let mut h = self.conv_in.forward(&sample);
@@ -255,6 +239,27 @@ impl UNet2DConditionModel {
     }
 
     /// Sinusoidal embedding of the (broadcast) timesteps through `time_embedding`: (B, time_embed_dim).
+    /// The embedding every resnet reads: the time embedding, plus SDXL's `add_embedding` of the
+    /// pooled text embeds and the size ids (`addition_embed_type = "text_time"`).
+    fn embedding(&self, timesteps: &Tensor, sample: &Tensor, added: Option<&AddedCond>) -> Tensor {
+        let emb = self.time_embed(timesteps, sample);
+        match (&self.add_embedding, added) {
+            (Some(add), Some(a)) => {
+                let (dim, _) = self.config.text_time().expect("add_embedding exists for text_time");
+                let b = a.text_embeds.size()[0];
+                let ids = a.time_ids.to_device(sample.device()).flatten(0, -1); // (B·6,)
+                let t = timestep_embedding(&ids, dim, self.config.flip_sin_to_cos, self.config.freq_shift);
+                let t = t.reshape([b, -1]); // (B, 6·dim)
+                let add_in = Tensor::cat(&[a.text_embeds.to_device(sample.device()).to_kind(Kind::Float), t], -1);
+                let aug = add.forward(&add_in.to_kind(emb.kind()));
+                emb + aug
+            }
+            (None, None) => emb,
+            (Some(_), None) => panic!("this SDXL UNet needs text_embeds and time_ids (AddedCond)"),
+            (None, Some(_)) => panic!("AddedCond given to a UNet without addition_embed_type \"text_time\""),
+        }
+    }
+
     fn time_embed(&self, timesteps: &Tensor, sample: &Tensor) -> Tensor {
         let b = sample.size()[0];
         let t = if timesteps.dim() == 0 { timesteps.unsqueeze(0) } else { timesteps.shallow_clone() };
