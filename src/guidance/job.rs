@@ -116,9 +116,7 @@ impl GuidedSubject<'_> {
     ) -> Result<Box<dyn StepConditioning + 's>> {
         Ok(match self {
             GuidedSubject::Embedding(s) => {
-                let mut steps = SubjectSteps::new(sd, prompt, s, sched, uncond, 1)?;
-                steps.size = size;
-                Box::new(steps)
+                Box::new(SubjectSteps::new(sd, prompt, s, sched, uncond, 1)?.at_size(size.0, size.1))
             }
             GuidedSubject::FineTuned { .. } => {
                 let cond = tch::no_grad(|| sd.encode_text(prompt));

@@ -415,11 +415,7 @@ pub fn replace(
     // (Their unconditional half is unused: φ*_t replaces it.)
     let empty = tch::no_grad(|| sd.encode_negative(None));
     let mut target_steps: Box<dyn StepConditioning + '_> = match subject {
-        Some(s) => {
-            let mut steps = SubjectSteps::new(sd, &swap.target_caption, s, &sched, &empty, 1)?;
-            steps.size = size;
-            Box::new(steps)
-        }
+        Some(s) => Box::new(SubjectSteps::new(sd, &swap.target_caption, s, &sched, &empty, 1)?.at_size(size.0, size.1)),
         None => {
             let c = tch::no_grad(|| sd.encode_text(&swap.target_caption));
             Box::new(crate::pipeline::Fixed(sd.step_cond(&c, &empty, size.0, size.1)))

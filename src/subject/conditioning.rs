@@ -142,11 +142,21 @@ impl<'a> SubjectSteps<'a> {
         let n_tokens = sd.tokenizer.encode_padded(prompt).n_tokens;
         check_room(n_tokens, subject.n_tokens(), sd.tokenizer.model_max_length() as i64, prompt)?;
         let per_step = subject.per_step(&sched.timesteps).into_iter().map(|t| t.to_device(sd.device)).collect();
-        let mut uncond: TextCond = uncond.into();
-        if sd.is_xl() && uncond.pooled.is_none() {
-            uncond.pooled = sd.encode_negative(None).pooled; // SDXL's φ always has pooled embeds
+        let uncond: TextCond = uncond.into();
+        if sd.is_xl() != uncond.pooled.is_some() {
+            bail!(
+                "internal: φ {} pooled embeds for {} model",
+                if sd.is_xl() { "lacks" } else { "has" },
+                if sd.is_xl() { "an SDXL" } else { "an SD-1.x / 2.x" }
+            );
         }
         Ok(Self { sd, ids, per_step, space: subject.space, uncond, size: sd.default_hw(), batch })
+    }
+
+    /// For images of `height` × `width` (SDXL's `time_ids`; the model's default size until set).
+    pub fn at_size(mut self, height: i64, width: i64) -> Self {
+        self.size = (height, width);
+        self
     }
 }
 
@@ -156,9 +166,7 @@ pub fn generate(sd: &StableDiffusion, req: &GenerateRequest, subject: Option<&Su
     match subject {
         None => sd.generate(req),
         Some(s) => sd.generate_conditioned(req, &mut |sched, uncond, n| {
-            let mut steps = SubjectSteps::new(sd, &req.prompt, s, sched, uncond, n)?;
-            steps.size = (req.height, req.width);
-            Ok(Box::new(steps))
+            Ok(Box::new(SubjectSteps::new(sd, &req.prompt, s, sched, uncond, n)?.at_size(req.height, req.width)))
         }),
     }
 }
