@@ -558,6 +558,13 @@ impl StableDiffusion {
         AddedCond { text_embeds: pooled, time_ids: self.add_time_ids(height, width).repeat([b, 1]) }
     }
 
+    /// [`added_cond`](Self::added_cond) at the image size of `latents` (B, C, h, w): the
+    /// latent's size × the VAE's factor.
+    pub fn added_cond_for(&self, pooled: Tensor, latents: &Tensor) -> AddedCond {
+        let f = self.vae_scale_factor();
+        self.added_cond(pooled, latents.size()[2] * f, latents.size()[3] * f)
+    }
+
     /// φ for a negative prompt (`None`: none given) as the pipelines build it: the empty
     /// prompt's encoding; SDXL with `force_zeros_for_empty_prompt` and no negative prompt:
     /// zeros, pooled embeds too. φ (1, 77, d) with, on SDXL, its pooled embeds (1, P).
@@ -604,9 +611,7 @@ impl StableDiffusion {
     /// ε_θ(x_t, t, text) of one branch; SDXL's `time_ids` are those of x's image size (the
     /// latent's × the VAE's factor). Differentiable in `text`.
     pub fn eps(&self, x: &Tensor, t: i64, text: &TextCond, ctrl: Option<&mut dyn AttentionController>) -> Tensor {
-        let f = self.vae_scale_factor();
-        let (h, w) = (x.size()[2] * f, x.size()[3] * f);
-        let added = text.pooled.as_ref().map(|p| self.added_cond(p.shallow_clone(), h, w));
+        let added = text.pooled.as_ref().map(|p| self.added_cond_for(p.shallow_clone(), x));
         self.unet.forward_added(x, &Tensor::from(t).to_device(self.device), &text.hidden, added.as_ref(), ctrl)
     }
 

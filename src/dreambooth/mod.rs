@@ -187,16 +187,8 @@ impl Params {
     /// from a generator seeded by `seed` alone; returns them as the trainable parameters, named
     /// by their diffusers / PEFT keys (`unet.….to_q.lora_A.weight`), sorted.
     pub fn lora(sd: &mut StableDiffusion, l: &LoraArgs, text_encoder: bool, seed: u64) -> Self {
-        use crate::lora::Component;
-        let mut targets: Vec<(Component, &mut crate::models::lora::LoraLinear)> =
-            sd.unet.lora_targets_mut().into_iter().map(|t| (Component::Unet, t)).collect();
-        if text_encoder {
-            targets.extend(sd.text_encoder.lora_targets_mut().into_iter().map(|t| (Component::TextEncoder, t)));
-            // SDXL: both encoders, as train_dreambooth_lora_sdxl.py --train_text_encoder
-            if let Some(xl) = sd.xl.as_mut() {
-                targets.extend(xl.text_encoder_2.lora_targets_mut().into_iter().map(|t| (Component::TextEncoder2, t)));
-            }
-        }
+        let dev = sd.device;
+        let mut targets = lora_targets(sd, text_encoder);
         targets.sort_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)));
         let scale = l.alpha / l.rank as f64;
         let init = crate::rng::seeded(step_seed(seed, 2, 0), || {
@@ -209,7 +201,7 @@ impl Params {
                 })
                 .collect()
         });
-        Self::flat_adapters(init, sd.device)
+        Self::flat_adapters(init, dev)
     }
 
     /// Installs the adapters of a diffusers / PEFT LoRA file as trainable float32 parameters
@@ -226,22 +218,8 @@ impl Params {
             };
             by_key.insert((l.component, crate::lora::module_path(l.component, m)), l);
         }
-        let targets = sd
-            .unet
-            .lora_targets_mut()
-            .into_iter()
-            .map(|t| (Component::Unet, t))
-            .chain(sd.text_encoder.lora_targets_mut().into_iter().map(|t| (Component::TextEncoder, t)))
-            .chain(
-                sd.xl
-                    .as_mut()
-                    .map(|x| x.text_encoder_2.lora_targets_mut())
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|t| (Component::TextEncoder2, t)),
-            );
         let mut init = Vec::new();
-        for (c, t) in targets {
+        for (c, t) in lora_targets(sd, true) {
             let Some(l) = by_key.remove(&(c, t.name.clone())) else { continue };
             let (out, inp) = t.weight_shape();
             if l.down.size() != [l.rank(), inp] || l.up.size() != [out, l.rank()] {
@@ -328,6 +306,23 @@ impl Params {
     pub fn numel(&self) -> i64 {
         self.tensors.iter().map(|t| t.numel() as i64).sum()
     }
+}
+
+/// The LoRA targets of the UNet and, with `text_encoders`, of the text encoder(s) (SDXL: both,
+/// as train_dreambooth_lora_sdxl.py --train_text_encoder), with the network each belongs to.
+fn lora_targets(
+    sd: &mut StableDiffusion,
+    text_encoders: bool,
+) -> Vec<(crate::lora::Component, &mut crate::models::lora::LoraLinear)> {
+    use crate::lora::Component;
+    let mut targets: Vec<_> = sd.unet.lora_targets_mut().into_iter().map(|t| (Component::Unet, t)).collect();
+    if text_encoders {
+        targets.extend(sd.text_encoder.lora_targets_mut().into_iter().map(|t| (Component::TextEncoder, t)));
+        if let Some(xl) = sd.xl.as_mut() {
+            targets.extend(xl.text_encoder_2.lora_targets_mut().into_iter().map(|t| (Component::TextEncoder2, t)));
+        }
+    }
+    targets
 }
 
 /// The training data, encoded once: the VAE posteriors of the instance photos (and their
@@ -442,9 +437,7 @@ pub fn conditioning(sd: &StableDiffusion, b: &DbBatch) -> Result<(Tensor, Option
         (None, false) => Ok((sd.text_encoder.forward(&b.ids), None)),
         (Some(ids_2), true) => {
             let (ctx, pooled) = sd.encode_ids(&[b.ids.shallow_clone(), ids_2.shallow_clone()]);
-            let f = sd.vae_scale_factor();
-            let (h, w) = (b.latents.size()[2] * f, b.latents.size()[3] * f);
-            Ok((ctx, pooled.map(|p| sd.added_cond(p, h, w))))
+            Ok((ctx, pooled.map(|p| sd.added_cond_for(p, &b.latents))))
         }
         (_, xl) => bail!(
             "internal: a DreamBooth batch with {} tokenizer's ids for {} model",
