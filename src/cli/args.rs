@@ -81,6 +81,15 @@ pub fn at_least_one(s: &str) -> Result<usize, String> {
     Ok(v)
 }
 
+/// A count ≥ 2 (`bench --learn-steps`: the first step warms up, the rest are timed).
+pub fn at_least_two(s: &str) -> Result<usize, String> {
+    let v: usize = integer(s)?;
+    if v < 2 {
+        return Err("must be at least 2 (the first is a warm-up)".into());
+    }
+    Ok(v)
+}
+
 /// `--height` / `--width` of a generated image: 1 ..= [`MAX_IMAGE_SIDE`] pixels.
 pub fn image_side(s: &str) -> Result<i64, String> {
     let v: i64 = integer(s)?;
@@ -247,6 +256,7 @@ mod tests {
         assert_eq!(ddim_steps("50"), Ok(50));
         assert!(subject_tokens("100").unwrap_err().contains("75"));
         assert!(at_least_one("0").is_err());
+        assert!(at_least_two("1").is_err() && at_least_two("2") == Ok(2));
     }
 
     /// Does `hifi-tuner SUB --LONG=VALUE` get past the flag's value parser? (Other errors, such
@@ -325,6 +335,7 @@ mod tests {
             ("learn", "lr", "0", "1e-9"),
             ("learn", "reg-weight", "-1", "0"),
             ("benchmark", "tokens", "0", "1"),
+            ("bench", "learn-steps", "1", "2"),
             ("benchmark", "images-per-prompt", "0", "1"),
             ("train-base", "colour-dropout", "1.1", "0.9"),
         ] {

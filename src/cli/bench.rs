@@ -2,15 +2,16 @@
 //! sd15` for full-size numbers): seconds per DDIM step of `generate`, steps/s of `learn` in both
 //! spaces and in TI mode (a TI step is the UNet forward + backward diffusers' textual-inversion
 //! script times), the share of a reference-guided image spent optimising φ_h, and null-text
-//! inversion + replacement (Algorithm 3), and a DreamBooth-LoRA step against the TI step, all at
-//! the chosen `--dtype`; with `--blip`, seconds per BLIP caption (random weights at BLIP-base or
-//! -large shapes, or a BLIP folder). Prints one JSON object per measurement and the ratios
-//! between them.
+//! inversion + replacement (Algorithm 3), and a DreamBooth-LoRA step against the TI step and
+//! against the floor of any adapter implementation (timed in turn), all at the chosen
+//! `--dtype`; with `--blip`, seconds per BLIP caption (random weights at BLIP-base or -large
+//! shapes, or a BLIP folder). Prints one JSON object per measurement and the ratios between
+//! them.
 
 use anyhow::Result;
 use hifi_tuner::guidance::invert::ddim_invert;
 use hifi_tuner::guidance::reference::{guided_denoise, GuidanceConfig, Reference};
-use hifi_tuner::pipeline::GenerateRequest;
+use hifi_tuner::pipeline::{GenerateRequest, StableDiffusion};
 use hifi_tuner::replace::job::{replace, Inversion, InversionMeta, ReplaceRequest};
 use hifi_tuner::replace::nti::{null_text_optimize, NtiConfig};
 use hifi_tuner::subject::conditioning::SubjectSteps;
@@ -38,7 +39,7 @@ pub struct Args {
     #[arg(long, default_value_t = 50, value_parser = super::args::ddim_steps)]
     steps: usize,
     /// Optimisation steps timed per learning mode (at least 2: the first is a warm-up).
-    #[arg(long, default_value_t = 20, value_parser = super::args::at_least_one)]
+    #[arg(long, default_value_t = 20, value_parser = super::args::at_least_two)]
     learn_steps: usize,
     #[arg(long, default_value = "auto")]
     device: String,
@@ -82,32 +83,7 @@ pub fn run(a: Args) -> Result<()> {
     );
     let mut rates = vec![];
     for (mode, space) in [(Mode::Hifi, Space::Input), (Mode::Hifi, Space::Output), (Mode::Ti, Space::Input)] {
-        let args = LearnArgs {
-            mode,
-            space,
-            n_tokens: 5,
-            token: "<bench>".into(),
-            class_noun: "dog".into(),
-            captions: captions(mode, "dog", "<bench>", 5),
-            steps: a.learn_steps,
-            lr: 5e-3,
-            reg_weight: 1e-3,
-            stepwise_steps: 0,
-            ddim_steps: a.steps,
-            batch_size: 1,
-            seed: 0,
-            masked: true,
-        };
-        let (base, init) = if mode == Mode::Ti { setup_ti(&mut sd, &args)? } else { (0, None) };
-        let f = sd.vae_scale_factor();
-        let c = sd.unet.config.in_channels;
-        let data = hifi_tuner::rng::seeded(0, || TrainSet {
-            latents: Tensor::randn([3, c, size / f, size / f], (Kind::Float, device)),
-            masks: Some(Tensor::rand([3, 1, size / f, size / f], (Kind::Float, device))),
-        });
-        let ids = hifi_tuner::subject::job::caption_ids(&sd, &args)?;
-        let obj = Objective::new(&sd, args, data, ids, base)?;
-        let mut state = State::new(init.as_ref().unwrap_or(&obj.phi_s), 5e-3);
+        let (obj, mut state) = learn_objective(&mut sd, mode, space, &a, device, size)?;
         train_step(&obj, &mut state)?; // warm-up
         sync(device);
         let t = Instant::now();
@@ -132,12 +108,17 @@ pub fn run(a: Args) -> Result<()> {
     );
 
     // A DreamBooth-LoRA step (rank 4 on the UNet's attention projections, batch 1, no prior
-    // preservation: one UNet forward + backward, as the TI step) against the TI step.
-    let lora_rate = lora_steps_per_second(&a, device, size)?;
+    // preservation: one UNet forward + backward, as the TI step) against the TI step, and the
+    // floor of any adapter implementation, interleaved (see `lora_against_ti`).
+    // (three models at once: the one timed so far is reloaded after, to keep the peak down)
+    drop(sd);
+    let l = lora_against_ti(&a, device, size)?;
+    let sd = a.model_options.load(model, device)?;
     println!(
         "{}",
-        json!({"what": "learn", "mode": "lora", "rank": 4, "steps_per_second": lora_rate,
-        "seconds_over_ti_step": rates[2] / lora_rate})
+        json!({"what": "learn", "mode": "lora", "rank": 4, "steps_per_second": 1.0 / l.lora_s,
+        "seconds_over_ti_step": l.lora_s / l.ti_s, "floor_over_ti_step": l.floor_s / l.ti_s,
+        "interleaved_median_seconds": {"ti": l.ti_s, "lora": l.lora_s, "floor": l.floor_s}})
     );
 
     // Reference guidance's second pass (Algorithm 2) with the paper's defaults on a random
@@ -216,15 +197,82 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// Steps per second of `learn --mode lora`'s step (fresh rank-4 adapters on a fresh model).
-fn lora_steps_per_second(a: &Args, device: Device, size: i64) -> Result<f64> {
-    use hifi_tuner::dreambooth::{step_on, DbBatch, DbState, DreamBoothArgs, Params};
-    let mut sd = a.model_options.load(a.model.as_deref().expect("checked"), device)?;
+/// The learning objective of `bench` for one mode on random photo latents and masks, with its
+/// optimiser state (a TI mode adds its tokens to `sd`'s tokenizer).
+fn learn_objective<'a>(
+    sd: &'a mut StableDiffusion,
+    mode: Mode,
+    space: Space,
+    a: &Args,
+    device: Device,
+    size: i64,
+) -> Result<(Objective<'a>, State)> {
+    let args = LearnArgs {
+        mode,
+        space,
+        n_tokens: 5,
+        token: "<bench>".into(),
+        class_noun: "dog".into(),
+        captions: captions(mode, "dog", "<bench>", 5),
+        steps: a.learn_steps,
+        lr: 5e-3,
+        reg_weight: 1e-3,
+        stepwise_steps: 0,
+        ddim_steps: a.steps,
+        batch_size: 1,
+        seed: 0,
+        masked: true,
+    };
+    let (base, init) = if mode == Mode::Ti { setup_ti(sd, &args)? } else { (0, None) };
+    let f = sd.vae_scale_factor();
+    let c = sd.unet.config.in_channels;
+    let data = hifi_tuner::rng::seeded(0, || TrainSet {
+        latents: Tensor::randn([3, c, size / f, size / f], (Kind::Float, device)),
+        masks: Some(Tensor::rand([3, 1, size / f, size / f], (Kind::Float, device))),
+    });
+    let ids = hifi_tuner::subject::job::caption_ids(sd, &args)?;
+    let obj = Objective::new(sd, args, data, ids, base)?;
+    let state = State::new(init.as_ref().unwrap_or(&obj.phi_s), 5e-3);
+    Ok((obj, state))
+}
+
+/// Median seconds per step of the TI step, the LoRA step and the LoRA floor.
+struct LoraTimes {
+    ti_s: f64,
+    lora_s: f64,
+    floor_s: f64,
+}
+
+/// `learn --mode lora`'s step (fresh rank-4 adapters on a fresh model) against the TI step, and
+/// against its floor: the same UNet step with the adapted projections' own weights trainable
+/// instead of adapters. The floor reaches as far back in the backward as the adapters must (a
+/// TI step stops at the first cross-attention's keys and values; adapters on the first
+/// self-attention need the backward through it) and adds one dense weight gradient per layer
+/// but no adapter operations, so no adapter implementation is much below it. The three steps
+/// run in turn, `--learn-steps` times each, and the medians are compared: on a shared machine
+/// a step's time drifts by more than the differences measured.
+fn lora_against_ti(a: &Args, device: Device, size: i64) -> Result<LoraTimes> {
+    use hifi_tuner::dreambooth::{loss, step_on, DbBatch, DbState, DreamBoothArgs, Params};
+    let model = a.model.as_deref().expect("checked");
+    let mut sd_ti = a.model_options.load(model, device)?;
+    let (obj, mut ti_state) = learn_objective(&mut sd_ti, Mode::Ti, Space::Input, a, device, size)?;
+    let mut sd = a.model_options.load(model, device)?;
     let mut args = DreamBoothArgs::new_lora("sks", "dog");
     args.prior_weight = None;
     let lora = args.lora.clone().expect("a LoRA recipe");
     let mut params = Params::lora(&mut sd, &lora, false, 0);
     let mut state = DbState::new(&params, &args);
+    let mut sd_floor = a.model_options.load(model, device)?;
+    let weights: Vec<Tensor> = sd_floor
+        .unet
+        .lora_targets_mut()
+        .into_iter()
+        .map(|t| {
+            let w = t.base.ws.detach().set_requires_grad(true);
+            t.base.ws = w.shallow_clone();
+            w
+        })
+        .collect();
     let sched = sd.scheduler(1)?;
     let (c, l) = (sd.unet.config.in_channels, size / sd.vae_scale_factor());
     let batch = hifi_tuner::rng::seeded(0, || DbBatch {
@@ -236,14 +284,33 @@ fn lora_steps_per_second(a: &Args, device: Device, size: i64) -> Result<f64> {
         mask: None,
         n_instance: 1,
     });
-    step_on(&sd, &sched, &mut params, &mut state, &batch, &args)?; // warm-up
-    sync(device);
-    let t = Instant::now();
-    for _ in 1..a.learn_steps {
-        step_on(&sd, &sched, &mut params, &mut state, &batch, &args)?;
+    let mut times: [Vec<f64>; 3] = Default::default();
+    for i in 0..a.learn_steps {
+        for (k, v) in times.iter_mut().enumerate() {
+            sync(device);
+            let t = Instant::now();
+            match k {
+                0 => drop(train_step(&obj, &mut ti_state)?),
+                1 => drop(step_on(&sd, &sched, &mut params, &mut state, &batch, &args)?),
+                _ => {
+                    let l = loss(&sd_floor, &sched, &batch, None)?;
+                    let refs: Vec<&Tensor> = weights.iter().collect();
+                    let g = Tensor::run_backward(&[&l.total], &refs, false, false);
+                    let _ = (l.total.double_value(&[]), g[0].sum(Kind::Float).double_value(&[]));
+                }
+            }
+            sync(device);
+            if i > 0 {
+                v.push(t.elapsed().as_secs_f64()); // the first round warms up
+            }
+        }
     }
-    sync(device);
-    Ok((a.learn_steps - 1) as f64 / t.elapsed().as_secs_f64())
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let [ti, lo, fl] = &mut times;
+    Ok(LoraTimes { ti_s: median(ti), lora_s: median(lo), floor_s: median(fl) })
 }
 
 /// Seconds per BLIP caption (greedy and 3 beams, 20 new tokens: random weights rarely stop
