@@ -183,6 +183,26 @@ fn benchmark_shards_skip_redo_and_report() {
     // 2 subjects × (3 real photos + 2 methods × 2 images)
     assert_eq!(html.matches("src=\"data:image/png;base64,").count(), 2 * (3 + 2 * 2));
     assert!(!html.contains("src=\"/") && !html.contains("src=\"file:"), "the report must be self-contained");
+
+    // 6. units kept without their images (their scores copied elsewhere) still report, with
+    //    the same numbers; the HTML says which images were not kept
+    let kept = root.join("kept");
+    for d in std::fs::read_dir(full.join("units")).unwrap().flatten() {
+        for u in std::fs::read_dir(d.path()).unwrap().flatten() {
+            let to = kept.join("units").join(d.file_name()).join(u.file_name());
+            if !u.path().join("scores.json").is_file() {
+                continue;
+            }
+            std::fs::create_dir_all(&to).unwrap();
+            for f in ["scores.json", "log.txt", "prompts.jsonl"] {
+                std::fs::copy(u.path().join(f), to.join(f)).unwrap();
+            }
+        }
+    }
+    let (r_kept, _) = report(&[&kept], &root.join("rep-kept"));
+    assert_eq!(scores(&r_kept), scores(&r_full));
+    let html = std::fs::read_to_string(root.join("rep-kept/report.html")).unwrap();
+    assert_eq!(html.matches("(image not kept)").count(), 2 * 2 * 2, "2 subjects × 2 methods × 2 images");
     let csv = std::fs::read_to_string(root.join("rep-sh/results.csv")).unwrap();
     assert_eq!(csv.lines().count(), 5, "{csv}");
 }

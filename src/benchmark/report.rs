@@ -500,8 +500,14 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-/// An `<img>` with the image (shrunk to at most 128 px, never enlarged) embedded as a base64 PNG.
+/// An `<img>` with the image (shrunk to at most 128 px, never enlarged) embedded as a base64 PNG;
+/// a unit kept without its images (only `scores.json`, `log.txt`, `prompts.jsonl`: a run's scores
+/// copied to another machine, e.g. `docs/runs/`) gets a note in its place, its numbers being all
+/// the tables need.
 fn img_tag(path: &Path, title: &str) -> Result<String> {
+    if !path.exists() {
+        return Ok(format!("<span class=\"missing\" title=\"{}\">(image not kept)</span>", esc(title)));
+    }
     let img = crate::io::open_image(path)?;
     let t = crate::benchmark::shrink(&img, 128);
     let png = RgbImage { width: t.width(), height: t.height(), pixels: t.into_raw() }.to_png(&[])?;
