@@ -97,10 +97,6 @@ pub fn run(a: Args) -> Result<()> {
             json!({"what": "learn", "mode": mode.as_str(), "space": space.as_str(), "steps_per_second": rate})
         );
         rates.push(rate);
-        if mode == Mode::Ti {
-            // Reload to drop the TI tokens again.
-            sd = a.model_options.load(model, device)?;
-        }
     }
     println!(
         "{}",
@@ -110,7 +106,8 @@ pub fn run(a: Args) -> Result<()> {
     // A DreamBooth-LoRA step (rank 4 on the UNet's attention projections, batch 1, no prior
     // preservation: one UNet forward + backward, as the TI step) against the TI step, and the
     // floor of any adapter implementation, interleaved (see `lora_against_ti`).
-    // (three models at once: the one timed so far is reloaded after, to keep the peak down)
+    // (three models at once: the one timed so far, which now holds the TI tokens, is dropped
+    // first to keep the peak down, and a fresh one is loaded after)
     drop(sd);
     let l = lora_against_ti(&a, device, size)?;
     let sd = a.model_options.load(model, device)?;
